@@ -1,0 +1,52 @@
+"""The in-memory form every loader produces: 2-D slices with their masks, FOV and volume ids.
+
+Images of the target sets are small (a site is at most a few thousand 2-D slices of 64-256 px),
+so a split is held as numpy arrays; training draws batches from them and evaluation groups
+slices back into volumes through `volumes`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Split:
+    """One split (train, val or test) of one site."""
+
+    images: np.ndarray  # (N, C, H, W) float32, intensities normalised as the site set says
+    masks: np.ndarray  # (N, H, W) int64 class indices: 0 background, 1 the target structure
+    volumes: np.ndarray  # (N,) str: the volume (3-D sets) or image (2-D sets) each slice belongs to
+    fov: np.ndarray | None = None  # (N, H, W) bool field-of-view, evaluation only (retina)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_volumes(self) -> int:
+        return int(len(np.unique(self.volumes))) if len(self) else 0
+
+
+@dataclass
+class SiteData:
+    """A site (hospital, vendor, camera) with its splits, ready for the continual core."""
+
+    name: str
+    splits: dict[str, Split]  # keys: "train", "val", "test"
+    per_volume: bool = True  # evaluate per volume (3-D sets) rather than per image
+    warnings: list[str] = field(default_factory=list)  # skipped files and other soft problems
+    manifest: dict[str, list[str]] = field(default_factory=dict)  # split -> volume/image ids (saved with runs)
+
+    @property
+    def train(self) -> Split:
+        return self.splits["train"]
+
+    @property
+    def val(self) -> Split:
+        return self.splits["val"]
+
+    @property
+    def test(self) -> Split:
+        return self.splits["test"]
