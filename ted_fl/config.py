@@ -68,12 +68,15 @@ class LossConfig:
     w_kd: float = 1.0  # per-term multipliers on top of lambda_d
     w_ska: float = 1.0
     w_akt: float = 1.0
+    w_lwf: float = 1.0  # LwF, MiB and PLOP distillation multipliers (also on top of lambda_d)
+    w_mib: float = 1.0
+    w_plop: float = 1.0
     ska_distribution: str = "normal"  # normal | uniform
     ska_mean: float = 0.0
     ska_std: float = 1.0
     ska_count: int = 0  # noise images per step (0: the batch size)
     teacher_mode: str = "eval"  # eval | train (the reference code's batch statistics)
-    gugf: str = "batch"  # batch (reference broadcasting) | normalized
+    gugf: str = "batch"  # batch (reference broadcasting) | normalized (batch mean) | sample
     temperature: float = 2.0  # LwF
     ewc_lambda: float = 100.0
     mas_lambda: float = 1.0

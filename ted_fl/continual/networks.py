@@ -1,0 +1,105 @@
+"""The 2-D MONAI U-Net with its intermediate features reachable (PLOP's POD, analysis)."""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import UNet
+from torch import nn
+
+from ted_fl.config import ModelConfig
+from ted_fl.errors import TedFlError, unknown
+
+NORMS = ("batch", "instance", "group")
+
+
+def _norm_arg(cfg: ModelConfig) -> str | tuple:
+    """MONAI's norm argument; group norm uses up to 8 groups dividing every level's width."""
+    if cfg.norm not in NORMS:
+        raise unknown("normalisation", cfg.norm, NORMS, "model.norm")
+    if cfg.norm == "group":
+        groups = 8
+        while groups > 1 and any(c % groups for c in cfg.channels):
+            groups //= 2
+        return ("group", {"num_groups": groups})
+    if cfg.norm == "instance":
+        return ("instance", {"affine": True})
+    return "batch"
+
+
+class SegNet(nn.Module):
+    """A MONAI UNet whose encoder, bottleneck and decoder outputs can be read in one pass.
+
+    `forward` returns logits only, so the model is a drop-in UNet; `forward_features` also
+    returns the features, recorded by forward hooks that live only during that call (the
+    module stays picklable and deep-copyable, as the teacher copy and Ray need).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if len(cfg.channels) < 2 or len(cfg.strides) != len(cfg.channels) - 1:
+            raise TedFlError(
+                f"model.channels needs >= 2 levels and model.strides one fewer entry; "
+                f"got channels={list(cfg.channels)} strides={list(cfg.strides)}"
+            )
+        self.unet = UNet(
+            spatial_dims=2,
+            in_channels=cfg.in_channels,
+            out_channels=cfg.out_channels,
+            channels=tuple(cfg.channels),
+            strides=tuple(cfg.strides),
+            num_res_units=cfg.num_res_units,
+            norm=_norm_arg(cfg),
+            dropout=cfg.dropout,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.unet(x)
+
+    def feature_modules(self) -> dict[str, nn.Module]:
+        """Named feature points: enc0..encK (down blocks), bottleneck, decoder (input of the head)."""
+        out: dict[str, nn.Module] = {}
+        seq = self.unet.model
+        out["decoder"] = seq[1]  # skip connection at full level: concat of enc0 and the decoded map
+        level = 0
+        while True:
+            out[f"enc{level}"] = seq[0]
+            inner = seq[1].submodule
+            if isinstance(inner, nn.Sequential) and len(inner) == 3:
+                seq, level = inner, level + 1
+                continue
+            out["bottleneck"] = inner
+            return out
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits plus {"enc0", ..., "bottleneck", "decoder"} features of the same pass."""
+        feats: dict[str, torch.Tensor] = {}
+        handles = []
+        for name, mod in self.feature_modules().items():
+
+            def hook(_m: nn.Module, _i: tuple, o: torch.Tensor, name: str = name) -> None:
+                feats[name] = o
+
+            handles.append(mod.register_forward_hook(hook))
+        try:
+            logits = self.unet(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return logits, feats
+
+
+def build_model(cfg: ModelConfig) -> SegNet:
+    """The segmentation network every approach trains (the reference: 5 levels, 16 ch, batch norm)."""
+    return SegNet(cfg)
+
+
+def tiny_model_config(norm: str = "batch") -> ModelConfig:
+    """A three-level 4-8-16 U-Net: fast enough for unit tests on 32 px images."""
+    return ModelConfig(channels=[4, 8, 16], strides=[2, 2], norm=norm)
+
+
+def features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`forward_features` for a SegNet; a plain module gives its logits and no features."""
+    if isinstance(model, SegNet):
+        return model.forward_features(x)
+    return model(x), {}
