@@ -1,0 +1,193 @@
+"""What the centralized runner and the Flower client both call: train locally, evaluate, lr."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import torch
+from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
+from monai.utils import set_determinism as monai_set_determinism
+from torch import nn
+
+from ted_fl.config import LossConfig, TrainConfig
+from ted_fl.continual.approaches import Approach
+from ted_fl.continual.probes import draw_probes
+from ted_fl.continual.step import train_step
+from ted_fl.data.types import Split
+from ted_fl.errors import TedFlError
+
+
+def set_determinism(seed: int, threads: int = 1) -> None:
+    """Seed Python, numpy, torch (and MONAI's flags) and pin torch's thread count."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    monai_set_determinism(seed=seed % 2**32)
+    torch.set_num_threads(max(1, int(threads)))
+
+
+def lr_for(stage: int, round: int, cfg: TrainConfig) -> float:  # noqa: A002 - the API's name
+    """lr_first on stage 0, lr_later after, times lr_gamma**round (StepLR stepped each round)."""
+    base = cfg.lr_first if stage == 0 else cfg.lr_later
+    return float(base * cfg.lr_gamma**round)
+
+
+def _batch_indices(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """`steps` batches, epoch by epoch: a fresh permutation per pass, the last batch partial."""
+    done = 0
+    while done < steps:
+        perm = rng.permutation(n)
+        for i in range(0, n, batch_size):
+            if done == steps:
+                return
+            yield perm[i : i + batch_size]
+            done += 1
+
+
+def local_train(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    approach: Approach,
+    data: Split,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    optimizer_state: dict | None,
+    seed: int,
+    probes: torch.Tensor | None = None,
+    aux: Mapping[str, torch.Tensor] | None = None,
+    loss_cfg: LossConfig,
+) -> tuple[dict[str, float], dict]:
+    """Train `student` for `steps` steps (0: one pass, ceil(N / batch_size)) with Adam.
+
+    Adam without weight decay, restored from `optimizer_state` when given, lr set to `lr`.
+    Batches come from numpy Generator(seed) permutations (a new one each pass). Probes for SKA:
+    with `probes` of shape (steps * count, 1, H, W), count = loss_cfg.ska_count or batch_size,
+    step i uses rows [i*count, (i+1)*count); any other shape (e.g. (count, 1, H, W)) is used
+    whole at every step. Without `probes`, each step draws fresh noise from a torch Generator
+    seeded with `seed`. Torch's global RNG is forked and seeded too, so the same inputs and
+    seed give identical weights on CPU. Returns (mean of each metric over the steps, the new
+    optimizer state_dict). Term weights and the teacher mode come from the approach (built
+    from a LossConfig by get_approach); `loss_cfg` sets the probes' count and law.
+    """
+    n = len(data)
+    if n == 0:
+        raise TedFlError("cannot train on an empty split: the site has no training images")
+    if batch_size < 1:
+        raise TedFlError(f"train.batch_size must be >= 1, got {batch_size}")
+    if steps < 0:
+        raise TedFlError(f"steps must be >= 0, got {steps}")
+    steps = steps or math.ceil(n / batch_size)
+    device = next(student.parameters()).device
+
+    optimizer = torch.optim.Adam(student.parameters(), lr=lr, weight_decay=0.0)
+    if optimizer_state:
+        optimizer.load_state_dict(optimizer_state)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        group["weight_decay"] = 0.0
+
+    count = loss_cfg.ska_count or batch_size
+    per_step = probes is not None and probes.shape[0] == steps * count
+    probe_gen = torch.Generator().manual_seed(int(seed))
+    rng = np.random.default_rng(seed)
+    sums: dict[str, float] = defaultdict(float)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i, idx in enumerate(_batch_indices(n, batch_size, steps, rng)):
+            x = torch.as_tensor(data.images[idx], dtype=torch.float32, device=device)
+            y = torch.as_tensor(data.masks[idx], dtype=torch.long, device=device)
+            step_probes = None
+            if approach.needs_probes and teacher is not None:
+                if probes is None:
+                    step_probes = draw_probes(probe_gen, count, tuple(x.shape[1:]), loss_cfg)
+                elif per_step:
+                    step_probes = probes[i * count : (i + 1) * count]
+                else:
+                    step_probes = probes
+                step_probes = step_probes.to(device=device, dtype=torch.float32)
+            out = train_step(student, teacher, approach, x, y, optimizer, probes=step_probes, aux=aux)
+            for k, v in out.items():
+                sums[k] += v
+    metrics = {k: v / steps for k, v in sums.items()}
+    return metrics, copy.deepcopy(optimizer.state_dict())
+
+
+def _predict(model: nn.Module, images: np.ndarray, batch_size: int) -> np.ndarray:
+    device = next(model.parameters()).device
+    preds = []
+    for i in range(0, len(images), batch_size):
+        x = torch.as_tensor(images[i : i + batch_size], dtype=torch.float32, device=device)
+        preds.append(model(x).argmax(dim=1).cpu().numpy())
+    return np.concatenate(preds, axis=0)
+
+
+def _hd95(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Mean HD95 over the slices with ground-truth foreground (the paper's convention).
+
+    A slice whose prediction is empty scores the image diagonal (the largest possible
+    distance; MONAI would give inf). With no foreground slice at all: 0 if the prediction is
+    empty too, else the diagonal.
+    """
+    diag = float(np.hypot(*gt.shape[-2:]))
+    has_fg = gt.reshape(len(gt), -1).any(axis=1)
+    if not has_fg.any():
+        return 0.0 if not pred.any() else diag
+    p = torch.as_tensor(pred[has_fg][:, None].astype(np.float32))
+    g = torch.as_tensor(gt[has_fg][:, None].astype(np.float32))
+    metric = HausdorffDistanceMetric(include_background=True, percentile=95.0, reduction="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        values = metric(p, g).reshape(-1).numpy().astype(np.float64)
+    values = np.where(np.isfinite(values), values, diag)
+    return float(values.mean())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, *, per_volume: bool, batch_size: int = 16) -> dict[str, float]:
+    """Foreground Dice, IoU and HD95, averaged over volumes (per_volume) or images.
+
+    Per volume: the volume's slices are stacked into a 3-D volume and Dice / IoU are computed
+    on it (MONAI); HD95 is the mean over its slices with foreground. Outside the FOV mask (when
+    the split has one) prediction and ground truth are set to background. Empty cases: Dice and
+    IoU are 1 when ground truth and prediction are both empty and 0 when only one is
+    (MONAI's ignore_empty=False); HD95 as in `_hd95`. An empty split raises TedFlError.
+    """
+    if len(split) == 0:
+        raise TedFlError("cannot evaluate an empty split")
+    was_training = model.training
+    model.eval()
+    try:
+        pred = _predict(model, split.images, batch_size).astype(bool)
+    finally:
+        model.train(was_training)
+    gt = split.masks > 0
+    if split.fov is not None:
+        pred &= split.fov.astype(bool)
+        gt &= split.fov.astype(bool)
+
+    if per_volume:
+        _, first = np.unique(split.volumes, return_index=True)
+        groups = [np.flatnonzero(split.volumes == split.volumes[i]) for i in sorted(first)]
+    else:
+        groups = [np.array([i]) for i in range(len(split))]
+
+    dice_m = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
+    iou_m = MeanIoU(include_background=True, reduction="none", ignore_empty=False)
+    dice, iou, hd = [], [], []
+    for idx in groups:
+        p = torch.as_tensor(pred[idx], dtype=torch.float32)[None, None]  # (1, 1, D, H, W)
+        g = torch.as_tensor(gt[idx], dtype=torch.float32)[None, None]
+        if not per_volume:
+            p, g = p[:, :, 0], g[:, :, 0]  # (1, 1, H, W)
+        dice.append(float(dice_m(p, g).reshape(-1)[0]))
+        iou.append(float(iou_m(p, g).reshape(-1)[0]))
+        hd.append(_hd95(pred[idx], gt[idx]))
+    return {"dice": float(np.mean(dice)), "iou": float(np.mean(iou)), "hd95": float(np.mean(hd))}

@@ -1,0 +1,354 @@
+"""Named loss terms. Each is a small class: a tensor-level `__call__` with the exact formula of
+docs/ted-method.md (so tests can check it by hand), and `compute(s)` that reads what it needs
+from one step's `StepInputs` and returns None when it does not apply (no teacher on the
+first site, no importances yet), so every approach is safe on the first site.
+
+Notation: p = softmax(student(x)) clamped to [1e-8, 1 - 1e-8]; q = softmax(teacher(x)) without
+gradient; CE(p, q) = mean over the B*H*W pixels of -sum_c q_c log p_c.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ted_fl.errors import unknown
+
+EPS = 1e-8
+GUGF_MODES = ("batch", "normalized", "sample")
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over classes, clamped to [1e-8, 1 - 1e-8] as the reference does before any log."""
+    return torch.softmax(logits, dim=1).clamp(EPS, 1.0 - EPS)
+
+
+def one_hot(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, H, W) class indices -> (B, C, H, W) float one-hot."""
+    return F.one_hot(masks.long(), num_classes).permute(0, 3, 1, 2).float()
+
+
+def cross_entropy(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """CE(p, q) = mean over B*H*W of -sum_c q_c log p_c (temperature 1)."""
+    return (-(q * torch.log(p)).sum(dim=1)).mean()
+
+
+@dataclass
+class StepInputs:
+    """What one training step offers the terms; optional fields are None when not computed."""
+
+    logits: torch.Tensor  # student logits on x (B, C, H, W)
+    p: torch.Tensor  # probabilities(logits)
+    masks: torch.Tensor  # (B, H, W) int labels
+    model: nn.Module  # the student (parameter penalties)
+    q: torch.Tensor | None = None  # teacher probabilities on x
+    teacher_logits: torch.Tensor | None = None
+    p_probe: torch.Tensor | None = None  # student / teacher probabilities on the SKA probes
+    q_probe: torch.Tensor | None = None
+    feats: Mapping[str, torch.Tensor] | None = None  # student / teacher intermediate features
+    teacher_feats: Mapping[str, torch.Tensor] | None = None
+    aux: Mapping[str, torch.Tensor] | None = None  # EWC / MAS state (see approaches)
+    stats: dict[str, float] = field(default_factory=dict)  # diagnostics terms may add (u_mean)
+
+
+class Term:
+    """A named loss term; subclasses set the flags the step uses to compute only what is needed."""
+
+    name = "term"
+    needs_teacher = False
+    needs_probes = False
+    needs_features = False
+
+    def compute(self, s: StepInputs) -> torch.Tensor | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class SegLoss(Term):
+    """L_seg = 1 - (2 sum(p*y) + 1) / (sum(p) + sum(y) + 1) + BCE(p, y).
+
+    Soft Dice plus binary cross-entropy on the softmax probabilities p against the one-hot y,
+    over all channels (background included), flattened over the whole batch: the reference's
+    LossDiceBCE. Hand-written because MONAI's DiceLoss averages per-channel/per-sample Dice.
+    """
+
+    name = "seg"
+
+    def __call__(self, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        inter = (p * y).sum()
+        dice = 1.0 - (2.0 * inter + 1.0) / (p.sum() + y.sum() + 1.0)
+        return dice + F.binary_cross_entropy(p, y)
+
+    def compute(self, s: StepInputs) -> torch.Tensor:
+        return self(s.p, one_hot(s.masks, s.p.shape[1]))
+
+
+class KD(Term):
+    """L_KD = CE(p(x), q(x)) = mean over B*H*W of -sum_c q_c(x) log p_c(x)."""
+
+    name = "kd"
+    needs_teacher = True
+
+    def __call__(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(p, q)
+
+    def compute(self, s: StepInputs) -> torch.Tensor | None:
+        return None if s.q is None else self(s.p, s.q)
+
+
+class SKA(Term):
+    """L_SKA = CE(p(n), q(n)): KD on noise probes n ~ N(mean, std^2) (see probes.py)."""
+
+    name = "ska"
+    needs_teacher = True
+    needs_probes = True
+
+    def __call__(self, p_n: torch.Tensor, q_n: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(p_n, q_n)
+
+    def compute(self, s: StepInputs) -> torch.Tensor | None:
+        if s.p_probe is None or s.q_probe is None:
+            return None
+        return self(s.p_probe, s.q_probe)
+
+
+class GUGF:
+    """Global Uncertainty-Guided Fusion: U = 1 - sum_c q_c p_c per pixel (B x H x W), no grad.
+
+    It weights AKT's disagreement mask M (B x 1 x H x W). Modes:
+    - "batch" (default, the reference's *batch-broadcast* weighting): U * M broadcasts to
+      B x B x H x W, so sample i's pixel is weighted by the batch-summed uncertainty
+      sum_j U_j(h, w); the loss grows with B. This is what the published numbers come from.
+    - "normalized": the same global view divided by B (batch-mean uncertainty), B-invariant.
+    - "sample": each sample's own uncertainty U_i(h, w) (no cross-sample fusion).
+    """
+
+    def __init__(self, mode: str = "batch") -> None:
+        if mode not in GUGF_MODES:
+            raise unknown("GUGF mode", mode, GUGF_MODES, "loss.gugf")
+        self.mode = mode
+
+    @staticmethod
+    def uncertainty(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """U = 1 - sum_c q_c p_c, shape (B, H, W), detached."""
+        return (1.0 - (q * p).sum(dim=1)).detach()
+
+    def weighted(self, u: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """The weight U*M per mode; "batch" returns the B x B x H x W broadcast product."""
+        if self.mode == "batch":
+            return u * m  # (B, H, W) * (B, 1, H, W) -> (B, B, H, W)
+        if self.mode == "normalized":
+            return u * m / u.shape[0]
+        return u.unsqueeze(1) * m
+
+
+class AKT(Term):
+    """L_AKT = -sum(U * M * l) / (sum(M) + 1), only where student and teacher disagree.
+
+    y_hat = argmax_c q; M = [argmax_c p != y_hat] (B x 1 x H x W, no grad);
+    l = log(p + 1e-5) at class y_hat; U = 1 without GUGF, else GUGF's uncertainty weight
+    (see GUGF for the batch broadcast). The denominator is sum(M) + 1 in every mode.
+    """
+
+    name = "akt"
+    needs_teacher = True
+
+    def __init__(self, gugf: GUGF | None = None) -> None:
+        self.gugf = gugf
+
+    def __call__(
+        self, p: torch.Tensor, q: torch.Tensor, stats: dict[str, float] | None = None
+    ) -> torch.Tensor:
+        y_hat = q.argmax(dim=1, keepdim=True)
+        log_p = torch.log(p + 1e-5)
+        l_t = log_p.gather(1, y_hat)
+        m = (p.argmax(dim=1, keepdim=True) != y_hat).float().detach()
+        if stats is not None:
+            stats["akt_mask_frac"] = float(m.mean())
+        if self.gugf is None:
+            w = m
+        else:
+            u = GUGF.uncertainty(p, q)
+            w = self.gugf.weighted(u, m)
+            if stats is not None:
+                stats["u_mean"] = float(u.mean())
+                stats["u_max"] = float(u.max())
+        return -(w * l_t).sum() / (m.sum() + 1.0)
+
+    def compute(self, s: StepInputs) -> torch.Tensor | None:
+        return None if s.q is None else self(s.p, s.q, s.stats)
+
+
+class LwF(Term):
+    """L_LwF = T^2 * mean over B*H*W of -sum_c softmax(t/T)_c log softmax(s/T)_c (Li & Hoiem)."""
+
+    name = "lwf"
+    needs_teacher = True
+
+    def __init__(self, temperature: float = 2.0) -> None:
+        self.t = float(temperature)
+
+    def __call__(self, logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        q_t = torch.softmax(teacher_logits / self.t, dim=1)
+        log_p_t = torch.log_softmax(logits / self.t, dim=1)
+        return self.t**2 * (-(q_t * log_p_t).sum(dim=1)).mean()
+
+    def compute(self, s: StepInputs) -> torch.Tensor | None:
+        return None if s.teacher_logits is None else self(s.logits, s.teacher_logits.detach())
+
+
+class MiB(Term):
+    """MiB's unbiased distillation (Cermelli et al. 2020), on the teacher's C_old classes:
+
+    L = -mean_pixels [ q_0 log(p_0 + sum_{c >= C_old} p_c) + sum_{0<c<C_old} q_c log p_c ] / C_old
+
+    The student's background absorbs the classes the teacher never had. With the binary
+    (background + structure) label space of every domain here there are no such classes, so
+    it reduces to CE(p, q) / C. MiB's unbiased *cross-entropy* would score background pixels
+    against log(p_bg + p_old) = log 1 = 0 when the label spaces coincide, so it is left out:
+    the segmentation loss stays L_seg, as in the reference code. (The reference also applies a
+    second softmax to the teacher's probabilities; we use the teacher's probabilities directly.)
+    """
+
+    name = "mib"
+    needs_teacher = True
+
+    def __call__(self, logits: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        c_old, c_new = q.shape[1], logits.shape[1]
+        log_p = torch.log_softmax(logits, dim=1)
+        bkg_idx = [0, *range(c_old, c_new)]
+        log_bkg = torch.logsumexp(log_p[:, bkg_idx], dim=1)
+        inner = q[:, 0] * log_bkg + (q[:, 1:] * log_p[:, 1:c_old]).sum(dim=1)
+        return -(inner / c_old).mean()
+
+    def compute(self, s: StepInputs) -> torch.Tensor | None:
+        return None if s.q is None else self(s.logits, s.q)
+
+
+class PLOPPseudo(Term):
+    """PLOP's pseudo-label merging (Douillard et al. 2021) on a binary label space.
+
+    Pixels labelled background in the new domain may hide what the old model knew: there the
+    teacher's label argmax q replaces the label when the teacher is confident, i.e. its
+    normalised entropy H(q)/log C is at most the per-class `threshold`-quantile of the
+    entropies of background-labelled pixels it assigns to that class (PLOP: the per-class
+    median over the data set; here per batch). Unconfident background pixels are ignored;
+    foreground labels are kept. L = mean over B*H*W of a_b * CE_pixel(p, merged label), with
+    PLOP's adaptive factor a_b = (#confident bg pixels / #bg pixels) of sample b (1 if none).
+    """
+
+    name = "plop"
+    needs_teacher = True
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        self.threshold = float(threshold)
+
+    def merge_labels(self, q: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(merged labels with -100 for ignored pixels, adaptive factor per sample)."""
+        c = q.shape[1]
+        ent = -(q * torch.log(q.clamp_min(EPS))).sum(dim=1) / math.log(c)
+        pseudo = q.argmax(dim=1)
+        bg = masks == 0
+        thr = torch.zeros(c, dtype=ent.dtype, device=ent.device)
+        for k in range(c):
+            sel = ent[bg & (pseudo == k)]
+            thr[k] = torch.quantile(sel, self.threshold) if sel.numel() else 0.0
+        confident = ent <= thr[pseudo]
+        labels = masks.long().clone()
+        labels[bg & confident] = pseudo[bg & confident]
+        labels[bg & ~confident] = -100
+        n_bg = bg.flatten(1).sum(1).float()
+        n_ok = (bg & confident).flatten(1).sum(1).float()
+        factor = torch.where(n_bg > 0, n_ok / n_bg.clamp_min(1.0), torch.ones_like(n_bg))
+        return labels, factor
+
+    def __call__(self, p: torch.Tensor, q: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            labels, factor = self.merge_labels(q, masks)
+        ce = F.nll_loss(torch.log(p), labels, ignore_index=-100, reduction="none")  # 0 if ignored
+        return (ce * factor[:, None, None]).mean()
+
+    def compute(self, s: StepInputs) -> torch.Tensor | None:
+        return None if s.q is None else self(s.p, s.q, s.masks)
+
+
+def local_pod(f: torch.Tensor, scales: tuple[int, ...] = (1, 2, 4)) -> torch.Tensor:
+    """PLOP's local POD embedding of f**2: width- and height-pooled windows at several scales."""
+    f = f.pow(2)
+    b, _, h, w = f.shape
+    parts = []
+    for k in scales:
+        if h // k < 1 or w // k < 1:
+            continue
+        for rows in torch.tensor_split(f, k, dim=2):
+            for win in torch.tensor_split(rows, k, dim=3):
+                parts.append(F.normalize(win.mean(dim=3).reshape(b, -1), dim=1, p=2))
+                parts.append(F.normalize(win.mean(dim=2).reshape(b, -1), dim=1, p=2))
+    return torch.cat(parts, dim=1)
+
+
+class POD(Term):
+    """PLOP's local POD feature distillation: mean over layers of mean_b ||POD(f_s) - POD(f_t)||_2,
+    on the encoder levels, the bottleneck and the decoder output (networks.SegNet features).
+    """
+
+    name = "pod"
+    needs_teacher = True
+    needs_features = True
+
+    def __call__(self, feats: Mapping[str, torch.Tensor], teacher_feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        names = [n for n in feats if n in teacher_feats]
+        losses = [
+            (local_pod(feats[n]) - local_pod(teacher_feats[n].detach())).norm(dim=1).mean() for n in names
+        ]
+        return torch.stack(losses).mean()
+
+    def compute(self, s: StepInputs) -> torch.Tensor | None:
+        if not s.feats or not s.teacher_feats:
+            return None
+        return self(s.feats, s.teacher_feats)
+
+
+def _penalty(model: nn.Module, aux: Mapping[str, torch.Tensor] | None, key: str) -> torch.Tensor | None:
+    """sum_i w_i (theta_i - theta*_i)^2 with w = aux[key.<param>], theta* = aux[anchor.<param>]."""
+    if not aux:
+        return None
+    total: torch.Tensor | None = None
+    for name, param in model.named_parameters():
+        w, anchor = aux.get(f"{key}.{name}"), aux.get(f"anchor.{name}")
+        if w is None or anchor is None:
+            continue
+        term = (w.to(param) * (param - anchor.to(param)).pow(2)).sum()
+        total = term if total is None else total + term
+    return total
+
+
+class EWC(Term):
+    """L_EWC = 1/2 sum_i F_i (theta_i - theta*_i)^2 (Kirkpatrick et al. 2017).
+
+    F is the diagonal empirical Fisher (mean squared gradient of L_seg over the batches of the
+    sites seen, see approaches), theta* the parameters at the end of the previous site.
+    """
+
+    name = "ewc"
+
+    def compute(self, s: StepInputs) -> torch.Tensor | None:
+        pen = _penalty(s.model, s.aux, "fisher")
+        return None if pen is None else 0.5 * pen
+
+
+class MAS(Term):
+    """L_MAS = sum_i Omega_i (theta_i - theta*_i)^2 (Aljundi et al. 2018).
+
+    Omega = mean over batches of |d mean(f(x)^2) / d theta|: the sensitivity of the squared L2
+    norm of the output logits, label-free (see approaches).
+    """
+
+    name = "mas"
+
+    def compute(self, s: StepInputs) -> torch.Tensor | None:
+        return _penalty(s.model, s.aux, "importance")
