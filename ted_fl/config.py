@@ -29,6 +29,7 @@ class DataConfig:
     max_train: int = 0  # cap on training images per site (0: all), for quick runs
     cache_dir: str = ""  # where the synthetic twin is written (default ~/.cache/ted-fl)
     synthetic_volumes: int = 0  # volumes per synthetic site (0: the set's default)
+    split_seed: int = 42  # seeds the train/val/test split and the synthetic twin (the reference's 42)
 
 
 @dataclass

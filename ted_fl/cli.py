@@ -1,0 +1,249 @@
+"""The command line shared by `ted_fl.simulate` and `ted_fl.centralized`.
+
+Both parse the same options into the same `ExperimentConfig`, write the same run directory and
+print the same summary; only the executor differs (Flower + Ray, or in-process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ted_fl.config import ExperimentConfig, load_experiment, parse_override, set_key
+from ted_fl.errors import TedFlError
+from ted_fl.results import RunDir
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--sites", help="site set: prostate, mnms, retina, or a path to a sites TOML")
+    p.add_argument("--data-dir", help="root of the real data (omit for the embedded synthetic twin)")
+    p.add_argument("--approach", nargs="+", help="approaches to compare, e.g. seq kd ted ted_gugf joint")
+    p.add_argument("--config", help="experiment file: simulations/NAME.toml or NAME")
+    p.add_argument("--rounds", type=int, help="rounds (epochs) per stage")
+    p.add_argument("--seed", type=int, nargs="+", help="one or more seeds")
+    p.add_argument("--out", help="folder for run directories (default: runs)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set train.batch_size=8 (repeatable)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last round")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
+    """Experiment file, then the dedicated options, then --set overrides: one schema for all."""
+    cfg = load_experiment(args.config) if args.config else ExperimentConfig()
+    if args.sites:
+        cfg.data.sites = args.sites
+    if args.data_dir is not None:
+        cfg.data.data_dir = args.data_dir
+    if args.approach:
+        cfg.approaches = list(args.approach)
+    if args.rounds is not None:
+        cfg.train.rounds = args.rounds
+    if args.seed:
+        cfg.seeds = list(args.seed)
+    if args.out:
+        cfg.out = args.out
+    for item in args.set:
+        key, value = parse_override(item)
+        set_key(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    from ted_fl.continual.approaches import get_approach
+
+    for name in cfg.approaches:
+        get_approach(name, cfg.loss)
+    if cfg.train.rounds < 1:
+        raise TedFlError(f"train.rounds must be at least 1, got {cfg.train.rounds}")
+    if cfg.train.batch_size < 1:
+        raise TedFlError(f"train.batch_size must be at least 1, got {cfg.train.batch_size}")
+    if cfg.federated.clients_per_site < 1:
+        raise TedFlError(f"federated.clients_per_site must be at least 1, got {cfg.federated.clients_per_site}")
+    choices = {
+        "federated.probes": (cfg.federated.probes, ("pixels", "seed")),
+        "federated.on_failure": (cfg.federated.on_failure, ("retry", "skip", "abort")),
+        "loss.teacher_mode": (cfg.loss.teacher_mode, ("eval", "train")),
+        "loss.gugf": (cfg.loss.gugf, ("batch", "normalized")),
+        "loss.ska_distribution": (cfg.loss.ska_distribution, ("normal", "uniform")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise TedFlError(f"{key} = '{value}' is not one of {', '.join(allowed)}")
+
+
+class Progress:
+    """Stage, round, site, loss and time left, on a rich progress bar (or plain lines)."""
+
+    def __init__(self, total_rounds: int, quiet: bool = False):
+        self.quiet = quiet
+        self.bar: Any = None
+        if not quiet:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress as RichProgress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = RichProgress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+            )
+            self.task = self.bar.add_task("starting", total=total_rounds)
+            self.bar.start()
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        desc = (
+            f"{info['approach']} s{info['seed']} | stage {info['stage'] + 1}/{info['stages']} "
+            f"{info['site']} | round {info['round'] + 1}/{info['rounds']} | loss {info['loss']:.3f}"
+        )
+        self.bar.update(self.task, advance=1, description=desc)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def total_rounds(cfg: ExperimentConfig, n_sites: int) -> int:
+    from ted_fl.continual.approaches import get_approach
+
+    total = 0
+    for name in cfg.approaches:
+        factor = cfg.train.joint_rounds_factor if get_approach(name, cfg.loss).joint else 1.0
+        total += n_sites * max(1, round(cfg.train.rounds * factor))
+    return total * len(cfg.seeds)
+
+
+def print_summary(summary: pd.DataFrame, run: RunDir) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    cols = [c for c in ("approach", "seed", "avg", "ravg", "bwt", "fwt", "forgetting", "plasticity",
+                        "hd95", "bytes_sent", "bytes_received", "wall_s") if c in summary.columns]
+    table = Table(title=f"summary ({run.path / 'summary.csv'})")
+    for c in cols:
+        table.add_column(c, justify="left" if c == "approach" else "right")
+    for _, row in summary.iterrows():
+        cells = []
+        for c in cols:
+            v = row[c]
+            if c.startswith("bytes"):
+                cells.append(f"{v / 1e6:.1f} MB")
+            elif isinstance(v, float):
+                cells.append(f"{v:.3f}")
+            else:
+                cells.append(str(v))
+        table.add_row(*cells)
+    Console().print(table)
+
+
+Execute = Callable[[ExperimentConfig, RunDir, Progress], dict[tuple[str, int], dict[str, Any]]]
+
+
+def finish_run(cfg: ExperimentConfig, run: RunDir, extras: dict[tuple[str, int], dict[str, Any]]) -> pd.DataFrame:
+    """Gather every (approach, seed) checkpoint's rows into metrics.csv and summary.csv."""
+    from ted_fl.engine import summarize
+
+    rows: list[dict[str, Any]] = []
+    for approach in cfg.approaches:
+        for seed in cfg.seeds:
+            st = run.load_checkpoint(approach, seed, "last")
+            if st:
+                rows.extend(st["rows"])
+                extras.setdefault((approach, seed), {}).update(
+                    bytes_sent=st["bytes_sent"], bytes_received=st["bytes_received"], wall_s=st["wall"]
+                )
+    metrics = run.write_metrics(rows)
+    summary = summarize(metrics, extras)
+    run.write_summary(summary)
+    return summary
+
+
+def run_command(mode: str, argv: list[str] | None = None) -> int:
+    """Entry point of both command lines; every TedFlError becomes one line on stderr, exit 2."""
+    if mode == "simulate":
+        desc = "Federated domain-continual simulation: sites arrive one by one as Flower clients on Ray."
+    else:
+        desc = "Centralized reference run: the same schedule and evaluation as the simulator, in one process."
+    args = build_parser(f"python -m ted_fl.{mode}", desc).parse_args(argv)
+    try:
+        if args.resume:
+            run = RunDir.open(args.resume)
+            cfg = run.read_config()
+        else:
+            cfg = resolve_config(args)
+            run = RunDir.create(cfg.out, f"{cfg.name}-{mode}")
+            run.write_config(cfg)
+        execute: Execute
+        if mode == "simulate":
+            from ted_fl.federated.simulation import execute_federated as execute
+        else:
+            execute = execute_centralized
+        run.log(f"{mode}: approaches {cfg.approaches}, seeds {cfg.seeds}, sites {cfg.data.sites}")
+        t0 = time.perf_counter()
+        extras = execute(cfg, run, args.quiet)
+        summary = finish_run(cfg, run, extras)
+        run.log(f"done in {time.perf_counter() - t0:.1f} s")
+        print_summary(summary, run)
+        report = write_report_if_available(run)
+        if report:
+            print(f"report: {report}")
+        print(f"run directory: {run.path}")
+        return 0
+    except TedFlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; resume with --resume {run.path}" if "run" in locals() else "interrupted",
+              file=sys.stderr)
+        return 130
+
+
+def write_report_if_available(run: RunDir) -> Path | None:
+    try:
+        from ted_fl.report import write_report
+    except ImportError:
+        return None
+    return write_report([run.path], run.path / "report.html")
+
+
+def load_and_record_sites(cfg: ExperimentConfig, run: RunDir) -> list:
+    """Load (or generate) the sites once, record the splits and warnings with the run."""
+    from ted_fl.data import load_sites
+
+    sites = load_sites(cfg.data, cfg.data.split_seed)
+    run.write_json("splits.json", {s.name: s.manifest for s in sites})
+    for s in sites:
+        for w in s.warnings:
+            print(f"warning: {s.name}: {w}", file=sys.stderr)
+            run.log(f"warning: {s.name}: {w}")
+    return sites
+
+
+def execute_centralized(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[tuple[str, int], dict[str, Any]]:
+    from ted_fl.centralized import LocalExecutor
+    from ted_fl.engine import run_schedule
+
+    sites = load_and_record_sites(cfg, run)
+    progress = Progress(total_rounds(cfg, len(sites)), quiet)
+    try:
+        for approach in cfg.approaches:
+            for seed in cfg.seeds:
+                run_schedule(cfg, approach, seed, LocalExecutor(cfg, sites), run, progress)
+    finally:
+        progress.close()
+    return {}

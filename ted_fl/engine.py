@@ -1,0 +1,278 @@
+"""The arrival schedule shared by the centralized reference run and the federated server.
+
+One loop decides, for every approach and seed, which sites train in which stage and round,
+when the teacher is frozen, which SKA probes are drawn, which round is kept, and what gets
+evaluated and written. *Where* the training and the evaluation run is an `Executor`: in-process
+for `ted_fl.centralized`, Flower messages to Ray-scheduled clients for `ted_fl.federated`.
+Sharing this loop is what makes the simulator match the reference run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ted_fl.config import ExperimentConfig
+from ted_fl.continual.approaches import Approach, get_approach
+from ted_fl.continual.learner import lr_for, set_determinism
+from ted_fl.continual.metrics import continual_summary, r_matrix
+from ted_fl.continual.networks import build_model
+from ted_fl.continual.probes import make_probes
+from ted_fl.results import RunDir
+
+Weights = dict[str, np.ndarray]
+
+
+def derive_seed(*parts: int) -> int:
+    """A stable 31-bit seed from (seed, stage, round, client...): every draw is reproducible."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0] >> 1)
+
+
+def model_weights(model: torch.nn.Module) -> Weights:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def load_weights(model: torch.nn.Module, weights: Weights) -> torch.nn.Module:
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v).copy()) for k, v in weights.items()})
+    return model
+
+
+def fedavg(results: list[tuple[Weights, int]]) -> Weights:
+    """Example-weighted mean of float arrays (FedAvg); integer buffers (BN counters) take the max."""
+    if len(results) == 1:
+        return results[0][0]
+    total = float(sum(n for _, n in results)) or 1.0
+    out: Weights = {}
+    for key, first in results[0][0].items():
+        if np.issubdtype(first.dtype, np.floating):
+            acc = np.zeros_like(first, dtype=np.float64)
+            for w, n in results:
+                acc += w[key].astype(np.float64) * (n / total)
+            out[key] = acc.astype(first.dtype)
+        else:
+            out[key] = np.max(np.stack([w[key] for w, _ in results]), axis=0)
+    return out
+
+
+@dataclass
+class TrainTask:
+    """What one round asks of the training sites (all of it travels in the federated case)."""
+
+    approach: str
+    seed: int
+    stage: int
+    round: int
+    sites: list[str]  # the sites that train this round
+    weights: Weights
+    teacher: Weights | None
+    aux: dict[str, np.ndarray]
+    steps: int
+    lr: float
+    probe_seed: int | None  # SKA probes are make_probes(probe_seed, probe_count, probe_shape)
+    probe_count: int
+    probe_shape: tuple[int, ...]
+    want_val: bool  # ask the (single) trainer to report validation metrics of its result
+
+
+@dataclass
+class TrainResult:
+    site: str
+    client: int
+    weights: Weights
+    num_examples: int
+    metrics: dict[str, float]
+    val: dict[str, float] | None = None
+
+
+class Executor(Protocol):
+    """Runs what the schedule decides: in-process (centralized) or on Flower clients."""
+
+    sites: list[str]
+    train_sizes: dict[str, int]
+    image_shape: tuple[int, ...]  # (C, H, W)
+    bytes_sent: int
+    bytes_received: int
+
+    def train(self, task: TrainTask) -> list[TrainResult]: ...
+
+    def evaluate(self, weights: Weights, split: str, sites: list[str]) -> dict[str, dict[str, float]]: ...
+
+    def importance(self, approach: str, weights: Weights, site: str) -> dict[str, np.ndarray]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class ScheduleState:
+    """Everything needed to resume after the last completed round."""
+
+    stage: int = 0
+    round: int = 0  # next round to run in `stage`
+    weights: Weights | None = None
+    teacher: Weights | None = None
+    aux: dict[str, np.ndarray] = field(default_factory=dict)
+    best_score: float = -math.inf
+    best_weights: Weights | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    initial_done: bool = False
+    wall: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    executor: dict[str, Any] = field(default_factory=dict)
+    done: bool = False
+
+
+def active_sites(order: list[str], stage: int, retention: int, joint: bool) -> list[str]:
+    """Who trains in `stage`: the arriving site, plus the last `retention` earlier ones (-1: all)."""
+    if joint or retention < 0:
+        return order[: stage + 1]
+    return order[max(0, stage - retention) : stage + 1]
+
+
+def steps_for(cfg: ExperimentConfig, n_train: int) -> int:
+    return cfg.train.steps_per_round or max(1, math.ceil(n_train / cfg.train.batch_size))
+
+
+def run_schedule(
+    cfg: ExperimentConfig,
+    approach_name: str,
+    seed: int,
+    executor: Executor,
+    run: RunDir,
+    progress: ProgressFn | None = None,
+) -> ScheduleState:
+    """Run (or resume) the whole site sequence for one approach and seed."""
+    approach: Approach = get_approach(approach_name, cfg.loss)
+    order = list(executor.sites)
+    tag = dict(approach=approach_name, seed=seed)
+    saved = run.load_checkpoint(approach_name, seed, "last")
+    st = ScheduleState(**saved) if saved else ScheduleState()
+    if st.done:
+        return st
+    executor.load_state_dict(st.executor)  # empty on a fresh start: optimizers start anew
+    executor.bytes_sent, executor.bytes_received = st.bytes_sent, st.bytes_received
+    if saved:
+        run.log(f"{approach_name} seed {seed}: resumed at stage {st.stage} round {st.round}")
+    set_determinism(seed, cfg.train.threads)
+    if st.weights is None:
+        torch.manual_seed(seed)
+        st.weights = model_weights(build_model(cfg.model))
+    t_start = time.perf_counter() - st.wall
+
+    def rows_for(stage: int, rnd: int, split: str, scores: dict[str, dict[str, float]]) -> None:
+        stage_site = order[stage] if stage >= 0 else "init"
+        for site, metrics in scores.items():
+            for metric, value in metrics.items():
+                st.rows.append(
+                    dict(**tag, stage=stage, stage_site=stage_site, round=rnd, site=site,
+                         split=split, metric=metric, value=float(value))
+                )
+
+    def checkpoint() -> None:
+        st.wall = time.perf_counter() - t_start
+        st.bytes_sent, st.bytes_received = executor.bytes_sent, executor.bytes_received
+        st.executor = executor.state_dict()
+        run.save_checkpoint(approach_name, seed, "last", st.__dict__)
+
+    if not st.initial_done:
+        # The untrained model's scores: the baseline b_i of forward transfer.
+        rows_for(-1, -1, "test", executor.evaluate(st.weights, "test", order))
+        st.initial_done = True
+        checkpoint()
+
+    while st.stage < len(order):
+        stage, site = st.stage, order[st.stage]
+        sites = active_sites(order, stage, cfg.federated.retention, approach.joint)
+        n_rounds = cfg.train.rounds
+        if approach.joint:
+            n_rounds = max(1, round(cfg.train.rounds * cfg.train.joint_rounds_factor))
+        n_train = sum(executor.train_sizes[s] for s in sites)
+        steps = steps_for(cfg, n_train if approach.joint else executor.train_sizes[site])
+        probe_count = (cfg.loss.ska_count or cfg.train.batch_size) * steps
+        while st.round < n_rounds:
+            rnd = st.round
+            if rnd == 0 and stage > 0 and approach.needs_teacher and st.teacher is None:
+                st.teacher = {k: v.copy() for k, v in st.weights.items()}
+            uses_probes = approach.needs_probes and st.teacher is not None
+            task = TrainTask(
+                approach=approach_name, seed=seed, stage=stage, round=rnd, sites=sites,
+                weights=st.weights, teacher=st.teacher if approach.needs_teacher else None,
+                aux=st.aux, steps=steps, lr=lr_for(stage, rnd, cfg.train),
+                probe_seed=derive_seed(seed, stage, rnd, 0x5CA) if uses_probes else None,
+                probe_count=probe_count if uses_probes else 0,
+                probe_shape=tuple(executor.image_shape), want_val=cfg.train.select_best,
+            )
+            t0 = time.perf_counter()
+            results = executor.train(task)
+            st.weights = fedavg([(r.weights, r.num_examples) for r in results])
+            for r in results:
+                rows_for(stage, rnd, "train", {r.site: r.metrics})
+            if cfg.train.select_best:
+                if len(results) == 1 and results[0].val is not None and results[0].site == site:
+                    val = results[0].val
+                else:
+                    val = executor.evaluate(st.weights, "val", [site])[site]
+                rows_for(stage, rnd, "val", {site: val})
+                if val["dice"] > st.best_score:
+                    st.best_score, st.best_weights = val["dice"], st.weights
+            if cfg.train.eval_every_round:
+                rows_for(stage, rnd, "test_round", executor.evaluate(st.weights, "test", order))
+            st.round += 1
+            checkpoint()
+            if progress:
+                progress(dict(**tag, stage=stage, site=site, round=rnd, rounds=n_rounds,
+                              stages=len(order), seconds=time.perf_counter() - t0,
+                              loss=float(np.mean([r.metrics.get("total", np.nan) for r in results]))))
+        # The end of the stage: keep the best round, let the site leave its importances, evaluate all.
+        if cfg.train.select_best and st.best_weights is not None:
+            st.weights = st.best_weights
+        if approach.importance:
+            new = executor.importance(approach_name, st.weights, site)
+            st.aux = approach.merge_state(
+                {k: torch.from_numpy(v) for k, v in st.aux.items()},
+                {k: torch.from_numpy(v) for k, v in new.items()},
+            )
+            st.aux = {k: v.detach().cpu().numpy() for k, v in st.aux.items()}
+        rows_for(stage, n_rounds - 1, "test", executor.evaluate(st.weights, "test", order))
+        run.save_checkpoint(approach_name, seed, f"stage{stage}", {"weights": st.weights, "site": site})
+        st.stage, st.round = stage + 1, 0
+        st.teacher, st.best_score, st.best_weights = None, -math.inf, None
+        checkpoint()
+    st.done = True
+    checkpoint()
+    return st
+
+
+def summarize(metrics: pd.DataFrame, extras: dict[tuple[str, int], dict[str, Any]]) -> pd.DataFrame:
+    """One row per approach and seed: Avg, rAvg (vs a joint run), BWT, rBWT, FWT, forgetting, cost."""
+    test = metrics[metrics["split"] == "test"]
+    rows = []
+    joint = None
+    if (test["approach"] == "joint").any():
+        jt = test[test["approach"] == "joint"]
+        jr = [r_matrix(g[g["stage"] >= 0], "dice") for _, g in jt.groupby("seed")]
+        joint = sum(r.iloc[-1] for r in jr) / len(jr)
+    for (approach, seed), g in test.groupby(["approach", "seed"], sort=False):
+        trained = g[g["stage"] >= 0]
+        init = g[g["stage"] < 0]
+        init_dice = init[init["metric"] == "dice"].set_index("site")["value"] if len(init) else None
+        R = r_matrix(trained, "dice")
+        s = continual_summary(R, joint=joint, initial=init_dice)
+        hd = r_matrix(trained, "hd95")
+        row = dict(approach=approach, seed=int(seed), **{k: float(v) for k, v in s.items()})
+        row["hd95"] = float(hd.iloc[-1].mean())
+        row.update(extras.get((approach, int(seed)), {}))
+        rows.append(row)
+    return pd.DataFrame(rows)

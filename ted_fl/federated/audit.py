@@ -1,0 +1,64 @@
+"""A Flower client mod that audits every message leaving a client: privacy is checked, not assumed.
+
+A reply may carry only (a) arrays shaped like the model the server sent (weights, or parameter
+importances of the same shapes), (b) metrics, and (c) the hello reply's identity counts. An array
+whose trailing dimensions are an image's (H, W), a ConfigRecord with other keys, or an array of
+another shape is a violation: the mod replaces the reply with an error naming it, so the server
+reports the site instead of receiving its data.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
+from flwr.clientapp.typing import ClientAppCallable
+
+from ted_fl.federated import messages as M
+
+AUDIT_ERROR_CODE = 4031
+
+
+def violations(reply: Message, request: Message, image_hw: tuple[int, int] | None) -> list[str]:
+    """Everything in `reply` that is neither model-shaped arrays, metrics nor identity counts."""
+    if not reply.has_content():
+        return []
+    allowed_shapes: set[tuple[int, ...]] = set()
+    if request.has_content() and M.WEIGHTS in request.content:
+        for arr in request.content[M.WEIGHTS].values():
+            allowed_shapes.add(tuple(arr.shape))
+    found: list[str] = []
+    for name, rec in reply.content.items():
+        if isinstance(rec, MetricRecord):
+            continue
+        if isinstance(rec, ConfigRecord):
+            extra = set(rec.keys()) - M.IDENTITY_KEYS
+            if name != M.IDENTITY or extra:
+                found.append(f"config record '{name}' with keys {sorted(extra) or sorted(rec.keys())}")
+            continue
+        if isinstance(rec, ArrayRecord):
+            if name not in (M.WEIGHTS, M.AUX):
+                found.append(f"array record '{name}'")
+            for key, arr in rec.items():
+                shape = tuple(arr.shape)
+                if image_hw and len(shape) >= 2 and shape[-2:] == image_hw:
+                    found.append(f"array '{name}/{key}' shaped like the site's images {shape}")
+                elif shape not in allowed_shapes:
+                    found.append(f"array '{name}/{key}' of shape {shape} is not a model tensor")
+            continue
+        found.append(f"record '{name}' of type {type(rec).__name__}")
+    return found
+
+
+def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    reply = call_next(msg, context)
+    hw = None
+    if "identity_hw" in context.state:
+        hw = tuple(int(x) for x in context.state["identity_hw"]["hw"])  # type: ignore[union-attr]
+    elif reply.has_content() and M.IDENTITY in reply.content:
+        shape = list(reply.content[M.IDENTITY]["image_shape"])  # type: ignore[arg-type]
+        context.state["identity_hw"] = ConfigRecord({"hw": [int(shape[-2]), int(shape[-1])]})
+        hw = (int(shape[-2]), int(shape[-1]))
+    found = violations(reply, msg, hw)  # type: ignore[arg-type]
+    if found:
+        return Message(Error(code=AUDIT_ERROR_CODE, reason="privacy audit: " + "; ".join(found)),
+                       reply_to=msg)
+    return reply

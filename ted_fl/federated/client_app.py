@@ -1,0 +1,242 @@
+"""The ClientApp: one site (or one department of a site), a thin adapter over `ted_fl.worker`.
+
+A node learns which site it is from its node config (`site`/`client`, or the simulation's
+`partition-id`), loads only that site's files, and keeps across messages, in `context.state`:
+the experiment configuration, the frozen teacher of the current stage and its optimizer's
+moments. The optimizer state is also written to the site's own disk (`client_state_dir`) so a
+resumed run continues exactly. Replies carry weights, the number of examples and metrics.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from ted_fl.config import ExperimentConfig, from_dict
+from ted_fl.data.types import SiteData, Split
+from ted_fl.engine import derive_seed
+from ted_fl.federated import messages as M
+from ted_fl.federated.audit import audit_mod
+from ted_fl.worker import SiteWorker, probes_for
+
+_CACHE: dict[Any, Any] = {}  # per process: parsed configs, loaded site data, workers
+
+
+def _config(context: Context, content: RecordDict) -> ExperimentConfig:
+    """The experiment config arrives with the first message and is kept in context.state."""
+    if M.CONFIG in content and "experiment_toml" in content[M.CONFIG]:
+        context.state["experiment"] = ConfigRecord({"toml": content[M.CONFIG]["experiment_toml"]})
+    text = str(context.state["experiment"]["toml"])
+    key = ("cfg", hash(text))
+    if key not in _CACHE:
+        _CACHE[key] = from_dict(ExperimentConfig, tomllib.loads(text), "experiment config")
+    return _CACHE[key]
+
+
+def identity(context: Context, cfg: ExperimentConfig) -> tuple[str, int]:
+    """(site, client index) of this node: declared in the node config, or from the partition id."""
+    node = context.node_config
+    if "site" in node:
+        return str(node["site"]), int(node.get("client", 0))
+    from ted_fl.data import site_order
+
+    order = site_order(cfg.data)
+    k = cfg.federated.clients_per_site
+    pid = int(node["partition-id"])
+    if pid >= len(order) * k:
+        raise RuntimeError(f"partition {pid} has no site: {len(order)} sites x {k} clients")
+    return order[pid // k], pid % k
+
+
+def partition_split(split: Split, k: int, index: int, seed: int) -> Split:
+    """Client `index` of `k`: a seeded, volume-wise share of the site's split."""
+    if k == 1:
+        return split
+    vols = np.unique(split.volumes)
+    rng = np.random.default_rng(seed)
+    mine = set(rng.permutation(vols)[index::k])
+    keep = np.array([v in mine for v in split.volumes])
+    return Split(split.images[keep], split.masks[keep], split.volumes[keep],
+                 None if split.fov is None else split.fov[keep])
+
+
+def site_data(cfg: ExperimentConfig, site: str, client: int) -> tuple[SiteData, Split]:
+    """This node's site (loaded once per process) and its share of the training split."""
+    from ted_fl.data import load_sites
+
+    key = ("data", hash(repr(cfg.data)), site)
+    if key not in _CACHE:
+        (_CACHE[key],) = load_sites(cfg.data, cfg.data.split_seed, only=[site])
+    data: SiteData = _CACHE[key]
+    return data, partition_split(data.train, cfg.federated.clients_per_site, client, cfg.data.split_seed)
+
+
+def worker(cfg: ExperimentConfig) -> SiteWorker:
+    key = ("worker", hash(repr(cfg.model)), hash(repr(cfg.loss)), cfg.train.threads)
+    if key not in _CACHE:
+        _CACHE[key] = SiteWorker(cfg)
+    w: SiteWorker = _CACHE[key]
+    w.cfg = cfg
+    return w
+
+
+def _opt_to_array(state: dict[str, Any]) -> Array:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return Array(np.frombuffer(buf.getvalue(), dtype=np.uint8).copy())
+
+
+def _opt_from_array(arr: Array) -> dict[str, Any]:
+    return torch.load(io.BytesIO(arr.numpy().tobytes()), weights_only=False)
+
+
+def _state_file(c: dict, site: str, client: int) -> Path | None:
+    d = str(c.get("client_state_dir", ""))
+    return Path(d) / f"{site}-{client}" / "optimizer.pt" if d else None
+
+
+def _load_optimizer(context: Context, c: dict, site: str, client: int) -> dict[str, Any] | None:
+    """Adam's moments from the previous round of this stage, or None at a stage's first round."""
+    want = f"{c['approach']}|{c['seed']}|{c['stage']}|{int(c['round']) - 1}"
+    if int(c["round"]) == 0:
+        return None
+    if "optimizer" in context.state and str(context.state["optimizer_meta"]["tag"]) == want:
+        return _opt_from_array(context.state["optimizer"]["state"])
+    path = _state_file(c, site, client)
+    if path is not None and path.is_file():
+        saved = torch.load(path, weights_only=False)
+        if saved.get(want) is not None:
+            return saved[want]
+    return None
+
+
+def _save_optimizer(context: Context, c: dict, site: str, client: int, state: dict[str, Any]) -> None:
+    tag = f"{c['approach']}|{c['seed']}|{c['stage']}|{c['round']}"
+    context.state["optimizer"] = ArrayRecord({"state": _opt_to_array(state)})
+    context.state["optimizer_meta"] = ConfigRecord({"tag": tag})
+    path = _state_file(c, site, client)
+    if path is not None:
+        # Keep this round and the previous one: a resume may redo the round in flight.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        old = torch.load(path, weights_only=False) if path.is_file() else {}
+        keep = {k: v for k, v in old.items() if k.rsplit("|", 1)[0] == tag.rsplit("|", 1)[0]}
+        keep = dict(sorted(keep.items(), key=lambda kv: int(kv[0].rsplit("|", 1)[1]))[-1:])
+        keep[tag] = state
+        tmp = path.with_suffix(".tmp")
+        torch.save(keep, tmp)
+        os.replace(tmp, path)
+
+
+def _teacher(context: Context, content: RecordDict, key: str) -> tuple[M.Weights | None, M.Weights]:
+    """The stage's teacher and importances: taken from the message once, then from context.state."""
+    if M.TEACHER in content:
+        context.state["teacher"] = content[M.TEACHER]
+        context.state["aux"] = content[M.AUX] if M.AUX in content else ArrayRecord()
+        context.state["teacher_meta"] = ConfigRecord({"key": key})
+    if "teacher" not in context.state or str(context.state["teacher_meta"]["key"]) != key:
+        raise RuntimeError(f"teacher '{key}' was never received by this node; the server must resend it")
+    return M.from_record(context.state["teacher"]), M.from_record(context.state["aux"])
+
+
+def _maybe_fail(c: dict, site: str, context: Context) -> None:
+    """Fault injection for tests: raise or stall at a chosen site and round, a set number of times."""
+    spec = str(c.get("inject_fault", ""))
+    if not spec:
+        return
+    f_site, f_round, mode, times = spec.split(":")
+    if f_site != site or int(f_round) != int(c["round"]):
+        return
+    count_key = f"fault-{c['approach']}-{c['stage']}-{c['round']}"
+    seen = int(context.state[count_key]["n"]) if count_key in context.state else 0
+    if seen >= int(times):
+        return
+    context.state[count_key] = ConfigRecord({"n": seen + 1})
+    if mode == "hang":
+        time.sleep(float(c.get("timeout", 10)) + 5)
+    raise RuntimeError(f"injected fault at site {site} round {c['round']}")
+
+
+app = ClientApp(mods=[audit_mod])
+
+
+@app.query()
+def hello(msg: Message, context: Context) -> Message:
+    """Tell the server which site this node serves and how many examples it has (counts only)."""
+    cfg = _config(context, msg.content)
+    site, client = identity(context, cfg)
+    data, train = site_data(cfg, site, client)
+    ident = {
+        "site": site, "client": client, "partition": int(context.node_config.get("partition-id", -1)),
+        "n_train": len(train), "n_val": len(data.val), "n_test": len(data.test),
+        "image_shape": [int(x) for x in data.train.images.shape[1:]],
+    }
+    return Message(RecordDict({M.IDENTITY: ConfigRecord(ident)}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = _config(context, msg.content)
+    c = dict(msg.content[M.CONFIG])
+    site, client = identity(context, cfg)
+    _maybe_fail(c, site, context)
+    data, share = site_data(cfg, site, client)
+    w = worker(cfg)
+    teacher_mod, aux = None, {}
+    if c.get("teacher_key"):
+        teacher, aux = _teacher(context, msg.content, str(c["teacher_key"]))
+        teacher_mod = w.set_teacher(str(c["teacher_key"]), teacher)
+    if M.PROBES in msg.content:
+        probes = torch.from_numpy(msg.content[M.PROBES]["probes"].numpy())
+    else:
+        probes = probes_for(cfg, c.get("probe_seed"), int(c.get("probe_count", 0)),
+                            tuple(c.get("probe_shape", [])))
+    site_index = int(c["site_index"])
+    out = w.train_round(
+        approach=str(c["approach"]), data=share, weights=M.from_record(msg.content[M.WEIGHTS]),
+        teacher=teacher_mod, aux=aux, steps=int(c["steps"]), lr=float(c["lr"]),
+        seed=derive_seed(int(c["seed"]), int(c["stage"]), int(c["round"]), site_index, client),
+        probes=probes, optimizer_state=_load_optimizer(context, c, site, client),
+        val=data.val if c.get("want_val") else None, per_volume=data.per_volume,
+    )
+    _save_optimizer(context, c, site, client, out.optimizer_state)
+    content = RecordDict({
+        M.WEIGHTS: M.to_record(out.weights),
+        M.METRICS: M.metric_record({**out.metrics, "num_examples": out.num_examples}),
+    })
+    if out.val is not None:
+        content[M.VAL] = M.metric_record(out.val)
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the global model on this site's own split; only metrics go back."""
+    cfg = _config(context, msg.content)
+    c = dict(msg.content[M.CONFIG])
+    site, client = identity(context, cfg)
+    data, _ = site_data(cfg, site, client)
+    split = data.splits[str(c["split"])]
+    scores = worker(cfg).evaluate(M.from_record(msg.content[M.WEIGHTS]), split, data.per_volume)
+    return Message(RecordDict({M.METRICS: M.metric_record({**scores, "num_examples": len(split)})}),
+                   reply_to=msg)
+
+
+@app.query("importance")
+def importance(msg: Message, context: Context) -> Message:
+    """Parameter importances (EWC's Fisher, MAS) on this site's data: arrays shaped like the model."""
+    cfg = _config(context, msg.content)
+    c = dict(msg.content[M.CONFIG])
+    site, client = identity(context, cfg)
+    _, share = site_data(cfg, site, client)
+    state = worker(cfg).importance(str(c["approach"]), M.from_record(msg.content[M.WEIGHTS]), share)
+    return Message(RecordDict({M.AUX: M.to_record(state),
+                               M.METRICS: M.metric_record({"num_examples": len(share)})}), reply_to=msg)

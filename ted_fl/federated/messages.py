@@ -1,0 +1,50 @@
+"""What travels in a Flower message, and how many bytes it takes.
+
+Down (server -> client): model weights, once per stage the frozen teacher (and any parameter
+importances), the SKA probes (pixels, or the seed they are regenerated from), and a ConfigRecord
+of scalars. Up (client -> server): weights, the number of examples, and metrics. Nothing else:
+`ted_fl.federated.audit` enforces it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+Weights = dict[str, np.ndarray]
+
+WEIGHTS = "weights"
+TEACHER = "teacher"
+AUX = "aux"
+PROBES = "probes"
+CONFIG = "config"
+METRICS = "metrics"
+VAL = "val"
+IDENTITY = "identity"
+
+# Keys a client may put in the identity ConfigRecord of its hello reply: counts and names, no data.
+IDENTITY_KEYS = frozenset({"site", "client", "partition", "n_train", "n_val", "n_test", "image_shape"})
+
+
+def to_record(weights: Weights) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+
+
+def from_record(record: ArrayRecord) -> Weights:
+    return {k: record[k].numpy() for k in record.keys()}
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Payload bytes of a message's records (arrays, configs, metrics)."""
+    total = 0
+    for rec in content.values():
+        total += rec.count_bytes()
+    return total
+
+
+def metric_record(metrics: dict[str, float]) -> MetricRecord:
+    return MetricRecord({k: float(v) for k, v in metrics.items()})
+
+
+def config_record(values: dict) -> ConfigRecord:
+    return ConfigRecord(values)

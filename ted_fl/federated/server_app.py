@@ -1,0 +1,287 @@
+"""The ServerApp: the arrival schedule over Flower's Message API, with the teacher held server-side.
+
+`FlowerExecutor` implements the schedule's executor with messages: it finds which node serves
+which site (a hello query that returns counts only), sends each round's training instructions
+to the arriving site's nodes only, the stage's frozen teacher once per node and stage, the SKA
+probes it synthesises itself (as pixels, or as the seed they are regenerated from), and asks
+every site's node for test metrics. It retries, skips or aborts on a failing client as
+configured, and counts the payload bytes of every message in both directions.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from ted_fl.config import ExperimentConfig, dump_toml, load_experiment, to_dict
+from ted_fl.continual.probes import make_probes
+from ted_fl.engine import TrainResult, TrainTask, Weights, run_schedule
+from ted_fl.errors import TedFlError
+from ted_fl.federated import messages as M
+from ted_fl.results import RunDir
+
+
+class ClientFailure(TedFlError):
+    """A client that raised or did not answer, after the configured retries."""
+
+
+class FlowerExecutor:
+    """Runs the schedule's rounds on Flower clients through a Grid."""
+
+    def __init__(self, grid: Grid, cfg: ExperimentConfig, run: RunDir | None = None,
+                 fault: str = "") -> None:
+        self.grid, self.cfg, self.run = grid, cfg, run
+        self.fault = fault  # "site:round:raise|hang:times", test-only fault injection
+        self.experiment_toml = dump_toml(to_dict(cfg))
+        self.bytes_sent = self.bytes_received = 0
+        self.bytes_by_kind: dict[str, int] = {}
+        self.faults: list[dict[str, Any]] = []
+        self.teacher_sent: dict[int, str] = {}
+        self._teacher: tuple[Weights, dict] | None = None  # this round's teacher, for retries
+        self._discover()
+
+    # ------------------------------------------------------------------ nodes
+    def _discover(self) -> None:
+        from ted_fl.data import site_order
+
+        order = site_order(self.cfg.data)
+        expected = len(order) * self.cfg.federated.clients_per_site
+        deadline = time.monotonic() + self.cfg.federated.timeout
+        node_ids: list[int] = []
+        while time.monotonic() < deadline:
+            node_ids = list(self.grid.get_node_ids())
+            if len(node_ids) >= expected:
+                break
+            time.sleep(0.5)
+        if len(node_ids) < expected:
+            raise TedFlError(
+                f"only {len(node_ids)} of {expected} client nodes connected within "
+                f"{self.cfg.federated.timeout:.0f} s; start one SuperNode per site and client"
+            )
+        content = {n: RecordDict({M.CONFIG: ConfigRecord({"experiment_toml": self.experiment_toml})})
+                   for n in node_ids}
+        replies = self._exchange(content, "query", "hello", {n: f"node {n}" for n in node_ids})
+        self.nodes: dict[str, list[tuple[int, int, int]]] = {s: [] for s in order}
+        self.sizes: dict[str, tuple[int, int, int]] = {}
+        shape: tuple[int, ...] | None = None
+        for node, reply in replies.items():
+            ident = reply.content[M.IDENTITY]
+            site = str(ident["site"])
+            if site not in self.nodes:
+                raise TedFlError(f"node {node} serves unknown site '{site}'; sites: {', '.join(order)}")
+            self.nodes[site].append((node, int(ident["client"]), int(ident["n_train"])))
+            shape = tuple(int(x) for x in ident["image_shape"])  # type: ignore[union-attr]
+        missing = [s for s, v in self.nodes.items() if not v]
+        if missing:
+            raise TedFlError(f"no client node serves site(s) {', '.join(missing)}")
+        for v in self.nodes.values():
+            v.sort(key=lambda t: t[1])
+        self.sites = order
+        self.train_sizes = {s: sum(n for _, _, n in v) for s, v in self.nodes.items()}
+        self.image_shape = shape or (1, self.cfg.data.size, self.cfg.data.size)
+        self.site_of = {node: (site, client) for site, v in self.nodes.items() for node, client, _ in v}
+
+    # --------------------------------------------------------------- messages
+    def _count(self, kind: str, nbytes: int, up: bool) -> None:
+        if up:
+            self.bytes_received += nbytes
+        else:
+            self.bytes_sent += nbytes
+        key = f"{kind}_{'up' if up else 'down'}"
+        self.bytes_by_kind[key] = self.bytes_by_kind.get(key, 0) + nbytes
+
+    def _exchange(self, contents: dict[int, RecordDict], category: str, action: str,
+                  labels: dict[int, str], where: str = "") -> dict[int, Message]:
+        """Send, wait (never longer than the timeout), retry failures; return replies by node."""
+        fed = self.cfg.federated
+        mtype = category if action == "default" else f"{category}.{action}"
+        pending = dict(contents)
+        got: dict[int, Message] = {}
+        reasons: dict[int, str] = {}
+        attempts = 1 + (fed.retries if fed.on_failure == "retry" else 0)
+        for attempt in range(attempts):
+            msgs = [Message(content, dst_node_id=node, message_type=mtype) for node, content in pending.items()]
+            for node, content in pending.items():
+                self._count(action if action != "default" else category, M.record_bytes(content), up=False)
+            replies = list(self.grid.send_and_receive(msgs, timeout=fed.timeout))
+            by_node = {r.metadata.src_node_id: r for r in replies}
+            failed: dict[int, RecordDict] = {}
+            for node, content in pending.items():
+                reply = by_node.get(node)
+                if reply is None:
+                    reasons[node] = f"no reply within {fed.timeout:g} s"
+                    failed[node] = content
+                elif reply.has_error():
+                    reasons[node] = f"error {reply.error.code}: {reply.error.reason}"
+                    failed[node] = content
+                else:
+                    self._count(action if action != "default" else category, M.record_bytes(reply.content), up=True)
+                    got[node] = reply
+            for node in failed:
+                text = f"{labels[node]} failed {where}({mtype}, attempt {attempt + 1}/{attempts}): {reasons[node]}"
+                self._note(text)
+            pending = failed
+            if not pending:
+                break
+            # A node that lost the stage's teacher (a restarted client) gets it again on the retry.
+            for node, content in pending.items():
+                self.teacher_sent.pop(node, None)
+                if category == "train" and self._teacher and M.TEACHER not in content:
+                    content[M.TEACHER] = M.to_record(self._teacher[0])
+                    content[M.AUX] = M.to_record(self._teacher[1])
+        for node in pending:
+            self.faults.append(dict(node=node, label=labels[node], where=where, type=mtype, reason=reasons[node]))
+            if fed.on_failure == "abort" or (fed.on_failure != "skip" and len(pending) == len(contents)):
+                raise ClientFailure(f"{labels[node]} failed {where}({mtype}) after {attempts} attempt(s): "
+                                    f"{reasons[node]}; see federated.retries, federated.on_failure")
+        return got
+
+    def _note(self, text: str) -> None:
+        print(f"warning: {text}", file=sys.stderr)
+        if self.run is not None:
+            self.run.log(f"warning: {text}")
+
+    def _label(self, node: int) -> str:
+        site, client = self.site_of[node]
+        return f"site {site}" + (f" client {client}" if self.cfg.federated.clients_per_site > 1 else "")
+
+    # -------------------------------------------------------------- executor
+    def train(self, task: TrainTask) -> list[TrainResult]:
+        fed = self.cfg.federated
+        weights = M.to_record(task.weights)
+        trainers = [(s, node, client) for s in task.sites for node, client, _ in self.nodes[s]]
+        single = len(trainers) == 1
+        teacher_key = f"{task.approach}|{task.seed}|{task.stage}" if task.teacher is not None else ""
+        teacher_rec = aux_rec = probes_rec = None
+        base: dict[str, Any] = dict(
+            approach=task.approach, seed=task.seed, stage=task.stage, round=task.round,
+            steps=task.steps, lr=task.lr, want_val=bool(task.want_val and single),
+            teacher_key=teacher_key, timeout=fed.timeout, inject_fault=self.fault,
+            client_state_dir=str(self.run.client_state_dir) if self.run else "",
+        )
+        if task.probe_seed is not None:
+            if fed.probes == "pixels":
+                probes = make_probes(task.probe_seed, task.probe_count, task.probe_shape, self.cfg.loss)
+                probes_rec = ArrayRecord({"probes": Array(probes.numpy())})
+            else:
+                base.update(probe_seed=task.probe_seed, probe_count=task.probe_count,
+                            probe_shape=list(task.probe_shape))
+        contents: dict[int, RecordDict] = {}
+        for site, node, _client in trainers:
+            content = RecordDict({M.WEIGHTS: weights,
+                                  M.CONFIG: ConfigRecord({**base, "site_index": self.sites.index(site)})})
+            if teacher_key and self.teacher_sent.get(node) != teacher_key:
+                teacher_rec = teacher_rec or M.to_record(task.teacher)  # type: ignore[arg-type]
+                aux_rec = aux_rec or M.to_record(task.aux)
+                content[M.TEACHER] = teacher_rec
+                content[M.AUX] = aux_rec
+            if probes_rec is not None:
+                content[M.PROBES] = probes_rec
+            contents[node] = content
+        self._teacher = (task.teacher, task.aux) if teacher_key else None
+        replies = self._exchange_train(contents, task)
+        results = []
+        for site, node, client in trainers:
+            if node not in replies:
+                continue
+            r = replies[node].content
+            metrics = dict(r[M.METRICS])
+            n = int(metrics.pop("num_examples"))
+            val = dict(r[M.VAL]) if M.VAL in r else None
+            results.append(TrainResult(site, client, M.from_record(r[M.WEIGHTS]), n,
+                                       {k: float(v) for k, v in metrics.items()}, val))
+        if not results:
+            raise ClientFailure(f"no training site answered in stage {task.stage} round {task.round}")
+        return results
+
+    def _exchange_train(self, contents: dict[int, RecordDict], task: TrainTask) -> dict[int, Message]:
+        where = f"in stage {task.stage} round {task.round} "
+        labels = {n: self._label(n) for n in contents}
+        replies = self._exchange(contents, "train", "default", labels, where)
+        for node in replies:
+            cfg_rec = contents[node][M.CONFIG]
+            if cfg_rec["teacher_key"]:
+                self.teacher_sent[node] = str(cfg_rec["teacher_key"])
+        return replies
+
+    def evaluate(self, weights: Weights, split: str, sites: list[str]) -> dict[str, dict[str, float]]:
+        rec = M.to_record(weights)
+        # Each site's first node evaluates the site's whole split (the site's evaluation node).
+        nodes = {self.nodes[s][0][0]: s for s in sites}
+        contents = {n: RecordDict({M.WEIGHTS: rec, M.CONFIG: ConfigRecord({"split": split})}) for n in nodes}
+        replies = self._exchange(contents, "evaluate", "default", {n: self._label(n) for n in nodes},
+                                 f"evaluating {split} ")
+        out: dict[str, dict[str, float]] = {}
+        for node, site in nodes.items():
+            if node in replies:
+                m = dict(replies[node].content[M.METRICS])
+                m.pop("num_examples", None)
+                out[site] = {k: float(v) for k, v in m.items()}
+            else:  # recorded as missing, never dropped silently
+                out[site] = {"dice": float("nan"), "iou": float("nan"), "hd95": float("nan")}
+        return out
+
+    def importance(self, approach: str, weights: Weights, site: str) -> dict[str, np.ndarray]:
+        rec = M.to_record(weights)
+        nodes = [node for node, _, _ in self.nodes[site]]
+        contents = {n: RecordDict({M.WEIGHTS: rec, M.CONFIG: ConfigRecord({"approach": approach})}) for n in nodes}
+        replies = self._exchange(contents, "query", "importance", {n: self._label(n) for n in nodes},
+                                 "computing importances ")
+        parts = [(M.from_record(r.content[M.AUX]), int(r.content[M.METRICS]["num_examples"]))
+                 for r in replies.values()]
+        from ted_fl.engine import fedavg
+
+        return fedavg(parts) if parts else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"faults": list(self.faults), "bytes_by_kind": dict(self.bytes_by_kind)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.faults = list(state.get("faults", []))
+        self.bytes_by_kind = dict(state.get("bytes_by_kind", {}))
+        self.teacher_sent = {}
+
+
+def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, progress: Any = None, fault: str = "") -> dict:
+    """The server's main loop: every approach and seed in turn, over one set of nodes."""
+    executor = FlowerExecutor(grid, cfg, run, fault)
+    extras: dict[tuple[str, int], dict[str, Any]] = {}
+    for approach in cfg.approaches:
+        for seed in cfg.seeds:
+            st = run_schedule(cfg, approach, seed, executor, run, progress)
+            extras[(approach, seed)] = {"faults": len(st.executor.get("faults", []))}
+    return extras
+
+
+# ------------------------------------------------------- `flwr run .` entry point
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run an experiment from the app's run config (pyproject.toml [tool.flwr.app.config])."""
+    from ted_fl.cli import finish_run
+
+    rc = context.run_config
+    cfg = load_experiment(str(rc["experiment"])) if rc.get("experiment") else ExperimentConfig()
+    if rc.get("sites"):
+        cfg.data.sites = str(rc["sites"])
+    if rc.get("data-dir"):
+        cfg.data.data_dir = str(rc["data-dir"])
+    if rc.get("approach"):
+        cfg.approaches = str(rc["approach"]).split()
+    if "seed" in rc:
+        cfg.seeds = [int(rc["seed"])]  # type: ignore[arg-type]
+    if rc.get("out"):
+        cfg.out = str(rc["out"])
+    run = RunDir.create(cfg.out, f"{cfg.name}-flwr")
+    run.write_config(cfg)
+    extras = serve(grid, cfg, run)
+    summary = finish_run(cfg, run, extras)
+    print(summary.to_string(index=False))
+    print(f"run directory: {run.path}")

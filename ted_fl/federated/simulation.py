@@ -1,0 +1,68 @@
+"""Launch the ServerApp and one ClientApp per site (and client) on Flower's Ray simulation backend."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any
+
+from ted_fl.config import ExperimentConfig
+from ted_fl.results import RunDir
+
+FAULT_ENV = "TED_FL_INJECT_FAULT"  # test-only: "SITE:ROUND:raise|hang:TIMES"
+
+
+def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Client resources (CPUs, GPU fractions) and Ray's init arguments from the configuration."""
+    fed = cfg.federated
+    init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    if fed.ray_address:
+        init_args["address"] = fed.ray_address
+    return {
+        "client_resources": {"num_cpus": fed.num_cpus, "num_gpus": fed.num_gpus},
+        "init_args": init_args,
+    }
+
+
+def execute_federated(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[tuple[str, int], dict[str, Any]]:
+    """Run every approach and seed of `cfg` in one Flower simulation (Ray starts once)."""
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from ted_fl.cli import Progress, load_and_record_sites, total_rounds
+    from ted_fl.federated.client_app import app as client_app
+    from ted_fl.federated.server_app import serve
+
+    # The launcher checks the data and writes the synthetic twin's files once; the server never
+    # sees the arrays (each client loads its own site).
+    sites = load_and_record_sites(cfg, run)
+    progress = Progress(total_rounds(cfg, len(sites)), quiet)
+    extras: dict[tuple[str, int], dict[str, Any]] = {}
+    fault = os.environ.get(FAULT_ENV, "")
+    error: list[BaseException] = []
+
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid: Grid, context: Any) -> None:
+        try:
+            extras.update(serve(grid, cfg, run, progress, fault))
+        except BaseException as exc:  # surfaced after the simulation shuts down
+            error.append(exc)
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            run_simulation(
+                server_app=server,
+                client_app=client_app,
+                num_supernodes=len(sites) * cfg.federated.clients_per_site,
+                backend_config=backend_config(cfg),  # type: ignore[arg-type]
+            )
+        finally:
+            progress.close()
+    if error:
+        raise error[0]
+    return extras

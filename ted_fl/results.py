@@ -1,0 +1,149 @@
+"""The run directory: the one writer (and reader) of everything a run produces.
+
+Layout of `RUN_DIR`:
+    config.toml        the resolved experiment configuration
+    splits.json        per site, the volumes/images of each split
+    metrics.csv        tidy: approach, seed, stage, stage_site, round, site, split, metric, value
+    metrics.parquet    the same, when pyarrow is installed
+    summary.csv        one row per approach and seed
+    run.log            a plain-text log
+    checkpoints/       per (approach, seed): last.pt (resume point), stage<k>.pt (model after stage k)
+    client_state/      what simulated sites keep on their own disk (optimizer moments)
+
+Every table is written to a temporary file and renamed into place, so an interrupted run never
+leaves a half-written table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from ted_fl.config import ExperimentConfig, dump_toml, from_dict, to_dict
+from ted_fl.errors import TedFlError
+
+METRIC_COLUMNS = ["approach", "seed", "stage", "stage_site", "round", "site", "split", "metric", "value"]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write then rename: readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunDir:
+    """A run directory, opened for writing (new or resumed) or for reading."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    # ----------------------------------------------------------------- creation
+    @classmethod
+    def create(cls, out: str | Path, name: str) -> RunDir:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = Path(out) / f"{name}-{stamp}"
+        path, i = base, 1
+        while path.exists():
+            path, i = Path(f"{base}-{i}"), i + 1
+        path.mkdir(parents=True)
+        return cls(path)
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        run = cls(path)
+        if not (run.path / "config.toml").is_file():
+            raise TedFlError(
+                f"{run.path}: not a ted-fl run directory (no config.toml); pass the folder a run printed"
+            )
+        return run
+
+    # ------------------------------------------------------------------ config
+    def write_config(self, cfg: ExperimentConfig) -> None:
+        atomic_write_bytes(self.path / "config.toml", dump_toml(to_dict(cfg)).encode())
+
+    def read_config(self) -> ExperimentConfig:
+        import tomllib
+
+        data = tomllib.loads((self.path / "config.toml").read_text())
+        return from_dict(ExperimentConfig, data, str(self.path / "config.toml"))
+
+    def write_json(self, name: str, obj: Any) -> None:
+        atomic_write_bytes(self.path / name, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+    # ----------------------------------------------------------------- metrics
+    def write_metrics(self, rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+        df = pd.DataFrame(list(rows), columns=METRIC_COLUMNS)
+        atomic_write_bytes(self.path / "metrics.csv", df.to_csv(index=False).encode())
+        try:
+            import pyarrow  # noqa: F401
+
+            buf = df.to_parquet(index=False)
+            atomic_write_bytes(self.path / "metrics.parquet", buf)
+        except ImportError:
+            pass
+        return df
+
+    def metrics(self) -> pd.DataFrame:
+        p = self.path / "metrics.csv"
+        if not p.is_file():
+            return pd.DataFrame(columns=METRIC_COLUMNS)
+        return pd.read_csv(p)
+
+    def write_summary(self, df: pd.DataFrame) -> None:
+        atomic_write_bytes(self.path / "summary.csv", df.to_csv(index=False).encode())
+
+    def summary(self) -> pd.DataFrame:
+        return pd.read_csv(self.path / "summary.csv")
+
+    # ------------------------------------------------------------- checkpoints
+    def ckpt_dir(self, approach: str, seed: int) -> Path:
+        return self.path / "checkpoints" / f"{approach}-seed{seed}"
+
+    def save_checkpoint(self, approach: str, seed: int, name: str, obj: dict[str, Any]) -> Path:
+        p = self.ckpt_dir(approach, seed) / f"{name}.pt"
+        atomic_torch_save(obj, p)
+        return p
+
+    def load_checkpoint(self, approach: str, seed: int, name: str) -> dict[str, Any] | None:
+        p = self.ckpt_dir(approach, seed) / f"{name}.pt"
+        if not p.is_file():
+            return None
+        return torch.load(p, map_location="cpu", weights_only=False)
+
+    # --------------------------------------------------------------------- log
+    def log(self, message: str) -> None:
+        with open(self.path / "run.log", "a") as fh:
+            fh.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+
+    @property
+    def client_state_dir(self) -> Path:
+        return self.path / "client_state"

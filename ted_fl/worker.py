@@ -1,0 +1,118 @@
+"""What a site does to a model: train a round, evaluate a split, compute importances.
+
+Plain PyTorch over the continual core, with no Flower in it: the centralized executor calls it
+in-process and the Flower ClientApp calls it inside a Ray actor, so both do the same arithmetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ted_fl.config import ExperimentConfig
+from ted_fl.continual.approaches import get_approach
+from ted_fl.continual.learner import evaluate, local_train, set_determinism
+from ted_fl.continual.networks import build_model
+from ted_fl.continual.probes import make_probes
+from ted_fl.data.types import Split
+
+Weights = dict[str, np.ndarray]
+
+
+def to_tensors(weights: Weights) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.asarray(v).copy()) for k, v in weights.items()}
+
+
+def concat_splits(splits: list[Split]) -> Split:
+    """The union of several sites' splits (the centralized joint upper bound)."""
+    if len(splits) == 1:
+        return splits[0]
+    fov = None
+    if all(s.fov is not None for s in splits):
+        fov = np.concatenate([s.fov for s in splits])  # type: ignore[misc]
+    return Split(
+        images=np.concatenate([s.images for s in splits]),
+        masks=np.concatenate([s.masks for s in splits]),
+        volumes=np.concatenate([s.volumes for s in splits]),
+        fov=fov,
+    )
+
+
+@dataclass
+class RoundOutput:
+    weights: Weights
+    num_examples: int
+    metrics: dict[str, float]
+    val: dict[str, float] | None
+    optimizer_state: dict[str, Any]
+
+
+class SiteWorker:
+    """Holds one student and one teacher module and reuses them across rounds."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        set_determinism(0, cfg.train.threads)
+        self.student = build_model(cfg.model)
+        self.teacher = build_model(cfg.model)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self._teacher_key: Any = None
+
+    def set_teacher(self, key: Any, weights: Weights | None) -> torch.nn.Module | None:
+        """Load the teacher once per stage (`key` identifies it), not once per round."""
+        if weights is None:
+            return None
+        if key != self._teacher_key:
+            self.teacher.load_state_dict(to_tensors(weights))
+            self._teacher_key = key
+        return self.teacher
+
+    def train_round(
+        self,
+        *,
+        approach: str,
+        data: Split,
+        weights: Weights,
+        teacher: torch.nn.Module | None,
+        aux: dict[str, np.ndarray],
+        steps: int,
+        lr: float,
+        seed: int,
+        probes: torch.Tensor | None,
+        optimizer_state: dict[str, Any] | None,
+        val: Split | None,
+        per_volume: bool,
+    ) -> RoundOutput:
+        appr = get_approach(approach, self.cfg.loss)
+        self.student.load_state_dict(to_tensors(weights))
+        metrics, opt_state = local_train(
+            self.student, teacher, appr, data,
+            steps=steps, batch_size=self.cfg.train.batch_size, lr=lr,
+            optimizer_state=optimizer_state, seed=seed, probes=probes,
+            aux={k: torch.from_numpy(np.asarray(v)) for k, v in aux.items()} or None,
+            loss_cfg=self.cfg.loss,
+        )
+        out = {k: v.detach().cpu().numpy().copy() for k, v in self.student.state_dict().items()}
+        scores = evaluate(self.student, val, per_volume=per_volume) if val is not None else None
+        return RoundOutput(out, len(data), metrics, scores, opt_state)
+
+    def evaluate(self, weights: Weights, split: Split, per_volume: bool) -> dict[str, float]:
+        self.student.load_state_dict(to_tensors(weights))
+        return evaluate(self.student, split, per_volume=per_volume)
+
+    def importance(self, approach: str, weights: Weights, split: Split) -> dict[str, np.ndarray]:
+        appr = get_approach(approach, self.cfg.loss)
+        self.student.load_state_dict(to_tensors(weights))
+        state = appr.end_of_site(self.student, split, self.cfg.train)
+        return {k: v.detach().cpu().numpy() for k, v in state.items()}
+
+
+def probes_for(cfg: ExperimentConfig, seed: int | None, count: int, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """Regenerate the server's SKA probes from their seed (identical tensors to the server's)."""
+    if seed is None or count == 0:
+        return None
+    return make_probes(seed, count, tuple(shape), cfg.loss)
