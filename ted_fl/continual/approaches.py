@@ -170,7 +170,9 @@ APPROACHES: dict[str, Builder] = {
     "ted": lambda c: Approach("ted", c, [_seg(), _kd(c), _ska(c), _akt(c, False)]),
     "ted_gugf": lambda c: Approach("ted_gugf", c, [_seg(), _kd(c), _ska(c), _akt(c, True)]),
     "ewc": lambda c: Approach("ewc", c, [_seg(), WeightedTerm(T.EWC(), c.ewc_lambda)], importance="fisher"),
-    "mas": lambda c: Approach("mas", c, [_seg(), WeightedTerm(T.MAS(), c.mas_lambda)], importance="importance"),
+    "mas": lambda c: Approach(
+        "mas", c, [_seg(), WeightedTerm(T.MAS(), c.mas_lambda)], importance="importance"
+    ),
     "mib": lambda c: Approach("mib", c, [_seg(), WeightedTerm(T.MiB(), _distill(c, c.w_mib))]),
     "plop": lambda c: Approach("plop", c, _plop(c)),
     "lwf": lambda c: Approach("lwf", c, [_seg(), WeightedTerm(T.LwF(c.temperature), _distill(c, c.w_lwf))]),

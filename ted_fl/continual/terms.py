@@ -84,7 +84,7 @@ class SegLoss(Term):
         return dice + F.binary_cross_entropy(p, y)
 
     def compute(self, s: StepInputs) -> torch.Tensor:
-        return self(s.p, one_hot(s.masks, s.p.shape[1]))
+        return self(s.p, one_hot(s.masks, s.p.shape[1]).to(s.p))
 
 
 class KD(Term):
@@ -300,7 +300,9 @@ class POD(Term):
     needs_teacher = True
     needs_features = True
 
-    def __call__(self, feats: Mapping[str, torch.Tensor], teacher_feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def __call__(
+        self, feats: Mapping[str, torch.Tensor], teacher_feats: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
         names = [n for n in feats if n in teacher_feats]
         losses = [
             (local_pod(feats[n]) - local_pod(teacher_feats[n].detach())).norm(dim=1).mean() for n in names
