@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny experiments (3 synthetic sites, 32 px, a tiny U-Net, few steps)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ted_fl.config import ExperimentConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def tiny_config(tmp: Path, approaches: list[str] | None = None) -> ExperimentConfig:
+    cfg = ExperimentConfig()
+    cfg.name = "tiny"
+    cfg.approaches = approaches or ["seq", "ted_gugf"]
+    cfg.seeds = [0]
+    cfg.out = str(tmp / "runs")
+    cfg.data.sites = "prostate"
+    cfg.data.order = ["RUNMC", "BMC", "I2CVB"]
+    cfg.data.size = 32
+    cfg.data.synthetic_volumes = 4
+    cfg.data.cache_dir = str(tmp / "cache")
+    cfg.model.channels = [4, 8, 16]
+    cfg.model.strides = [2, 2]
+    cfg.train.rounds = 2
+    cfg.train.steps_per_round = 3
+    cfg.train.batch_size = 4
+    cfg.train.lr_first = 1e-3
+    cfg.train.lr_later = 5e-4
+    cfg.loss.lambda_d = 1.0
+    cfg.federated.timeout = 120.0
+    return cfg
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path: Path) -> ExperimentConfig:
+    return tiny_config(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    return SHARED_DATA

@@ -1,0 +1,161 @@
+"""End to end: the real Flower + Ray simulation on 3 tiny synthetic sites (32 px, 2 rounds).
+
+One uninterrupted federated run is shared by the tests below: its outputs, its equivalence with
+the centralized reference run, a resumed run killed half-way, and injected client faults.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ted_fl.config import dump_toml, to_dict
+from ted_fl.results import RunDir
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.slow
+
+APPROACHES = ["seq", "ted_gugf", "ewc"]
+
+
+def write_config(tmp: Path, **over: object) -> Path:
+    cfg = tiny_config(tmp, APPROACHES)
+    for key, value in over.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    path = tmp / "experiment.toml"
+    path.write_text(dump_toml(to_dict(cfg)))
+    return path
+
+
+def simulate(*args: str, env: dict[str, str] | None = None, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ted_fl.simulate", "--quiet", *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+
+
+def run_dir_of(out: str) -> RunDir:
+    line = [ln for ln in out.splitlines() if ln.startswith("run directory: ")][-1]
+    return RunDir(line.split(": ", 1)[1].strip())
+
+
+def test_rows(run: RunDir, approach: str | None = None) -> pd.DataFrame:
+    m = run.metrics()
+    m = m[(m["split"] == "test") & (m["metric"] == "dice")]
+    if approach:
+        m = m[m["approach"] == approach]
+    return m.sort_values(["approach", "seed", "stage", "site"]).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunDir]:
+    tmp = tmp_path_factory.mktemp("fed")
+    cfg_path = write_config(tmp)
+    proc = simulate("--config", str(cfg_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cfg_path, run_dir_of(proc.stdout)
+
+
+def test_run_directory(fed: tuple[Path, RunDir]) -> None:
+    _, run = fed
+    for name in ("config.toml", "metrics.csv", "summary.csv", "run.log", "splits.json"):
+        assert (run.path / name).is_file(), name
+    m = run.metrics()
+    assert {"approach", "seed", "stage", "round", "site", "split", "metric", "value"} <= set(m.columns)
+    dice = test_rows(run)
+    # 3 approaches x (3 stages + the untrained model) x 3 sites
+    assert len(dice) == 3 * 4 * 3
+    assert dice["value"].notna().all()
+    summary = run.summary()
+    assert sorted(summary["approach"]) == sorted(APPROACHES)
+    assert (summary["bytes_sent"] > 0).all() and (summary["bytes_received"] > 0).all()
+    for a in APPROACHES:
+        for k in range(3):
+            assert (run.ckpt_dir(a, 0) / f"stage{k}.pt").is_file()
+
+
+def test_teacher_and_probes_bytes(fed: tuple[Path, RunDir]) -> None:
+    """The teacher travels once per stage; SKA probes only for approaches that use SKA."""
+    _, run = fed
+    s = run.summary().set_index("approach")
+    # ted_gugf sends the teacher (once a stage) and probes every round on top of the weights.
+    assert s.loc["ted_gugf", "bytes_sent"] > s.loc["seq", "bytes_sent"]
+    st = run.load_checkpoint("ted_gugf", 0, "last")
+    kinds = st["executor"]["bytes_by_kind"]
+    assert kinds["train_down"] > kinds["train_up"]
+
+
+def test_matches_centralized(fed: tuple[Path, RunDir], tmp_path: Path) -> None:
+    """With one client per site and the same seed, the R matrices agree to 1e-4 Dice."""
+    from ted_fl.cli import run_command
+
+    cfg_path, run = fed
+    assert run_command("centralized", ["--config", str(cfg_path), "--quiet", "--out", str(tmp_path)]) == 0
+    (central,) = [RunDir(p) for p in tmp_path.iterdir() if p.is_dir()]
+    a, b = test_rows(run), test_rows(central)
+    assert list(a["site"]) == list(b["site"])
+    np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), atol=1e-4)
+
+
+def test_resume_after_kill(fed: tuple[Path, RunDir], tmp_path: Path) -> None:
+    """Kill a real run half-way through; --resume ends with the uninterrupted run's numbers."""
+    cfg_path, full = fed
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ted_fl.simulate", "--quiet", "--config", str(cfg_path), "--out", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    killed = False
+    while time.monotonic() < deadline and proc.poll() is None:
+        ckpts = list(tmp_path.glob("*/checkpoints/ted_gugf-seed0/last.pt"))
+        if ckpts:
+            try:
+                st = torch.load(ckpts[0], weights_only=False)
+            except Exception:
+                st = None
+            if st and st["stage"] >= 1 and st["round"] >= 1:
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed = True
+                break
+        time.sleep(0.2)
+    proc.wait(timeout=60)
+    assert killed, "the run finished before it could be killed"
+    (run_path,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert not (run_path / "summary.csv").exists()
+    resumed = simulate("--resume", str(run_path))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = test_rows(full), test_rows(RunDir(run_path))
+    np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), atol=1e-5)
+
+
+def test_client_fault_is_retried_and_reported(tmp_path: Path, fed: tuple[Path, RunDir]) -> None:
+    """A client that raises is named by site and round, retried, and the results are complete."""
+    cfg_path = write_config(tmp_path)
+    proc = simulate("--config", str(cfg_path), "--approach", "seq",
+                    env={"TED_FL_INJECT_FAULT": "BMC:1:raise:1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "site BMC failed in stage 1 round 1" in proc.stderr
+    run = run_dir_of(proc.stdout)
+    assert "site BMC failed in stage 1 round 1" in (run.path / "run.log").read_text()
+    a, b = test_rows(fed[1], "seq"), test_rows(run, "seq")
+    np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), atol=1e-5)
+
+
+def test_client_fault_abort_names_site_and_round(tmp_path: Path) -> None:
+    cfg_path = write_config(tmp_path, federated__on_failure="abort", federated__timeout=20.0)
+    proc = simulate("--config", str(cfg_path), "--approach", "seq",
+                    env={"TED_FL_INJECT_FAULT": "I2CVB:0:hang:1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: site I2CVB failed in stage 2 round 0"), last
+    assert "no reply within 20 s" in last
