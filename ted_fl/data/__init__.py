@@ -1,0 +1,124 @@
+"""The data layer: site sets from `sites/*.toml`, real loaders per layout, and the synthetic twin.
+
+Others code against `load_sites`, `load_site_set_spec`, `list_site_sets` and `check_sites`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ted_fl.config import DataConfig
+from ted_fl.data.loaders import LAYOUTS, load_site
+from ted_fl.data.spec import SiteSetSpec, SiteSpec, list_site_sets, load_site_set_spec
+from ted_fl.data.synthetic import ensure_twin
+from ted_fl.data.types import SiteData, Split
+from ted_fl.errors import TedFlError, unknown
+
+__all__ = [
+    "LAYOUTS", "CheckReport", "SiteData", "SiteReport", "SiteSetSpec", "SiteSpec", "Split",
+    "check_sites", "data_root", "list_site_sets", "load_site_set_spec", "load_sites", "ordered_sites",
+]
+
+
+def ordered_sites(spec: SiteSetSpec, order: list[str]) -> list[SiteSpec]:
+    """The set's sites in arrival order, or in `order` (a subset is allowed; names are checked)."""
+    if not order:
+        return list(spec.sites)
+    out = []
+    for name in order:
+        try:
+            out.append(spec.site(name))
+        except TedFlError:
+            raise unknown("site", name, spec.site_names, f"data.order of site set '{spec.name}'") from None
+    return out
+
+
+def data_root(cfg: DataConfig, spec: SiteSetSpec, seed: int) -> tuple[Path, bool]:
+    """Where the set's files are, and whether that is the synthetic twin (written on demand)."""
+    if not cfg.data_dir:
+        return ensure_twin(spec, seed, cfg.cache_dir, cfg.synthetic_volumes), True
+    root = Path(cfg.data_dir).expanduser()
+    if not root.is_dir():
+        raise TedFlError(f"data folder '{root}' does not exist; fix data.data_dir / --data-dir "
+                         "(leave it empty for the synthetic twin)")
+    return root, False
+
+
+def _load(cfg: DataConfig, spec: SiteSetSpec, site: SiteSpec, root: Path, synthetic: bool, seed: int
+          ) -> SiteData:
+    crop = spec.synthetic.crop if synthetic else -1
+    return load_site(spec, site, root, size=cfg.size, target=cfg.target, seed=seed,
+                     max_train=cfg.max_train, crop=crop)
+
+
+def load_sites(cfg: DataConfig, seed: int) -> list[SiteData]:
+    """Every site of `cfg.sites` in arrival order (or `cfg.order`); empty data_dir: the synthetic twin."""
+    spec = load_site_set_spec(cfg.sites)
+    sites = ordered_sites(spec, cfg.order)
+    root, synthetic = data_root(cfg, spec, seed)
+    return [_load(cfg, spec, s, root, synthetic, seed) for s in sites]
+
+
+@dataclass
+class SiteReport:
+    """What `check` found for one site."""
+
+    name: str
+    counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # split -> (images, volumes)
+    size: tuple[int, ...] = ()
+    label_values: list[int] = field(default_factory=list)
+    foreground: float = 0.0  # fraction of foreground pixels over all splits
+    warnings: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def usable(self) -> bool:
+        return not self.problems
+
+
+@dataclass
+class CheckReport:
+    """What `check` found for a site set."""
+
+    set_name: str
+    data_dir: str
+    synthetic: bool
+    sites: list[SiteReport]
+
+    @property
+    def ok(self) -> bool:
+        return all(s.usable for s in self.sites)
+
+
+def check_sites(cfg: DataConfig, seed: int = 0) -> CheckReport:
+    """Load every site, collecting counts, warnings and problems instead of stopping at the first."""
+    spec = load_site_set_spec(cfg.sites)
+    sites = ordered_sites(spec, cfg.order)
+    root, synthetic = data_root(cfg, spec, seed)
+    reports = []
+    for site in sites:
+        rep = SiteReport(site.name)
+        try:
+            data = _load(cfg, spec, site, root, synthetic, seed)
+        except TedFlError as exc:
+            rep.problems.append(str(exc))
+            reports.append(rep)
+            continue
+        rep.warnings = list(data.warnings)
+        rep.counts = {k: (len(s), s.num_volumes) for k, s in data.splits.items()}
+        nonempty = [s for s in data.splits.values() if len(s)]
+        if nonempty:
+            rep.size = tuple(nonempty[0].images.shape[1:])
+            masks = np.concatenate([s.masks.ravel() for s in nonempty])
+            rep.label_values = sorted(int(v) for v in np.unique(masks))
+            rep.foreground = float(masks.mean())
+        for split in ("train", "test"):
+            if rep.counts.get(split, (0, 0))[0] == 0:
+                rep.problems.append(f"no {split} images")
+        if rep.counts and rep.foreground == 0.0:
+            rep.problems.append("no foreground pixel in any mask; check labels.foreground / labels.invert")
+        reports.append(rep)
+    return CheckReport(spec.name, "" if synthetic else str(root), synthetic, reports)

@@ -1,0 +1,259 @@
+"""Site sets as data: the schema of `sites/<set>.toml` and its loader.
+
+A site set is an ordered list of sites (hospitals, vendors, cameras). Everything that differs
+between sites (where the files are, what the mask values mean, how intensities are normalised,
+how the synthetic twin shifts the acquisition) lives in the TOML file, so adding a hospital is
+writing an entry, not code. Every table is a dataclass and loading goes through
+`ted_fl.config.from_dict`, so a misspelt key is refused with the closest valid one.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ted_fl.config import from_dict, project_root
+from ted_fl.errors import TedFlError, unknown
+
+SPLITS = ("train", "val", "test")
+CHANNELS = ("gray", "red", "green", "blue", "mean")
+NORMALIZATIONS = ("minmax", "none")
+EVALUATIONS = ("volume", "image")
+
+
+@dataclass
+class FilesSpec:
+    """Where a site's files are: patterns relative to the site folder, `{id}` names the pair.
+
+    `*` matches within one path component; `{id}` is the part shared by an image and its mask.
+    """
+
+    image: str = "images/{id}.png"
+    mask: str = "masks/{id}.png"
+    fov: str = ""  # optional field-of-view masks (retina); empty: the whole image
+    official: dict[str, str] = field(default_factory=dict)  # split -> sub-folder (e.g. train = "training")
+    dirs: list[str] = field(default_factory=list)  # sub-folders searched and pooled (mnms); empty: the folder
+    case_sensitive: bool = False
+    volume_sep: str = ""  # 2-D slices: the volume id is the pair id up to the last separator ("" : itself)
+
+
+@dataclass
+class CsvSpec:
+    """The vendor information table of M&Ms-like sets (column names differ between releases)."""
+
+    path: str = ""  # relative to the data root (the set's data_dir)
+    id_column: str = "External code"
+    vendor_column: str = "Vendor"
+    ed_column: str = "ED"
+    es_column: str = "ES"
+    vendor: str = ""  # the value of vendor_column that selects this site (A=Siemens, B=Philips, ...)
+    frame_base: int = 0  # ED/ES indices in the CSV start at this number
+
+
+@dataclass
+class LabelSpec:
+    """What raw mask values mean; anything outside `values` is an error, not a silent zero."""
+
+    values: list[int] = field(default_factory=list)  # allowed raw values (empty: any)
+    foreground: list[int] = field(default_factory=list)  # raw values that become 1 (empty: every value > 0)
+    invert: bool = False  # the mask marks the background (prostate_slices: 0 = prostate)
+    targets: dict[str, int] = field(default_factory=dict)  # selectable structures (mnms: lv=1, myo=2, rv=3)
+    target: str = ""  # the default target when DataConfig.target is empty
+
+
+@dataclass
+class PreprocessSpec:
+    """Turning raw pixels into the (1, S, S) float32 slices every site shares."""
+
+    size: int = 64  # in-plane size (DataConfig.size > 0 overrides)
+    normalize: str = "minmax"  # minmax (per volume, per image for 2-D sets) | none
+    clip: list[float] = field(default_factory=list)  # [low, high] after normalising (prostate: 0.001, 0.99)
+    channel: str = "gray"  # which channel of RGB images: gray | red | green | blue | mean
+    crop: int = 0  # centre crop/pad to this many pixels before resizing (mnms: 256); 0: none
+
+
+@dataclass
+class SyntheticSpec:
+    """One site's acquisition shift in the synthetic twin (modelled on multi-centre MRI)."""
+
+    intensity_scale: float = 1.0  # scanner units
+    intensity_offset: float = 0.0
+    gamma: float = 1.0  # > 1 darkens mid-tones, < 1 brightens them
+    contrast: float = 1.0  # linear contrast around the mean (< 1: flatter, > 1: harsher)
+    target_contrast: float = 0.6  # target (gland, blood pool) intensity relative to tissue (> 1: brighter)
+    tissue: float = 0.5  # base intensity of soft tissue
+    fat: float = 0.9  # base intensity of fat / fluid
+    bias_field: float = 0.0  # coefficient range of MONAI's RandBiasField (0: none)
+    noise_std: float = 0.0  # Gaussian noise std relative to [0, 1] intensities
+    blur: float = 0.0  # Gaussian smoothing sigma in pixels
+    resolution: float = 1.0  # acquisition resolution relative to native (0.5: half the pixels)
+    zoom: float = 1.0  # field of view: > 1 the anatomy looks bigger (tighter FOV)
+    texture: float = 0.05  # amplitude of smooth tissue texture
+
+
+@dataclass
+class SiteSpec:
+    """One site: its files, labels, preprocessing and synthetic twin."""
+
+    name: str = ""
+    layout: str = "folder"  # a registered loader (see ted_fl.data.loaders.LAYOUTS)
+    folder: str = ""  # relative to the data dir, or absolute
+    files: FilesSpec = field(default_factory=FilesSpec)
+    csv: CsvSpec = field(default_factory=CsvSpec)
+    labels: LabelSpec = field(default_factory=LabelSpec)
+    preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
+    synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
+
+
+@dataclass
+class SetSyntheticSpec:
+    """How the set's synthetic twin is generated (the per-site shifts sit in each site)."""
+
+    generator: str = ""  # prostate | cardiac | retina ; empty: no synthetic twin
+    volumes: int = 8  # per site (DataConfig.synthetic_volumes > 0 overrides)
+    slices: int = 12
+    native: int = 96  # native in-plane size of the written volumes
+    crop: int = -1  # replaces the sites' preprocess.crop when reading the twin (-1: keep)
+
+
+@dataclass
+class SiteSetHeader:
+    """The set-level keys of a site-set file (sites and defaults are parsed separately)."""
+
+    name: str = ""
+    description: str = ""
+    evaluation: str = "volume"  # volume (3-D sets, per-volume Dice) | image (2-D sets)
+    val_fraction: float = 0.15
+    test_fraction: float = 0.25
+    synthetic: SetSyntheticSpec = field(default_factory=SetSyntheticSpec)
+
+
+@dataclass
+class SiteSetSpec:
+    """A loaded site set: header fields plus the sites in arrival order."""
+
+    name: str
+    path: Path
+    description: str
+    evaluation: str
+    val_fraction: float
+    test_fraction: float
+    synthetic: SetSyntheticSpec
+    sites: list[SiteSpec]
+
+    @property
+    def per_volume(self) -> bool:
+        return self.evaluation == "volume"
+
+    @property
+    def site_names(self) -> list[str]:
+        return [s.name for s in self.sites]
+
+    def site(self, name: str) -> SiteSpec:
+        for s in self.sites:
+            if s.name.lower() == name.lower():
+                return s
+        raise unknown("site", name, self.site_names, f"site set '{self.name}'")
+
+
+def sites_dir() -> Path:
+    return project_root() / "sites"
+
+
+def list_site_sets() -> list[str]:
+    """Names of the site sets shipped in `sites/`."""
+    return sorted(p.stem for p in sites_dir().glob("*.toml"))
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_site_set(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.parent != Path("."):
+        if not p.is_file():
+            raise TedFlError(f"site-set file '{p}' not found; give an existing TOML file or one of: "
+                             f"{', '.join(list_site_sets())}")
+        return p
+    cand = sites_dir() / f"{p.name}.toml"
+    if not cand.is_file():
+        raise unknown("site set", str(name_or_path), list_site_sets(), str(sites_dir()))
+    return cand
+
+
+def load_site_set_spec(name_or_path: str | Path) -> SiteSetSpec:
+    """Load and validate `sites/<name>.toml` (or any TOML path)."""
+    path = resolve_site_set(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise TedFlError(f"{path}: not valid TOML ({exc}); fix the syntax") from None
+    sites_raw = raw.pop("sites", None)
+    defaults = raw.pop("defaults", {})
+    if not isinstance(defaults, dict):
+        raise TedFlError(f"{path}: 'defaults' must be a table [defaults]")
+    header: SiteSetHeader = from_dict(SiteSetHeader, raw, str(path))
+    if not isinstance(sites_raw, list) or not sites_raw:
+        raise TedFlError(f"{path}: no sites; add at least one [[sites]] table with name, layout and folder")
+    if header.evaluation not in EVALUATIONS:
+        raise unknown("evaluation", header.evaluation, EVALUATIONS, str(path))
+    sites: list[SiteSpec] = []
+    for i, entry in enumerate(sites_raw):
+        if not isinstance(entry, dict):
+            raise TedFlError(f"{path}: sites[{i}] must be a table [[sites]]")
+        where = f"{path}: sites[{i}]" + (f" ({entry['name']})" if "name" in entry else "")
+        merged = _merge(defaults, entry)
+        from ted_fl.data.loaders import LAYOUT_DEFAULTS
+
+        layout_defaults = LAYOUT_DEFAULTS.get(str(merged.get("layout", "folder")), {})
+        site: SiteSpec = from_dict(SiteSpec, _merge(layout_defaults, merged), where)
+        _validate_site(site, where)
+        sites.append(site)
+    names = [s.name.lower() for s in sites]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise TedFlError(f"{path}: site names must be unique; repeated: {', '.join(dup)}")
+    return SiteSetSpec(
+        name=header.name or path.stem,
+        path=path,
+        description=header.description,
+        evaluation=header.evaluation,
+        val_fraction=header.val_fraction,
+        test_fraction=header.test_fraction,
+        synthetic=header.synthetic,
+        sites=sites,
+    )
+
+
+def _validate_site(site: SiteSpec, where: str) -> None:
+    from ted_fl.data.loaders import LAYOUTS  # the registry; imported late to avoid a cycle
+
+    if not site.name:
+        raise TedFlError(f"{where}: missing key 'name'; every site needs a name")
+    if site.layout not in LAYOUTS:
+        raise unknown("layout", site.layout, LAYOUTS, where)
+    if "{id}" not in site.files.image or "{id}" not in site.files.mask:
+        raise TedFlError(f"{where}.files: image and mask patterns must contain {{id}} "
+                         f"(got image='{site.files.image}', mask='{site.files.mask}')")
+    for split in site.files.official:
+        if split not in SPLITS:
+            raise unknown("split", split, SPLITS, f"{where}.files.official")
+    pre = site.preprocess
+    if pre.channel not in CHANNELS:
+        raise unknown("channel", pre.channel, CHANNELS, f"{where}.preprocess")
+    if pre.normalize not in NORMALIZATIONS:
+        raise unknown("normalisation", pre.normalize, NORMALIZATIONS, f"{where}.preprocess")
+    if pre.clip and (len(pre.clip) != 2 or pre.clip[0] >= pre.clip[1]):
+        raise TedFlError(f"{where}.preprocess.clip must be [low, high] with low < high, got {pre.clip}")
+    if pre.size < 0 or pre.crop < 0:
+        raise TedFlError(f"{where}.preprocess: size and crop must be >= 0")
+    lab = site.labels
+    if lab.target and lab.target not in lab.targets:
+        raise unknown("target", lab.target, lab.targets, f"{where}.labels")
