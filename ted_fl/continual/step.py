@@ -6,6 +6,9 @@ weights never change. teacher_mode "eval" (default) uses the running statistics;
 "train" reproduces the reference code (which never calls .eval() on the old model): batch
 norm uses the *batch's* statistics, but we switch off running-stat tracking for that forward
 so the teacher's buffers are not mutated either, and dropout stays off.
+
+The student runs in train mode on the images and, for SKA, separately on the probes (as the
+reference), so its own batch-norm running statistics also see the noise batches.
 """
 
 from __future__ import annotations
