@@ -147,6 +147,10 @@ def prepare(
     images, m = crop_or_pad(images, ctx.crop), crop_or_pad(m, ctx.crop)
     images = normalize(images, ctx)
     img = resize(images, ctx.size, nearest=False).astype(np.float32)
+    pre = ctx.site.preprocess
+    if pre.clip or pre.normalize == "minmax":  # interpolation may overshoot the range by rounding
+        lo, hi = pre.clip or (0.0, 1.0)
+        img = np.clip(img, np.float32(lo), np.float32(hi))
     msk = resize(m, ctx.size, nearest=True).astype(np.int64)
     fv = None
     if fov is not None:
