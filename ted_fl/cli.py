@@ -91,10 +91,12 @@ class Progress:
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
-                Progress as RichProgress,
                 TextColumn,
                 TimeElapsedColumn,
                 TimeRemainingColumn,
+            )
+            from rich.progress import (
+                Progress as RichProgress,
             )
 
             self.bar = RichProgress(
@@ -148,7 +150,7 @@ def print_summary(summary: pd.DataFrame, run: RunDir) -> None:
             else:
                 cells.append(str(v))
         table.add_row(*cells)
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 Execute = Callable[[ExperimentConfig, RunDir, Progress], dict[tuple[str, int], dict[str, Any]]]

@@ -76,6 +76,7 @@ class LossConfig:
     ska_mean: float = 0.0
     ska_std: float = 1.0
     ska_count: int = 0  # noise images per step (0: the batch size)
+    probe_bn_update: bool = False  # let SKA probes update the student's BN running stats (reference)
     teacher_mode: str = "eval"  # eval | train (the reference code's batch statistics)
     gugf: str = "batch"  # batch (reference broadcasting) | normalized (batch mean) | sample
     temperature: float = 2.0  # LwF

@@ -24,7 +24,6 @@ from ted_fl.continual.approaches import Approach, get_approach
 from ted_fl.continual.learner import lr_for, set_determinism
 from ted_fl.continual.metrics import continual_summary, r_matrix
 from ted_fl.continual.networks import build_model
-from ted_fl.continual.probes import make_probes
 from ted_fl.results import RunDir
 
 Weights = dict[str, np.ndarray]

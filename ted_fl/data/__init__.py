@@ -19,7 +19,7 @@ from ted_fl.errors import TedFlError, unknown
 
 __all__ = [
     "LAYOUTS", "CheckReport", "SiteData", "SiteReport", "SiteSetSpec", "SiteSpec", "Split",
-    "check_sites", "data_root", "list_site_sets", "load_site_set_spec", "load_sites", "ordered_sites",
+    "check_sites", "data_root", "site_order", "list_site_sets", "load_site_set_spec", "load_sites", "ordered_sites",
 ]
 
 
@@ -54,12 +54,26 @@ def _load(cfg: DataConfig, spec: SiteSetSpec, site: SiteSpec, root: Path, synthe
                      max_train=cfg.max_train, crop=crop)
 
 
-def load_sites(cfg: DataConfig, seed: int) -> list[SiteData]:
-    """Every site of `cfg.sites` in arrival order (or `cfg.order`); empty data_dir: the synthetic twin."""
+def load_sites(cfg: DataConfig, seed: int, only: list[str] | None = None) -> list[SiteData]:
+    """Every site of `cfg.sites` in arrival order (or `cfg.order`); empty data_dir: the synthetic twin.
+
+    `only` restricts loading to the named sites: a federated client reads its own site's files only.
+    """
     spec = load_site_set_spec(cfg.sites)
     sites = ordered_sites(spec, cfg.order)
+    if only is not None:
+        names = [s.name for s in sites]
+        for name in only:
+            if name not in names:
+                raise unknown("site", name, names, f"site set '{spec.name}'")
+        sites = [s for s in sites if s.name in only]
     root, synthetic = data_root(cfg, spec, seed)
     return [_load(cfg, spec, s, root, synthetic, seed) for s in sites]
+
+
+def site_order(cfg: DataConfig) -> list[str]:
+    """The arrival order of the sites, from the TOML alone (the server reads no data)."""
+    return [s.name for s in ordered_sites(load_site_set_spec(cfg.sites), cfg.order)]
 
 
 @dataclass

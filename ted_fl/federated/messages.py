@@ -31,7 +31,7 @@ def to_record(weights: Weights) -> ArrayRecord:
 
 
 def from_record(record: ArrayRecord) -> Weights:
-    return {k: record[k].numpy() for k in record.keys()}
+    return {k: record[k].numpy() for k in record}
 
 
 def record_bytes(content: RecordDict) -> int:

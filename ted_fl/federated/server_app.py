@@ -106,7 +106,7 @@ class FlowerExecutor:
         attempts = 1 + (fed.retries if fed.on_failure == "retry" else 0)
         for attempt in range(attempts):
             msgs = [Message(content, dst_node_id=node, message_type=mtype) for node, content in pending.items()]
-            for node, content in pending.items():
+            for content in pending.values():
                 self._count(action if action != "default" else category, M.record_bytes(content), up=False)
             replies = list(self.grid.send_and_receive(msgs, timeout=fed.timeout))
             by_node = {r.metadata.src_node_id: r for r in replies}
