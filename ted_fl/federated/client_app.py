@@ -168,7 +168,7 @@ def _maybe_fail(c: dict, site: str, context: Context) -> None:
 app = ClientApp(mods=[audit_mod])
 
 
-@app.query()
+@app.query("hello")
 def hello(msg: Message, context: Context) -> Message:
     """Tell the server which site this node serves and how many examples it has (counts only)."""
     cfg = _config(context, msg.content)

@@ -46,5 +46,15 @@ def metric_record(metrics: dict[str, float]) -> MetricRecord:
     return MetricRecord({k: float(v) for k, v in metrics.items()})
 
 
+def _plain(v: object) -> object:
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
 def config_record(values: dict) -> ConfigRecord:
-    return ConfigRecord(values)
+    """A ConfigRecord from scalars (numpy scalars converted: Flower accepts Python types only)."""
+    # Empty strings are left out: Flower 1.41's ConfigRecord.count_bytes rejects them.
+    return ConfigRecord({k: _plain(v) for k, v in values.items() if v != "" and v is not None})

@@ -26,6 +26,13 @@ from ted_fl.federated import messages as M
 from ted_fl.results import RunDir
 
 
+def short_reason(reason: str) -> str:
+    """The client's own message, without Ray's wrapping of remote tracebacks."""
+    text = reason.rsplit("Message: ", 1)[-1] if "Message: " in reason else reason
+    lines = [ln.strip() for ln in text.strip().strip("'>").splitlines() if ln.strip()]
+    return (lines[-1] if lines else text).strip("'>\" ")
+
+
 class ClientFailure(TedFlError):
     """A client that raised or did not answer, after the configured retries."""
 
@@ -117,7 +124,7 @@ class FlowerExecutor:
                     reasons[node] = f"no reply within {fed.timeout:g} s"
                     failed[node] = content
                 elif reply.has_error():
-                    reasons[node] = f"error {reply.error.code}: {reply.error.reason}"
+                    reasons[node] = short_reason(reply.error.reason)
                     failed[node] = content
                 else:
                     self._count(action if action != "default" else category, M.record_bytes(reply.content), up=True)
@@ -174,7 +181,7 @@ class FlowerExecutor:
         contents: dict[int, RecordDict] = {}
         for site, node, _client in trainers:
             content = RecordDict({M.WEIGHTS: weights,
-                                  M.CONFIG: ConfigRecord({**base, "site_index": self.sites.index(site)})})
+                                  M.CONFIG: M.config_record({**base, "site_index": self.sites.index(site)})})
             if teacher_key and self.teacher_sent.get(node) != teacher_key:
                 teacher_rec = teacher_rec or M.to_record(task.teacher)  # type: ignore[arg-type]
                 aux_rec = aux_rec or M.to_record(task.aux)
@@ -205,7 +212,7 @@ class FlowerExecutor:
         replies = self._exchange(contents, "train", "default", labels, where)
         for node in replies:
             cfg_rec = contents[node][M.CONFIG]
-            if cfg_rec["teacher_key"]:
+            if cfg_rec.get("teacher_key"):
                 self.teacher_sent[node] = str(cfg_rec["teacher_key"])
         return replies
 
