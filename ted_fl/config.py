@@ -58,6 +58,7 @@ class TrainConfig:
     lr_gamma: float = 0.99  # StepLR gamma, stepped every round
     select_best: bool = True  # restore the best round on the arriving site's validation split
     eval_every_round: bool = False  # also evaluate every site after every round
+    eval_val_all: bool = False  # also score every site's validation split at each stage's end (split val_stage)
     threads: int = 1  # torch threads per trainer (Ray clients and the centralized run alike)
 
 

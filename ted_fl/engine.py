@@ -245,6 +245,8 @@ def run_schedule(
             )
             st.aux = {k: v.detach().cpu().numpy() for k, v in st.aux.items()}
         rows_for(stage, n_rounds - 1, "test", executor.evaluate(st.weights, "test", order))
+        if cfg.train.eval_val_all:  # validation R matrix, for tuning on val rather than on test
+            rows_for(stage, n_rounds - 1, "val_stage", executor.evaluate(st.weights, "val", order))
         run.save_checkpoint(approach_name, seed, f"stage{stage}", {"weights": st.weights, "site": site})
         st.stage, st.round = stage + 1, 0
         st.teacher, st.best_score, st.best_weights = None, -math.inf, None
