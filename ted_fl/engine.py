@@ -200,6 +200,7 @@ def run_schedule(
         n_train = sum(executor.train_sizes[s] for s in sites)
         steps = steps_for(cfg, n_train if approach.joint else executor.train_sizes[site])
         probe_count = (cfg.loss.ska_count or cfg.train.batch_size) * steps
+        t_stage = time.perf_counter()
         while st.round < n_rounds:
             rnd = st.round
             if rnd == 0 and stage > 0 and approach.needs_teacher and st.teacher is None:
@@ -215,6 +216,7 @@ def run_schedule(
             )
             t0 = time.perf_counter()
             results = executor.train(task)
+            train_s = time.perf_counter() - t0
             st.weights = fedavg([(r.weights, r.num_examples) for r in results])
             for r in results:
                 rows_for(stage, rnd, "train", {r.site: r.metrics})
@@ -228,6 +230,8 @@ def run_schedule(
                     st.best_score, st.best_weights = val["dice"], st.weights
             if cfg.train.eval_every_round:
                 rows_for(stage, rnd, "test_round", executor.evaluate(st.weights, "test", order))
+            # Wall times (split "time"): the training call, and the whole round with its selection.
+            rows_for(stage, rnd, "time", {site: {"train_s": train_s, "round_s": time.perf_counter() - t0}})
             st.round += 1
             checkpoint()
             if progress:
@@ -244,7 +248,11 @@ def run_schedule(
                 {k: torch.from_numpy(v) for k, v in new.items()},
             )
             st.aux = {k: v.detach().cpu().numpy() for k, v in st.aux.items()}
+        t_eval = time.perf_counter()
         rows_for(stage, n_rounds - 1, "test", executor.evaluate(st.weights, "test", order))
+        # Stage times (a resumed stage counts from the resume): its test evaluation and all of it.
+        rows_for(stage, n_rounds - 1, "time", {site: {"eval_s": time.perf_counter() - t_eval,
+                                                       "stage_s": time.perf_counter() - t_stage}})
         if cfg.train.eval_val_all:  # validation R matrix, for tuning on val rather than on test
             rows_for(stage, n_rounds - 1, "val_stage", executor.evaluate(st.weights, "val", order))
         run.save_checkpoint(approach_name, seed, f"stage{stage}", {"weights": st.weights, "site": site})
