@@ -220,7 +220,13 @@ def write_report_if_available(run: RunDir) -> Path | None:
         from ted_fl.report import write_report
     except ImportError:
         return None
-    return write_report([run.path], run.path / "report.html")
+    try:
+        return write_report([run.path], run.path / "report.html")
+    except Exception as exc:  # the run is already written: a report failure must not lose it
+        msg = f"report not written ({type(exc).__name__}: {exc}); retry with python -m ted_fl.report {run.path}"
+        print(f"warning: {msg}", file=sys.stderr)
+        run.log(f"warning: {msg}")
+        return None
 
 
 def load_and_record_sites(cfg: ExperimentConfig, run: RunDir) -> list:
