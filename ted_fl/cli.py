@@ -7,6 +7,7 @@ print the same summary; only the executor differs (Flower + Ray, or in-process).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -190,6 +191,9 @@ def run_command(mode: str, argv: list[str] | None = None) -> int:
             cfg = resolve_config(args)
             run = RunDir.create(cfg.out, f"{cfg.name}-{mode}")
             run.write_config(cfg)
+            # The exact command, so reports and docs can say how the numbers were made.
+            argv_used = sys.argv[1:] if argv is None else list(argv)
+            (run.path / "command.txt").write_text(shlex.join(["python", "-m", f"ted_fl.{mode}", *argv_used]) + "\n")
         execute: Execute
         if mode == "simulate":
             from ted_fl.federated.simulation import execute_federated as execute
