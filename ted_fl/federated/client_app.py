@@ -155,11 +155,14 @@ def _maybe_fail(c: dict, site: str, context: Context) -> None:
     f_site, f_round, mode, times = spec.split(":")
     if f_site != site or int(f_round) != int(c["round"]):
         return
-    count_key = f"fault-{c['approach']}-{c['stage']}-{c['round']}"
-    seen = int(context.state[count_key]["n"]) if count_key in context.state else 0
+    # Counted on the site's disk: a failed call's context.state changes are discarded by Flower.
+    marker_dir = Path(str(c.get("client_state_dir", "") or "/tmp/ted-fl-faults")) / "faults"
+    marker_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{c['approach']}-{c['seed']}-{c['stage']}-{c['round']}-{site}"
+    seen = len(list(marker_dir.glob(f"{stem}.*")))
     if seen >= int(times):
         return
-    context.state[count_key] = ConfigRecord({"n": seen + 1})
+    (marker_dir / f"{stem}.{seen}").touch()
     if mode == "hang":
         time.sleep(float(c.get("timeout", 10)) + 5)
     raise RuntimeError(f"injected fault at site {site} round {c['round']}")

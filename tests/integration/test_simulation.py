@@ -49,7 +49,7 @@ def run_dir_of(out: str) -> RunDir:
     return RunDir(line.split(": ", 1)[1].strip())
 
 
-def test_rows(run: RunDir, approach: str | None = None) -> pd.DataFrame:
+def dice_rows(run: RunDir, approach: str | None = None) -> pd.DataFrame:
     m = run.metrics()
     m = m[(m["split"] == "test") & (m["metric"] == "dice")]
     if approach:
@@ -72,7 +72,7 @@ def test_run_directory(fed: tuple[Path, RunDir]) -> None:
         assert (run.path / name).is_file(), name
     m = run.metrics()
     assert {"approach", "seed", "stage", "round", "site", "split", "metric", "value"} <= set(m.columns)
-    dice = test_rows(run)
+    dice = dice_rows(run)
     # 3 approaches x (3 stages + the untrained model) x 3 sites
     assert len(dice) == 3 * 4 * 3
     assert dice["value"].notna().all()
@@ -102,7 +102,7 @@ def test_matches_centralized(fed: tuple[Path, RunDir], tmp_path: Path) -> None:
     cfg_path, run = fed
     assert run_command("centralized", ["--config", str(cfg_path), "--quiet", "--out", str(tmp_path)]) == 0
     (central,) = [RunDir(p) for p in tmp_path.iterdir() if p.is_dir()]
-    a, b = test_rows(run), test_rows(central)
+    a, b = dice_rows(run), dice_rows(central)
     assert list(a["site"]) == list(b["site"])
     np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), atol=1e-4)
 
@@ -134,7 +134,7 @@ def test_resume_after_kill(fed: tuple[Path, RunDir], tmp_path: Path) -> None:
     assert not (run_path / "summary.csv").exists()
     resumed = simulate("--resume", str(run_path))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = test_rows(full), test_rows(RunDir(run_path))
+    a, b = dice_rows(full), dice_rows(RunDir(run_path))
     np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), atol=1e-5)
 
 
@@ -147,7 +147,7 @@ def test_client_fault_is_retried_and_reported(tmp_path: Path, fed: tuple[Path, R
     assert "site BMC failed in stage 1 round 1" in proc.stderr
     run = run_dir_of(proc.stdout)
     assert "site BMC failed in stage 1 round 1" in (run.path / "run.log").read_text()
-    a, b = test_rows(fed[1], "seq"), test_rows(run, "seq")
+    a, b = dice_rows(fed[1], "seq"), dice_rows(run, "seq")
     np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), atol=1e-5)
 
 
