@@ -194,6 +194,7 @@ def run_command(mode: str, argv: list[str] | None = None) -> int:
             # The exact command, so reports and docs can say how the numbers were made.
             argv_used = sys.argv[1:] if argv is None else list(argv)
             (run.path / "command.txt").write_text(shlex.join(["python", "-m", f"ted_fl.{mode}", *argv_used]) + "\n")
+            run.write_json("machine.json", machine_info())
         execute: Execute
         if mode == "simulate":
             from ted_fl.federated.simulation import execute_federated as execute
@@ -217,6 +218,31 @@ def run_command(mode: str, argv: list[str] | None = None) -> int:
         print(f"interrupted; resume with --resume {run.path}" if "run" in locals() else "interrupted",
               file=sys.stderr)
         return 130
+
+
+def machine_info() -> dict[str, Any]:
+    """Where a run ran (CPU, cores, OS, library versions): wall times mean little without it."""
+    import os
+    import platform
+
+    import torch
+
+    return {
+        "platform": platform.platform(), "machine": platform.machine(),
+        "processor": _cpu_model() or platform.processor(), "cpus": os.cpu_count(),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def write_report_if_available(run: RunDir) -> Path | None:
