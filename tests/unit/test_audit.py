@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-
 from flwr.supercore.task_identity import TaskIdentity
 
 from ted_fl.federated import messages as M
