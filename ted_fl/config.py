@@ -60,6 +60,7 @@ class TrainConfig:
     eval_every_round: bool = False  # also evaluate every site after every round
     eval_val_all: bool = False  # also score every site's validation split at each stage's end (split val_stage)
     threads: int = 1  # torch threads per trainer (Ray clients and the centralized run alike)
+    device: str = "auto"  # auto (a visible GPU if any, else CPU) | cpu | cuda
 
 
 @dataclass

@@ -56,8 +56,9 @@ class SiteWorker:
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
         set_determinism(0, cfg.train.threads)
-        self.student = build_model(cfg.model)
-        self.teacher = build_model(cfg.model)
+        self.device = pick_device(cfg.train.device)
+        self.student = build_model(cfg.model).to(self.device)
+        self.teacher = build_model(cfg.model).to(self.device)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self._teacher_key: Any = None
@@ -93,7 +94,7 @@ class SiteWorker:
             self.student, teacher, appr, data,
             steps=steps, batch_size=self.cfg.train.batch_size, lr=lr,
             optimizer_state=optimizer_state, seed=seed, probes=probes,
-            aux={k: torch.from_numpy(np.asarray(v)) for k, v in aux.items()} or None,
+            aux={k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in aux.items()} or None,
             loss_cfg=self.cfg.loss,
         )
         out = {k: v.detach().cpu().numpy().copy() for k, v in self.student.state_dict().items()}
@@ -109,6 +110,17 @@ class SiteWorker:
         self.student.load_state_dict(to_tensors(weights))
         state = appr.end_of_site(self.student, split, self.cfg.train)
         return {k: v.detach().cpu().numpy() for k, v in state.items()}
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' takes a GPU when one is visible (Ray hides GPUs from clients given num_gpus = 0)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        from ted_fl.errors import TedFlError
+
+        raise TedFlError("train.device = 'cuda' but no GPU is visible; use 'auto' or 'cpu'")
+    return torch.device(name)
 
 
 def probes_for(cfg: ExperimentConfig, seed: int | None, count: int, shape: tuple[int, ...]) -> torch.Tensor | None:
