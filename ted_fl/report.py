@@ -64,10 +64,11 @@ ERROR_PROBE = """<script>
 </script>"""
 
 CSS = """
-body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1400px; padding: 0 1em; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 table.summary { border-collapse: collapse; font-size: 0.9em; }
 table.summary th, table.summary td { padding: 3px 8px; border-bottom: 1px solid #eee; text-align: right; }
+table.summary td { white-space: nowrap; }
 table.summary th:first-child, table.summary td:first-child { text-align: left; }
 .note { background: #fff6d6; border-left: 4px solid #e0b000; padding: 4px 10px; margin: 6px 0; }
 .meta { color: #555; font-size: 0.9em; }
@@ -190,11 +191,13 @@ def _stage_ticks(report: Report) -> tuple[list[int], list[str]]:
 def curve_figure(report: Report, sc: pd.DataFrame, value: str, title: str, ytitle: str) -> go.Figure:
     fig = go.Figure()
     agg = mean_std(sc, ["label", "stage"], value)
+    colours = _colours([s.label for s in report.series])
     for label, g in agg.groupby("label", sort=False):
         g = g.dropna(subset=["mean"])
         fig.add_trace(
             go.Scatter(
                 x=g["stage"], y=g["mean"], name=str(label), mode="lines+markers",
+                line=dict(color=colours[str(label)]),
                 error_y=dict(type="data", array=g["std"], visible=bool((g["count"] > 1).any())),
                 hovertemplate="stage %{x}: %{y:.3f}<extra>" + html.escape(str(label)) + "</extra>",
             )
@@ -254,9 +257,10 @@ def r_figure(s: Series) -> go.Figure:
                    hovertemplate="after stage %{y}, site %{x}: %{z:.3f}<extra></extra>")
     )
     seeds = ", ".join(map(str, s.rs))
-    fig.update_layout(title=f"R matrix: {s.label} (mean over seeds {seeds})", template="plotly_white",
-                      xaxis_title="evaluated on site", yaxis=dict(title="after stage", autorange="reversed"),
-                      height=120 + 60 * mean.shape[0], width=max(420, 160 + 110 * mean.shape[1]))
+    fig.update_layout(title=f"R matrix: {html.escape(s.label)}<br><sup>Dice, mean over seeds {seeds}</sup>",
+                      template="plotly_white", xaxis_title="evaluated on site",
+                      yaxis=dict(title="after stage", autorange="reversed"),
+                      height=160 + 60 * mean.shape[0], width=max(560, 160 + 110 * mean.shape[1]))
     return fig
 
 
@@ -287,7 +291,8 @@ def summary_table(summary: pd.DataFrame) -> str:
             for m, sd, k in zip(mean[c], std[c], n, strict=True)
         ]
     out.index.name = "approach"
-    return out.reset_index().to_html(index=False, classes="summary", border=0, escape=True)
+    table = out.reset_index().to_html(index=False, classes="summary", border=0, escape=True)
+    return f'<div style="overflow-x: auto">{table}</div>'
 
 
 # --------------------------------------------------------------------------- samples
