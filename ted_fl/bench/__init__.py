@@ -1,0 +1,36 @@
+"""Benchmarks: accuracy on real data, and what the federation costs (`python -m ted_fl.bench`).
+
+Subcommands: accuracy, overhead, scaling, probes. Each prints a short table and ends with one
+headline line; without --quick (or with --doc PATH) it rewrites its own section of
+docs/benchmarks.md from the run outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from ted_fl.errors import TedFlError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ted_fl.bench import accuracy, overhead, probes, scaling
+
+    p = argparse.ArgumentParser(prog="python -m ted_fl.bench", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for mod in (accuracy, overhead, scaling, probes):
+        mod.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    # Undefined ratios (rBWT with a zero diagonal, rAvg without a joint run) are NaN by design.
+    warnings.filterwarnings("ignore", category=RuntimeWarning, message="invalid value encountered")
+    try:
+        return int(args.func(args, argv))
+    except TedFlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,3 @@
+from ted_fl.bench import main
+
+raise SystemExit(main())

@@ -1,0 +1,270 @@
+"""`accuracy`: seq, kd, ted, ted_gugf and joint on real retina and the synthetic prostate twin.
+
+Fair tuning first: every distilling approach gets its distillation weights chosen on the
+*validation* splits from a small grid, by the centralized runner (the same schedule, step and
+evaluation as the simulator; `tests/integration/test_simulation.py::test_matches_centralized`
+checks that their R matrices agree). Selection criterion ("val mean-seen Dice"): after each
+stage t, the mean validation Dice over the sites seen so far (1..t), averaged over the stages;
+it rewards learning the new site and keeping the old ones alike. Then every approach runs
+with its selected weights, on several seeds, through the federated simulator (Flower + Ray),
+and the test figures are reported as mean +- std over the seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ted_fl.bench import common as C
+from ted_fl.config import ExperimentConfig, project_root
+from ted_fl.errors import TedFlError
+from ted_fl.results import RunDir
+
+APPROACHES = ["seq", "kd", "ted", "ted_gugf", "joint"]
+TUNED = {"kd": ("lambda_d",), "ted": ("lambda_d", "w_akt"), "ted_gugf": ("lambda_d", "w_akt")}
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("accuracy", help="tuned accuracy of seq/kd/ted/ted_gugf/joint (real retina + prostate twin)")
+    p.add_argument("--quick", action="store_true", help="tiny synthetic run (the test suite's)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the final federated runs (default 3)")
+    p.add_argument("--datasets", nargs="+", choices=["retina", "prostate"],
+                   help="default: retina and prostate (--quick: prostate)")
+    p.add_argument("--retina-dir", default=str(project_root().parent / "shared/data/retinal_vessels"))
+    p.add_argument("--lambdas", type=float, nargs="+", help="lambda_d grid (default 0.01 0.1 1)")
+    p.add_argument("--w-akt", type=float, nargs="+", help="w_akt grid for ted/ted_gugf (default 1 0.1)")
+    p.add_argument("--out", default="runs/bench", help="folder for the run directories")
+    p.add_argument("--doc", help="write the section here (default docs/benchmarks.md unless --quick)")
+    p.set_defaults(func=run)
+
+
+def base_config(dataset: str, args: argparse.Namespace) -> ExperimentConfig:
+    """The workload per dataset: small enough for a 2-core CPU, large enough to learn."""
+    cfg = ExperimentConfig()
+    cfg.name = f"bench-{dataset}"
+    cfg.model.channels, cfg.model.strides = [8, 16, 32, 64, 128], [2, 2, 2, 2]
+    cfg.train.lr_first, cfg.train.lr_later = 1e-3, 5e-4
+    if args.quick:
+        cfg.data.sites, cfg.data.order, cfg.data.size = "prostate", ["RUNMC", "BMC", "I2CVB"], 32
+        cfg.data.synthetic_volumes = 4
+        cfg.model.channels, cfg.model.strides = [4, 8, 16], [2, 2]
+        cfg.train.rounds, cfg.train.steps_per_round, cfg.train.batch_size = 2, 10, 4
+    elif dataset == "retina":
+        path = Path(args.retina_dir)
+        if not path.is_dir():
+            raise TedFlError(f"--retina-dir {path} not found; pass the folder holding DRIVE/STARE/CHASEDB1 "
+                             "or --datasets prostate")
+        cfg.data.sites, cfg.data.data_dir, cfg.data.size = "retina", str(path.resolve()), 96
+        cfg.train.rounds, cfg.train.steps_per_round, cfg.train.batch_size = 8, 50, 4  # 400 steps a domain
+    else:  # the quick.toml workload: 6 synthetic prostate sites, 64 px, 100 steps a site
+        cfg.data.sites, cfg.data.size = "prostate", 64
+        cfg.train.rounds, cfg.train.steps_per_round, cfg.train.batch_size = 4, 25, 8
+    return cfg
+
+
+def grid(approach: str, args: argparse.Namespace) -> list[dict[str, float]]:
+    lambdas = args.lambdas or ([0.1, 1.0] if args.quick else [0.01, 0.1, 1.0])
+    w_akt = args.w_akt or ([1.0] if args.quick else [1.0, 0.1])
+    if approach not in TUNED:
+        return [{}]
+    if "w_akt" in TUNED[approach]:
+        return [{"lambda_d": lam, "w_akt": w} for lam, w in itertools.product(lambdas, w_akt)]
+    return [{"lambda_d": lam} for lam in lambdas]
+
+
+def with_loss(cfg: ExperimentConfig, loss: dict[str, float]) -> ExperimentConfig:
+    out = copy.deepcopy(cfg)
+    for k, v in loss.items():
+        setattr(out.loss, k, float(v))
+    return out
+
+
+def val_score(rows: list[dict[str, Any]], order: list[str]) -> float:
+    """Mean over stages of the mean validation Dice of the sites seen so far."""
+    from ted_fl.continual.metrics import curves, r_matrix
+
+    df = pd.DataFrame(rows)
+    return float(curves(r_matrix(df[df["split"] == "val_stage"], "dice", order))["avg"].mean())
+
+
+def tune(dataset: str, base: ExperimentConfig, approaches: list[str], args: argparse.Namespace,
+         work: Path) -> tuple[pd.DataFrame, dict[str, dict[str, float]]]:
+    """Centralized runs of the grid (seed 0) scored on validation; the best point per approach."""
+    from ted_fl.centralized import LocalExecutor
+    from ted_fl.data import load_sites
+    from ted_fl.engine import run_schedule
+
+    sites = load_sites(base.data, base.data.split_seed)
+    order = [s.name for s in sites]
+    rows, chosen = [], {}
+    for approach in approaches:
+        points = grid(approach, args)
+        if points == [{}]:
+            chosen[approach] = {}
+            continue
+        scores = []
+        for point in points:
+            cfg = with_loss(base, point)
+            cfg.approaches, cfg.seeds, cfg.train.eval_val_all = [approach], [0], True
+            label = "-".join(f"{k}{v:g}" for k, v in point.items())
+            run = RunDir.create(work / "tune", f"{dataset}-{approach}-{label}")
+            run.write_config(cfg)
+            t0 = time.perf_counter()
+            st = run_schedule(cfg, approach, 0, LocalExecutor(cfg, sites), run)
+            score = val_score(st.rows, order)
+            scores.append(score)
+            rows.append(dict(dataset=dataset, approach=approach, **point, val_score=score,
+                             seconds=time.perf_counter() - t0))
+            print(f"  tune {dataset} {approach} {label}: val mean-seen Dice {score:.4f}", flush=True)
+        best = int(np.nanargmax(scores))
+        chosen[approach] = points[best]
+        for r in rows[-len(points):]:
+            r["selected"] = "yes" if all(r.get(k) == v for k, v in points[best].items()) else ""
+    return pd.DataFrame(rows), chosen
+
+
+def loss_text(point: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in point.items()) or "-"
+
+
+def final_runs(dataset: str, base: ExperimentConfig, chosen: dict[str, dict[str, float]], seeds: list[int],
+               work: Path) -> list[RunDir]:
+    """Every approach with its selected weights, all seeds, through one Flower simulation."""
+    from ted_fl.bench.federated import simulate_groups
+
+    groups: dict[tuple, list[str]] = {}
+    free = [a for a, p in chosen.items() if not p]  # seq, joint: no distillation weight to choose
+    for a, p in chosen.items():
+        if p:
+            groups.setdefault(tuple(sorted(p.items())), []).append(a)
+    if not groups:
+        groups[()] = []
+    first = next(iter(groups))
+    groups[first] = free + groups[first]
+    pairs = []
+    for key, approaches in groups.items():
+        cfg = with_loss(base, dict(key))
+        cfg.approaches = [a for a in APPROACHES if a in approaches]
+        cfg.seeds = seeds
+        label = "-".join(f"{k}{v:g}" for k, v in key) or "default"
+        pairs.append((cfg, RunDir.create(work / "final", f"{dataset}-{label}")))
+    simulate_groups(pairs)
+    return [run for _, run in pairs]
+
+
+def results_table(runs: list[RunDir], chosen: dict[str, dict[str, float]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per approach, mean +- std over seeds of the test figures, and the training diagnostics."""
+    summary = pd.concat([r.summary() for r in runs], ignore_index=True)
+    metrics = pd.concat([r.metrics() for r in runs], ignore_index=True)
+    train = metrics[(metrics["split"] == "train") & (metrics["stage"] >= 1)]
+    rows, raw = [], []
+    for a in [x for x in APPROACHES if x in set(summary["approach"])]:
+        s = summary[summary["approach"] == a]
+        row: dict[str, Any] = dict(approach=a, weights=loss_text(chosen.get(a, {})), seeds=len(s))
+        for k in ("avg", "bwt", "fwt", "plasticity", "forgetting"):
+            row[k] = f"{s[k].mean():.3f} ± {s[k].std(ddof=1) if len(s) > 1 else 0.0:.3f}"
+            row[f"_{k}"] = float(s[k].mean())
+        for k in ("akt_mask_frac", "u_mean"):
+            v = train[(train["approach"] == a) & (train["metric"] == k)]["value"]
+            row[k] = float(v.mean()) if len(v) else float("nan")
+        rows.append(row)
+        raw.append(s)
+    table = pd.DataFrame(rows)
+    return table, pd.concat(raw, ignore_index=True)
+
+
+def verdict(dataset: str, table: pd.DataFrame) -> str:
+    """TED against KD in words, with the cause when TED does not win (from the same numbers)."""
+    t = table.set_index("approach")
+    if not {"kd", "ted_gugf"} <= set(t.index):
+        return ""
+    kd, ted = t.loc["kd"], t.loc["ted_gugf"]
+    ratio = ted["_avg"] / kd["_avg"] if kd["_avg"] else float("nan")
+    if ted["_avg"] > kd["_avg"]:
+        return (f"{dataset}: TED (ted_gugf) beats KD on Avg Dice ({ted['_avg']:.3f} vs {kd['_avg']:.3f}, "
+                f"ratio {ratio:.2f}); BWT {ted['_bwt']:.3f} vs {kd['_bwt']:.3f}, plasticity "
+                f"{ted['_plasticity']:.3f} vs {kd['_plasticity']:.3f}.")
+    cause = []
+    if ted["_plasticity"] < kd["_plasticity"]:
+        cause.append(f"it learns the arriving site less well (plasticity {ted['_plasticity']:.3f} vs "
+                     f"{kd['_plasticity']:.3f})")
+    if ted["_bwt"] < kd["_bwt"]:
+        cause.append(f"it forgets more (BWT {ted['_bwt']:.3f} vs {kd['_bwt']:.3f})")
+    if not cause:
+        cause.append("the difference is within what the other columns explain")
+    mask = ted["akt_mask_frac"]
+    return (f"{dataset}: TED (ted_gugf) does **not** beat KD on Avg Dice ({ted['_avg']:.3f} vs "
+            f"{kd['_avg']:.3f}, ratio {ratio:.2f}): " + "; ".join(cause) + ". AKT acts on the "
+            f"{100 * mask:.1f} % of pixels where student and teacher disagree (mean akt_mask_frac), "
+            f"weighted by GUGF's uncertainty (mean u_mean {ted['u_mean']:.3f}).")
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    t_all = time.perf_counter()
+    datasets = args.datasets or (["prostate"] if args.quick else ["retina", "prostate"])
+    seeds = list(range(args.seeds if not args.quick else min(args.seeds, 2)))
+    work = Path(args.out) / time.strftime("accuracy-%Y%m%d-%H%M%S")
+    sections, headline = [], []
+    for dataset in datasets:
+        base = base_config(dataset, args)
+        print(f"[{dataset}] tuning on validation (centralized runner, seed 0)", flush=True)
+        t0 = time.perf_counter()
+        tuning, chosen = tune(dataset, base, APPROACHES, args, work)
+        t_tune = time.perf_counter() - t0
+        C.print_table(f"{dataset}: validation grid", tuning)
+        print(f"[{dataset}] final runs: seeds {seeds}, federated simulator", flush=True)
+        t0 = time.perf_counter()
+        runs = final_runs(dataset, base, chosen, seeds, work)
+        t_final = time.perf_counter() - t0
+        table, _ = results_table(runs, chosen)
+        shown = table[[c for c in table.columns if not c.startswith("_")]]
+        C.print_table(f"{dataset}: test, mean ± std over {len(seeds)} seeds", shown)
+        text = verdict(dataset, table)
+        if text:
+            print(text)
+        t = table.set_index("approach")
+        if {"kd", "ted_gugf"} <= set(t.index):
+            headline.append(f"{dataset} {t.loc['ted_gugf', '_avg'] / t.loc['kd', '_avg']:.2f}")
+        from ted_fl.data import site_order
+
+        settings = (f"sites {base.data.sites} ({' -> '.join(site_order(base.data))}), "
+                    f"{base.data.size} px, U-Net channels {base.model.channels}, {base.train.rounds} rounds x "
+                    f"{base.train.steps_per_round} steps of batch {base.train.batch_size} per site "
+                    f"(joint x{base.train.joint_rounds_factor:g}), lr {base.train.lr_first:g} then "
+                    f"{base.train.lr_later:g}, select_best on the arriving site's val split")
+        sections.append(
+            f"### {dataset}\n\nSettings: {settings}.\n\n"
+            f"Tuning (centralized runner, seed 0, {t_tune:.0f} s): criterion = mean over stages of the "
+            f"validation Dice of all sites seen so far.\n\n{C.md_table(tuning)}\n\n"
+            f"Test, federated simulator (Flower + Ray), seeds {seeds}, {t_final:.0f} s; plasticity = "
+            f"Dice on the site just learned, akt_mask_frac / u_mean = means over training steps of "
+            f"stages >= 2:\n\n{C.md_table(shown)}\n\n{text}\n\nRun directories: "
+            + ", ".join(f"`{r.path}`" for r in runs)
+        )
+    line = "accuracy: Avg Dice ratio ted_gugf/kd " + ", ".join(headline)
+    doc = C.doc_target(args)
+    if doc:
+        body = (
+            "## accuracy\n\n"
+            f"Command: `{C.command_line(argv)}` ({time.perf_counter() - t_all:.0f} s in all).\n\n"
+            f"{C.machine_md()}\n\n"
+            "Each distilling approach's weights are *selected* on the validation splits by the "
+            "command itself (grid: lambda_d for kd; lambda_d x w_akt for ted and ted_gugf), using "
+            "the centralized runner, which runs the simulator's schedule, step and evaluation in one "
+            "process (its R matrix equals the simulator's: "
+            "`tests/integration/test_simulation.py::test_matches_centralized`). The test figures "
+            "come from the federated simulator. Avg = mean final test Dice over all sites; BWT, FWT, "
+            "forgetting and plasticity as in `ted_fl.continual.metrics.continual_summary`.\n\n"
+            + "\n\n".join(sections) + f"\n\n`{line}`"
+        )
+        C.write_section("accuracy", body, doc)
+        print(f"wrote the accuracy section of {doc}")
+    print(line)
+    return 0

@@ -1,0 +1,64 @@
+"""Several experiment configurations through one Flower simulation (Ray starts once).
+
+The accuracy benchmark tunes the distillation weights per approach, so its approaches run
+with different `[loss]` sections. Each configuration gets its own run directory and its own
+`FlowerExecutor`, whose hello message carries that configuration's TOML to every client node
+(the ClientApp keeps the latest one in `context.state`): the same ServerApp, ClientApp and
+schedule as `python -m ted_fl.simulate`, without paying Ray's start-up per configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+from ted_fl.config import ExperimentConfig
+from ted_fl.results import RunDir
+
+
+def simulate_groups(groups: list[tuple[ExperimentConfig, RunDir]]) -> None:
+    """Run every (config, run directory) pair in turn inside one Flower simulation.
+
+    All configurations must share the data section (same sites, so the same client nodes).
+    Each run directory is finished like a `simulate` run (metrics.csv, summary.csv).
+    """
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from ted_fl.cli import finish_run, load_and_record_sites
+    from ted_fl.federated.client_app import app as client_app
+    from ted_fl.federated.server_app import serve
+    from ted_fl.federated.simulation import backend_config
+
+    first = groups[0][0]
+    n_sites = 0
+    for cfg, run in groups:
+        if cfg.data != first.data or cfg.federated.clients_per_site != first.federated.clients_per_site:
+            raise ValueError("simulate_groups: every configuration must share [data] and clients_per_site")
+        run.write_config(cfg)
+        n_sites = len(load_and_record_sites(cfg, run))
+    error: list[BaseException] = []
+    extras: list[dict[tuple[str, int], dict[str, Any]]] = []
+
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid: Grid, context: Any) -> None:
+        try:
+            for cfg, run in groups:
+                run.log(f"simulate (bench group): approaches {cfg.approaches}, seeds {cfg.seeds}")
+                extras.append(serve(grid, cfg, run))
+        except BaseException as exc:  # surfaced after the simulation shuts down
+            error.append(exc)
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(server_app=server, client_app=client_app,
+                       num_supernodes=n_sites * first.federated.clients_per_site,
+                       backend_config=backend_config(first))  # type: ignore[arg-type]
+    if error:
+        raise error[0]
+    for (cfg, run), ex in zip(groups, extras, strict=True):
+        finish_run(cfg, run, ex)

@@ -1,0 +1,117 @@
+"""`overhead`: the same workload through the simulator and the centralized run, alternated.
+
+Both are started as fresh processes (`python -m ted_fl.simulate` / `ted_fl.centralized`), so
+the end-to-end wall time includes the imports, the data loading and, for the simulator, Ray's
+start. The per-round figures come from the schedule's own `round_s` rows (the training call,
+the FedAvg and the best-round selection), in steady state: every round but the first of each
+stage, which pays for the stage's teacher and the actors' first data load. Peak memory is the
+sum of RSS over each process tree (Ray's GCS, raylet and ClientApp actors included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ted_fl.bench import common as C
+from ted_fl.config import ExperimentConfig, load_experiment
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("overhead", help="simulator vs centralized run: wall time end to end, per round, memory")
+    p.add_argument("--quick", action="store_true", help="tiny workload, one pair (the test suite's)")
+    p.add_argument("--config", default="quick", help="workload: an experiment file (default quick.toml)")
+    p.add_argument("--repeats", type=int, help="C, F pairs (default 2; --quick 1)")
+    p.add_argument("--out", default="runs/bench", help="folder for the run directories")
+    p.add_argument("--doc", help="write the section here (default docs/benchmarks.md unless --quick)")
+    p.set_defaults(func=run)
+
+
+def workload(args: argparse.Namespace) -> ExperimentConfig:
+    cfg = load_experiment(args.config)
+    cfg.seeds = cfg.seeds[:1]
+    if args.quick:
+        cfg.data.order, cfg.data.size, cfg.data.synthetic_volumes = ["RUNMC", "BMC", "I2CVB"], 32, 4
+        cfg.model.channels, cfg.model.strides = [4, 8, 16], [2, 2]
+        cfg.train.rounds, cfg.train.steps_per_round, cfg.train.batch_size = 3, 5, 4
+    return cfg
+
+
+def steady_rounds(run: C.RunDir) -> pd.Series:
+    """round_s of every round but the first of its stage."""
+    t = C.time_rows(run)
+    t = t[(t["metric"] == "round_s") & (t["round"] > 0)]
+    return t["value"]
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    cfg = workload(args)
+    repeats = args.repeats or (1 if args.quick else 2)
+    work = Path(args.out) / time.strftime("overhead-%Y%m%d-%H%M%S")
+    rows = []
+    for i in range(repeats):
+        for mode in ("centralized", "simulate"):
+            m = C.run_cli(mode, cfg, work, f"{mode}-{i}")
+            t = C.time_rows(m.run)
+            rounds = steady_rounds(m.run)
+            rows.append(dict(
+                mode=mode, repeat=i, wall_s=m.wall_s, run_wall_s=float(m.run.summary()["wall_s"].sum()),
+                round_s_median=float(rounds.median()), round_s_first=float(
+                    t[(t["metric"] == "round_s") & (t["round"] == 0)]["value"].median()),
+                eval_s_median=float(t[t["metric"] == "eval_s"]["value"].median()),
+                peak_rss_mib=C.mib(m.peak_rss), run_dir=str(m.run.path),
+            ))
+            print(f"  {mode} #{i}: {m.wall_s:.1f} s end to end, steady round {rows[-1]['round_s_median']:.3f} s, "
+                  f"peak {rows[-1]['peak_rss_mib']:.0f} MiB", flush=True)
+    df = pd.DataFrame(rows)
+    by = df.groupby("mode")[["wall_s", "run_wall_s", "round_s_median", "round_s_first", "eval_s_median",
+                             "peak_rss_mib"]].mean()
+    fed, cen = by.loc["simulate"], by.loc["centralized"]
+    # Ratios per pair (F_i / C_i), averaged: each pair ran back to back under the same load.
+    piv = df.pivot(index="repeat", columns="mode")
+    e2e = float(np.mean(piv["wall_s"]["simulate"] / piv["wall_s"]["centralized"]))
+    per_round = float(np.mean(piv["round_s_median"]["simulate"] / piv["round_s_median"]["centralized"]))
+    ratios = pd.DataFrame([
+        dict(measure="end to end (s)", centralized=cen["wall_s"], simulator=fed["wall_s"], ratio=e2e, target="<= 1.15"),
+        dict(measure="schedule wall, Ray start excluded (s)", centralized=cen["run_wall_s"],
+             simulator=fed["run_wall_s"], ratio=fed["run_wall_s"] / cen["run_wall_s"], target=""),
+        dict(measure="round, steady state, median (s)", centralized=cen["round_s_median"],
+             simulator=fed["round_s_median"], ratio=per_round, target="<= 1.05"),
+        dict(measure="first round of a stage, median (s)", centralized=cen["round_s_first"],
+             simulator=fed["round_s_first"], ratio=fed["round_s_first"] / cen["round_s_first"], target=""),
+        dict(measure="stage-end test evaluation, median (s)", centralized=cen["eval_s_median"],
+             simulator=fed["eval_s_median"], ratio=fed["eval_s_median"] / cen["eval_s_median"], target=""),
+        dict(measure="peak RSS of the process tree (MiB)", centralized=cen["peak_rss_mib"],
+             simulator=fed["peak_rss_mib"], ratio=fed["peak_rss_mib"] / cen["peak_rss_mib"], target=""),
+    ])
+    C.print_table("overhead: simulator / centralized (mean over the pairs)", ratios)
+    line = f"overhead: end-to-end ratio {e2e:.2f}, steady-state per-round ratio {per_round:.2f}"
+    doc = C.doc_target(args)
+    if doc:
+        per_run = df.drop(columns=["run_dir"])
+        body = (
+            "## overhead\n\n"
+            f"Command: `{C.command_line(argv)}`.\n\n{C.machine_md()}\n\n"
+            f"Workload: `{args.config}` ({cfg.data.sites}, {cfg.data.size} px, approaches "
+            f"{', '.join(cfg.approaches)}, {cfg.train.rounds} rounds x {cfg.train.steps_per_round} steps "
+            f"per site, seed {cfg.seeds[0]}), run as fresh processes alternated "
+            f"{', '.join(['C, F'] * repeats)} (C = `python -m ted_fl.centralized`, F = `python -m "
+            "ted_fl.simulate`, Ray with one ClientApp actor per core). End to end includes imports, data "
+            "loading and Ray's start; steady-state rounds are every round but a stage's first "
+            "(`round_s` rows of metrics.csv: the training call, FedAvg, the best-round selection); "
+            "ratios are per C/F pair, then averaged. Peak RSS is summed over the whole process tree "
+            "(shared pages counted per process).\n\n"
+            f"{C.md_table(ratios)}\n\nPer run:\n\n{C.md_table(per_run)}\n\n`{line}`"
+        )
+        C.write_section("overhead", body + PROFILE_NOTE, doc)
+        print(f"wrote the overhead section of {doc}")
+    print(line)
+    return 0
+
+
+PROFILE_NOTE = ""
