@@ -218,8 +218,10 @@ def run_schedule(
             results = executor.train(task)
             train_s = time.perf_counter() - t0
             st.weights = fedavg([(r.weights, r.num_examples) for r in results])
+            split_clients = len({r.site for r in results}) < len(results)
             for r in results:
-                rows_for(stage, rnd, "train", {r.site: r.metrics})
+                who = f"{r.site}/{r.client}" if split_clients else r.site
+                rows_for(stage, rnd, "train", {who: r.metrics})
             if cfg.train.select_best:
                 if len(results) == 1 and results[0].val is not None and results[0].site == site:
                     val = results[0].val

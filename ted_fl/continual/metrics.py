@@ -74,7 +74,8 @@ def continual_summary(
     j = _vec(joint, R)
     out["ravg"] = _mean(last / j[:t]) if j is not None else float("nan")
     out["bwt"] = _mean([last[i] - diag[i] for i in range(t - 1)])
-    out["rbwt"] = _mean([(last[i] - diag[i]) / diag[i] for i in range(t - 1)])
+    with np.errstate(divide="ignore", invalid="ignore"):  # a site never learnt (R[i, i] = 0): NaN
+        out["rbwt"] = _mean([(last[i] - diag[i]) / diag[i] for i in range(t - 1)])
     b = _vec(initial, R)
     b = np.zeros(a.shape[1]) if b is None else b
     out["fwt"] = _mean([a[i - 1, i] - b[i] for i in range(1, t)])
