@@ -62,7 +62,7 @@ def base_config(dataset: str, args: argparse.Namespace) -> ExperimentConfig:
             raise TedFlError(f"--retina-dir {path} not found; pass the folder holding DRIVE/STARE/CHASEDB1 "
                              "or --datasets prostate")
         cfg.data.sites, cfg.data.data_dir, cfg.data.size = "retina", str(path.resolve()), 96
-        cfg.train.rounds, cfg.train.steps_per_round, cfg.train.batch_size = 8, 50, 4  # 400 steps a domain
+        cfg.train.rounds, cfg.train.steps_per_round, cfg.train.batch_size = 6, 50, 4  # 300 steps a domain
     else:  # the quick.toml workload: 6 synthetic prostate sites, 64 px, 100 steps a site
         cfg.data.sites, cfg.data.size = "prostate", 64
         cfg.train.rounds, cfg.train.steps_per_round, cfg.train.batch_size = 4, 25, 8
