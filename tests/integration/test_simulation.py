@@ -159,3 +159,17 @@ def test_client_fault_abort_names_site_and_round(tmp_path: Path) -> None:
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: site I2CVB failed in stage 2 round 0"), last
     assert "no reply within 20 s" in last
+
+
+def test_several_clients_per_site_and_retention(tmp_path: Path) -> None:
+    """k = 2 clients a site (FedAvg inside the stage) and one earlier site retained for training."""
+    cfg_path = write_config(tmp_path, federated__clients_per_site=2, federated__retention=1, train__rounds=1)
+    proc = simulate("--config", str(cfg_path), "--approach", "seq")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = run_dir_of(proc.stdout).metrics()
+    train = m[(m["split"] == "train") & (m["metric"] == "total")]
+    by_stage = {s: sorted(g["site"]) for s, g in train.groupby("stage")}
+    assert by_stage[0] == ["RUNMC/0", "RUNMC/1"]
+    assert by_stage[2] == ["BMC/0", "BMC/1", "I2CVB/0", "I2CVB/1"]
+    dice = dice_rows(run_dir_of(proc.stdout))
+    assert len(dice) == 4 * 3 and dice["value"].notna().all()
