@@ -214,6 +214,8 @@ def run_command(mode: str, argv: list[str] | None = None) -> int:
         return 0
     except TedFlError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if not args.resume and "run" in locals():
+            discard_if_empty(run)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted; resume with --resume {run.path}" if "run" in locals() else "interrupted",
@@ -244,6 +246,14 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return ""
+
+
+def discard_if_empty(run: RunDir) -> None:
+    """A run that failed before completing a single round leaves no directory behind."""
+    import shutil
+
+    if not list(run.path.glob("checkpoints/*/last.pt")):
+        shutil.rmtree(run.path, ignore_errors=True)
 
 
 def write_report_if_available(run: RunDir) -> Path | None:
