@@ -215,6 +215,7 @@ def run_schedule(
                 probe_shape=tuple(executor.image_shape), want_val=cfg.train.select_best,
             )
             t0 = time.perf_counter()
+            sent0, recv0 = executor.bytes_sent, executor.bytes_received
             results = executor.train(task)
             train_s = time.perf_counter() - t0
             st.weights = fedavg([(r.weights, r.num_examples) for r in results])
@@ -234,6 +235,9 @@ def run_schedule(
                 rows_for(stage, rnd, "test_round", executor.evaluate(st.weights, "test", order))
             # Wall times (split "time"): the training call, and the whole round with its selection.
             rows_for(stage, rnd, "time", {site: {"train_s": train_s, "round_s": time.perf_counter() - t0}})
+            # Payload bytes of the round's messages, per direction (0 for the centralized run).
+            rows_for(stage, rnd, "comm", {site: {"bytes_down": executor.bytes_sent - sent0,
+                                                 "bytes_up": executor.bytes_received - recv0}})
             st.round += 1
             checkpoint()
             if progress:
@@ -251,7 +255,10 @@ def run_schedule(
             )
             st.aux = {k: v.detach().cpu().numpy() for k, v in st.aux.items()}
         t_eval = time.perf_counter()
+        sent0, recv0 = executor.bytes_sent, executor.bytes_received
         rows_for(stage, n_rounds - 1, "test", executor.evaluate(st.weights, "test", order))
+        rows_for(stage, n_rounds - 1, "comm", {site: {"eval_bytes_down": executor.bytes_sent - sent0,
+                                                      "eval_bytes_up": executor.bytes_received - recv0}})
         # Stage times (a resumed stage counts from the resume): its test evaluation and all of it.
         rows_for(stage, n_rounds - 1, "time", {site: {"eval_s": time.perf_counter() - t_eval,
                                                        "stage_s": time.perf_counter() - t_stage}})
