@@ -99,8 +99,11 @@ def _opt_from_array(arr: Array) -> dict[str, Any]:
     return torch.load(io.BytesIO(arr.numpy().tobytes()), weights_only=False)
 
 
-def _state_file(c: dict, site: str, client: int) -> Path | None:
-    d = str(c.get("client_state_dir", ""))
+def _state_file(c: dict, site: str, client: int, context: Context | None = None) -> Path | None:
+    """Where this site keeps its optimizer state: its node config's `state-dir` (a deployed
+    SuperNode's own disk), else the folder the simulation names in the run directory."""
+    node_dir = context.node_config.get("state-dir") if context is not None else None
+    d = str(node_dir or c.get("client_state_dir", ""))
     return Path(d) / f"{site}-{client}" / "optimizer.pt" if d else None
 
 
@@ -111,7 +114,7 @@ def _load_optimizer(context: Context, c: dict, site: str, client: int) -> dict[s
         return None
     if "optimizer" in context.state and str(context.state["optimizer_meta"]["tag"]) == want:
         return _opt_from_array(context.state["optimizer"]["state"])
-    path = _state_file(c, site, client)
+    path = _state_file(c, site, client, context)
     if path is not None and path.is_file():
         saved = torch.load(path, weights_only=False)
         if saved.get(want) is not None:
@@ -123,7 +126,7 @@ def _save_optimizer(context: Context, c: dict, site: str, client: int, state: di
     tag = f"{c['approach']}|{c['seed']}|{c['stage']}|{c['round']}"
     context.state["optimizer"] = ArrayRecord({"state": _opt_to_array(state)})
     context.state["optimizer_meta"] = ConfigRecord({"tag": tag})
-    path = _state_file(c, site, client)
+    path = _state_file(c, site, client, context)
     if path is not None:
         # Keep this round and the previous one: a resume may redo the round in flight.
         path.parent.mkdir(parents=True, exist_ok=True)
