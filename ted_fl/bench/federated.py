@@ -29,7 +29,7 @@ def simulate_groups(groups: list[tuple[ExperimentConfig, RunDir]]) -> None:
     from ted_fl.cli import finish_run, load_and_record_sites
     from ted_fl.federated.client_app import app as client_app
     from ted_fl.federated.server_app import serve
-    from ted_fl.federated.simulation import backend_config
+    from ted_fl.federated.simulation import POLL_S, backend_config, fast_message_polling
 
     first = groups[0][0]
     n_sites = 0
@@ -45,6 +45,8 @@ def simulate_groups(groups: list[tuple[ExperimentConfig, RunDir]]) -> None:
 
     @server.main()
     def _main(grid: Grid, context: Any) -> None:
+        if hasattr(grid, "pull_interval"):
+            grid.pull_interval = POLL_S
         try:
             for cfg, run in groups:
                 run.log(f"simulate (bench group): approaches {cfg.approaches}, seeds {cfg.seeds}")
@@ -53,6 +55,7 @@ def simulate_groups(groups: list[tuple[ExperimentConfig, RunDir]]) -> None:
             error.append(exc)
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
+    fast_message_polling()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_simulation(server_app=server, client_app=client_app,

@@ -25,6 +25,39 @@ def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
     }
 
 
+POLL_S = 0.01  # how often the simulation checks for new messages and replies (Flower: 0.1 s)
+
+
+def fast_message_polling() -> None:
+    """Cut Flower's simulation message latency from ~0.1 s to ~0.01 s per exchange.
+
+    Flower 1.41's simulation runtime moves messages to the Ray backend from a thread that
+    polls the link state every 0.1 s (`vce_api.add_messages_to_queue`), and the server's
+    `InMemoryGrid` polls for replies every 0.1 s: ~0.1 s of idle latency per round on top of
+    the training (measured by `python -m ted_fl.bench overhead`). Same loop, 0.01 s period;
+    left alone if that function ever changes shape.
+    """
+    import inspect
+
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    original = getattr(vce_api, "add_messages_to_queue", None)
+    if original is None or getattr(original, "_ted_fl", False):
+        return
+    if list(inspect.signature(original).parameters) != ["state", "queue", "nodes_mapping", "f_stop"]:
+        return
+
+    def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: Any) -> None:
+        while not f_stop.is_set():
+            for node_id in list(nodes_mapping):
+                for msg in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(msg)
+            f_stop.wait(POLL_S)
+
+    add_messages_to_queue._ted_fl = True  # type: ignore[attr-defined]
+    vce_api.add_messages_to_queue = add_messages_to_queue
+
+
 def execute_federated(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[tuple[str, int], dict[str, Any]]:
     """Run every approach and seed of `cfg` in one Flower simulation (Ray starts once)."""
     from flwr.serverapp import Grid, ServerApp
@@ -46,12 +79,15 @@ def execute_federated(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[t
 
     @server.main()
     def _main(grid: Grid, context: Any) -> None:
+        if hasattr(grid, "pull_interval"):  # InMemoryGrid: poll for replies every POLL_S, not 0.1 s
+            grid.pull_interval = POLL_S
         try:
             extras.update(serve(grid, cfg, run, progress, fault))
         except BaseException as exc:  # surfaced after the simulation shuts down
             error.append(exc)
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
+    fast_message_polling()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
