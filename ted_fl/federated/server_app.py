@@ -190,6 +190,11 @@ class FlowerExecutor:
             if probes_rec is not None:
                 content[M.PROBES] = probes_rec
             contents[node] = content
+            # Breakdown of train_down (already counted there): what the teacher and the probes cost.
+            for part in (M.TEACHER, M.PROBES):
+                if part in content:
+                    key = f"train_down.{part}"
+                    self.bytes_by_kind[key] = self.bytes_by_kind.get(key, 0) + content[part].count_bytes()
         self._teacher = (task.teacher, task.aux) if teacher_key else None
         replies = self._exchange_train(contents, task)
         results = []
