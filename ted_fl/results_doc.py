@@ -1,0 +1,214 @@
+"""Write a Markdown results page from run directories: `python -m ted_fl.results_doc RUN_DIR ... --out FILE`.
+
+Every number on the page is computed here from the runs' own files (metrics.csv, config.toml,
+command.txt, machine.json) with `ted_fl.continual.metrics`, so a page can be regenerated, never
+hand-edited: per run the command, the machine, the configuration, and per approach the Dice R
+matrix plus Avg, BWT, FWT, forgetting and plasticity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ted_fl.config import dump_toml, to_dict
+from ted_fl.continual.metrics import continual_summary, r_matrix
+from ted_fl.errors import TedFlError
+from ted_fl.results import RunDir
+
+SUMMARY_COLUMNS = ["avg", "ravg", "bwt", "fwt", "forgetting", "plasticity"]
+
+
+def markdown_table(df: pd.DataFrame, index_name: str = "", digits: int = 3) -> str:
+    """A GitHub Markdown table (pandas' to_markdown needs tabulate, which is not a dependency)."""
+
+    def cell(v: object) -> str:
+        if isinstance(v, float | np.floating):
+            return "–" if np.isnan(v) else f"{v:.{digits}f}"
+        return str(v)
+
+    head = [index_name or str(df.index.name or ""), *map(str, df.columns)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for idx, row in df.astype(object).iterrows():
+        lines.append("| " + " | ".join([cell(idx), *(cell(v) for v in row)]) + " |")
+    return "\n".join(lines)
+
+
+def _read(run: RunDir, name: str) -> str | None:
+    p = run.path / name
+    return p.read_text().strip() if p.is_file() else None
+
+
+def run_tables(run: RunDir) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+    """Per approach the Dice R matrix (mean over seeds, 'untrained' row first) and a summary table.
+
+    The summary has one row per approach: the metrics of `continual_summary` per seed, averaged
+    over the seeds; rAvg uses the run's own joint approach when it has one.
+    """
+    m = run.metrics()
+    test = m[m["split"] == "test"]
+    if test.empty:
+        raise TedFlError(f"{run.path}: metrics.csv has no test rows; is the run finished?")
+    order = list(dict.fromkeys(test.loc[test["stage"] >= 0, "site"]))
+    joint = None
+    jt = test[(test["approach"] == "joint") & (test["stage"] >= 0)]
+    if not jt.empty:
+        joint = sum(r_matrix(g, "dice", order).iloc[-1] for _, g in jt.groupby("seed")) / jt["seed"].nunique()
+    matrices: dict[str, pd.DataFrame] = {}
+    rows = []
+    for approach, g in test.groupby("approach", sort=False):
+        trained, init = g[g["stage"] >= 0], g[g["stage"] < 0]
+        r = r_matrix(trained, "dice", order)
+        stage_sites = trained.drop_duplicates("stage").set_index("stage")["stage_site"]
+        r.index = [f"after {stage_sites[s]}" for s in r.index]
+        if not init.empty:
+            r0 = r_matrix(init, "dice", order)
+            r0.index = ["untrained"]
+            r = pd.concat([r0, r])
+        matrices[str(approach)] = r
+        per_seed = []
+        for _, gs in g.groupby("seed"):
+            tr, ini = gs[gs["stage"] >= 0], gs[(gs["stage"] < 0) & (gs["metric"] == "dice")]
+            b = ini.set_index("site")["value"] if len(ini) else None
+            per_seed.append(continual_summary(r_matrix(tr, "dice", order), joint=joint, initial=b))
+        s = pd.DataFrame(per_seed).mean()
+        rows.append({"approach": approach, "seeds": int(g["seed"].nunique()), **{k: s[k] for k in SUMMARY_COLUMNS}})
+    summary = pd.DataFrame(rows).set_index("approach")
+    if joint is None:
+        summary = summary.drop(columns="ravg")
+    try:
+        wall = run.summary().groupby("approach")["wall_s"].mean()
+        summary["wall_s"] = wall.reindex(summary.index)
+    except (FileNotFoundError, KeyError):
+        pass
+    return matrices, summary
+
+
+def findings(summary: pd.DataFrame, threshold: float = 0.05) -> list[str]:
+    """Plain sentences read off the summary: does fine-tuning forget, does each method forget less.
+
+    "Forgets" means BWT below -threshold; "less"/"more" compares forgetting (mean drop from each
+    site's best) with seq's by more than `threshold`, else "about as much".
+    """
+    if "seq" not in summary.index:
+        return []
+    seq = summary.loc["seq"]
+    verdict = "forgets" if seq["bwt"] < -threshold else "does not forget measurably"
+    out = [f"Fine-tuning (seq) {verdict}: BWT {seq['bwt']:.3f}, forgetting {seq['forgetting']:.3f}."]
+    for name, row in summary.iterrows():
+        if name in ("seq", "joint"):
+            continue
+        diff = row["forgetting"] - seq["forgetting"]
+        how = "less than" if diff < -threshold else "more than" if diff > threshold else "about as much as"
+        out.append(
+            f"{name} forgets {how} seq (forgetting {row['forgetting']:.3f}, BWT {row['bwt']:.3f}) with "
+            f"plasticity {row['plasticity']:.3f} (seq {seq['plasticity']:.3f}) and Avg {row['avg']:.3f} "
+            f"(seq {seq['avg']:.3f})."
+        )
+    return out
+
+
+def run_section(run: RunDir, heading_level: int = 2) -> str:
+    h = "#" * heading_level
+    cfg = run.read_config()
+    matrices, summary = run_tables(run)
+    command = _read(run, "command.txt") or "(not recorded: the run predates command.txt)"
+    machine_txt = _read(run, "machine.json")
+    if machine_txt:
+        mi = json.loads(machine_txt)
+        machine = (f"{mi.get('processor', '?')}, {mi.get('cpus', '?')} CPUs, {mi.get('platform', '?')}, "
+                   f"Python {mi.get('python', '?')}, torch {mi.get('torch', '?')}"
+                   f"{', CUDA' if mi.get('cuda') else ', no GPU'}")
+    else:
+        machine = "(not recorded: the run predates machine.json)"
+    order = " -> ".join(next(iter(matrices.values())).columns)
+    out = [
+        f"{h} {cfg.name}: {cfg.data.sites} ({order})",
+        "",
+        f"Run directory `{run.path.name}`; approaches {', '.join(cfg.approaches)}; seeds "
+        f"{', '.join(map(str, cfg.seeds))}.",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Machine: {machine}.",
+        "",
+        "Summary after the last site (Dice; Avg = mean over all sites of the last row of R, BWT = mean "
+        "change on earlier sites since each was learnt, FWT = mean zero-shot gain over the untrained "
+        "model on each site before it is trained on, forgetting = mean drop from each earlier site's "
+        "best, plasticity = mean of R's diagonal; `wall_s` per approach):",
+        "",
+        markdown_table(summary),
+        "",
+        *(f"- {line}" for line in findings(summary)),
+        "",
+        "Dice R matrices (row: after training that site; column: test split of that site):",
+        "",
+    ]
+    for approach, r in matrices.items():
+        out += [f"**{approach}**", "", markdown_table(r, "stage"), ""]
+    out += [
+        "<details><summary>Resolved configuration (config.toml)</summary>",
+        "",
+        "```toml",
+        dump_toml(to_dict(cfg)).strip(),
+        "```",
+        "",
+        "</details>",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def write_doc(run_dirs: list[str | Path], out: str | Path, title: str = "Results", intro: str = "") -> Path:
+    runs = [RunDir.open(d) for d in run_dirs]
+    regen = "python -m ted_fl.results_doc " + " ".join(str(r.path) for r in runs) + f" --out {out}"
+    parts = [
+        f"# {title}",
+        "",
+        "<!-- Generated by ted_fl.results_doc from run directories; do not edit by hand. -->",
+        "",
+        f"Generated from the run directories below with `{regen}`"
+        + (f" --title '{title}'" if title != "Results" else "") + ".",
+        "",
+    ]
+    if intro:
+        parts += [intro.strip(), ""]
+    for run in runs:
+        parts.append(run_section(run))
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts).rstrip() + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ted_fl.results_doc", description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories printed by a run")
+    p.add_argument("--out", default="docs/results.md", help="Markdown file to write")
+    p.add_argument("--title", default="Results", help="page title")
+    p.add_argument("--intro", default="", help="a file whose text goes under the title")
+    args = p.parse_args(argv)
+    try:
+        intro = ""
+        if args.intro:
+            ip = Path(args.intro)
+            if not ip.is_file():
+                raise TedFlError(f"--intro {ip}: no such file; pass a Markdown file or omit --intro")
+            intro = ip.read_text()
+        path = write_doc(args.runs, args.out, args.title, intro)
+    except TedFlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
