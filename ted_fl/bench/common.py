@@ -81,6 +81,7 @@ class TreeMemory:
         self.pid, self.interval = pid, interval
         self.peak = 0
         self.peak_procs = 0
+        self.root_peak = 0  # the launched process alone (the driver: server + Flower's node contexts)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -93,7 +94,10 @@ class TreeMemory:
         total = 0
         for p in procs:
             with contextlib.suppress(psutil.Error):
-                total += p.memory_info().rss
+                rss = p.memory_info().rss
+                total += rss
+                if p.pid == self.pid:
+                    self.root_peak = max(self.root_peak, rss)
         if total > self.peak:
             self.peak, self.peak_procs = total, len(procs)
 
@@ -119,6 +123,8 @@ class Measured:
     wall_s: float
     peak_rss: int
     stdout: str
+    root_peak_rss: int = 0
+    peak_procs: int = 0
 
 
 def run_cli(mode: str, cfg: ExperimentConfig, work: Path, label: str, env: dict[str, str] | None = None,
@@ -145,7 +151,8 @@ def run_cli(mode: str, cfg: ExperimentConfig, work: Path, label: str, env: dict[
     lines = [ln for ln in out.splitlines() if ln.startswith("run directory: ")]
     if not lines:
         raise TedFlError(f"benchmark run printed no run directory: {shlex.join(cmd)}")
-    return Measured(RunDir(lines[-1].split(": ", 1)[1].strip()), wall, mem.peak, out)
+    return Measured(RunDir(lines[-1].split(": ", 1)[1].strip()), wall, mem.peak, out, mem.root_peak,
+                    mem.peak_procs)
 
 
 def time_rows(run: RunDir) -> pd.DataFrame:
