@@ -58,7 +58,7 @@ class FlowerExecutor:
 
         order = site_order(self.cfg.data)
         expected = len(order) * self.cfg.federated.clients_per_site
-        deadline = time.monotonic() + self.cfg.federated.timeout
+        deadline = time.monotonic() + max(self.cfg.federated.timeout, self.cfg.federated.connect_timeout)
         node_ids: list[int] = []
         while time.monotonic() < deadline:
             node_ids = list(self.grid.get_node_ids())
@@ -68,7 +68,7 @@ class FlowerExecutor:
         if len(node_ids) < expected:
             raise TedFlError(
                 f"only {len(node_ids)} of {expected} client nodes connected within "
-                f"{self.cfg.federated.timeout:.0f} s; start one SuperNode per site and client"
+                f"{max(self.cfg.federated.timeout, self.cfg.federated.connect_timeout):.0f} s; start one SuperNode per site and client"
             )
         content = {n: RecordDict({M.CONFIG: ConfigRecord({"experiment_toml": self.experiment_toml})})
                    for n in node_ids}
@@ -111,17 +111,19 @@ class FlowerExecutor:
         got: dict[int, Message] = {}
         reasons: dict[int, str] = {}
         attempts = 1 + (fed.retries if fed.on_failure == "retry" else 0)
+        # The hello also waits for the clients to start (Ray actors, imports, reading the data).
+        timeout = max(fed.timeout, fed.connect_timeout) if action == "hello" else fed.timeout
         for attempt in range(attempts):
             msgs = [Message(content, dst_node_id=node, message_type=mtype) for node, content in pending.items()]
             for content in pending.values():
                 self._count(action if action != "default" else category, M.record_bytes(content), up=False)
-            replies = list(self.grid.send_and_receive(msgs, timeout=fed.timeout))
+            replies = list(self.grid.send_and_receive(msgs, timeout=timeout))
             by_node = {r.metadata.src_node_id: r for r in replies}
             failed: dict[int, RecordDict] = {}
             for node, content in pending.items():
                 reply = by_node.get(node)
                 if reply is None:
-                    reasons[node] = f"no reply within {fed.timeout:g} s"
+                    reasons[node] = f"no reply within {timeout:g} s"
                     failed[node] = content
                 elif reply.has_error():
                     reasons[node] = short_reason(reply.error.reason)
