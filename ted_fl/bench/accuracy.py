@@ -120,14 +120,16 @@ def tune(dataset: str, base: ExperimentConfig, approaches: list[str], args: argp
             st = run_schedule(cfg, approach, 0, LocalExecutor(cfg, sites), run)
             score = val_score(st.rows, order)
             scores.append(score)
-            rows.append(dict(dataset=dataset, approach=approach, **point, val_score=score,
+            rows.append(dict(approach=approach, **point, val_score=score,
                              seconds=time.perf_counter() - t0))
             print(f"  tune {dataset} {approach} {label}: val mean-seen Dice {score:.4f}", flush=True)
         best = int(np.nanargmax(scores))
         chosen[approach] = points[best]
         for r in rows[-len(points):]:
             r["selected"] = "yes" if all(r.get(k) == v for k, v in points[best].items()) else ""
-    return pd.DataFrame(rows), chosen
+    df = pd.DataFrame(rows)
+    cols = ["approach", "lambda_d", "w_akt", "val_score", "selected", "seconds"]
+    return df[[c for c in cols if c in df.columns]], chosen
 
 
 def loss_text(point: dict[str, float]) -> str:

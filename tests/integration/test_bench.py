@@ -1,0 +1,51 @@
+"""`python -m ted_fl.bench SUBCOMMAND --quick`: each runs, prints a table and a headline line.
+
+Figures are not asserted (speed targets live in the benchmark's output, not in tests); what is
+checked is that every subcommand runs end to end, ends with its headline, and writes only its
+own section of the doc it is pointed at.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ted_fl.bench.common import write_section
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def bench(*args: str, tmp: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ted_fl.bench", *args, "--quick", "--out", str(tmp / "runs")],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ},
+    )
+
+
+def test_write_section_keeps_the_others(tmp_path: Path) -> None:
+    doc = tmp_path / "b.md"
+    write_section("probes", "## probes\n\np1", doc)
+    write_section("accuracy", "## accuracy\n\na1", doc)
+    write_section("probes", "## probes\n\np2", doc)
+    text = doc.read_text()
+    assert "a1" in text and "p2" in text and "p1" not in text
+    assert text.index("## accuracy") < text.index("## probes")  # canonical order
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["accuracy", "overhead", "scaling", "probes"])
+def test_quick(command: str, tmp_path: Path) -> None:
+    doc = tmp_path / "benchmarks.md"
+    extra = ["--seeds", "2"] if command == "accuracy" else []
+    proc = bench(command, *extra, "--doc", str(doc), tmp=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"{command}: "), last
+    assert "nan" not in last.lower(), last
+    text = doc.read_text()
+    assert f"<!-- bench:{command}:start -->" in text and f"## {command}" in text
+    assert "Command: `python -m ted_fl.bench" in text
