@@ -114,15 +114,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         stages = per_stage[per_stage.index >= 1] if len(per_stage) > 1 else per_stage  # stage 0 warms up
         rows.append(dict(
             sites=n, actors=int((os.cpu_count() or 1) // max(cfg.federated.num_cpus, 1e-9)),
-            train_s_per_stage=float(stages["round_s"].mean()), eval_s_per_stage=float(stages["eval_s"].mean()),
-            eval_s_per_site=float(stages["eval_s"].mean() / n), stage_s=float(stages["stage_s"].mean()),
+            train_s_per_stage=float(stages["round_s"].median()), eval_s_per_stage=float(stages["eval_s"].median()),
+            eval_s_per_site=float(stages["eval_s"].median() / n), stage_s=float(stages["stage_s"].median()),
             wall_s=m.wall_s, peak_rss_mib=C.mib(m.peak_rss), driver_peak_mib=C.mib(m.root_peak_rss),
             processes=m.peak_procs,
         ))
         print(f"  {n} sites: train {rows[-1]['train_s_per_stage']:.2f} s/stage, eval "
               f"{rows[-1]['eval_s_per_stage']:.2f} s/stage, peak {rows[-1]['peak_rss_mib']:.0f} MiB", flush=True)
     df = pd.DataFrame(rows)
-    C.print_table("scaling: per stage (stages 2..N; stage 1 warms the actors up)", df)
+    C.print_table("scaling: per stage, medians over stages 2..N (stage 1 warms the actors up)", df)
     first, last = df.iloc[0], df.iloc[-1]
     train_ratio = last["train_s_per_stage"] / first["train_s_per_stage"]
     mem_ratio = last["peak_rss_mib"] / first["peak_rss_mib"]
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             f"{cfg.data.size} px, {cfg.data.synthetic_volumes} volumes a site, U-Net channels "
             f"{cfg.model.channels}, approach {args.approach}, {cfg.train.rounds} rounds x "
             f"{cfg.train.steps_per_round} steps a stage, one `python -m ted_fl.simulate` per N with "
-            f"{int(first['actors'])} ClientApp actors (cores / federated.num_cpus). Per stage, means over "
+            f"{int(first['actors'])} ClientApp actors (cores / federated.num_cpus). Per stage, medians over "
             "stages 2..N: train = the stage's rounds (`round_s`), eval = the stage-end evaluation of "
             "every site's test split (`eval_s`), which grows with N by design (the R matrix has N "
             "columns). Peak RSS: summed over the whole process tree (driver with the server and Flower's "
