@@ -166,9 +166,12 @@ def run_section(run: RunDir, heading_level: int = 2) -> str:
     return "\n".join(out)
 
 
-def write_doc(run_dirs: list[str | Path], out: str | Path, title: str = "Results", intro: str = "") -> Path:
+def write_doc(run_dirs: list[str | Path], out: str | Path, title: str = "Results", intro: str = "",
+              intro_path: str = "") -> Path:
     runs = [RunDir.open(d) for d in run_dirs]
     regen = "python -m ted_fl.results_doc " + " ".join(str(r.path) for r in runs) + f" --out {out}"
+    if intro_path:
+        regen += f" --intro {intro_path}"
     parts = [
         f"# {title}",
         "",
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             if not ip.is_file():
                 raise TedFlError(f"--intro {ip}: no such file; pass a Markdown file or omit --intro")
             intro = ip.read_text()
-        path = write_doc(args.runs, args.out, args.title, intro)
+        path = write_doc(args.runs, args.out, args.title, intro, args.intro)
     except TedFlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
