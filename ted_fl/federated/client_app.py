@@ -150,22 +150,25 @@ def _teacher(context: Context, content: RecordDict, key: str) -> tuple[M.Weights
     return M.from_record(context.state["teacher"]), M.from_record(context.state["aux"])
 
 
-def _maybe_fail(c: dict, site: str, context: Context) -> None:
-    """Fault injection for tests: raise or stall at a chosen site and round, a set number of times."""
+def _maybe_fail(c: dict, site: str, context: Context) -> bool:
+    """Fault injection for tests: raise, stall, or (True: the caller leaks images into its reply)
+    at a chosen site and round, a set number of times."""
     spec = str(c.get("inject_fault", ""))
     if not spec:
-        return
+        return False
     f_site, f_round, mode, times = spec.split(":")
     if f_site != site or int(f_round) != int(c["round"]):
-        return
+        return False
     # Counted on the site's disk: a failed call's context.state changes are discarded by Flower.
     marker_dir = Path(str(c.get("client_state_dir", "") or "/tmp/ted-fl-faults")) / "faults"
     marker_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{c['approach']}-{c['seed']}-{c['stage']}-{c['round']}-{site}"
     seen = len(list(marker_dir.glob(f"{stem}.*")))
     if seen >= int(times):
-        return
+        return False
     (marker_dir / f"{stem}.{seen}").touch()
+    if mode == "leak":
+        return True
     if mode == "hang":
         time.sleep(float(c.get("timeout", 10)) + 5)
     raise RuntimeError(f"injected fault at site {site} round {c['round']}")
@@ -193,7 +196,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg = _config(context, msg.content)
     c = dict(msg.content[M.CONFIG])
     site, client = identity(context, cfg)
-    _maybe_fail(c, site, context)
+    leak = _maybe_fail(c, site, context)
     data, share = site_data(cfg, site, client)
     w = worker(cfg)
     teacher_mod, aux = None, {}
@@ -220,6 +223,8 @@ def train(msg: Message, context: Context) -> Message:
     })
     if out.val is not None:
         content[M.VAL] = M.metric_record(out.val)
+    if leak:  # test-only: a misbehaving client, which the audit mod must stop
+        content[M.WEIGHTS]["leak"] = Array(np.ascontiguousarray(share.images[:2]))
     return Message(content, reply_to=msg)
 
 

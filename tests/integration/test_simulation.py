@@ -173,3 +173,28 @@ def test_several_clients_per_site_and_retention(tmp_path: Path) -> None:
     assert by_stage[2] == ["BMC/0", "BMC/1", "I2CVB/0", "I2CVB/1"]
     dice = dice_rows(run_dir_of(proc.stdout))
     assert len(dice) == 4 * 3 and dice["value"].notna().all()
+
+
+def test_audit_stops_a_client_that_leaks_images(tmp_path: Path) -> None:
+    """The privacy audit sits on the real client path: a reply carrying images never arrives."""
+    cfg_path = write_config(tmp_path, federated__on_failure="abort")
+    proc = simulate("--config", str(cfg_path), "--approach", "seq",
+                    env={"TED_FL_INJECT_FAULT": "BMC:0:leak:9"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: site BMC failed in stage 1 round 0"), last
+    assert "privacy audit" in last and "shaped like the site's images" in last
+
+
+def test_teacher_travels_once_per_stage(fed: tuple[Path, RunDir]) -> None:
+    """Round 0 of a later stage carries the teacher on top of the weights; other rounds do not."""
+    _, run = fed
+    m = run.metrics()
+    comm = m[(m["approach"] == "ted_gugf") & (m["split"] == "comm")]
+    down = comm[comm["metric"] == "bytes_down"].set_index(["stage", "round"])["value"]
+    up = comm[comm["metric"] == "bytes_up"].set_index(["stage", "round"])["value"]
+    model_bytes = up.loc[(0, 0)]  # a reply: the weights (and a few metrics)
+    assert down.loc[(0, 0)] == pytest.approx(down.loc[(0, 1)], rel=0.01)
+    for stage in (1, 2):
+        extra = down.loc[(stage, 0)] - down.loc[(stage, 1)]
+        assert extra == pytest.approx(model_bytes, rel=0.05), (stage, extra, model_bytes)
