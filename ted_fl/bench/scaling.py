@@ -25,7 +25,7 @@ from ted_fl.config import ExperimentConfig, project_root
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("scaling", help="3..48 synthetic sites: time per stage and peak memory")
-    p.add_argument("--quick", action="store_true", help="3 and 6 sites only (the test suite's)")
+    p.add_argument("--quick", action="store_true", help="2 and 4 sites only (the test suite's)")
     p.add_argument("--sites", type=int, nargs="+", help="site counts (default 3 6 12 24 48)")
     p.add_argument("--approach", default="ted_gugf", help="approach (default ted_gugf: teacher + probes)")
     p.add_argument("--out", default="runs/bench", help="folder for the run directories")
@@ -101,7 +101,7 @@ def workload(n: int, work: Path, approach: str) -> ExperimentConfig:
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     import os
 
-    counts = args.sites or ([3, 6] if args.quick else [3, 6, 12, 24, 48])
+    counts = args.sites or ([2, 4] if args.quick else [3, 6, 12, 24, 48])
     work = Path(args.out) / time.strftime("scaling-%Y%m%d-%H%M%S")
     work.mkdir(parents=True, exist_ok=True)
     rows = []
