@@ -41,6 +41,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--lambdas", type=float, nargs="+", help="lambda_d grid (default 0.01 0.1 1)")
     p.add_argument("--w-akt", type=float, nargs="+", help="w_akt grid for ted/ted_gugf (default 1 0.1)")
     p.add_argument("--out", default="runs/bench", help="folder for the run directories")
+    p.add_argument("--resume", metavar="DIR", help="an earlier accuracy folder: reuse its finished runs")
     p.add_argument("--doc", help="write the section here (default docs/benchmarks.md unless --quick)")
     p.set_defaults(func=run)
 
@@ -104,6 +105,7 @@ def tune(dataset: str, base: ExperimentConfig, approaches: list[str], args: argp
     sites = load_sites(base.data, base.data.split_seed)
     order = [s.name for s in sites]
     rows, chosen = [], {}
+
     for approach in approaches:
         points = grid(approach, args)
         if points == [{}]:
@@ -114,14 +116,15 @@ def tune(dataset: str, base: ExperimentConfig, approaches: list[str], args: argp
             cfg = with_loss(base, point)
             cfg.approaches, cfg.seeds, cfg.train.eval_val_all = [approach], [0], True
             label = "-".join(f"{k}{v:g}" for k, v in point.items())
-            run = RunDir.create(work / "tune", f"{dataset}-{approach}-{label}")
-            run.write_config(cfg)
-            t0 = time.perf_counter()
-            st = run_schedule(cfg, approach, 0, LocalExecutor(cfg, sites), run)
-            score = val_score(st.rows, order)
+            done = finished(work / "tune", f"{dataset}-{approach}-{label}-", approach)
+            run = done or RunDir.create(work / "tune", f"{dataset}-{approach}-{label}")
+            if done is None:
+                run.write_config(cfg)
+                run_schedule(cfg, approach, 0, LocalExecutor(cfg, sites), run)
+            st = run.load_checkpoint(approach, 0, "last")
+            score = val_score(st["rows"], order)
             scores.append(score)
-            rows.append(dict(approach=approach, **point, val_score=score,
-                             seconds=time.perf_counter() - t0))
+            rows.append(dict(approach=approach, **point, val_score=score, seconds=float(st["wall"])))
             print(f"  tune {dataset} {approach} {label}: val mean-seen Dice {score:.4f}", flush=True)
         best = int(np.nanargmax(scores))
         chosen[approach] = points[best]
@@ -130,6 +133,18 @@ def tune(dataset: str, base: ExperimentConfig, approaches: list[str], args: argp
     df = pd.DataFrame(rows)
     cols = ["approach", "lambda_d", "w_akt", "val_score", "selected", "seconds"]
     return df[[c for c in cols if c in df.columns]], chosen
+
+
+def finished(folder: Path, prefix: str, approach: str) -> RunDir | None:
+    """A finished run directory named prefix* in `folder` (for --resume), else None."""
+    for p in sorted(folder.glob(f"{prefix}*")) if folder.is_dir() else []:
+        rest = p.name[len(prefix):]
+        if not rest[:1].isdigit():  # 'ted-lambda_d0.1-' must not match 'ted_gugf-...'
+            continue
+        st = RunDir(p).load_checkpoint(approach, 0, "last")
+        if st and st.get("done"):
+            return RunDir(p)
+    return None
 
 
 def loss_text(point: dict[str, float]) -> str:
@@ -150,15 +165,21 @@ def final_runs(dataset: str, base: ExperimentConfig, chosen: dict[str, dict[str,
         groups[()] = []
     first = next(iter(groups))
     groups[first] = free + groups[first]
-    pairs = []
+    pairs, runs_done = [], []
     for key, approaches in groups.items():
         cfg = with_loss(base, dict(key))
         cfg.approaches = [a for a in APPROACHES if a in approaches]
         cfg.seeds = seeds
         label = "-".join(f"{k}{v:g}" for k, v in key) or "default"
-        pairs.append((cfg, RunDir.create(work / "final", f"{dataset}-{label}")))
-    simulate_groups(pairs)
-    return [run for _, run in pairs]
+        old = sorted((work / "final").glob(f"{dataset}-{label}-2*")) if (work / "final").is_dir() else []
+        old = [RunDir(p) for p in old if (p / "summary.csv").is_file()]
+        if old and set(old[-1].summary()["approach"]) == set(cfg.approaches):
+            runs_done.append(old[-1])
+        else:
+            pairs.append((cfg, RunDir.create(work / "final", f"{dataset}-{label}")))
+    if pairs:
+        simulate_groups(pairs)
+    return runs_done + [run for _, run in pairs]
 
 
 def results_table(runs: list[RunDir], chosen: dict[str, dict[str, float]]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -173,6 +194,7 @@ def results_table(runs: list[RunDir], chosen: dict[str, dict[str, float]]) -> tu
         for k in ("avg", "bwt", "fwt", "plasticity", "forgetting"):
             row[k] = f"{s[k].mean():.3f} ± {s[k].std(ddof=1) if len(s) > 1 else 0.0:.3f}"
             row[f"_{k}"] = float(s[k].mean())
+            row[f"_{k}_sd"] = float(s[k].std(ddof=1)) if len(s) > 1 else 0.0
         for k in ("akt_mask_frac", "u_mean"):
             v = train[(train["approach"] == a) & (train["metric"] == k)]["value"]
             row[k] = float(v.mean()) if len(v) else float("nan")
@@ -182,53 +204,66 @@ def results_table(runs: list[RunDir], chosen: dict[str, dict[str, float]]) -> tu
     return table, pd.concat(raw, ignore_index=True)
 
 
-def verdict(dataset: str, table: pd.DataFrame) -> str:
+def verdict(dataset: str, table: pd.DataFrame, tuning: pd.DataFrame) -> str:
     """TED against KD in words, with the cause when TED does not win (from the same numbers)."""
     t = table.set_index("approach")
     if not {"kd", "ted_gugf"} <= set(t.index):
         return ""
     kd, ted = t.loc["kd"], t.loc["ted_gugf"]
     ratio = ted["_avg"] / kd["_avg"] if kd["_avg"] else float("nan")
-    if ted["_avg"] > kd["_avg"]:
-        return (f"{dataset}: TED (ted_gugf) beats KD on Avg Dice ({ted['_avg']:.3f} vs {kd['_avg']:.3f}, "
-                f"ratio {ratio:.2f}); BWT {ted['_bwt']:.3f} vs {kd['_bwt']:.3f}, plasticity "
-                f"{ted['_plasticity']:.3f} vs {kd['_plasticity']:.3f}.")
-    cause = []
-    if ted["_plasticity"] < kd["_plasticity"]:
-        cause.append(f"it learns the arriving site less well (plasticity {ted['_plasticity']:.3f} vs "
-                     f"{kd['_plasticity']:.3f})")
-    if ted["_bwt"] < kd["_bwt"]:
-        cause.append(f"it forgets more (BWT {ted['_bwt']:.3f} vs {kd['_bwt']:.3f})")
-    if not cause:
-        cause.append("the difference is within what the other columns explain")
-    mask = ted["akt_mask_frac"]
-    return (f"{dataset}: TED (ted_gugf) does **not** beat KD on Avg Dice ({ted['_avg']:.3f} vs "
-            f"{kd['_avg']:.3f}, ratio {ratio:.2f}): " + "; ".join(cause) + ". AKT acts on the "
-            f"{100 * mask:.1f} % of pixels where student and teacher disagree (mean akt_mask_frac), "
-            f"weighted by GUGF's uncertainty (mean u_mean {ted['u_mean']:.3f}).")
+    noise = max(ted["_avg_sd"], kd["_avg_sd"])
+    notes = []
+    if "seq" in t.index and t.loc["seq", "_bwt"] >= 0:
+        notes.append(f"Fine-tuning does not forget on this sequence at these settings (seq BWT "
+                     f"{t.loc['seq', '_bwt']:+.3f}: later sites even help the earlier ones), so "
+                     "distillation has nothing to protect here.")
+    sel = tuning[tuning.get("selected", "") == "yes"] if "selected" in tuning else tuning.iloc[0:0]
+    if len(sel) and "lambda_d" in tuning and (sel["lambda_d"] == tuning["lambda_d"].min()).all():
+        notes.append("Validation selected the smallest lambda_d of the grid for every distilling "
+                     "approach: the weakest distillation scores best.")
+    mask = (f"AKT acts on the {100 * ted['akt_mask_frac']:.1f} % of pixels where student and teacher "
+            f"disagree (mean akt_mask_frac), weighted by GUGF's uncertainty (mean u_mean "
+            f"{ted['u_mean']:.3f}).")
+    head = (f"Avg Dice {ted['_avg']:.3f} ± {ted['_avg_sd']:.3f} vs {kd['_avg']:.3f} ± {kd['_avg_sd']:.3f}, "
+            f"ratio {ratio:.2f}; BWT {ted['_bwt']:.3f} vs {kd['_bwt']:.3f}; plasticity "
+            f"{ted['_plasticity']:.3f} vs {kd['_plasticity']:.3f}")
+    if abs(ted["_avg"] - kd["_avg"]) <= noise:
+        text = (f"{dataset}: TED (ted_gugf) and KD are within one standard deviation over seeds ({head}): "
+                "no difference can be claimed.")
+    elif ted["_avg"] > kd["_avg"]:
+        text = f"{dataset}: TED (ted_gugf) beats KD ({head})."
+    else:
+        cause = []
+        if ted["_plasticity"] < kd["_plasticity"]:
+            cause.append("it learns the arriving site less well (plasticity)")
+        if ted["_bwt"] < kd["_bwt"]:
+            cause.append("it forgets more (BWT)")
+        text = (f"{dataset}: TED (ted_gugf) does **not** beat KD ({head}): "
+                + ("; ".join(cause) or "neither plasticity nor BWT explains it alone") + ".")
+    return " ".join([text, mask, *notes])
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     t_all = time.perf_counter()
     datasets = args.datasets or (["prostate"] if args.quick else ["retina", "prostate"])
     seeds = list(range(args.seeds if not args.quick else min(args.seeds, 2)))
-    work = Path(args.out) / time.strftime("accuracy-%Y%m%d-%H%M%S")
+    work = Path(args.resume) if args.resume else Path(args.out) / time.strftime("accuracy-%Y%m%d-%H%M%S")
     sections, headline = [], []
+    t_sched = 0.0
     for dataset in datasets:
         base = base_config(dataset, args)
         print(f"[{dataset}] tuning on validation (centralized runner, seed 0)", flush=True)
-        t0 = time.perf_counter()
         tuning, chosen = tune(dataset, base, APPROACHES, args, work)
-        t_tune = time.perf_counter() - t0
+        t_tune = float(tuning["seconds"].sum()) if len(tuning) else 0.0
         C.print_table(f"{dataset}: validation grid", tuning)
         print(f"[{dataset}] final runs: seeds {seeds}, federated simulator", flush=True)
-        t0 = time.perf_counter()
         runs = final_runs(dataset, base, chosen, seeds, work)
-        t_final = time.perf_counter() - t0
+        t_final = float(pd.concat([r.summary() for r in runs])["wall_s"].sum())  # the schedules' wall time
+        t_sched += t_tune + t_final
         table, _ = results_table(runs, chosen)
         shown = table[[c for c in table.columns if not c.startswith("_")]]
         C.print_table(f"{dataset}: test, mean ± std over {len(seeds)} seeds", shown)
-        text = verdict(dataset, table)
+        text = verdict(dataset, table, tuning)
         if text:
             print(text)
         t = table.set_index("approach")
@@ -245,7 +280,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             f"### {dataset}\n\nSettings: {settings}.\n\n"
             f"Tuning (centralized runner, seed 0, {t_tune:.0f} s): criterion = mean over stages of the "
             f"validation Dice of all sites seen so far.\n\n{C.md_table(tuning)}\n\n"
-            f"Test, federated simulator (Flower + Ray), seeds {seeds}, {t_final:.0f} s; plasticity = "
+            f"Test, federated simulator (Flower + Ray), seeds {seeds}, {t_final:.0f} s of schedule wall time; "
+            "plasticity = "
             f"Dice on the site just learned, akt_mask_frac / u_mean = means over training steps of "
             f"stages >= 2:\n\n{C.md_table(shown)}\n\n{text}\n\nRun directories: "
             + ", ".join(f"`{r.path}`" for r in runs)
@@ -255,7 +291,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if doc:
         body = (
             "## accuracy\n\n"
-            f"Command: `{C.command_line(argv)}` ({time.perf_counter() - t_all:.0f} s in all).\n\n"
+            f"Command: `{C.command_line(argv)}` "
+            + (f"(outputs of an earlier invocation reused from `{work}`; " if args.resume else
+               f"({time.perf_counter() - t_all:.0f} s in all; ")
+            + f"{t_sched:.0f} s of schedule wall time, tuning and test runs).\n\n"
             f"{C.machine_md()}\n\n"
             "Each distilling approach's weights are *selected* on the validation splits by the "
             "command itself (grid: lambda_d for kd; lambda_d x w_akt for ted and ted_gugf), using "
