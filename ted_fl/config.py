@@ -34,7 +34,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The 2-D MONAI U-Net; the default is the reference's (5 levels, 16 channels, batch norm)."""
+    """The 2-D MONAI U-Net; the default is the reference's (5 levels, 16 channels, batch norm).
+
+    With batch norm, a domain sequence whose sites differ in intensity statistics (the synthetic
+    prostate twin) forgets mostly through the running statistics, which the last site
+    overwrites and no loss term reaches: seq, kd and TED then forget alike. simulations/quick.toml
+    therefore uses norm = "instance" (docs/results.md has the measurements).
+    """
 
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
     strides: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
