@@ -29,7 +29,7 @@ def simulate_groups(groups: list[tuple[ExperimentConfig, RunDir]]) -> None:
     from ted_fl.cli import finish_run, load_and_record_sites
     from ted_fl.federated.client_app import app as client_app
     from ted_fl.federated.server_app import serve
-    from ted_fl.federated.simulation import POLL_S, backend_config, fast_message_polling
+    from ted_fl.federated.simulation import backend_config, fast_grid, fast_message_polling
 
     first = groups[0][0]
     n_sites = 0
@@ -45,8 +45,7 @@ def simulate_groups(groups: list[tuple[ExperimentConfig, RunDir]]) -> None:
 
     @server.main()
     def _main(grid: Grid, context: Any) -> None:
-        if hasattr(grid, "pull_interval"):
-            grid.pull_interval = POLL_S
+        fast_grid(grid)
         try:
             for cfg, run in groups:
                 run.log(f"simulate (bench group): approaches {cfg.approaches}, seeds {cfg.seeds}")

@@ -95,16 +95,11 @@ def message_path(cfg: ExperimentConfig, reps: int = 20) -> pd.DataFrame:
             fn()
             times.append(time.perf_counter() - t0)
         rows.append(dict(piece=name, ms=1000 * float(np.median(times))))
-    poll = _poll_s()
-    rows.append(dict(piece=f"polling wait per exchange, average (2 polls every {poll:g} s; Flower's own: 0.1 s)",
-                     ms=1000 * poll))
+    from ted_fl.federated.simulation import PULL_S
+
+    rows.append(dict(piece=f"polling wait per exchange, average (hand-over woken on push, replies polled every "
+                           f"{PULL_S:g} s; Flower's own: 2 polls every 0.1 s, 100 ms)", ms=1000 * PULL_S / 2))
     return pd.DataFrame(rows)
-
-
-def _poll_s() -> float:
-    from ted_fl.federated.simulation import POLL_S
-
-    return POLL_S  # two polls per exchange, each waiting half a period on average
 
 
 def steady_rounds(run: C.RunDir) -> pd.Series:
@@ -193,7 +188,8 @@ each piece of the message path in isolation; the table above is the measurement)
 * **Flower's polling.** Flower 1.41's simulation runtime hands messages to the Ray backend
   from a thread that polls every 0.1 s, and the ServerApp's `InMemoryGrid` polls for replies
   every 0.1 s: ~0.1 s of idle latency per exchange, i.e. per round. `ted_fl.federated.simulation`
-  now polls every 10 ms (`fast_message_polling`, `POLL_S`).
+  now wakes the hand-over as soon as the ServerApp pushes and polls for replies every 1 ms
+  (`fast_message_polling`, `fast_grid`).
 * **What travels per round** (the model record both ways, the SKA probes down, Adam's moments
   in and out of `context.state`, which Flower ships to the Ray actor and back with every
   message, and the optimizer file on the site's disk): see the message-path table; the teacher travels once per stage (see the probes section),
