@@ -11,6 +11,7 @@ from typing import Any
 from ted_fl.config import ExperimentConfig
 from ted_fl.results import RunDir
 
+FLOWER_POLLING_ENV = "TED_FL_FLOWER_POLLING"  # "1": keep Flower's 0.1 s message polling (benchmarks)
 FAULT_ENV = "TED_FL_INJECT_FAULT"  # test-only: "SITE:ROUND:raise|hang:TIMES"
 
 
@@ -45,6 +46,8 @@ def fast_message_polling() -> None:
 
     from flwr.server.superlink.fleet.vce import vce_api
 
+    if os.environ.get(FLOWER_POLLING_ENV):  # measure Flower's own latency (bench overhead --flower-polling)
+        return
     original = getattr(vce_api, "add_messages_to_queue", None)
     if original is None or getattr(original, "_ted_fl", False):
         return
@@ -65,7 +68,7 @@ def fast_message_polling() -> None:
 
 def fast_grid(grid: Any) -> None:
     """The ServerApp's side of `fast_message_polling`: wake the hand-over on push, poll replies often."""
-    if not hasattr(grid, "pull_interval") or getattr(grid, "_ted_fl", False):
+    if not hasattr(grid, "pull_interval") or getattr(grid, "_ted_fl", False) or os.environ.get(FLOWER_POLLING_ENV):
         return
     grid.pull_interval = PULL_S
     push = grid.push_messages
