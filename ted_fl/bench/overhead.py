@@ -27,6 +27,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--quick", action="store_true", help="tiny workload, one pair (the test suite's)")
     p.add_argument("--config", default="quick", help="workload: an experiment file (default quick.toml)")
     p.add_argument("--repeats", type=int, help="C, F pairs (default 2; --quick 1)")
+    p.add_argument("--flower-polling", action="store_true",
+                   help="keep Flower's own 0.1 s message polling in the simulator (the 'before' of the fix)")
     p.add_argument("--out", default="runs/bench", help="folder for the run directories")
     p.add_argument("--doc", help="write the section here (default docs/benchmarks.md unless --quick)")
     p.set_defaults(func=run)
@@ -116,7 +118,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     rows = []
     for i in range(repeats):
         for mode in ("centralized", "simulate"):
-            m = C.run_cli(mode, cfg, work, f"{mode}-{i}")
+            env = {"TED_FL_FLOWER_POLLING": "1"} if args.flower_polling and mode == "simulate" else None
+            m = C.run_cli(mode, cfg, work, f"{mode}-{i}", env=env)
             t = C.time_rows(m.run)
             rounds = steady_rounds(m.run)
             rows.append(dict(
