@@ -198,6 +198,11 @@ each piece of the message path in isolation; the table above is the measurement)
   message, and the optimizer file on the site's disk): see the message-path table; the teacher travels once per stage (see the probes section),
   and the arriving site's validation score comes back with its training reply (`want_val`),
   so a round is one exchange.
+* **The rest of a round's added time** is Flower's and Ray's own per-message runtime (the
+  actor call, and the node's `Context` shipped to the actor and back with every message: it
+  carries the stage's teacher and Adam's moments in `context.state`); it is not broken down
+  further here (py-spy could not sample the Ray actors). It is roughly constant per round, so
+  the per-round ratio falls as rounds get longer (more steps, bigger images or models).
 * **Fixed costs** that a short workload cannot amortise: Ray's start (GCS, raylet, one
   ClientApp actor per core) and each actor's first load of a site's data (the first round
   of a stage). They dominate the end-to-end ratio of a workload of a minute or two, and they
