@@ -112,9 +112,11 @@ def readme_block(run: RunDir, target: str) -> str:
     """The measured figures of one run, compact enough for a README, with how to regenerate them."""
     _, summary = run_tables(run)
     command = _read(run, "command.txt") or "(not recorded)"
+    done = [ln for ln in (_read(run, "run.log") or "").splitlines() if " done in " in ln]
+    whole = f", {float(done[-1].split(' done in ')[1].split()[0]):.0f} s in all (Ray start included)" if done else ""
     return "\n".join([
-        f"Measured with `{command}` on {machine_line(run)} (run `{run.path.name}`; this block is written "
-        f"by `python -m ted_fl.results_doc RUN_DIR --readme {target}`):",
+        f"Measured with `{command}` on {machine_line(run)}{whole} (run `{run.path.name}`; this block is "
+        f"written by `python -m ted_fl.results_doc RUN_DIR --readme {target}`):",
         "",
         md_table(summary, index=True, index_name="approach"),
         "",
