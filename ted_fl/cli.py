@@ -227,13 +227,17 @@ def machine_info() -> dict[str, Any]:
     """Where a run ran (CPU, cores, OS, library versions): wall times mean little without it."""
     import os
     import platform
+    from importlib.metadata import version
 
+    import psutil
     import torch
 
     return {
         "platform": platform.platform(), "machine": platform.machine(),
         "processor": _cpu_model() or platform.processor(), "cpus": os.cpu_count(),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(), "torch": torch.__version__,
+        "flwr": version("flwr"), "ray": version("ray"),
         "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
     }
 

@@ -246,27 +246,38 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def toml_value(v: Any) -> str:
+    """One TOML value: scalars, lists and inline tables."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
 def dump_toml(data: dict[str, Any]) -> str:
-    """Write a nested dict of scalars/lists as TOML (enough for our configs)."""
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, list):
-            return "[" + ", ".join(fmt(x) for x in v) + "]"
-        if isinstance(v, float):
-            return repr(v)
-        return str(v)
-
+    """Write nested dicts as TOML: scalars, then [tables], then [[arrays of tables]], recursively."""
     lines: list[str] = []
-    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
-    for k, v in data.items():
-        if not isinstance(v, dict):
-            lines.append(f"{k} = {fmt(v)}")
-    for name, table in tables.items():
-        lines.append(f"\n[{name}]")
+
+    def emit(table: dict[str, Any], prefix: str) -> None:
+        is_array = {k for k, v in table.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)}
         for k, v in table.items():
-            lines.append(f"{k} = {fmt(v)}")
+            if not isinstance(v, dict) and k not in is_array:
+                lines.append(f"{k} = {toml_value(v)}")
+        for k, v in table.items():
+            if isinstance(v, dict):
+                lines.append(f"\n[{prefix}{k}]")
+                emit(v, f"{prefix}{k}.")
+        for k in is_array:
+            for item in table[k]:
+                lines.append(f"\n[[{prefix}{k}]]")
+                emit(item, f"{prefix}{k}.")
+
+    emit(data, "")
     return "\n".join(lines) + "\n"

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
-import re
 import shlex
 import subprocess
 import sys
@@ -18,6 +16,7 @@ from typing import Any
 import pandas as pd
 import psutil
 
+from ted_fl import markdown
 from ted_fl.config import ExperimentConfig, dump_toml, project_root, to_dict
 from ted_fl.errors import TedFlError
 from ted_fl.results import RunDir
@@ -33,35 +32,15 @@ rerun the command.
 
 
 def machine() -> dict[str, str]:
-    """Cores, RAM, CPU model and library versions: the context every figure needs."""
-    import flwr
-    import ray
-    import torch
+    """Cores, RAM, CPU model and library versions: the context every figure needs (as machine.json)."""
+    from ted_fl.cli import machine_info
 
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    m = machine_info()
     return {
-        "cores": str(os.cpu_count()),
-        "ram": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
-        "cpu": model,
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "flwr": flwr.__version__ if hasattr(flwr, "__version__") else _version("flwr"),
-        "ray": ray.__version__,
+        "cores": str(m["cpus"]), "ram": f"{m['ram_gib']} GiB", "cpu": str(m["processor"]),
+        "os": str(m["platform"]), "python": str(m["python"]), "torch": str(m["torch"]),
+        "flwr": str(m["flwr"]), "ray": str(m["ray"]),
     }
-
-
-def _version(pkg: str) -> str:
-    from importlib.metadata import version
-
-    return version(pkg)
 
 
 def machine_md() -> str:
@@ -161,19 +140,9 @@ def time_rows(run: RunDir) -> pd.DataFrame:
     return m[m["split"] == "time"]
 
 
-def fmt(v: Any, digits: int = 3) -> str:
-    if isinstance(v, float):
-        return "nan" if v != v else f"{v:.{digits}f}"
-    return str(v)
-
-
 def md_table(df: pd.DataFrame) -> str:
     """A GitHub markdown table of a small frame (strings as given, floats to 3 decimals)."""
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for _, row in df.iterrows():
-        lines.append("| " + " | ".join(fmt(row[c]) for c in cols) + " |")
-    return "\n".join(lines)
+    return markdown.md_table(df)
 
 
 def print_table(title: str, df: pd.DataFrame) -> None:
@@ -191,22 +160,7 @@ def command_line(argv: list[str]) -> str:
 
 def write_section(name: str, body: str, doc: Path = DOC) -> Path:
     """Replace this subcommand's section of the benchmark doc (the others stay as they are)."""
-    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
-    text = doc.read_text() if doc.is_file() else DOC_HEADER
-    block = f"{start}\n{body.strip()}\n{end}"
-    if start in text and end in text:
-        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        # Keep the sections in their canonical order whatever order they are generated in.
-        later = [s for s in SECTIONS[SECTIONS.index(name) + 1 :] if f"<!-- bench:{s}:start -->" in text]
-        if later:
-            anchor = f"<!-- bench:{later[0]}:start -->"
-            text = text.replace(anchor, block + "\n\n" + anchor, 1)
-        else:
-            text = text.rstrip() + "\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
-    return doc
+    return markdown.write_section(doc, name, body, header=DOC_HEADER, order=list(SECTIONS), tag="bench")
 
 
 def doc_target(args: Any) -> Path | None:

@@ -9,10 +9,6 @@ schedule as `python -m ted_fl.simulate`, without paying Ray's start-up per confi
 
 from __future__ import annotations
 
-import logging
-import warnings
-from typing import Any
-
 from ted_fl.config import ExperimentConfig
 from ted_fl.results import RunDir
 
@@ -23,13 +19,8 @@ def simulate_groups(groups: list[tuple[ExperimentConfig, RunDir]]) -> None:
     All configurations must share the data section (same sites, so the same client nodes).
     Each run directory is finished like a `simulate` run (metrics.csv, summary.csv).
     """
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.simulation import run_simulation
-
     from ted_fl.cli import finish_run, load_and_record_sites
-    from ted_fl.federated.client_app import app as client_app
-    from ted_fl.federated.server_app import serve
-    from ted_fl.federated.simulation import backend_config, fast_grid, fast_message_polling
+    from ted_fl.federated.simulation import simulate_groups as serve_groups
 
     first = groups[0][0]
     n_sites = 0
@@ -38,29 +29,6 @@ def simulate_groups(groups: list[tuple[ExperimentConfig, RunDir]]) -> None:
             raise ValueError("simulate_groups: every configuration must share [data] and clients_per_site")
         run.write_config(cfg)
         n_sites = len(load_and_record_sites(cfg, run))
-    error: list[BaseException] = []
-    extras: list[dict[tuple[str, int], dict[str, Any]]] = []
-
-    server = ServerApp()
-
-    @server.main()
-    def _main(grid: Grid, context: Any) -> None:
-        fast_grid(grid)
-        try:
-            for cfg, run in groups:
-                run.log(f"simulate (bench group): approaches {cfg.approaches}, seeds {cfg.seeds}")
-                extras.append(serve(grid, cfg, run))
-        except BaseException as exc:  # surfaced after the simulation shuts down
-            error.append(exc)
-
-    logging.getLogger("flwr").setLevel(logging.ERROR)
-    fast_message_polling()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_simulation(server_app=server, client_app=client_app,
-                       num_supernodes=n_sites * first.federated.clients_per_site,
-                       backend_config=backend_config(first))  # type: ignore[arg-type]
-    if error:
-        raise error[0]
+    extras = serve_groups(groups, n_sites * first.federated.clients_per_site)
     for (cfg, run), ex in zip(groups, extras, strict=True):
         finish_run(cfg, run, ex)

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from ted_fl.bench import common as C
-from ted_fl.config import ExperimentConfig, project_root
+from ted_fl.config import ExperimentConfig, dump_toml, project_root
 
 
 def add_parser(sub: Any) -> None:
@@ -33,43 +33,13 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    return repr(v) if isinstance(v, float) else str(v)
-
-
-def _table(lines: list[str], name: str, data: dict[str, Any], array: bool = False) -> None:
-    lines.append(f"\n[[{name}]]" if array else f"\n[{name}]")
-    subtables = {k: v for k, v in data.items() if isinstance(v, dict)}
-    for k, v in data.items():
-        if not isinstance(v, dict):
-            lines.append(f"{k} = {_toml_value(v)}")
-    for k, v in subtables.items():
-        _table(lines, f"{name}.{k}", v)
-
-
 def site_set_toml(n: int) -> str:
     """A site set of `n` synthetic prostate sites: the six twins cycled, each copy shifted a bit."""
     base = tomllib.loads((project_root() / "sites" / "prostate.toml").read_text())
     sites = base.pop("sites")
-    defaults = base.pop("defaults")
-    out: list[str] = []
     base["name"] = f"scaling{n}"
     base["description"] = f"{n} synthetic prostate sites (the prostate twin cycled with varied parameters)"
-    for k, v in base.items():
-        if not isinstance(v, dict):
-            out.append(f"{k} = {_toml_value(v)}")
-    for k, v in base.items():
-        if isinstance(v, dict):
-            _table(out, k, v)
-    _table(out, "defaults", defaults)
+    base["sites"] = []
     for i in range(n):
         cycle, site = divmod(i, len(sites))
         entry = copy.deepcopy(sites[site])
@@ -79,8 +49,8 @@ def site_set_toml(n: int) -> str:
         syn["noise_std"] = float(syn.get("noise_std", 0.02)) * (1.0 + 0.25 * cycle)
         syn["gamma"] = float(syn.get("gamma", 1.0)) * (1.0 + 0.05 * cycle)
         syn["zoom"] = float(syn.get("zoom", 1.0)) * (1.0 - 0.03 * cycle)
-        _table(out, "sites", entry, array=True)
-    return "\n".join(out).lstrip() + "\n"
+        base["sites"].append(entry)
+    return dump_toml(base)
 
 
 def workload(n: int, work: Path, approach: str) -> ExperimentConfig:

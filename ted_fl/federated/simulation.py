@@ -82,30 +82,33 @@ def fast_grid(grid: Any) -> None:
     grid._ted_fl = True
 
 
-def execute_federated(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[tuple[str, int], dict[str, Any]]:
-    """Run every approach and seed of `cfg` in one Flower simulation (Ray starts once)."""
+def simulate_groups(
+    groups: list[tuple[ExperimentConfig, RunDir]],
+    num_nodes: int,
+    progress: Any = None,
+    fault: str = "",
+) -> list[dict[tuple[str, int], dict[str, Any]]]:
+    """Serve every (config, run directory) in turn inside ONE Flower simulation (Ray starts once).
+
+    Every configuration must use the same client nodes (same sites and clients per site); each
+    gets its own FlowerExecutor, whose hello carries that configuration to the clients.
+    """
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from ted_fl.cli import Progress, load_and_record_sites, total_rounds
     from ted_fl.federated.client_app import app as client_app
     from ted_fl.federated.server_app import serve
 
-    # The launcher checks the data and writes the synthetic twin's files once; the server never
-    # sees the arrays (each client loads its own site).
-    sites = load_and_record_sites(cfg, run)
-    progress = Progress(total_rounds(cfg, len(sites)), quiet)
-    extras: dict[tuple[str, int], dict[str, Any]] = {}
-    fault = os.environ.get(FAULT_ENV, "")
+    extras: list[dict[tuple[str, int], dict[str, Any]]] = []
     error: list[BaseException] = []
-
     server = ServerApp()
 
     @server.main()
     def _main(grid: Grid, context: Any) -> None:
         fast_grid(grid)
         try:
-            extras.update(serve(grid, cfg, run, progress, fault))
+            for cfg, run in groups:
+                extras.append(serve(grid, cfg, run, progress, fault))
         except BaseException as exc:  # surfaced after the simulation shuts down
             error.append(exc)
 
@@ -113,15 +116,24 @@ def execute_federated(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[t
     fast_message_polling()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            run_simulation(
-                server_app=server,
-                client_app=client_app,
-                num_supernodes=len(sites) * cfg.federated.clients_per_site,
-                backend_config=backend_config(cfg),  # type: ignore[arg-type]
-            )
-        finally:
-            progress.close()
+        run_simulation(server_app=server, client_app=client_app, num_supernodes=num_nodes,
+                       backend_config=backend_config(groups[0][0]))  # type: ignore[arg-type]
     if error:
         raise error[0]
+    return extras
+
+
+def execute_federated(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[tuple[str, int], dict[str, Any]]:
+    """Run every approach and seed of `cfg` in one Flower simulation (Ray starts once)."""
+    from ted_fl.cli import Progress, load_and_record_sites, total_rounds
+
+    # The launcher checks the data and writes the synthetic twin's files once; the server never
+    # sees the arrays (each client loads its own site).
+    sites = load_and_record_sites(cfg, run)
+    progress = Progress(total_rounds(cfg, len(sites)), quiet)
+    try:
+        (extras,) = simulate_groups([(cfg, run)], len(sites) * cfg.federated.clients_per_site,
+                                    progress, os.environ.get(FAULT_ENV, ""))
+    finally:
+        progress.close()
     return extras
