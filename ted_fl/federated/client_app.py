@@ -9,6 +9,7 @@ resumed run continues exactly. Replies carry weights, the number of examples and
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import time
@@ -100,43 +101,53 @@ def _opt_from_array(arr: Array) -> dict[str, Any]:
 
 
 def _state_file(c: dict, site: str, client: int, context: Context | None = None) -> Path | None:
-    """Where this site keeps its optimizer state: its node config's `state-dir` (a deployed
+    """The folder where this site keeps its optimizer state: its node config's `state-dir` (a deployed
     SuperNode's own disk), else the folder the simulation names in the run directory."""
     node_dir = context.node_config.get("state-dir") if context is not None else None
     d = str(node_dir or c.get("client_state_dir", ""))
-    return Path(d) / f"{site}-{client}" / "optimizer.pt" if d else None
+    return Path(d) / f"{site}-{client}" if d else None
 
 
 def _load_optimizer(context: Context, c: dict, site: str, client: int) -> dict[str, Any] | None:
-    """Adam's moments from the previous round of this stage, or None at a stage's first round."""
-    want = f"{c['approach']}|{c['seed']}|{c['stage']}|{int(c['round']) - 1}"
+    """Adam's moments from the previous round of this stage, or None at a stage's first round.
+
+    From this process's memory when it served that round, else from the site's disk (another
+    Ray worker served it, or the run was resumed), else from context.state (no state folder).
+    """
     if int(c["round"]) == 0:
         return None
+    want = f"{c['approach']}|{c['seed']}|{c['stage']}|{int(c['round']) - 1}"
+    path = _state_file(c, site, client, context)
+    cached = _CACHE.get(("optimizer", str(path), site, client))
+    if cached is not None and cached[0] == want:
+        return copy.deepcopy(cached[1])
+    if path is not None:
+        file = path / f"{want.replace('|', '_')}.pt"
+        return torch.load(file, weights_only=False) if file.is_file() else None
     if "optimizer" in context.state and str(context.state["optimizer_meta"]["tag"]) == want:
         return _opt_from_array(context.state["optimizer"]["state"])
-    path = _state_file(c, site, client, context)
-    if path is not None and path.is_file():
-        saved = torch.load(path, weights_only=False)
-        if saved.get(want) is not None:
-            return saved[want]
     return None
 
 
 def _save_optimizer(context: Context, c: dict, site: str, client: int, state: dict[str, Any]) -> None:
+    """Keep the round's optimizer state in memory and on the site's own disk (for resume)."""
     tag = f"{c['approach']}|{c['seed']}|{c['stage']}|{c['round']}"
-    context.state["optimizer"] = ArrayRecord({"state": _opt_to_array(state)})
-    context.state["optimizer_meta"] = ConfigRecord({"tag": tag})
     path = _state_file(c, site, client, context)
-    if path is not None:
-        # Keep this round and the previous one: a resume may redo the round in flight.
-        path.parent.mkdir(parents=True, exist_ok=True)
-        old = torch.load(path, weights_only=False) if path.is_file() else {}
-        keep = {k: v for k, v in old.items() if k.rsplit("|", 1)[0] == tag.rsplit("|", 1)[0]}
-        keep = dict(sorted(keep.items(), key=lambda kv: int(kv[0].rsplit("|", 1)[1]))[-1:])
-        keep[tag] = state
-        tmp = path.with_suffix(".tmp")
-        torch.save(keep, tmp)
-        os.replace(tmp, path)
+    _CACHE[("optimizer", str(path), site, client)] = (tag, state)
+    if path is None:  # nowhere on disk: keep it in the node's context (it then travels with it)
+        context.state["optimizer"] = ArrayRecord({"state": _opt_to_array(state)})
+        context.state["optimizer_meta"] = ConfigRecord({"tag": tag})
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    file = path / f"{tag.replace('|', '_')}.pt"
+    tmp = file.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, file)
+    # Keep this round and the previous one: a resume may redo the round in flight.
+    prev = f"{c['approach']}|{c['seed']}|{c['stage']}|{int(c['round']) - 1}".replace("|", "_") + ".pt"
+    for old in path.glob("*.pt"):
+        if old.name not in (file.name, prev):
+            old.unlink(missing_ok=True)
 
 
 def _teacher(context: Context, content: RecordDict, key: str) -> tuple[M.Weights | None, M.Weights]:
