@@ -46,7 +46,6 @@ def workload(args: argparse.Namespace) -> ExperimentConfig:
 
 def message_path(cfg: ExperimentConfig, reps: int = 20) -> pd.DataFrame:
     """Each piece of a round's message path, timed alone on the workload's model (median ms)."""
-    import io
     import pickle
     import tempfile
 
@@ -70,24 +69,15 @@ def message_path(cfg: ExperimentConfig, reps: int = 20) -> pd.DataFrame:
     msg = RecordDict({M.WEIGHTS: rec, M.PROBES: ArrayRecord({"probes": Array(probes.numpy())})})
     tmp = Path(tempfile.mkdtemp()) / "optimizer.pt"
 
-    def opt_bytes() -> bytes:
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        return buf.getvalue()
-
     def opt_file() -> None:
-        old = torch.load(tmp, weights_only=False) if tmp.is_file() else {}
-        old["x"] = state
-        torch.save(old, tmp)
+        torch.save(state, tmp)
 
     pieces = {
         "weights -> ArrayRecord (server and client)": lambda: M.to_record(weights),
         "ArrayRecord -> weights (server and client)": lambda: M.from_record(rec),
         "SKA probes synthesised (server, per round)": lambda: make_probes(1, count, probes.shape[1:], cfg.loss),
         "train message pickled + unpickled (Ray)": lambda: pickle.loads(pickle.dumps(msg)),
-        "Adam state to bytes (context.state)": opt_bytes,
-        "Adam state from bytes (context.state)": lambda: torch.load(io.BytesIO(opt_bytes()), weights_only=False),
-        "Adam state file on the site's disk": opt_file,
+        "Adam state file on the site's disk (written every round)": opt_file,
     }
     rows = []
     for name, fn in pieces.items():
@@ -193,14 +183,14 @@ each piece of the message path in isolation; the table above is the measurement)
   every 0.1 s: ~0.1 s of idle latency per exchange, i.e. per round. `ted_fl.federated.simulation`
   now wakes the hand-over as soon as the ServerApp pushes and polls for replies every 1 ms
   (`fast_message_polling`, `fast_grid`).
-* **What travels per round** (the model record both ways, the SKA probes down, Adam's moments
-  in and out of `context.state`, which Flower ships to the Ray actor and back with every
-  message, and the optimizer file on the site's disk): see the message-path table; the teacher travels once per stage (see the probes section),
+* **What travels per round** (the model record both ways, the SKA probes down; Adam's moments
+  stay in the worker's memory and in one file a round on the site's disk, for resume): see the
+  message-path table; the teacher travels once per stage (see the probes section),
   and the arriving site's validation score comes back with its training reply (`want_val`),
   so a round is one exchange.
 * **The rest of a round's added time** is Flower's and Ray's own per-message runtime (the
   actor call, and the node's `Context` shipped to the actor and back with every message: it
-  carries the stage's teacher and Adam's moments in `context.state`); it is not broken down
+  carries the stage's teacher in `context.state`); it is not broken down
   further here (py-spy could not sample the Ray actors). It is roughly constant per round, so
   the per-round ratio falls as rounds get longer (more steps, bigger images or models).
 * **Fixed costs** that a short workload cannot amortise: Ray's start (GCS, raylet, one
