@@ -45,3 +45,17 @@ def test_readme_block_replaces_only_its_section(run: RunDir, tmp_path: Path) -> 
 def test_bad_run_dir_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(tmp_path), "--out", str(tmp_path / "x.md")]) == 2
     assert "not a ted-fl run directory" in capsys.readouterr().err
+
+
+def test_bn_stats_diagnostic(run: RunDir, capsys: pytest.CaptureFixture[str]) -> None:
+    """Re-estimating BN statistics per site leaves the weights alone and scores every site."""
+    from ted_fl.diagnose import main as diagnose
+
+    assert diagnose(["bn-stats", str(run.path), "--approach", "seq"]) == 0
+    import pandas as pd
+
+    df = pd.read_csv(run.path / "diagnostics" / "bn_stats-seq-seed0.csv")
+    assert list(df["site"]) == ["RUNMC", "BMC", "I2CVB"]
+    assert df[["dice_final_stats", "dice_own_stats"]].stack().between(0, 1).all()
+    assert "bn-stats: mean test Dice" in capsys.readouterr().out
+    assert diagnose(["bn-stats", str(run.path), "--approach", "nope"]) == 2
