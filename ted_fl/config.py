@@ -42,6 +42,7 @@ class ModelConfig:
     therefore uses norm = "instance" (docs/results.md has the measurements).
     """
 
+    name: str = "monai_unet"  # a registered network (ted_fl.continual.networks.NETWORKS)
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
     strides: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
     num_res_units: int = 0

@@ -1,6 +1,14 @@
-"""The 2-D MONAI U-Net with its intermediate features reachable (PLOP's POD, analysis)."""
+"""Segmentation networks by name (`model.name`), each with its intermediate features reachable.
+
+Every network is an `nn.Module` whose `forward(x)` returns logits (B, out_channels, H, W) and whose
+`forward_features(x)` returns `(logits, {name: feature})` from the same pass (PLOP's POD,
+distillation of features, analysis). A new network is one builder registered with
+`@register_network("name")`; `build_model(cfg)` looks `cfg.name` up.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from monai.networks.nets import UNet
@@ -88,9 +96,31 @@ class SegNet(nn.Module):
         return logits, feats
 
 
-def build_model(cfg: ModelConfig) -> SegNet:
-    """The segmentation network every approach trains (the reference: 5 levels, 16 ch, batch norm)."""
+NETWORKS: dict[str, Callable[[ModelConfig], nn.Module]] = {}
+
+
+def register_network(name: str) -> Callable[[Callable[[ModelConfig], nn.Module]], Callable[[ModelConfig], nn.Module]]:
+    """Register a builder `ModelConfig -> nn.Module` under `model.name = name`."""
+
+    def wrap(builder: Callable[[ModelConfig], nn.Module]) -> Callable[[ModelConfig], nn.Module]:
+        if name in NETWORKS:
+            raise ValueError(f"network '{name}' registered twice")
+        NETWORKS[name] = builder
+        return builder
+
+    return wrap
+
+
+@register_network("monai_unet")
+def _monai_unet(cfg: ModelConfig) -> nn.Module:
     return SegNet(cfg)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The segmentation network named by `cfg.name` (default: the MONAI UNet)."""
+    if cfg.name not in NETWORKS:
+        raise unknown("network", cfg.name, sorted(NETWORKS), "model.name")
+    return NETWORKS[cfg.name](cfg)
 
 
 def tiny_model_config(norm: str = "batch") -> ModelConfig:
@@ -99,7 +129,7 @@ def tiny_model_config(norm: str = "batch") -> ModelConfig:
 
 
 def features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`forward_features` for a SegNet; a plain module gives its logits and no features."""
-    if isinstance(model, SegNet):
+    """`forward_features` when the network has it; a plain module gives its logits and no features."""
+    if hasattr(model, "forward_features"):
         return model.forward_features(x)
     return model(x), {}
