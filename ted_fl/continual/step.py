@@ -14,6 +14,14 @@ on CPU-sized budgets collapses it to background (measured on the synthetic prost
 alone at lambda_d = 1 drops every site's Dice to 0). By default the probe forward uses batch
 statistics without updating the running ones; `loss.probe_bn_update = true` restores the
 reference behaviour.
+
+Cost (`python -m ted_fl.bench step`): the teacher runs under torch.inference_mode; when its
+forward is per-sample (teacher_mode "eval", or a network without batch norm, whose "train"
+mode differs only by batch statistics) it runs ONCE over the batch and the probes
+concatenated, and the probabilities are computed once over both. With teacher_mode "train"
+and batch norm the two forwards stay separate: the batch statistics of a joint forward would
+mix images and noise (the reference normalises each by its own). The student's two forwards
+always stay separate, for the same reason (train-mode batch norm).
 """
 
 from __future__ import annotations
@@ -79,6 +87,11 @@ def teacher_mode(teacher: nn.Module, mode: str) -> Iterator[nn.Module]:
         teacher.train(was_training)
 
 
+def per_sample_teacher(teacher: nn.Module, mode: str) -> bool:
+    """Whether the teacher's output for one image is independent of the rest of its batch."""
+    return mode == "eval" or not any(isinstance(m, _BatchNorm) for m in teacher.modules())
+
+
 def train_step(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -88,12 +101,14 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     probes: torch.Tensor | None = None,
     aux: Mapping[str, torch.Tensor] | None = None,
+    fuse_teacher: bool = True,
 ) -> dict[str, float]:
     """One optimizer step on (images, masks); returns every term's unweighted value and "total".
 
     Terms that do not apply (no teacher on the first site, no aux state yet) report 0.0 and
     add nothing. SKA uses `probes` when given, else draws noise of the images' shape from
     torch's global RNG (as the reference's randn_like). GUGF adds u_mean / u_max.
+    `fuse_teacher` False forces one teacher forward per input (the reference's; same numbers).
     """
     cfg = approach.loss_cfg
     student.train()
@@ -109,19 +124,32 @@ def train_step(
     if use_teacher:
         assert teacher is not None
         freeze(teacher)
-        with teacher_mode(teacher, cfg.teacher_mode), torch.no_grad():
-            if want_feats:
+        if approach.needs_probes:
+            if probes is None:
+                count = cfg.ska_count or images.shape[0]
+                probes = draw_probes(None, count, tuple(images.shape[1:]), cfg)
+            probes = probes.to(images)
+        fuse = (fuse_teacher and approach.needs_probes and not want_feats
+                and per_sample_teacher(teacher, cfg.teacher_mode))
+        # Inference tensors (no autograd bookkeeping) out; the probabilities below are computed
+        # outside inference mode, so the terms may save them for the student's backward.
+        with teacher_mode(teacher, cfg.teacher_mode), torch.inference_mode():
+            if fuse:
+                t_all = teacher(torch.cat([images, probes]))
+            elif want_feats:
                 t_logits, s.teacher_feats = features(teacher, images)
             else:
                 t_logits = teacher(images)
-            s.teacher_logits = t_logits
-            s.q = T.probabilities(t_logits)
+            if approach.needs_probes and not fuse:
+                t_probe = teacher(probes)
+        if fuse:
+            q_all = T.probabilities(t_all)
+            n = images.shape[0]
+            s.teacher_logits, s.q, s.q_probe = t_all[:n], q_all[:n], q_all[n:]
+        else:
+            s.teacher_logits, s.q = t_logits, T.probabilities(t_logits)
             if approach.needs_probes:
-                if probes is None:
-                    count = cfg.ska_count or images.shape[0]
-                    probes = draw_probes(None, count, tuple(images.shape[1:]), cfg)
-                probes = probes.to(images)
-                s.q_probe = T.probabilities(teacher(probes))
+                s.q_probe = T.probabilities(t_probe)
         if approach.needs_probes:
             with running_stats_frozen(student, not cfg.probe_bn_update):
                 s.p_probe = T.probabilities(student(probes))

