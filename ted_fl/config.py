@@ -75,6 +75,8 @@ class TrainConfig:
     eval_val_all: bool = False  # also score every site's validation split at each stage's end (split val_stage)
     threads: int = 1  # torch threads per trainer (Ray clients and the centralized run alike)
     device: str = "auto"  # auto (a visible GPU if any, else CPU) | cpu | cuda
+    amp: str = "auto"  # mixed precision: auto (bf16 autocast on a GPU that supports it, off on CPU) | bf16 | off
+    cudnn_benchmark: bool = True  # on a GPU: cuDNN autotuning and channels-last (false: deterministic cuDNN)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 
 from ted_fl.config import ExperimentConfig
 from ted_fl.continual.approaches import get_approach
-from ted_fl.continual.learner import evaluate, local_train, set_determinism
+from ted_fl.continual.learner import evaluate, gpu_setup, local_train, set_determinism
 from ted_fl.continual.networks import build_model
 from ted_fl.continual.probes import make_probes
 from ted_fl.data.types import Split
@@ -90,12 +90,14 @@ class SiteWorker:
     ) -> RoundOutput:
         appr = get_approach(approach, self.cfg.loss)
         self.student.load_state_dict(to_tensors(weights))
+        gpu_setup(self.student, self.device, self.cfg.train.cudnn_benchmark)
+        gpu_setup(self.teacher, self.device, self.cfg.train.cudnn_benchmark)
         metrics, opt_state = local_train(
             self.student, teacher, appr, data,
             steps=steps, batch_size=self.cfg.train.batch_size, lr=lr,
             optimizer_state=optimizer_state, seed=seed, probes=probes,
             aux={k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in aux.items()} or None,
-            loss_cfg=self.cfg.loss,
+            loss_cfg=self.cfg.loss, amp=self.cfg.train.amp,
         )
         out = {k: v.detach().cpu().numpy().copy() for k, v in self.student.state_dict().items()}
         scores = evaluate(self.student, val, per_volume=per_volume) if val is not None else None

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,6 +88,13 @@ def teacher_mode(teacher: nn.Module, mode: str) -> Iterator[nn.Module]:
         teacher.train(was_training)
 
 
+def _fp32(x: Any) -> Any:
+    """float32 view of a tensor or a dict of them (no copy when already float32; None stays None)."""
+    if isinstance(x, dict):
+        return {k: _fp32(v) for k, v in x.items()}
+    return x.float() if isinstance(x, torch.Tensor) and x.dtype != torch.float32 else x
+
+
 def per_sample_teacher(teacher: nn.Module, mode: str) -> bool:
     """Whether the teacher's output for one image is independent of the rest of its batch."""
     return mode == "eval" or not any(isinstance(m, _BatchNorm) for m in teacher.modules())
@@ -102,6 +110,7 @@ def train_step(
     probes: torch.Tensor | None = None,
     aux: Mapping[str, torch.Tensor] | None = None,
     fuse_teacher: bool = True,
+    amp: torch.dtype | None = None,
 ) -> dict[str, float]:
     """One optimizer step on (images, masks); returns every term's unweighted value and "total".
 
@@ -109,15 +118,52 @@ def train_step(
     add nothing. SKA uses `probes` when given, else draws noise of the images' shape from
     torch's global RNG (as the reference's randn_like). GUGF adds u_mean / u_max.
     `fuse_teacher` False forces one teacher forward per input (the reference's; same numbers).
+    `amp` (e.g. torch.bfloat16) runs the networks' forwards under autocast; their outputs are
+    cast back to float32 for the terms (CUDA autocast refuses binary_cross_entropy, and the
+    losses' sums want full precision); backward and the optimizer step run outside autocast.
     """
+    total, out, s = _forward_terms(student, teacher, approach, images, masks, probes, aux, fuse_teacher, amp)
+    optimizer.zero_grad(set_to_none=True)
+    if total.requires_grad:
+        total.backward()
+        optimizer.step()
+    out["total"] = float(total.detach())
+    if approach.uses_gugf:
+        s.stats.setdefault("u_mean", 0.0)
+        s.stats.setdefault("u_max", 0.0)
+    out.update(s.stats)
+    return out
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """torch.autocast on `device` with `dtype`, or nothing when dtype is None (full precision)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _forward_terms(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    approach: Approach,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    probes: torch.Tensor | None,
+    aux: Mapping[str, torch.Tensor] | None,
+    fuse_teacher: bool,
+    amp: torch.dtype | None = None,
+) -> tuple[torch.Tensor, dict[str, float], T.StepInputs]:
+    """The forwards and the weighted sum of the terms (everything of a step before backward)."""
     cfg = approach.loss_cfg
     student.train()
     use_teacher = teacher is not None and approach.needs_teacher
     want_feats = use_teacher and approach.needs_features
-    if want_feats:
-        logits, feats = features(student, images)
-    else:
-        logits, feats = student(images), None
+    with autocast(images.device, amp):
+        if want_feats:
+            logits, feats = features(student, images)
+        else:
+            logits, feats = student(images), None
+    logits, feats = _fp32(logits), _fp32(feats)
     s = T.StepInputs(logits=logits, p=T.probabilities(logits), masks=masks, model=student, aux=aux)
     s.feats = feats
 
@@ -133,7 +179,7 @@ def train_step(
                 and per_sample_teacher(teacher, cfg.teacher_mode))
         # Inference tensors (no autograd bookkeeping) out; the probabilities below are computed
         # outside inference mode, so the terms may save them for the student's backward.
-        with teacher_mode(teacher, cfg.teacher_mode), torch.inference_mode():
+        with teacher_mode(teacher, cfg.teacher_mode), torch.inference_mode(), autocast(images.device, amp):
             if fuse:
                 t_all = teacher(torch.cat([images, probes]))
             elif want_feats:
@@ -143,16 +189,19 @@ def train_step(
             if approach.needs_probes and not fuse:
                 t_probe = teacher(probes)
         if fuse:
+            t_all = _fp32(t_all)
             q_all = T.probabilities(t_all)
             n = images.shape[0]
             s.teacher_logits, s.q, s.q_probe = t_all[:n], q_all[:n], q_all[n:]
         else:
+            t_logits, s.teacher_feats = _fp32(t_logits), _fp32(s.teacher_feats)
             s.teacher_logits, s.q = t_logits, T.probabilities(t_logits)
             if approach.needs_probes:
-                s.q_probe = T.probabilities(t_probe)
+                s.q_probe = T.probabilities(_fp32(t_probe))
         if approach.needs_probes:
-            with running_stats_frozen(student, not cfg.probe_bn_update):
-                s.p_probe = T.probabilities(student(probes))
+            with running_stats_frozen(student, not cfg.probe_bn_update), autocast(images.device, amp):
+                p_logits = student(probes)
+            s.p_probe = T.probabilities(_fp32(p_logits))
 
     total = torch.zeros((), device=logits.device)
     out: dict[str, float] = {}
@@ -163,14 +212,4 @@ def train_step(
             continue
         out[wt.name] = float(value.detach())
         total = total + wt.weight * value
-
-    optimizer.zero_grad(set_to_none=True)
-    if total.requires_grad:
-        total.backward()
-        optimizer.step()
-    out["total"] = float(total.detach())
-    if approach.uses_gugf:
-        s.stats.setdefault("u_mean", 0.0)
-        s.stats.setdefault("u_max", 0.0)
-    out.update(s.stats)
-    return out
+    return total, out, s
