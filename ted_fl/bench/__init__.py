@@ -15,11 +15,11 @@ from ted_fl.errors import TedFlError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ted_fl.bench import accuracy, overhead, probes, scaling, step, sweep
+    from ted_fl.bench import accuracy, gpu, overhead, probes, protocol, scaling, step, sweep
 
     p = argparse.ArgumentParser(prog="python -m ted_fl.bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    for mod in (accuracy, sweep, overhead, scaling, probes, step):
+    for mod in (accuracy, sweep, overhead, scaling, probes, step, gpu, protocol):
         mod.add_parser(sub)
     return p
 

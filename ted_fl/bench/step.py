@@ -81,13 +81,15 @@ class Bench:
         self.opt = torch.optim.Adam(self.student.parameters(), lr=1e-4)
         self.sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
 
-    def step(self, name: str, separate: bool = False) -> None:
+    def step(self, name: str, separate: bool = False, amp: torch.dtype | None = None) -> None:
         from ted_fl.continual.approaches import get_approach
         from ted_fl.continual.step import train_step
 
         appr = get_approach(name, self.cfg.loss)
         teacher = self.teacher if appr.needs_teacher else None
-        kwargs = {"fuse_teacher": False} if separate else {}
+        kwargs: dict[str, Any] = {"fuse_teacher": False} if separate else {}
+        if amp is not None:
+            kwargs["amp"] = amp
         train_step(self.student, teacher, appr, self.x, self.y, self.opt,
                    probes=self.probes if appr.needs_probes else None, **kwargs)
 
