@@ -65,10 +65,8 @@ def test_gpu_quick_says_when_there_is_no_gpu(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sweep_parallel_equals_serial_and_protocol_explains_itself(tmp_path: Path) -> None:
-    proc = bench("sweep", tmp=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().endswith("results identical: yes")
+def test_protocol_explains_its_extrapolation(tmp_path: Path) -> None:
+    """(bench sweep exits 1 unless its parallel and serial results are identical: test_quick checks it.)"""
     proc = bench("protocol", "--config", "simulations/prostate-ted.toml", "--train-per-site", "100", tmp=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Extrapolation: 6 sites" in proc.stdout and "RUNMC 100/" in proc.stdout
