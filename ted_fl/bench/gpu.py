@@ -144,6 +144,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     sim_cfg = copy.deepcopy(cfg)
     sim_cfg.approaches = [a for a in args.approach if a != "joint"][-1:] or ["seq"]
     sim_cfg.federated.num_gpus = num_gpus
+    if not args.quick:  # three sites, three rounds: enough steady rounds, a few minutes on a CPU
+        from ted_fl.data import site_order
+
+        sim_cfg.data.order, sim_cfg.train.rounds = site_order(cfg.data)[:3], 3
     work = Path(args.out) / time.strftime("gpu-%Y%m%d-%H%M%S")
     rounds = overhead(sim_cfg, work)
     over_ms = 1000 * (rounds["simulate"] - rounds["centralized"])

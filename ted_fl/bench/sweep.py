@@ -58,6 +58,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     base, grid, approaches, seeds = workload(args)
     cells = expand(base, grid, approaches, seeds)
     work = Path(args.out) / time.strftime("sweep-%Y%m%d-%H%M%S")
+    load = os.getloadavg()[0]
     rows = []
     for mode, folder in (("one after another (in-process)", work / "serial"), ("parallel (Ray tasks)", work / "ray"),
                          ("parallel, rerun (cells reused)", work / "ray")):
@@ -89,8 +90,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             f"site, 1 torch thread). Run one after another in one process, then as Ray tasks of 1 CPU each "
             f"(`python -m ted_fl.sweep`'s runner, `ted_fl.sweeps.run_cells`; Ray's start-up included), then "
             f"again on the parallel sweep's folder, where every cell is reused. The cells' own schedule wall "
-            f"times sum to {cell_s:.0f} s in the serial run. The machine is shared with other work, so the "
-            f"speedup is a lower bound of what {cpus} idle cores give.\n\n"
+            f"times sum to {cell_s:.0f} s in the serial run. The machine is shared with other work (load average "
+            f"{load:.1f} on {cpus} cores when the command started), so the speedup is a lower bound of what "
+            f"{cpus} idle cores give.\n\n"
             f"{C.md_table(df)}\n\nEvery metric of every cell (wall times aside) is identical between the serial "
             f"and the parallel runs: **{'yes' if identical else 'no'}**. Folders: `{work}`.\n\n`{line}`"
         )
