@@ -10,7 +10,8 @@ with each piece timed alone on the same model, batch and threads (about 2.7x whe
 is a third of a forward + backward). Everything measured above the floor is overhead of the
 step itself (recomputation, copies, extra passes). Approaches are timed interleaved (a few
 steps of each, repeated), so that a load change on a shared machine hits them alike; each
-figure is the median over the repeats.
+figure is the median over the repeats. On a CPU the clock is the process's CPU time (see
+`Bench.timed`), so that a shared machine's load does not decide the ratios.
 """
 
 from __future__ import annotations
@@ -94,13 +95,16 @@ class Bench:
                    probes=self.probes if appr.needs_probes else None, **kwargs)
 
     def timed(self, fn: Any, n: int) -> float:
-        """Mean seconds of `fn` over n calls (synchronised on a GPU)."""
+        """Mean seconds of `fn` over n calls: this process's CPU time on a CPU (with one torch
+        thread it is the step's cost, and other work on a shared machine barely moves it, where
+        wall time doubles), wall time synchronised on a GPU."""
+        clock = time.process_time if self.device.type == "cpu" else time.perf_counter
         self.sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(n):
             fn()
         self.sync()
-        return (time.perf_counter() - t0) / n
+        return (clock() - t0) / n
 
     def pieces(self) -> dict[str, Any]:
         """The floor's pieces: student forward + backward, teacher forward, Adam, each alone."""
@@ -187,7 +191,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             f"Command: `{C.command_line(argv)}` ({time.perf_counter() - t0:.0f} s).\n\n{C.machine_md()}\n\n"
             f"Workload: `{args.config}` model (channels {cfg.model.channels}, norm {cfg.model.norm}), "
             f"{cfg.data.size} px, batch {cfg.train.batch_size}, {count} SKA probes per step, "
-            f"teacher_mode {cfg.loss.teacher_mode}, {cfg.train.threads} torch thread(s), CPU. "
+            f"teacher_mode {cfg.loss.teacher_mode}, {cfg.train.threads} torch thread(s), CPU; times are the "
+            f"process's CPU time per step (robust to the shared machine's load). "
             f"Median over {repeats} interleaved repeats of {steps} steps each. "
             f"The floor of a TED step is (2 x student fwd+bwd + teacher fwd over batch and probes + Adam) / "
             f"(student fwd+bwd + Adam), from the pieces timed alone: **{floor:.2f}**.{before_note}\n\n"
