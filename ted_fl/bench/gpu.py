@@ -83,17 +83,18 @@ def step_costs(cfg: ExperimentConfig, approaches: list[str], steps: int) -> pd.D
         teacher = worker.set_teacher((name, 0), weights) if appr.needs_teacher else None
         probes = probes_for(cfg, 1, count, shape) if appr.needs_probes else None
         times = []
+        clock = time.perf_counter if dev.type == "cuda" else time.process_time  # CPU: the work, not the load
         for rnd in range(2):
             if dev.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
+            t0 = clock()
             worker.train_round(approach=name, data=site.train, weights=weights, teacher=teacher, aux={},
                                steps=steps, lr=1e-4, seed=rnd, probes=probes, optimizer_state=None, val=None,
                                per_volume=site.per_volume)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
         step_s = times[-1] / steps
         peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else float("nan")
         amp = amp_dtype_for(cfg.train.amp, dev)
@@ -172,7 +173,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             f"Device: **{device_name(device)}**.\n\n{note}Workload: `{args.config}` ({cfg.data.size} px, batch "
             f"{cfg.train.batch_size}, channels {cfg.model.channels}), a client's round of {steps} steps through "
             f"`SiteWorker.train_round` (amp {cfg.train.amp}, cudnn_benchmark {cfg.train.cudnn_benchmark}); "
-            "figures of the second round. Clients per GPU: by `federated.num_gpus` "
+            "figures of the second round (on a CPU: the process's CPU time). Clients per GPU: by `federated.num_gpus` "
             f"({num_gpus:g} per client here) and by memory (GPU memory / (peak + {CUDA_CONTEXT_MIB:.0f} MiB "
             f"of CUDA context)).\n\n{C.md_table(df)}\n\nOverhead: {over}; runs in `{work}`.\n\n`{line}`"
         )

@@ -17,8 +17,9 @@ HD95 per volume). The estimate multiplies:
     importances (ewc, mas) = one pass over the site per stage at seq's step time
 
 Memory: the measured peak of a training process (RSS on CPU, allocated memory on a GPU) and
-the data every site holds in memory. The figures are for one process running every cell in
-turn; `python -m ted_fl.sweep` divides the wall time by the cells it runs at once.
+the data every site holds in memory. On a CPU the measured times are the process's CPU
+time (one torch thread: the work itself, whatever else shares the machine), i.e. the wall time
+on an otherwise idle core. The figures are for one process running every cell in turn; `python -m ted_fl.sweep` divides the wall time by the cells it runs at once.
 """
 
 from __future__ import annotations
@@ -122,11 +123,13 @@ def eval_seconds_per_image(cfg: ExperimentConfig, site: Any) -> float:
     from ted_fl.continual.networks import build_model
     from ted_fl.worker import pick_device
 
-    model = build_model(cfg.model).to(pick_device(cfg.train.device))
+    device = pick_device(cfg.train.device)
+    model = build_model(cfg.model).to(device)
     evaluate(model, site.val, per_volume=site.per_volume)  # warm-up
-    t0 = time.perf_counter()
+    clock = time.process_time if device.type == "cpu" else time.perf_counter  # as the step times
+    t0 = clock()
     evaluate(model, site.test, per_volume=site.per_volume)
-    return (time.perf_counter() - t0) / len(site.test)
+    return (clock() - t0) / len(site.test)
 
 
 def hours(s: float) -> str:
