@@ -75,6 +75,7 @@ def validate(cfg: ExperimentConfig) -> None:
         "federated.on_failure": (cfg.federated.on_failure, ("retry", "skip", "abort")),
         "loss.teacher_mode": (cfg.loss.teacher_mode, ("eval", "train")),
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
+        "train.amp": (cfg.train.amp, ("auto", "bf16", "off")),
         "loss.gugf": (cfg.loss.gugf, ("batch", "normalized")),
         "loss.ska_distribution": (cfg.loss.ska_distribution, ("normal", "uniform")),
     }

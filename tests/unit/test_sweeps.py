@@ -77,3 +77,14 @@ def test_serial_sweep_writes_tables_and_reuses_finished_cells(tmp_path: Path) ->
     more = sweep(tiny(), {"loss.lambda_d": [0.1, 1.0, 10.0]}, tmp_path / "s", approaches=["kd"], seeds=[0],
                  parallel=False, quiet=True)
     assert more["ran"] == 1 and more["reused"] == 2
+
+
+def test_command_line_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ted_fl.sweep import main
+
+    assert main(["--grid", "loss.lamda_d=0.1", "--out", str(tmp_path / "s"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: unknown key 'lamda_d'")
+    assert main(["--order", "RUNMC,NOPE", "--approach", "seq", "--out", str(tmp_path / "s"), "--quiet"]) == 2
+    assert "NOPE" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "summary.csv").exists()
