@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--config", default="quick", help="workload: an experiment file (default quick.toml)")
     p.add_argument("--approach", nargs="+", default=["seq", "kd", "ted_gugf"], help="approaches")
     p.add_argument("--steps", type=int, help="steps per measured round (default 50; --quick 3)")
+    p.add_argument("--repeats", type=int, help="centralized/simulate pairs for the overhead (default 2; --quick 1)")
     p.add_argument("--num-gpus", type=float, default=0.25,
                    help="federated.num_gpus per client on a GPU (default 0.25: four clients per GPU)")
     p.add_argument("--out", default="runs/bench", help="folder for the run directories")
@@ -114,15 +116,17 @@ def clients_per_gpu(peak_mib: float, num_gpus: float, device: torch.device) -> t
     return by_fraction, math.floor(total / (peak_mib + CUDA_CONTEXT_MIB))
 
 
-def overhead(cfg: ExperimentConfig, work: Path) -> dict[str, float]:
-    """Median steady round time of the simulator and of the centralized bare loop."""
+def overhead(cfg: ExperimentConfig, work: Path, repeats: int) -> dict[str, float]:
+    """Median steady round time of the simulator and of the centralized bare loop, runs alternated
+    (centralized, simulate, centralized, ...) so that a shared machine's load hits both alike."""
     from ted_fl.bench.overhead import steady_rounds
 
-    out = {}
-    for mode in ("centralized", "simulate"):
-        m = C.run_cli(mode, cfg, work, mode)
-        out[mode] = float(steady_rounds(m.run).median())
-    return out
+    rounds: dict[str, list[float]] = {"centralized": [], "simulate": []}
+    for i in range(repeats):
+        for mode in rounds:
+            m = C.run_cli(mode, cfg, work, f"{mode}-{i}")
+            rounds[mode].extend(steady_rounds(m.run).tolist())
+    return {mode: float(pd.Series(v).median()) for mode, v in rounds.items()}
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -150,12 +154,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
         sim_cfg.data.order, sim_cfg.train.rounds = site_order(cfg.data)[:3], 3
     work = Path(args.out) / time.strftime("gpu-%Y%m%d-%H%M%S")
-    rounds = overhead(sim_cfg, work)
+    load = os.getloadavg()[0]
+    rounds = overhead(sim_cfg, work, args.repeats or (1 if args.quick else 2))
     over_ms = 1000 * (rounds["simulate"] - rounds["centralized"])
     ratio = rounds["simulate"] / rounds["centralized"]
     over = (f"simulator per-round overhead ({sim_cfg.approaches[0]}, {sim_cfg.train.steps_per_round} steps a "
             f"round): {over_ms:.0f} ms ({1000 * rounds['simulate']:.0f} ms a round vs "
-            f"{1000 * rounds['centralized']:.0f} ms for the bare loop, ratio {ratio:.2f})")
+            f"{1000 * rounds['centralized']:.0f} ms for the bare loop, ratio {ratio:.2f}; wall time, load average "
+            f"{load:.1f} when it started)")
     print(over)
     t = df.set_index("approach")
     ted = t["images_per_s"].get("ted_gugf", float("nan"))

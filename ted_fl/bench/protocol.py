@@ -43,7 +43,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--data-dir", help="real data folder (default: the config's, else the synthetic twin's sizes)")
     p.add_argument("--train-per-site", type=int,
                    help="count this many training images a site instead of the loaded data's (val/test scaled alike)")
-    p.add_argument("--steps", type=int, help="timed steps per approach (default 3; --quick 1)")
+    p.add_argument("--steps", type=int, help="timed steps per approach (default 5; --quick 1)")
     p.add_argument("--out", default="runs/bench", help="unused (accepted like every subcommand)")
     p.add_argument("--doc", help="write the section here (default docs/benchmarks.md unless --quick)")
     p.set_defaults(func=run)
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             v.update(train=args.train_per_site, val=math.ceil(v["val"] * f), test=math.ceil(v["test"] * f))
     data_mib = sum(s.train.images.nbytes + s.val.images.nbytes + s.test.images.nbytes
                    + s.train.masks.nbytes + s.val.masks.nbytes + s.test.masks.nbytes for s in sites) / 2**20
-    steps = args.steps or (1 if args.quick else 3)
+    steps = args.steps or (1 if args.quick else 5)
     step_s, peak_mib, peak_kind = measure_steps(cfg, list(cfg.approaches), steps)
     eval_s = eval_seconds_per_image(cfg, sites[0])
     sched = schedule(cfg, sizes)
