@@ -103,13 +103,14 @@ class Report:
 def load(run_dirs: list[Path], label: str = MEAN_LABEL) -> Report:
     """Read every run directory into R matrices per (approach, seed) of one class / region (`label`,
     default the mean over them); label approaches uniquely."""
+    which = label  # `label` names a series below
     runs = [RunDir.open(p) for p in run_dirs]
     pairs: list[tuple[RunDir, str, pd.DataFrame]] = []
     for run in runs:
         m = run.metrics()
         if m.empty:
             raise TedFlError(f"{run.path / 'metrics.csv'}: missing or empty; the run has not finished a stage")
-        test = select_label(m[(m["split"] == "test") & (m["metric"] == "dice")], label)
+        test = select_label(m[(m["split"] == "test") & (m["metric"] == "dice")], which)
         for approach, g in test.groupby("approach", sort=False):
             pairs.append((run, str(approach), g))
     counts = pd.Series([a for _, a, _ in pairs]).value_counts()
@@ -123,7 +124,7 @@ def load(run_dirs: list[Path], label: str = MEAN_LABEL) -> Report:
         order += rest
         rs, init = {}, {}
         for seed, gs in trained.groupby("seed"):
-            rs[int(seed)] = r_matrix(gs, "dice", order, label)
+            rs[int(seed)] = r_matrix(gs, "dice", order, which)
         for seed, gs in g[g["stage"] < 0].groupby("seed"):
             init[int(seed)] = gs.groupby("site")["value"].mean()
         series.append(Series(label, run, approach, rs, init, order))

@@ -138,6 +138,7 @@ class CheckReport:
     data_dir: str
     synthetic: bool
     sites: list[SiteReport]
+    labels: LabelSet | None = None  # the classes and regions the run would segment and score
 
     @property
     def ok(self) -> bool:
@@ -178,4 +179,4 @@ def check_sites(cfg: DataConfig, seed: int = 0) -> CheckReport:
         if rep.counts and rep.foreground == 0.0:
             rep.problems.append("no foreground pixel in any mask; check labels.foreground / labels.invert")
         reports.append(rep)
-    return CheckReport(spec.name, "" if synthetic else str(root), synthetic, reports)
+    return CheckReport(spec.name, "" if synthetic else str(root), synthetic, reports, spec.label_set(cfg.target))
