@@ -56,7 +56,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         status = "[green]ok[/]" if s.usable else "[red]UNUSABLE[/]"
         if s.usable and s.warnings:
             status = f"[yellow]ok, {len(s.warnings)} warning(s)[/]"
-        val = {"yes": "[green]yes[/]", "no": "[yellow]no: select_best=false[/]"}.get(s.validation, "-")
+        val = {"yes": "[green]yes[/]", "no": "[yellow]no[/]"}.get(s.validation, "-")
         table.add_row(escape(s.name), *cells, val, "x".join(map(str, s.size)) or "-",
                       ",".join(map(str, s.label_values)) or "-", f"{100 * s.foreground:.1f}", status)
     console = Console()

@@ -379,6 +379,8 @@ def _split_groups(
     n = len(pool)
     perm = [pool[i] for i in rng.permutation(n)]
     n_val = min(max(1, round(val_frac * n)), n - 1) if n >= 2 else 0
+    if "val" in official.values():  # an official validation split is kept as it is
+        n_val = 0
     out.update({g: "val" for g in perm[:n_val]})
     out.update({g: "train" for g in perm[n_val:]})
     return out

@@ -245,10 +245,14 @@ def list_site_sets() -> list[str]:
     return sorted(p.stem for p in sites_dir().glob("*.toml"))
 
 
+REPLACED_TABLES = ("classes", "regions")  # a site's class table replaces the default one whole
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        deep = isinstance(v, dict) and isinstance(out.get(k), dict) and k not in REPLACED_TABLES
+        out[k] = _merge(out[k], v) if deep else v
     return out
 
 
