@@ -293,6 +293,9 @@ def main(grid: Grid, context: Context) -> None:
         cfg.seeds = [int(rc["seed"])]  # type: ignore[arg-type]
     if rc.get("out"):
         cfg.out = str(rc["out"])
+    from ted_fl.data import resolve_out_channels
+
+    resolve_out_channels(cfg)  # the network's outputs follow the site set's classes (read from TOML only)
     run = RunDir.create(cfg.out, f"{cfg.name}-flwr")
     run.write_config(cfg)
     extras = serve(grid, cfg, run)
