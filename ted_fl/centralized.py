@@ -23,6 +23,9 @@ class LocalExecutor:
     """Trains and evaluates every site in this process, one after another."""
 
     def __init__(self, cfg: ExperimentConfig, sites: list[SiteData]):
+        from ted_fl.data import set_out_channels
+
+        set_out_channels(cfg, sites[0].labels, cfg.data.sites)  # the network follows the sites' classes
         self.cfg = cfg
         self.data = {s.name: s for s in sites}
         self.sites = [s.name for s in sites]

@@ -20,7 +20,7 @@ from ted_fl.errors import TedFlError, unknown
 __all__ = [
     "LAYOUTS", "CheckReport", "LabelSet", "SiteData", "SiteReport", "SiteSetSpec", "SiteSpec", "Split",
     "check_sites", "check_splits", "data_root", "site_order", "list_site_sets", "load_site_set_spec", "load_sites",
-    "ordered_sites", "resolve_out_channels",
+    "ordered_sites", "resolve_out_channels", "set_out_channels",
 ]
 
 
@@ -84,14 +84,19 @@ def resolve_out_channels(cfg: ExperimentConfig) -> LabelSet:
     """
     spec = load_site_set_spec(cfg.data.sites)
     labels = spec.label_set(cfg.data.target)
+    set_out_channels(cfg, labels, spec.name)
+    return labels
+
+
+def set_out_channels(cfg: ExperimentConfig, labels: LabelSet, set_name: str) -> None:
+    """model.out_channels = the classes + background; a different non-zero value is refused."""
     want = labels.out_channels
     if cfg.model.out_channels not in (0, want):
         what = f"{len(labels.classes)} class(es) {', '.join(labels.classes)} + background"
-        raise TedFlError(f"model.out_channels = {cfg.model.out_channels} contradicts site set '{spec.name}' "
+        raise TedFlError(f"model.out_channels = {cfg.model.out_channels} contradicts site set '{set_name}' "
                          f"({what} = {want} channels); remove model.out_channels (it follows the site set) "
                          f"or set it to {want}")
     cfg.model.out_channels = want
-    return labels
 
 
 def check_splits(sites: list[SiteData], *, need_val: bool) -> None:

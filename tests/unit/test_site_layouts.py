@@ -339,3 +339,19 @@ def test_site_without_test_images_is_refused(tmp_path: Path) -> None:
         sites[0].test.images[:0], sites[0].test.masks[:0], sites[0].test.volumes[:0])
     with pytest.raises(TedFlError, match=r"site 'H1' .*test split is empty.*files.official.test"):
         check_splits(sites, need_val=False)
+
+
+def test_simulate_help_lists_the_site_sets_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """--help names the sets in sites/, not a fixed list: a new TOML file shows up."""
+    from ted_fl.data import spec as S
+
+    with pytest.raises(SystemExit):
+        run_command("simulate", ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "mnms, prostate, prostate_slices, retina" in text
+    (tmp_path / "fundus.toml").write_text(toml_examples()["fundus"])
+    monkeypatch.setattr(S, "sites_dir", lambda: tmp_path)
+    with pytest.raises(SystemExit):
+        run_command("simulate", ["--help"])
+    assert "site set: fundus, or a path" in " ".join(capsys.readouterr().out.split())
