@@ -328,7 +328,7 @@ def _png(rgb: np.ndarray) -> str:
 
 def _slice_dice(pred: np.ndarray, gt: np.ndarray) -> float:
     """Dice of one slice, the mean over the classes present in the prediction or the ground truth."""
-    classes = sorted(set(np.unique(pred).tolist()) | set(np.unique(gt).tolist()) - {0})
+    classes = sorted((set(np.unique(pred).tolist()) | set(np.unique(gt).tolist())) - {0})
     if not classes:
         return 1.0
     return float(np.mean([2 * ((pred == k) & (gt == k)).sum() / ((pred == k).sum() + (gt == k).sum())
