@@ -347,6 +347,10 @@ def _validate_site(site: SiteSpec, where: str) -> None:
 
 def _validate_labels(lab: LabelSpec, where: str) -> None:
     """Classes: integer raw values, declared in `values`, claimed by one class only; regions: known classes."""
+    for key in ("classes", "regions", "targets"):
+        if not isinstance(getattr(lab, key), dict):
+            raise TedFlError(f"{where}.{key} must be a table, e.g. {key} = {{ name = [...] }}, "
+                             f"got {getattr(lab, key)!r}")
     if lab.target and not lab.classes and lab.target not in lab.targets:
         raise unknown("target", lab.target, lab.targets, where)
     if lab.classes and (lab.foreground or lab.invert or lab.targets):

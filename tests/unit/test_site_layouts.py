@@ -243,6 +243,7 @@ def _fundus_variant(tmp: Path, old: str, new: str) -> Path:
      r"classes.rim must be a non-empty list of integer raw mask values"),
     ('classes = { rim = [128], cup = [0] }', 'clases = { rim = [128], cup = [0] }', r"did you mean 'classes'"),
     ('classes = { rim = [128], cup = [0] }', 'classes = { rim = [128], mean = [0] }', r"'mean' is reserved"),
+    ('regions = { disc = ["rim", "cup"] }', 'regions = ["rim", "cup"]', r"labels.regions must be a table"),
 ])
 def test_label_errors_are_one_line_naming_site_and_fix(tmp_path: Path, old: str, new: str, message: str) -> None:
     path = _fundus_variant(tmp_path, old, new)
