@@ -57,10 +57,10 @@ class Cell:
     point: dict[str, Any]  # dotted key -> value
     order: list[str]  # [] = the site set's own order
     cfg: ExperimentConfig = field(repr=False)
+    key: str = field(default="", init=False)
 
-    @property
-    def key(self) -> str:
-        return config_hash(self.cfg)
+    def __post_init__(self) -> None:
+        self.key = config_hash(self.cfg)  # fixed here: running a cell must not rename it
 
     @property
     def label(self) -> str:
@@ -238,7 +238,7 @@ def run_cells(cells: list[Cell], folder: str | Path, *, parallel: bool = True, q
         for c in todo:
             base = prog.rounds
             try:
-                run_cell(c.cfg, str(folder / "cells" / c.name),
+                run_cell(copy.deepcopy(c.cfg), str(folder / "cells" / c.name),
                          lambda info, base=base: prog.update(rounds=base + 1 + _round_index(info)))
             except TedFlError as exc:
                 failures.append(f"{c.name}: {exc}")
