@@ -88,12 +88,14 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     probes: torch.Tensor | None = None,
     aux: Mapping[str, torch.Tensor] | None = None,
+    n_anchors: int | None = None,
 ) -> dict[str, float]:
     """One optimizer step on (images, masks); returns every term's unweighted value and "total".
 
     Terms that do not apply (no teacher on the first site, no aux state yet) report 0.0 and
     add nothing. SKA uses `probes` when given, else draws noise of the images' shape from
-    torch's global RNG (as the reference's randn_like). GUGF adds u_mean / u_max.
+    torch's global RNG (as the reference's randn_like). GUGF adds u_mean / u_max. `n_anchors`:
+    the batch is anchors followed by their augmented views (generalizable distillation's DCGD).
     """
     cfg = approach.loss_cfg
     student.train()
@@ -103,12 +105,14 @@ def train_step(
         logits, feats = features(student, images)
     else:
         logits, feats = student(images), None
-    s = T.StepInputs(logits=logits, p=T.probabilities(logits), masks=masks, model=student, aux=aux)
+    s = T.StepInputs(logits=logits, p=T.probabilities(logits), masks=masks, model=student, aux=aux,
+                     images=images, n_anchors=n_anchors)
     s.feats = feats
 
     if use_teacher:
         assert teacher is not None
         freeze(teacher)
+        s.teacher = teacher
         with teacher_mode(teacher, cfg.teacher_mode), torch.no_grad():
             if want_feats:
                 t_logits, s.teacher_feats = features(teacher, images)

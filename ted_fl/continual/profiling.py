@@ -1,0 +1,77 @@
+"""Size and speed of a network: parameters, multiply-accumulates (MACs) and CPU latency per image.
+
+MACs are counted with forward hooks on every Conv / ConvTranspose / Linear layer of one forward
+(no extra dependency): a conv contributes out_elements * (C_in / groups) * prod(kernel); a
+transposed conv in_elements * (C_out / groups) * prod(kernel); a linear layer out_elements * in_features.
+Normalisation, activations, pooling and additions are not counted (as fvcore/thop do by default).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import nn
+
+
+def param_count(model: nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def layer_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
+    """MACs of one conv / transposed conv / linear call (0 for any other module)."""
+    if isinstance(module, nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d):
+        k = math.prod(module.kernel_size)
+        return int(inp.numel() * (module.out_channels // module.groups) * k)
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        k = math.prod(module.kernel_size)
+        return int(out.numel() * (module.in_channels // module.groups) * k)
+    if isinstance(module, nn.Linear):
+        return int(out.numel() * module.in_features)
+    return 0
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, shape: tuple[int, ...]) -> int:
+    """MACs of one forward of a single image of `shape` (C, H, W), in eval mode."""
+    total = 0
+    handles = []
+
+    def hook(m: nn.Module, i: tuple, o: torch.Tensor) -> None:
+        nonlocal total
+        total += layer_macs(m, i[0], o)
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose1d | nn.ConvTranspose2d
+                      | nn.ConvTranspose3d | nn.Linear):
+            handles.append(m.register_forward_hook(hook))
+    was = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, *shape))
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return total
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, shape: tuple[int, ...], repeats: int = 5, warmup: int = 1) -> float:
+    """Median CPU wall time of one forward of one image (eval mode), in milliseconds."""
+    was = model.training
+    model.eval()
+    x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+    try:
+        for _ in range(warmup):
+            model(x)
+        times = []
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            model(x)
+            times.append((time.perf_counter() - t0) * 1000.0)
+    finally:
+        model.train(was)
+    times.sort()
+    return float(times[len(times) // 2])
