@@ -1,0 +1,143 @@
+"""The GKD section of the results page, generated from a `python -m ted_fl.generalize` run directory.
+
+`python -m ted_fl.gkd_report RUN_DIR [--doc docs/results.md]` prints the section (and writes it
+between `<!-- section:gkd:start/end -->` markers of the page, leaving every other section alone).
+Tables: per target domain, Dice and AUC of the teacher and of each student row (mean +- sd over
+seeds), the student's size and speed against the teacher's, FSD, and the verdict against KD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ted_fl.errors import TedFlError
+from ted_fl.markdown import md_table, write_section
+from ted_fl.results import RunDir
+
+ROW_ORDER = ["teacher", "student", "student_aug", "kd", "at", "skd", "intra", "inter", "cross", "intra_inter", "gkd"]
+
+
+def _pm(values: pd.Series) -> str:
+    v = values.dropna().to_numpy(dtype=float)
+    if len(v) == 0:
+        return "–"
+    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+
+
+def tables(run: RunDir) -> dict[str, pd.DataFrame]:
+    """score tables (rows approach, columns site x metric), size table and per-seed target means."""
+    df = run.metrics()
+    if df.empty:
+        raise TedFlError(f"{run.path}: no metrics.csv; run python -m ted_fl.generalize first")
+    cfg = run.read_config()
+    source = cfg.gkd.source
+    sites = [s for s in dict.fromkeys(df["site"]) if s != "all"]
+    targets = [s for s in sites if s != source]
+    order = [a for a in ROW_ORDER if a in set(df["approach"])] + sorted(set(df["approach"]) - set(ROW_ORDER))
+    out: dict[str, pd.DataFrame] = {}
+    for metric in ("dice", "auc", "fsd_teacher", "fsd_source"):
+        sel = df[df["metric"] == metric]
+        if sel.empty:
+            continue
+        rows = []
+        for a in order:
+            r = {"approach": a}
+            for s in [source, *targets]:
+                r[s + (" (source)" if s == source else "")] = _pm(sel[(sel["approach"] == a) & (sel["site"] == s)]["value"])
+            per_seed = sel[(sel["approach"] == a) & (sel["site"].isin(targets))].groupby("seed")["value"].mean()
+            r["unseen mean"] = _pm(per_seed)
+            rows.append(r)
+        out[metric] = pd.DataFrame(rows)
+    size = df[df["site"] == "all"].groupby(["approach", "metric"])["value"].mean().unstack()
+    if not size.empty:
+        t = size.loc["teacher"] if "teacher" in size.index else None
+        s = size.drop(index="teacher", errors="ignore").iloc[0] if len(size.index) > 1 else None
+        rows = []
+        for label, net, v in (("teacher", cfg.gkd.teacher, t), ("student", cfg.gkd.student, s)):
+            if v is not None:
+                rows.append({"model": label, "network": net, "params (M)": v["params"] / 1e6,
+                             "GMACs / image": v["macs"] / 1e9, "CPU latency (ms / image)": v["latency_ms"]})
+        out["size"] = pd.DataFrame(rows)
+    tgt = df[df["site"].isin(targets) & df["metric"].isin(["dice", "auc"])]
+    out["per_seed"] = tgt.groupby(["approach", "seed", "metric"])["value"].mean().unstack("metric").reset_index()
+    return out
+
+
+def verdict(per_seed: pd.DataFrame, method: str = "gkd", baseline: str = "kd") -> str:
+    """Plain words: does `method` beat `baseline` on the unseen targets, by how much, how often."""
+    a = per_seed[per_seed["approach"] == method].set_index("seed")
+    b = per_seed[per_seed["approach"] == baseline].set_index("seed")
+    seeds = sorted(set(a.index) & set(b.index))
+    if not seeds:
+        return f"No seed has both {method} and {baseline}: no comparison."
+    parts = []
+    for m in ("dice", "auc"):
+        d = (a.loc[seeds, m] - b.loc[seeds, m]).to_numpy(dtype=float)
+        wins = int(np.sum(d > 0))
+        parts.append(f"{m.upper()} {d.mean():+.3f} (per seed: {', '.join(f'{x:+.3f}' for x in d)}; "
+                     f"higher in {wins} of {len(d)} seeds)")
+    d_dice = (a.loc[seeds, "dice"] - b.loc[seeds, "dice"]).to_numpy(dtype=float)
+    if d_dice.mean() > 0 and np.all(d_dice > 0):
+        head = f"**{method} helps the student generalise more than {baseline}**"
+    elif d_dice.mean() > 0:
+        head = f"**{method} is ahead of {baseline} on average, but not in every seed**"
+    else:
+        head = f"**{method} does not beat {baseline} on the unseen domains**"
+    return f"{head}: mean over the unseen targets, {method} minus {baseline}: " + "; ".join(parts) + "."
+
+
+def section(run: RunDir, command: str = "", heading: str = "##") -> str:
+    t = tables(run)
+    cfg = run.read_config()
+    g = cfg.gkd
+    lines = [f"{heading} Generalizable distillation (GKD) on {cfg.data.sites}: train {g.source}, test every site", ""]
+    lines.append(f"Run `{run.path.name}`, seeds {', '.join(map(str, cfg.seeds))}, image size {cfg.data.size}, "
+                 f"training crops {g.crop or 'none'}, batch {g.batch_size}, {g.rounds} round(s) x "
+                 f"{g.steps_teacher} teacher / {g.steps_student} student / {g.steps_psae} P-SAE / {g.steps_act} "
+                 f"ACT steps, K = {g.views} views, Adam lr {g.lr}. Metrics pooled over each site's whole "
+                 "test split inside the field of view (one confusion matrix, as the authors' test.py). "
+                 "Federated: the source site trains, every other site only scores; no image leaves a site.")
+    if command:
+        lines += ["", "```", command, "```"]
+    if "per_seed" in t and {"gkd", "kd"} <= set(t["per_seed"]["approach"]):
+        lines += ["", verdict(t["per_seed"])]
+        for m in ("student", "skd", "at"):
+            if m in set(t["per_seed"]["approach"]):
+                lines += ["", "- " + verdict(t["per_seed"], "gkd", m).replace("**", "")]
+    for metric, title in (("dice", "Dice (F1)"), ("auc", "AUC"), ("fsd_teacher", "FSD(teacher codes, model codes)"),
+                          ("fsd_source", "FSD(source codes, target codes) of the same model")):
+        if metric in t:
+            lines += ["", f"{title}, mean ± sd over seeds:", "", md_table(t[metric])]
+    if "size" in t:
+        lines += ["", "Size and speed (CPU, 1 thread, one image of the run's size):", "", md_table(t["size"])]
+    lines += ["", "Rows: student = L_seg alone; student_aug = L_seg on anchors and the K views (the "
+              "augmentation without distillation); kd = + pixel KD; at = + attention transfer; skd = + KD + "
+              "pair-wise affinity; intra / inter / cross = + one GKD term; gkd = + all three. FSD uses the "
+              "TAN on teacher codes and the SAN (trained on the plain student) on every student's codes."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ted_fl.gkd_report", description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="a run directory of python -m ted_fl.generalize")
+    parser.add_argument("--doc", default="", help="also write the section into this markdown page")
+    parser.add_argument("--command", default="", help="the command that produced the run (shown in the section)")
+    args = parser.parse_args(argv)
+    try:
+        text = section(RunDir.open(args.run), args.command)
+    except TedFlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.doc:
+        write_section(Path(args.doc), "gkd", text, header="# Results\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
