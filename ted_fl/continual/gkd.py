@@ -438,6 +438,10 @@ def gkd_approach(name: str, tan: MSAN | None = None, san: MSAN | None = None, *,
     one or two of the three. L_seg is the project's Dice + BCE (the spec's CE [our choice])."""
     if name not in GKD_APPROACHES:
         raise unknown("approach", name, GKD_APPROACHES, "--approach")
+    for m in (tan, san):  # frozen: the gradient reaches the student through them, never into them
+        if m is not None:
+            m.requires_grad_(False)
+            m.eval()
     terms = [WeightedTerm(T.SegLoss(), 1.0)]
     if name in ("kd", "skd"):
         terms.append(WeightedTerm(T.KD(), w_kd))

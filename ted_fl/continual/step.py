@@ -100,7 +100,8 @@ def train_step(
     cfg = approach.loss_cfg
     student.train()
     use_teacher = teacher is not None and approach.needs_teacher
-    want_feats = use_teacher and approach.needs_features
+    own = any(getattr(t.term, "own_teacher", False) and t.term.needs_features for t in approach.terms)
+    want_feats = (use_teacher and approach.needs_features) or own  # own: a term that brings its teacher
     if want_feats:
         logits, feats = features(student, images)
     else:
