@@ -29,12 +29,26 @@ def _pm(values: pd.Series) -> str:
     return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
 
 
-def tables(run: RunDir) -> dict[str, pd.DataFrame]:
+def combined_metrics(runs: list[RunDir]) -> pd.DataFrame:
+    """The metrics of one or several runs of the same protocol (e.g. one run per seed, run in parallel)."""
+    frames = []
+    for run in runs:
+        df = run.metrics()
+        if df.empty:
+            raise TedFlError(f"{run.path}: no metrics.csv; run python -m ted_fl.generalize first")
+        frames.append(df)
+    df = pd.concat(frames, ignore_index=True)
+    dup = df.duplicated(["approach", "seed", "site", "metric"])
+    if dup.any():
+        raise TedFlError("the runs repeat a seed; pass runs with different seeds")
+    return df
+
+
+def tables(runs: RunDir | list[RunDir]) -> dict[str, pd.DataFrame]:
     """score tables (rows approach, columns site x metric), size table and per-seed target means."""
-    df = run.metrics()
-    if df.empty:
-        raise TedFlError(f"{run.path}: no metrics.csv; run python -m ted_fl.generalize first")
-    cfg = run.read_config()
+    runs = [runs] if isinstance(runs, RunDir) else runs
+    df = combined_metrics(runs)
+    cfg = runs[0].read_config()
     source = cfg.gkd.source
     sites = [s for s in dict.fromkeys(df["site"]) if s != "all"]
     targets = [s for s in sites if s != source]
@@ -68,8 +82,9 @@ def tables(run: RunDir) -> dict[str, pd.DataFrame]:
     return out
 
 
-def verdict(per_seed: pd.DataFrame, method: str = "gkd", baseline: str = "kd") -> str:
-    """Plain words: does `method` beat `baseline` on the unseen targets, by how much, how often."""
+def verdict(per_seed: pd.DataFrame, method: str = "gkd", baseline: str = "kd", margin: float = 0.005) -> str:
+    """Plain words: does `method` beat `baseline` on the unseen targets, by how much, how often.
+    "Helps" needs a mean Dice gain of at least `margin` and a gain in every seed."""
     a = per_seed[per_seed["approach"] == method].set_index("seed")
     b = per_seed[per_seed["approach"] == baseline].set_index("seed")
     seeds = sorted(set(a.index) & set(b.index))
@@ -82,21 +97,26 @@ def verdict(per_seed: pd.DataFrame, method: str = "gkd", baseline: str = "kd") -
         parts.append(f"{m.upper()} {d.mean():+.3f} (per seed: {', '.join(f'{x:+.3f}' for x in d)}; "
                      f"higher in {wins} of {len(d)} seeds)")
     d_dice = (a.loc[seeds, "dice"] - b.loc[seeds, "dice"]).to_numpy(dtype=float)
-    if d_dice.mean() > 0 and np.all(d_dice > 0):
+    if d_dice.mean() >= margin and np.all(d_dice > 0):
         head = f"**{method} helps the student generalise more than {baseline}**"
+    elif abs(d_dice.mean()) < margin:
+        head = f"**no clear difference between {method} and {baseline} on the unseen domains** (|mean Dice gap| < {margin})"
     elif d_dice.mean() > 0:
         head = f"**{method} is ahead of {baseline} on average, but not in every seed**"
     else:
-        head = f"**{method} does not beat {baseline} on the unseen domains**"
+        head = f"**{method} does worse than {baseline} on the unseen domains**"
     return f"{head}: mean over the unseen targets, {method} minus {baseline}: " + "; ".join(parts) + "."
 
 
-def section(run: RunDir, command: str = "", heading: str = "##") -> str:
-    t = tables(run)
-    cfg = run.read_config()
+def section(runs: RunDir | list[RunDir], command: str = "", heading: str = "##") -> str:
+    runs = [runs] if isinstance(runs, RunDir) else runs
+    t = tables(runs)
+    cfg = runs[0].read_config()
+    seeds = sorted({int(s) for s in combined_metrics(runs)["seed"]})
     g = cfg.gkd
     lines = [f"{heading} Generalizable distillation (GKD) on {cfg.data.sites}: train {g.source}, test every site", ""]
-    lines.append(f"Run `{run.path.name}`, seeds {', '.join(map(str, cfg.seeds))}, image size {cfg.data.size}, "
+    names = ", ".join(f"`{r.path.name}`" for r in runs)
+    lines.append(f"Run{'s' if len(runs) > 1 else ''} {names}, seeds {', '.join(map(str, seeds))}, image size {cfg.data.size}, "
                  f"training crops {g.crop or 'none'}, batch {g.batch_size}, {g.rounds} round(s) x "
                  f"{g.steps_teacher} teacher / {g.steps_student} student / {g.steps_psae} P-SAE / {g.steps_act} "
                  f"ACT steps, K = {g.views} views, Adam lr {g.lr}. Metrics pooled over each site's whole "
@@ -124,12 +144,12 @@ def section(run: RunDir, command: str = "", heading: str = "##") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ted_fl.gkd_report", description=__doc__.splitlines()[0])
-    parser.add_argument("run", help="a run directory of python -m ted_fl.generalize")
+    parser.add_argument("runs", nargs="+", help="run directories of python -m ted_fl.generalize (e.g. one per seed)")
     parser.add_argument("--doc", default="", help="also write the section into this markdown page")
     parser.add_argument("--command", default="", help="the command that produced the run (shown in the section)")
     args = parser.parse_args(argv)
     try:
-        text = section(RunDir.open(args.run), args.command)
+        text = section([RunDir.open(r) for r in args.runs], args.command)
     except TedFlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -166,7 +166,11 @@ def serve_generalize(grid: Grid, cfg: ExperimentConfig, run: RunDir, quiet: bool
             else:
                 fresh = model_weights(_init("student", cfg, shape, seed, 2))  # the scratch student's init
                 needed = {k: v for k, v in frozen.items() if k == "teacher" or approach in G.NEEDS_ALIGNMENT}
-                weights, _ = ex.fit("distill", fresh, seed, approach=approach, frozen=needed)
+                weights, losses = ex.fit("distill", fresh, seed, approach=approach, frozen=needed)
+                for k, v in losses.items():  # mean unweighted term values of the last round (why a term matters)
+                    rows.append({"approach": approach, "seed": seed, "stage": 0, "stage_site": g.source,
+                                 "round": max(1, g.rounds) - 1, "site": g.source, "split": "train",
+                                 "metric": f"loss_{k}", "value": float(v)})
             s_scores = ex.score("student", weights, san)
             _write_scores(add, approach, seed, s_scores, sizes["student"], t_scores, g.source)
             run.write_metrics(rows)
