@@ -307,3 +307,13 @@ def test_stage_training_is_deterministic() -> None:
                          lr=1e-3, seed=3, views=2)
         weights.append(torch.cat([p.detach().flatten() for p in student.parameters()]))
     assert torch.equal(weights[0], weights[1])
+
+
+def test_regenerated_results_page_keeps_marked_sections(tmp_path) -> None:
+    from ted_fl.markdown import marked_sections, write_section
+
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nold body\n")
+    write_section(doc, "gkd", "## GKD\n\ntable")
+    blocks = marked_sections(doc.read_text())
+    assert blocks == ["<!-- section:gkd:start -->\n## GKD\n\ntable\n<!-- section:gkd:end -->"]
