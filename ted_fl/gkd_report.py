@@ -77,6 +77,13 @@ def tables(runs: RunDir | list[RunDir]) -> dict[str, pd.DataFrame]:
                 rows.append({"model": label, "network": net, "params (M)": v["params"] / 1e6,
                              "GMACs / image": v["macs"] / 1e9, "CPU latency (ms / image)": v["latency_ms"]})
         out["size"] = pd.DataFrame(rows)
+    train = df[df["split"] == "train"] if "split" in df else df.iloc[0:0]
+    if not train.empty:
+        lt = train.pivot_table(index="approach", columns="metric", values="value", aggfunc="mean")
+        lt = lt.reindex([a for a in order if a in lt.index])
+        lt.columns = [c.removeprefix("loss_") for c in lt.columns]
+        out["losses"] = lt.reset_index()
+    df = df[df["split"] != "train"] if "split" in df else df
     tgt = df[df["site"].isin(targets) & df["metric"].isin(["dice", "auc"])]
     out["per_seed"] = tgt.groupby(["approach", "seed", "metric"])["value"].mean().unstack("metric").reset_index()
     return out
@@ -133,6 +140,10 @@ def section(runs: RunDir | list[RunDir], command: str = "", heading: str = "##")
                           ("fsd_source", "FSD(source codes, target codes) of the same model")):
         if metric in t:
             lines += ["", f"{title}, mean ± sd over seeds:", "", md_table(t[metric])]
+    if "losses" in t:
+        lines += ["", "Training terms of each student (unweighted, mean over the last round's steps and the seeds; "
+                  "weights: KD, AT, pair, intra, inter 1, cross 0.5). A term far smaller than seg moves the "
+                  "student little:", "", md_table(t["losses"], digits=4)]
     if "size" in t:
         lines += ["", "Size and speed (CPU, 1 thread, one image of the run's size):", "", md_table(t["size"])]
     lines += ["", "Rows: student = L_seg alone; student_aug = L_seg on anchors and the K views (the "
@@ -146,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ted_fl.gkd_report", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run directories of python -m ted_fl.generalize (e.g. one per seed)")
     parser.add_argument("--doc", default="", help="also write the section into this markdown page")
+    parser.add_argument("--networks", action="store_true", help="add the size/speed table of every registered network")
     parser.add_argument("--command", default="", help="the command that produced the run (shown in the section)")
     args = parser.parse_args(argv)
     try:
@@ -153,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     except TedFlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.networks:
+        from ted_fl.networks import profile_table
+
+        size = RunDir.open(args.runs[0]).read_config().data.size
+        table = profile_table(sorted(__import__("ted_fl.continual.networks", fromlist=["NETWORKS"]).NETWORKS), size, 5)
+        text += (f"\n\nEvery registered network at {size} x {size} (`python -m ted_fl.networks --size {size}`; "
+                 "latency on this shared 2-core CPU, 1 thread, fastest of 5):\n\n" + md_table(table))
     if args.doc:
         write_section(Path(args.doc), "gkd", text, header="# Results\n")
     print(text)

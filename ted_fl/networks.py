@@ -1,7 +1,7 @@
 """`python -m ted_fl.networks`: every registered network with its parameters, MACs and CPU latency.
 
 MACs come from `ted_fl.continual.profiling` (forward hooks on conv and linear layers); latency is
-the median of a few single-image forwards on this machine's CPU with the given thread count.
+the fastest of a few single-image forwards on this machine's CPU with the given thread count.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ted_fl.networks", description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256, the spec's)")
     parser.add_argument("--names", nargs="*", default=None, help="networks to show (default: all registered)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per network (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per network (the fastest is shown)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args(argv)
     try:

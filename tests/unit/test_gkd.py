@@ -317,3 +317,34 @@ def test_regenerated_results_page_keeps_marked_sections(tmp_path) -> None:
     write_section(doc, "gkd", "## GKD\n\ntable")
     blocks = marked_sections(doc.read_text())
     assert blocks == ["<!-- section:gkd:start -->\n## GKD\n\ntable\n<!-- section:gkd:end -->"]
+
+
+def test_site_worker_trains_a_student_with_a_fixed_teacher(tmp_path) -> None:
+    """The continual combination end to end in the worker both runners call: a lightweight student
+    (model.name) learns with the approach's terms plus the fixed teacher's distillation."""
+    from ted_fl.config import ExperimentConfig
+    from ted_fl.data.types import Split
+    from ted_fl.engine import model_weights
+    from ted_fl.worker import SiteWorker
+
+    teacher, _ = teacher_student()
+    path = tmp_path / "teacher.pt"
+    torch.save({"name": "basic_unet", "channels": TINY_TEACHER.channels, "in_channels": 1,
+                "weights": model_weights(teacher)}, path)
+    cfg = ExperimentConfig()
+    cfg.model = ModelConfig(name="small_unet")
+    cfg.gkd.fixed_teacher = str(path)
+    cfg.gkd.fixed_term = "skd"
+    w = SiteWorker(cfg)
+    rng = np.random.default_rng(0)
+    imgs = rng.random((4, 1, 32, 32)).astype(np.float32)
+    split = Split(imgs, (imgs[:, 0] > 0.6).astype(np.int64), np.array(list("abcd")))
+    start = model_weights(w.student)
+    out = w.train_round(approach="kd", data=split, weights=start, teacher=w.set_teacher("s0", start), aux={},
+                        steps=2, lr=1e-3, seed=0, probes=None, optimizer_state=None, val=None, per_volume=False)
+    assert out.metrics["fixed_skd"] > 0 and out.metrics["kd"] > 0
+    assert any(not np.array_equal(out.weights[k], start[k]) for k in start)
+    cfg.gkd.fixed_teacher = str(tmp_path / "missing.pt")
+    with pytest.raises(Exception, match="fixed teacher checkpoint"):
+        w.train_round(approach="seq", data=split, weights=start, teacher=None, aux={}, steps=1, lr=1e-3, seed=0,
+                      probes=None, optimizer_state=None, val=None, per_volume=False)
