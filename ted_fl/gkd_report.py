@@ -115,6 +115,36 @@ def verdict(per_seed: pd.DataFrame, method: str = "gkd", baseline: str = "kd", m
     return f"{head}: mean over the unseen targets, {method} minus {baseline}: " + "; ".join(parts) + "."
 
 
+def _gap(per_seed: pd.DataFrame, a: str, b: str, metric: str = "dice") -> float | None:
+    x = per_seed[per_seed["approach"] == a].set_index("seed")[metric]
+    y = per_seed[per_seed["approach"] == b].set_index("seed")[metric]
+    common = sorted(set(x.index) & set(y.index))
+    return float((x[common] - y[common]).mean()) if common else None
+
+
+def diagnosis(t: dict[str, pd.DataFrame]) -> list[str]:
+    """Computed reasons behind the verdict: headroom, what the views alone do, how large the terms are."""
+    ps = t.get("per_seed")
+    if ps is None or ps.empty:
+        return []
+    out = ["", "Why, from the same runs (mean over seeds and unseen targets):"]
+    for a, b, what in (("teacher", "student", "headroom: teacher minus plain student"),
+                       ("kd", "student", "pixel KD minus plain student"),
+                       ("student_aug", "student", "the K augmented views alone (no distillation) minus plain student"),
+                       ("gkd", "student_aug", "GKD's three terms on top of the same views (gkd minus student_aug)")):
+        g = _gap(ps, a, b)
+        if g is not None:
+            out.append(f"- {what}: Dice {g:+.3f}, AUC {_gap(ps, a, b, 'auc'):+.3f}")
+    lt = t.get("losses")
+    if lt is not None and "gkd" in set(lt["approach"]):
+        r = lt[lt["approach"] == "gkd"].iloc[0]
+        parts = {k: float(r[k]) * w for k, w in (("intra", 1.0), ("inter", 1.0), ("cross", 0.5)) if k in r}
+        share = sum(parts.values()) / float(r["seg"]) if float(r["seg"]) else float("nan")
+        out.append("- size of the GKD terms in gkd's last round, weighted: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in parts.items()) + f" against seg {float(r['seg']):.4f} ({100 * share:.1f} %)")
+    return out
+
+
 def section(runs: RunDir | list[RunDir], command: str = "", heading: str = "##") -> str:
     runs = [runs] if isinstance(runs, RunDir) else runs
     t = tables(runs)
@@ -136,6 +166,7 @@ def section(runs: RunDir | list[RunDir], command: str = "", heading: str = "##")
         for m in ("student", "skd", "at"):
             if m in set(t["per_seed"]["approach"]):
                 lines += ["", "- " + verdict(t["per_seed"], "gkd", m).replace("**", "")]
+    lines += diagnosis(t)
     for metric, title in (("dice", "Dice (F1)"), ("auc", "AUC"), ("fsd_teacher", "FSD(teacher codes, model codes)"),
                           ("fsd_source", "FSD(source codes, target codes) of the same model")):
         if metric in t:

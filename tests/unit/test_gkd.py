@@ -348,3 +348,20 @@ def test_site_worker_trains_a_student_with_a_fixed_teacher(tmp_path) -> None:
     with pytest.raises(Exception, match="fixed teacher checkpoint"):
         w.train_round(approach="seq", data=split, weights=start, teacher=None, aux={}, steps=1, lr=1e-3, seed=0,
                       probes=None, optimizer_state=None, val=None, per_volume=False)
+
+
+def test_verdict_says_plainly_whether_gkd_beats_kd() -> None:
+    import pandas as pd
+
+    from ted_fl.gkd_report import verdict
+
+    def frame(gkd: list[float], kd: list[float]) -> pd.DataFrame:
+        rows = [{"approach": a, "seed": s, "dice": v, "auc": 0.8} for a, vals in (("gkd", gkd), ("kd", kd))
+                for s, v in enumerate(vals)]
+        return pd.DataFrame(rows)
+
+    assert verdict(frame([0.52, 0.55, 0.51], [0.50, 0.50, 0.50])).startswith("**gkd helps")
+    assert "+0.027" in verdict(frame([0.52, 0.55, 0.51], [0.50, 0.50, 0.50]))
+    assert verdict(frame([0.45, 0.46, 0.52], [0.50, 0.50, 0.50])).startswith("**gkd does worse")
+    assert verdict(frame([0.501, 0.499, 0.502], [0.50, 0.50, 0.50])).startswith("**no clear difference")
+    assert verdict(frame([0.60, 0.49, 0.51], [0.50, 0.50, 0.50])).startswith("**gkd is ahead of kd on average, but not")
