@@ -2,7 +2,8 @@
 
 A reply may carry only (a) arrays shaped like the model the server sent (weights, or parameter
 importances of the same shapes), (b) metrics, (c) the hello reply's identity counts, and (d) a "stats" record of 1-D summed
-statistics whose lengths the request declares (`stats_lengths` in its config: FSD's sums). An array
+statistics whose lengths the request declares (`stats_lengths` in its config: FSD's sums; checked
+by shape only, so a client could still hide data in them: the audit bounds, it does not prove). An array
 whose trailing dimensions are an image's (H, W), a ConfigRecord with other keys, or an array of
 another shape is a violation: the mod replaces the reply with an error naming it, so the server
 reports the site instead of receiving its data.
