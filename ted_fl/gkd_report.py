@@ -54,7 +54,7 @@ def tables(runs: RunDir | list[RunDir]) -> dict[str, pd.DataFrame]:
     targets = [s for s in sites if s != source]
     order = [a for a in ROW_ORDER if a in set(df["approach"])] + sorted(set(df["approach"]) - set(ROW_ORDER))
     out: dict[str, pd.DataFrame] = {}
-    for metric in ("dice", "auc", "fsd_teacher", "fsd_source"):
+    for metric in ("dice", "auc", "code_mean_share", "fsd_teacher", "fsd_source"):
         sel = df[df["metric"] == metric]
         if sel.empty:
             continue
@@ -145,13 +145,14 @@ def diagnosis(t: dict[str, pd.DataFrame]) -> list[str]:
     return out
 
 
-def section(runs: RunDir | list[RunDir], command: str = "", heading: str = "##") -> str:
+def section(runs: RunDir | list[RunDir], command: str = "", heading: str = "##", title: str = "") -> str:
     runs = [runs] if isinstance(runs, RunDir) else runs
     t = tables(runs)
     cfg = runs[0].read_config()
     seeds = sorted({int(s) for s in combined_metrics(runs)["seed"]})
     g = cfg.gkd
-    lines = [f"{heading} Generalizable distillation (GKD) on {cfg.data.sites}: train {g.source}, test every site", ""]
+    title = title or f"Generalizable distillation (GKD) on {cfg.data.sites}: train {g.source}, test every site"
+    lines = [f"{heading} {title}", ""]
     names = ", ".join(f"`{r.path.name}`" for r in runs)
     lines.append(f"Run{'s' if len(runs) > 1 else ''} {names}, seeds {', '.join(map(str, seeds))}, image size {cfg.data.size}, "
                  f"training crops {g.crop or 'none'}, batch {g.batch_size}, {g.rounds} round(s) x "
@@ -167,7 +168,8 @@ def section(runs: RunDir | list[RunDir], command: str = "", heading: str = "##")
             if m in set(t["per_seed"]["approach"]):
                 lines += ["", "- " + verdict(t["per_seed"], "gkd", m).replace("**", "")]
     lines += diagnosis(t)
-    for metric, title in (("dice", "Dice (F1)"), ("auc", "AUC"), ("fsd_teacher", "FSD(teacher codes, model codes)"),
+    for metric, title in (("dice", "Dice (F1)"), ("auc", "AUC"), ("code_mean_share", "Share of the codes' second "
+                          "moment in their mean, ||mu||^2 / E||z||^2 (1: all codes parallel, DCGD's graphs uniform)"), ("fsd_teacher", "FSD(teacher codes, model codes)"),
                           ("fsd_source", "FSD(source codes, target codes) of the same model")):
         if metric in t:
             lines += ["", f"{title}, mean ± sd over seeds:", "", md_table(t[metric])]
@@ -188,11 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ted_fl.gkd_report", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run directories of python -m ted_fl.generalize (e.g. one per seed)")
     parser.add_argument("--doc", default="", help="also write the section into this markdown page")
+    parser.add_argument("--section", default="gkd", help="name of the marked block in --doc (default gkd)")
+    parser.add_argument("--title", default="", help="heading of the section (default: from the runs)")
     parser.add_argument("--networks", action="store_true", help="add the size/speed table of every registered network")
     parser.add_argument("--command", default="", help="the command that produced the run (shown in the section)")
     args = parser.parse_args(argv)
     try:
-        text = section([RunDir.open(r) for r in args.runs], args.command)
+        text = section([RunDir.open(r) for r in args.runs], args.command, title=args.title)
     except TedFlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -204,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         text += (f"\n\nEvery registered network at {size} x {size} (`python -m ted_fl.networks --size {size}`; "
                  "latency on this shared 2-core CPU, 1 thread, fastest of 5):\n\n" + md_table(table))
     if args.doc:
-        write_section(Path(args.doc), "gkd", text, header="# Results\n")
+        write_section(Path(args.doc), args.section, text, header="# Results\n")
     print(text)
     return 0
 

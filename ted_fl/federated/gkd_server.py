@@ -187,6 +187,11 @@ def _write_scores(add: Any, approach: str, seed: int, scores: dict[str, tuple[di
     for site, (m, stats) in scores.items():
         for k, v in m.items():
             add(approach, seed, site, k, v)
+        if stats is not None and stats.n > 1:
+            # ||mu||^2 / E||z||^2: near 1 when the codes are nearly parallel, which leaves DCGD's
+            # cosine graphs uniform (nothing to distil)
+            mu = stats.mean()
+            add(approach, seed, site, "code_mean_share", float(mu @ mu) / max(float(np.trace(stats.s2)) / stats.n, 1e-30))
         if stats is not None and teacher is not None and teacher[site][1] is not None:
             add(approach, seed, site, "fsd_teacher", fsd(teacher[site][1], stats))  # type: ignore[arg-type]
         if stats is not None and scores[source][1] is not None:
@@ -229,4 +234,4 @@ def simulate_generalize(cfg: ExperimentConfig, run: RunDir, num_nodes: int, quie
     return out[0]
 
 
-__all__ = ["FROZEN", "GKDExecutor", "serve_generalize", "simulate_generalize", "np"]
+__all__ = ["FROZEN", "GKDExecutor", "serve_generalize", "simulate_generalize"]
