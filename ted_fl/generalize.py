@@ -50,7 +50,25 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
             raise unknown(f"{role} network", name, NETWORKS, f"--{role}")
     if not cfg.seeds:
         raise TedFlError("--seed needs at least one seed")
+    check_networks(cfg)
     return cfg
+
+
+def check_networks(cfg: ExperimentConfig) -> None:
+    """Build teacher and student and run one image of the run's size, before Ray starts."""
+    import torch
+
+    from ted_fl.federated.gkd_client import build_part
+
+    for part, key in (("teacher", "gkd.teacher"), ("student", "gkd.student")):
+        try:
+            with torch.no_grad():
+                build_part(part, cfg.gkd, (1, cfg.data.size, cfg.data.size)).eval()(
+                    torch.zeros(1, 1, cfg.data.size, cfg.data.size))
+        except (RuntimeError, ValueError) as exc:
+            raise TedFlError(f"{key} = '{getattr(cfg.gkd, part)}' does not run on {cfg.data.size} x {cfg.data.size} "
+                             f"images ({str(exc).splitlines()[0]}); use a --size that is a multiple of 32 or check "
+                             f"{key}_channels") from None
 
 
 def check_sites(cfg: ExperimentConfig) -> list:
