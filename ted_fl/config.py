@@ -150,6 +150,7 @@ class GKDConfig:
     crop: int = 0  # random square training crops (0: whole images); evaluation is on whole images
     lr: float = 1e-3  # Adam
     views: int = 4  # K augmented views per anchor (DCGD)
+    augment: str = "spec"  # spec (gamma, contrast, blur, noise, flips) | mild (no blur, narrower): gkd.AUGMENT
     tau: float = 0.1
     w_intra: float = 1.0
     w_inter: float = 1.0

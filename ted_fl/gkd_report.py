@@ -157,7 +157,7 @@ def section(runs: RunDir | list[RunDir], command: str = "", heading: str = "##",
     lines.append(f"Run{'s' if len(runs) > 1 else ''} {names}, seeds {', '.join(map(str, seeds))}, image size {cfg.data.size}, "
                  f"training crops {g.crop or 'none'}, batch {g.batch_size}, {g.rounds} round(s) x "
                  f"{g.steps_teacher} teacher / {g.steps_student} student / {g.steps_psae} P-SAE / {g.steps_act} "
-                 f"ACT steps, K = {g.views} views, Adam lr {g.lr}. Metrics pooled over each site's whole "
+                 f"ACT steps, K = {g.views} views ({g.augment} augmentation), Adam lr {g.lr}. Metrics pooled over each site's whole "
                  "test split inside the field of view (one confusion matrix, as the authors' test.py). "
                  "Federated: the source site trains, every other site only scores; no image leaves a site.")
     if command:

@@ -182,25 +182,32 @@ def psae_loss(model: PSAE, masks: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- augmentation
-def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, geometric: bool = True
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One random view per image [our choice]: gamma, contrast, Gaussian blur, noise, and (if
-    `geometric`) flips, applied to the mask too. Images are min-max normalised to [0, 1]."""
+AUGMENT = {  # gamma range, contrast range, blur sigma (lowest, span), noise std
+    "spec": ((0.7, 1.5), (0.75, 1.25), (0.3, 0.9), 0.03),  # the spec's list: gamma/contrast/blur/noise
+    "mild": ((0.8, 1.25), (0.9, 1.1), (0.0, 0.0), 0.01),  # no blur (thin vessels), narrower ranges
+}
+
+
+def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, geometric: bool = True,
+            strength: str = "spec") -> tuple[torch.Tensor, torch.Tensor]:
+    """One random view per image [our choice]: gamma, contrast, Gaussian blur, noise (ranges by
+    `strength`, see AUGMENT), and (if `geometric`) flips, applied to the mask too. Images are
+    min-max normalised to [0, 1]."""
+    if strength not in AUGMENT:
+        raise unknown("augmentation", strength, AUGMENT, "gkd.augment")
+    (g_lo, g_hi), (c_lo, c_hi), (s_lo, s_span), noise = AUGMENT[strength]
     b = x.shape[0]
 
     def u(lo: float, hi: float) -> torch.Tensor:
         return (lo + (hi - lo) * torch.rand(b, 1, 1, 1, generator=gen)).to(x)
 
-    v = x.clamp_min(0.0) ** u(0.7, 1.5)
+    v = x.clamp_min(0.0) ** u(g_lo, g_hi)
     mean = v.mean(dim=(2, 3), keepdim=True)
-    v = (v - mean) * u(0.75, 1.25) + mean
-    sigma = float(0.3 + 0.9 * torch.rand(1, generator=gen))
-    k = torch.exp(-(torch.arange(-2, 3, dtype=x.dtype) ** 2) / (2 * sigma**2))
-    k = (k / k.sum()).to(x)
-    c = v.shape[1]
-    v = F.conv2d(F.pad(v, (2, 2, 0, 0), mode="reflect"), k.view(1, 1, 1, 5).repeat(c, 1, 1, 1), groups=c)
-    v = F.conv2d(F.pad(v, (0, 0, 2, 2), mode="reflect"), k.view(1, 1, 5, 1).repeat(c, 1, 1, 1), groups=c)
-    v = v + 0.03 * torch.randn(v.shape, generator=gen).to(x)
+    v = (v - mean) * u(c_lo, c_hi) + mean
+    sigma = float(s_lo + s_span * torch.rand(1, generator=gen))  # drawn always: same stream for every strength
+    if s_span > 0:
+        v = _blur(v, sigma)
+    v = v + noise * torch.randn(v.shape, generator=gen).to(x)
     yy = y.clone()
     if not geometric:
         return v, yy
@@ -211,11 +218,21 @@ def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, geometric: b
     return v, yy
 
 
-def make_views(x: torch.Tensor, y: torch.Tensor, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _blur(v: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable 5-tap Gaussian blur with reflect padding."""
+    k = torch.exp(-(torch.arange(-2, 3, dtype=v.dtype) ** 2) / (2 * sigma**2))
+    k = (k / k.sum()).to(v)
+    c = v.shape[1]
+    v = F.conv2d(F.pad(v, (2, 2, 0, 0), mode="reflect"), k.view(1, 1, 1, 5).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(F.pad(v, (0, 0, 2, 2), mode="reflect"), k.view(1, 1, 5, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def make_views(x: torch.Tensor, y: torch.Tensor, k: int, gen: torch.Generator, strength: str = "spec"
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Anchors followed by K views: rows [0, B) anchors, row B + j*B + b the j-th view of anchor b."""
     xs, ys = [x], [y]
     for _ in range(k):
-        v, vy = augment(x, y, gen)
+        v, vy = augment(x, y, gen, strength=strength)
         xs.append(v)
         ys.append(vy)
     return torch.cat(xs), torch.cat(ys)

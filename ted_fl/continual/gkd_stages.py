@@ -31,7 +31,7 @@ def _adam(params: list[nn.Parameter], lr: float, state: dict | None) -> torch.op
 
 def train_with_terms(student: nn.Module, teacher: nn.Module | None, approach: Approach, split: Split, *,
                      steps: int, batch_size: int, crop: int, lr: float, seed: int, views: int = 0,
-                     optimizer_state: dict | None = None) -> tuple[dict[str, float], dict]:
+                     optimizer_state: dict | None = None, augment: str = "spec") -> tuple[dict[str, float], dict]:
     """`steps` steps of `approach` (stages 1, 2 and 5). With views > 0 each batch is its anchors
     followed by `views` augmented views of each (same views for teacher and student)."""
     opt = _adam(list(student.parameters()), lr, optimizer_state)
@@ -43,7 +43,7 @@ def train_with_terms(student: nn.Module, teacher: nn.Module | None, approach: Ap
             n_anchors = None
             if views > 0:
                 n_anchors = x.shape[0]
-                x, y = G.make_views(x, y, views, gen)
+                x, y = G.make_views(x, y, views, gen, augment)
             out = train_step(student, teacher, approach, x, y, opt, n_anchors=n_anchors)
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -68,7 +68,7 @@ def train_psae(psae: G.PSAE, split: Split, *, steps: int, batch_size: int, crop:
 
 
 def train_alignment(model: nn.Module, msan: G.MSAN, psae: G.PSAE, split: Split, *, steps: int, batch_size: int,
-                    crop: int, lr: float, seed: int, optimizer_state: dict | None = None
+                    crop: int, lr: float, seed: int, optimizer_state: dict | None = None, augment: str = "spec"
                     ) -> tuple[dict[str, float], dict]:
     """Stage 4 (ACT): train `msan` on the frozen `model` (eval mode) and the frozen P-SAE."""
     freeze(model).eval()
@@ -80,7 +80,7 @@ def train_alignment(model: nn.Module, msan: G.MSAN, psae: G.PSAE, split: Split, 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for x, y in G.sample_batches(split.images, split.masks, steps, batch_size, crop, seed):
-            x_aug, _ = G.augment(x, y, gen, geometric=False)  # the code's consistency view keeps the geometry
+            x_aug, _ = G.augment(x, y, gen, geometric=False, strength=augment)  # the code's consistency view keeps the geometry
             parts = G.act_loss(model, msan, psae, x, y, x_aug)
             opt.zero_grad(set_to_none=True)
             parts["total"].backward()

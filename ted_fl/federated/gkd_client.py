@@ -104,13 +104,14 @@ def run_stage(cfg: ExperimentConfig, task: str, approach: str, weights: M.Weight
         metrics, opt = S.train_psae(model, split, **common)  # type: ignore[arg-type]
     elif task in ("act_teacher", "act_student"):
         owner = frozen["teacher" if task == "act_teacher" else "scratch"]
-        metrics, opt = S.train_alignment(owner, model, frozen["psae"], split, **common)  # type: ignore[arg-type]
+        metrics, opt = S.train_alignment(owner, model, frozen["psae"], split, augment=g.augment,  # type: ignore[arg-type]
+                                         **common)
     else:
         appr = G.gkd_approach(approach, frozen.get("tan"), frozen.get("san"), w_intra=g.w_intra, w_inter=g.w_inter,
                               w_cross=g.w_cross, w_kd=g.w_kd, w_at=g.w_at, w_pair=g.w_pair, tau=g.tau)
         views = g.views if approach in G.USES_VIEWS else 0
         teacher = frozen.get("teacher") if appr.needs_teacher else None
-        metrics, opt = S.train_with_terms(model, teacher, appr, split, views=views, **common)
+        metrics, opt = S.train_with_terms(model, teacher, appr, split, views=views, augment=g.augment, **common)
     return model_weights(model), metrics, opt
 
 
