@@ -178,7 +178,9 @@ def section(runs: RunDir | list[RunDir], command: str = "", heading: str = "##",
                   "weights: KD, AT, pair, intra, inter 1, cross 0.5). A term far smaller than seg moves the "
                   "student little:", "", md_table(t["losses"], digits=4)]
     if "size" in t:
-        lines += ["", "Size and speed (CPU, 1 thread, one image of the run's size):", "", md_table(t["size"])]
+        lines += ["", "Size and speed per image of the run's size, as the run measured them (runs before commit "
+                  "ba1cc39 timed the median wall time of 5 forwards on the shared CPU; later runs the single-thread "
+                  "CPU time, as `python -m ted_fl.networks`):", "", md_table(t["size"])]
     lines += ["", "Rows: student = L_seg alone; student_aug = L_seg on anchors and the K views (the "
               "augmentation without distillation); kd = + pixel KD; at = + attention transfer; skd = + KD + "
               "pair-wise affinity; intra / inter / cross = + one GKD term; gkd = + all three. FSD uses the "
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         size = RunDir.open(args.runs[0]).read_config().data.size
         table = profile_table(sorted(__import__("ted_fl.continual.networks", fromlist=["NETWORKS"]).NETWORKS), size, 5)
         text += (f"\n\nEvery registered network at {size} x {size} (`python -m ted_fl.networks --size {size}`; "
-                 "latency on this shared 2-core CPU, 1 thread, fastest of 5):\n\n" + md_table(table))
+                 "CPU time of a single-threaded forward, the fastest of 5):\n\n" + md_table(table))
     if args.doc:
         write_section(Path(args.doc), args.section, text, header="# Results\n")
     print(text)

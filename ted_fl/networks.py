@@ -1,7 +1,8 @@
 """`python -m ted_fl.networks`: every registered network with its parameters, MACs and CPU latency.
 
 MACs come from `ted_fl.continual.profiling` (forward hooks on conv and linear layers); latency is
-the fastest of a few single-image forwards on this machine's CPU with the given thread count.
+the CPU time of a single-threaded single-image forward (the fastest of a few), which a
+shared machine's load does not inflate the way it inflates wall time.
 """
 
 from __future__ import annotations
@@ -45,17 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256, the spec's)")
     parser.add_argument("--names", nargs="*", default=None, help="networks to show (default: all registered)")
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per network (the fastest is shown)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args(argv)
     try:
         if args.size < 32:
             raise TedFlError(f"--size must be >= 32, got {args.size}")
-        torch.set_num_threads(max(1, args.threads))
         table = profile_table(args.names or sorted(NETWORKS), args.size, args.repeats)
     except TedFlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"size {args.size} x {args.size}, 1 channel, CPU, {args.threads} thread(s)")
+    print(f"size {args.size} x {args.size}, 1 channel; latency = CPU time of a single-threaded forward")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return 0
 

@@ -59,19 +59,23 @@ def count_macs(model: nn.Module, shape: tuple[int, ...]) -> int:
 
 @torch.no_grad()
 def latency_ms(model: nn.Module, shape: tuple[int, ...], repeats: int = 5, warmup: int = 1) -> float:
-    """The fastest of `repeats` single-image forwards (eval mode), in ms: on a shared CPU the
-    minimum is the least disturbed by other processes (the median is not)."""
-    was = model.training
+    """CPU time of one single-threaded forward of one image (eval mode), in ms: the fastest of
+    `repeats`, measured with the thread's CPU clock (time.thread_time) and torch pinned to 1 thread.
+    Wall time on a shared machine measures the neighbours' load; the thread's CPU time does not
+    (cache sharing still adds a little)."""
+    was, threads = model.training, torch.get_num_threads()
     model.eval()
+    torch.set_num_threads(1)
     x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
     try:
         for _ in range(warmup):
             model(x)
         times = []
         for _ in range(max(1, repeats)):
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             model(x)
-            times.append((time.perf_counter() - t0) * 1000.0)
+            times.append((time.thread_time() - t0) * 1000.0)
     finally:
         model.train(was)
+        torch.set_num_threads(threads)
     return float(min(times))
