@@ -178,8 +178,8 @@ def section(runs: RunDir | list[RunDir], command: str = "", heading: str = "##",
                   "weights: KD, AT, pair, intra, inter 1, cross 0.5). A term far smaller than seg moves the "
                   "student little:", "", md_table(t["losses"], digits=4)]
     if "size" in t:
-        lines += ["", "Size and speed per image of the run's size, as the run measured them (runs before commit "
-                  "ba1cc39 timed the median wall time of 5 forwards on the shared CPU; later runs the single-thread "
+        lines += ["", "Size and speed per image of the run's size, as the run measured them (runs made before commit "
+                  "3bd83da timed wall time on the shared CPU, which its load inflates; later runs the single-thread "
                   "CPU time, as `python -m ted_fl.networks`):", "", md_table(t["size"])]
     lines += ["", "Rows: student = L_seg alone; student_aug = L_seg on anchors and the K views (the "
               "augmentation without distillation); kd = + pixel KD; at = + attention transfer; skd = + KD + "
