@@ -73,8 +73,12 @@ def check_networks(cfg: ExperimentConfig) -> None:
 
 def check_sites(cfg: ExperimentConfig) -> list:
     """Load every site once here (clear errors before Ray starts) and return them for splits.json."""
-    from ted_fl.data import load_sites, site_order
+    from ted_fl.data import load_sites, resolve_out_channels, site_order
 
+    labels = resolve_out_channels(cfg)
+    if labels.out_channels != 2:
+        raise TedFlError(f"site set '{cfg.data.sites}' has {labels.out_channels - 1} classes; the GKD protocol is binary: "
+                         "pick one structure with data.target (--set data.target=...)")
     order = site_order(cfg.data)
     if cfg.gkd.source not in order:
         raise unknown("source site", cfg.gkd.source, order, f"site set '{cfg.data.sites}' (--source)")

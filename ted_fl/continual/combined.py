@@ -38,7 +38,8 @@ def load_fixed_teacher(path: str | Path) -> nn.Module:
         raise TedFlError(f"{p}: not a teacher checkpoint (needs 'name' and 'weights'); use generalize's teacher.pt")
     channels = list(ck.get("channels") or [])
     kw = {"channels": channels, "strides": [2] * (len(channels) - 1)} if channels else {}
-    model = build_model(ModelConfig(name=str(ck["name"]), in_channels=int(ck.get("in_channels", 1)), **kw))
+    model = build_model(ModelConfig(name=str(ck["name"]), in_channels=int(ck.get("in_channels", 1)),
+                                    out_channels=int(ck.get("out_channels", 2)), **kw))
     model.load_state_dict({k: torch.from_numpy(np.asarray(v).copy()) for k, v in ck["weights"].items()})
     for q in model.parameters():
         q.requires_grad_(False)

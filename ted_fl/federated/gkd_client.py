@@ -34,12 +34,15 @@ FROZEN = ("teacher", "scratch", "psae", "tan", "san")  # record names of the fro
 _OPT: dict[Any, Any] = {}  # per process: optimizer state of a stage between its rounds
 
 
+BINARY = 2  # the protocol is binary (spec 1): background + one structure, a 2-channel softmax head
+
+
 def model_config(name: str, channels: list[int], in_channels: int = 1) -> ModelConfig:
-    """A ModelConfig for network `name`; `channels` (when given) also sets matching strides."""
+    """A ModelConfig for network `name` with the binary head; `channels` (when given) also sets strides."""
     if channels:
         return ModelConfig(name=name, channels=list(channels), strides=[2] * (len(channels) - 1),
-                           in_channels=in_channels)
-    return ModelConfig(name=name, in_channels=in_channels)
+                           in_channels=in_channels, out_channels=BINARY)
+    return ModelConfig(name=name, in_channels=in_channels, out_channels=BINARY)
 
 
 def build_part(part: str, g: GKDConfig, image_shape: tuple[int, ...]) -> nn.Module:

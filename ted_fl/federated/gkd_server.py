@@ -30,7 +30,7 @@ from ted_fl.errors import TedFlError, unknown
 from ted_fl.federated import messages as M
 from ted_fl.federated.gkd_client import FROZEN, build_part
 from ted_fl.federated.server_app import ClientFailure, FlowerExecutor
-from ted_fl.results import RunDir
+from ted_fl.results import MEAN_LABEL, RunDir
 
 STAGES = {"teacher": 1, "student": 2, "psae": 3, "act_teacher": 4, "act_student": 4, "distill": 5}
 
@@ -139,7 +139,7 @@ def serve_generalize(grid: Grid, cfg: ExperimentConfig, run: RunDir, quiet: bool
 
     def add(approach: str, seed: int, site: str, metric: str, value: float) -> None:
         rows.append({"approach": approach, "seed": seed, "stage": 0, "stage_site": g.source, "round": -1,
-                     "site": site, "split": "test", "metric": metric, "value": float(value)})
+                     "site": site, "split": "test", "label": MEAN_LABEL, "metric": metric, "value": float(value)})
 
     for seed in cfg.seeds:
         t0 = time.monotonic()
@@ -147,7 +147,7 @@ def serve_generalize(grid: Grid, cfg: ExperimentConfig, run: RunDir, quiet: bool
         teacher, _ = ex.fit("teacher", model_weights(_init("teacher", cfg, shape, seed, 1)), seed)
         scratch, _ = ex.fit("student", model_weights(_init("student", cfg, shape, seed, 2)), seed)
         run.save_checkpoint("teacher", seed, "teacher", {"name": g.teacher, "channels": list(g.teacher_channels),
-                                                         "in_channels": shape[0], "weights": teacher})
+                                                         "in_channels": shape[0], "out_channels": 2, "weights": teacher})
         tan = san = None
         if want_fsd:
             psae, _ = ex.fit("psae", model_weights(_init("psae", cfg, shape, seed, 3)), seed)
@@ -169,7 +169,7 @@ def serve_generalize(grid: Grid, cfg: ExperimentConfig, run: RunDir, quiet: bool
                 weights, losses = ex.fit("distill", fresh, seed, approach=approach, frozen=needed)
                 for k, v in losses.items():  # mean unweighted term values of the last round (why a term matters)
                     rows.append({"approach": approach, "seed": seed, "stage": 0, "stage_site": g.source,
-                                 "round": max(1, g.rounds) - 1, "site": g.source, "split": "train",
+                                 "round": max(1, g.rounds) - 1, "site": g.source, "split": "train", "label": "",
                                  "metric": f"loss_{k}", "value": float(v)})
             s_scores = ex.score("student", weights, san)
             _write_scores(add, approach, seed, s_scores, sizes["student"], t_scores, g.source)

@@ -34,7 +34,9 @@ def test_generalize_end_to_end(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = (tmp_path / "runs").iterdir()
     df = pd.read_csv(run / "metrics.csv")
-    assert list(df.columns) == ["approach", "seed", "stage", "stage_site", "round", "site", "split", "metric", "value"]
+    from ted_fl.results import METRIC_COLUMNS
+
+    assert list(df.columns) == METRIC_COLUMNS
     assert set(df["approach"]) == {"teacher", "student", "kd", "gkd"}
     for site in ("RUNMC", "BMC"):
         got = set(df[(df["site"] == site) & (df["approach"] == "gkd")]["metric"])

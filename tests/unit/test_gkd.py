@@ -19,12 +19,12 @@ from ted_fl.continual.profiling import count_macs
 from ted_fl.continual.step import freeze, train_step
 from ted_fl.continual.zoo import STUDENTS
 
-TINY_TEACHER = ModelConfig(name="basic_unet", channels=[4, 4, 8, 8, 16, 4])
+TINY_TEACHER = ModelConfig(name="basic_unet", channels=[4, 4, 8, 8, 16, 4], out_channels=2)
 
 
 def teacher_student() -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
-    return build_model(TINY_TEACHER), build_model(ModelConfig(name="small_unet"))
+    return build_model(TINY_TEACHER), build_model(ModelConfig(name="small_unet", out_channels=2))
 
 
 # --------------------------------------------------------------------- networks
@@ -32,7 +32,7 @@ def teacher_student() -> tuple[nn.Module, nn.Module]:
 def test_networks_registered_with_bottleneck_and_swap(name: str) -> None:
     assert name in NETWORKS
     torch.manual_seed(0)
-    cfg = TINY_TEACHER if name == "basic_unet" else ModelConfig(name=name)
+    cfg = TINY_TEACHER if name == "basic_unet" else ModelConfig(name=name, out_channels=2)
     model = build_model(cfg).eval()
     x = torch.rand(2, 1, 64, 64)
     logits, feats = model.forward_features(x)
@@ -329,10 +329,10 @@ def test_site_worker_trains_a_student_with_a_fixed_teacher(tmp_path) -> None:
 
     teacher, _ = teacher_student()
     path = tmp_path / "teacher.pt"
-    torch.save({"name": "basic_unet", "channels": TINY_TEACHER.channels, "in_channels": 1,
+    torch.save({"name": "basic_unet", "channels": TINY_TEACHER.channels, "in_channels": 1, "out_channels": 2,
                 "weights": model_weights(teacher)}, path)
     cfg = ExperimentConfig()
-    cfg.model = ModelConfig(name="small_unet")
+    cfg.model = ModelConfig(name="small_unet", out_channels=2)
     cfg.gkd.fixed_teacher = str(path)
     cfg.gkd.fixed_term = "skd"
     w = SiteWorker(cfg)
