@@ -130,6 +130,47 @@ class FederatedConfig:
 
 
 @dataclass
+class GKDConfig:
+    """Generalizable distillation (`python -m ted_fl.generalize`, docs gkd-method.md) and the
+    continual combination (a fixed large teacher distilled into the student while sites arrive).
+
+    Defaults follow the spec where it is explicit (D = 512, s = 16, K = 4, tau = 0.1, weights
+    1 / 1 / 0.5); step counts are CPU-sized. *_channels = [] keeps the network's own widths.
+    """
+
+    source: str = "CHASEDB1"  # the site that trains; every other site of the set is an unseen target
+    teacher: str = "basic_unet"  # a registered network (python -m ted_fl.networks)
+    student: str = "mobilenetv2_unet"
+    teacher_channels: list[int] = field(default_factory=list)
+    student_channels: list[int] = field(default_factory=list)
+    rounds: int = 1  # Flower rounds per stage (weights return to the server after each)
+    steps_teacher: int = 200  # steps per round of each stage
+    steps_student: int = 200
+    steps_psae: int = 100
+    steps_act: int = 100
+    batch_size: int = 4
+    crop: int = 0  # random square training crops (0: whole images); evaluation is on whole images
+    lr: float = 1e-3  # Adam
+    views: int = 4  # K augmented views per anchor (DCGD)
+    augment: str = "spec"  # spec (gamma, contrast, blur, noise, flips) | mild (no blur, narrower): gkd.AUGMENT
+    tau: float = 0.1
+    w_intra: float = 1.0
+    w_inter: float = 1.0
+    w_cross: float = 0.5
+    w_kd: float = 1.0
+    w_at: float = 1.0
+    w_pair: float = 1.0
+    code_dim: int = 512  # D (the P-SAE's last width)
+    code_side: int = 16  # s
+    psae_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    latency_repeats: int = 5
+    # continual combination: a checkpoint written by `generalize` (checkpoints/teacher-seed<N>/teacher.pt)
+    fixed_teacher: str = ""
+    fixed_term: str = "kd"  # kd | at | skd: how the fixed teacher distils into the student
+    w_fixed: float = 1.0
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment: what `simulations/*.toml` holds and `config.toml` records."""
 
@@ -142,6 +183,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    gkd: GKDConfig = field(default_factory=GKDConfig)
 
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:

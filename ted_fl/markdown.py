@@ -56,3 +56,11 @@ def write_section(doc: Path, name: str, body: str, header: str = "", order: list
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
     return doc
+
+
+def marked_sections(text: str, tag: str = "section") -> list[str]:
+    """Every `<!-- tag:name:start -->...<!-- tag:name:end -->` block of `text`, in order.
+
+    A page regenerated whole (results_doc) keeps the blocks other writers own (e.g. gkd_report's)."""
+    pattern = rf"<!-- {tag}:([\w.-]+):start -->.*?<!-- {tag}:\1:end -->"
+    return [m.group(0) for m in re.finditer(pattern, text, flags=re.S)]

@@ -62,6 +62,18 @@ class SiteWorker:
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self._teacher_key: Any = None
+        self._fixed: tuple[str, torch.nn.Module] | None = None  # gkd.fixed_teacher, loaded once
+
+    def fixed_teacher(self) -> torch.nn.Module | None:
+        """The fixed large teacher of the continual combination (gkd.fixed_teacher), if configured."""
+        path = self.cfg.gkd.fixed_teacher
+        if not path:
+            return None
+        if self._fixed is None or self._fixed[0] != path:
+            from ted_fl.continual.combined import load_fixed_teacher
+
+            self._fixed = (path, load_fixed_teacher(path).to(self.device))
+        return self._fixed[1]
 
     def set_teacher(self, key: Any, weights: Weights | None) -> torch.nn.Module | None:
         """Load the teacher once per stage (`key` identifies it), not once per round."""
@@ -90,6 +102,11 @@ class SiteWorker:
         labels: Labels | None = None,
     ) -> RoundOutput:
         appr = get_approach(approach, self.cfg.loss)
+        fixed = self.fixed_teacher()
+        if fixed is not None:
+            from ted_fl.continual.combined import with_fixed_teacher
+
+            appr = with_fixed_teacher(appr, fixed, self.cfg.gkd.fixed_term, self.cfg.gkd.w_fixed)
         self.student.load_state_dict(to_tensors(weights))
         gpu_setup(self.student, self.device, self.cfg.train.cudnn_benchmark)
         gpu_setup(self.teacher, self.device, self.cfg.train.cudnn_benchmark)

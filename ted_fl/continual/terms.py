@@ -64,6 +64,10 @@ class StepInputs:
     teacher_feats: Mapping[str, torch.Tensor] | None = None
     aux: Mapping[str, torch.Tensor] | None = None  # EWC / MAS state (see approaches)
     stats: dict[str, float] = field(default_factory=dict)  # diagnostics terms may add (u_mean)
+    images: torch.Tensor | None = None  # the step's input batch (terms that run extra forwards: DICD)
+    teacher: nn.Module | None = None  # the frozen teacher of the step, when there is one
+    n_anchors: int | None = None  # rows [0, n_anchors) are anchors, the rest their views (GKD's DCGD)
+    cache: dict[str, torch.Tensor] = field(default_factory=dict)  # values terms of one step share
 
 
 class Term:
