@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from ted_fl.config import ExperimentConfig, load_experiment, parse_override, set_key
+from ted_fl.config import ApproachName, ExperimentConfig, choices, load_experiment, parse_override, set_key
 from ted_fl.errors import TedFlError
 from ted_fl.results import RunDir
 
@@ -25,7 +25,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--sites", help="site set: prostate, mnms, retina, or a path to a sites TOML")
     p.add_argument("--data-dir", help="root of the real data (omit for the embedded synthetic twin)")
-    p.add_argument("--approach", nargs="+", help="approaches to compare, e.g. seq kd ted ted_gugf joint")
+    p.add_argument("--approach", nargs="+", choices=choices(ApproachName), metavar="APPROACH",
+                   help=f"approaches to compare: {', '.join(choices(ApproachName))}")
     p.add_argument("--config", help="experiment file: simulations/NAME.toml or NAME")
     p.add_argument("--rounds", type=int, help="rounds (epochs) per stage")
     p.add_argument("--seed", type=int, nargs="+", help="one or more seeds")
@@ -40,47 +41,15 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
     """Experiment file, then the dedicated options, then --set overrides: one schema for all."""
     cfg = load_experiment(args.config) if args.config else ExperimentConfig()
-    if args.sites:
-        cfg.data.sites = args.sites
-    if args.data_dir is not None:
-        cfg.data.data_dir = args.data_dir
-    if args.approach:
-        cfg.approaches = list(args.approach)
-    if args.rounds is not None:
-        cfg.train.rounds = args.rounds
-    if args.seed:
-        cfg.seeds = list(args.seed)
-    if args.out:
-        cfg.out = args.out
+    options = {"data.sites": args.sites or None, "data.data_dir": args.data_dir, "approaches": args.approach,
+               "train.rounds": args.rounds, "seeds": args.seed, "out": args.out or None}
+    for key, value in options.items():
+        if value is not None:
+            set_key(cfg, key, value, f"--{key.rsplit('.', 1)[-1].replace('_', '-')}")
     for item in args.set:
         key, value = parse_override(item)
         set_key(cfg, key, value)
-    validate(cfg)
     return cfg
-
-
-def validate(cfg: ExperimentConfig) -> None:
-    from ted_fl.continual.approaches import get_approach
-
-    for name in cfg.approaches:
-        get_approach(name, cfg.loss)
-    if cfg.train.rounds < 1:
-        raise TedFlError(f"train.rounds must be at least 1, got {cfg.train.rounds}")
-    if cfg.train.batch_size < 1:
-        raise TedFlError(f"train.batch_size must be at least 1, got {cfg.train.batch_size}")
-    if cfg.federated.clients_per_site < 1:
-        raise TedFlError(f"federated.clients_per_site must be at least 1, got {cfg.federated.clients_per_site}")
-    choices = {
-        "federated.probes": (cfg.federated.probes, ("pixels", "seed")),
-        "federated.on_failure": (cfg.federated.on_failure, ("retry", "skip", "abort")),
-        "loss.teacher_mode": (cfg.loss.teacher_mode, ("eval", "train")),
-        "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
-        "loss.gugf": (cfg.loss.gugf, ("batch", "normalized")),
-        "loss.ska_distribution": (cfg.loss.ska_distribution, ("normal", "uniform")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise TedFlError(f"{key} = '{value}' is not one of {', '.join(allowed)}")
 
 
 class Progress:

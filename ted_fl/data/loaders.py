@@ -12,11 +12,11 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ted_fl.data.io import Pair, find_pairs, read_fov, read_image, read_mask
+from ted_fl.data.layouts import LAYOUT_DEFAULTS, LAYOUTS, register  # noqa: F401 (re-exported)
 from ted_fl.data.spec import SiteSetSpec, SiteSpec
 from ted_fl.data.types import SiteData, Split
 from ted_fl.errors import TedFlError, closest, unknown
@@ -49,19 +49,6 @@ class LoadContext:
 
 
 Loader = Callable[[LoadContext], list[Item]]
-LAYOUTS: dict[str, Loader] = {}
-LAYOUT_DEFAULTS: dict[str, dict[str, Any]] = {}
-
-
-def register(name: str, defaults: dict[str, Any] | None = None) -> Callable[[Loader], Loader]:
-    """Register a layout; `defaults` are merged under the site's TOML entry (the entry wins)."""
-
-    def deco(fn: Loader) -> Loader:
-        LAYOUTS[name] = fn
-        LAYOUT_DEFAULTS[name] = defaults or {}
-        return fn
-
-    return deco
 
 
 # ----------------------------------------------------------------------------- preprocessing
