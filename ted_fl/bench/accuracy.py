@@ -98,9 +98,9 @@ def val_score(rows: list[dict[str, Any]], order: list[str]) -> float:
 def tune(dataset: str, base: ExperimentConfig, approaches: list[str], args: argparse.Namespace,
          work: Path) -> tuple[pd.DataFrame, dict[str, dict[str, float]]]:
     """Centralized runs of the grid (seed 0) scored on validation; the best point per approach."""
-    from ted_fl.centralized import LocalExecutor
     from ted_fl.data import load_sites
     from ted_fl.engine import run_schedule
+    from ted_fl.local import LocalExecutor
 
     sites = load_sites(base.data, base.data.split_seed)
     order = [s.name for s in sites]

@@ -279,7 +279,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run an experiment from the app's run config (pyproject.toml [tool.flwr.app.config])."""
-    from ted_fl.cli import finish_run
+    from ted_fl.run import finish_run
 
     rc = context.run_config
     cfg = load_experiment(str(rc["experiment"])) if rc.get("experiment") else ExperimentConfig()

@@ -125,7 +125,7 @@ def simulate_groups(
 
 def execute_federated(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[tuple[str, int], dict[str, Any]]:
     """Run every approach and seed of `cfg` in one Flower simulation (Ray starts once)."""
-    from ted_fl.cli import Progress, load_and_record_sites, total_rounds
+    from ted_fl.run import Progress, load_and_record_sites, total_rounds
 
     # The launcher checks the data and writes the synthetic twin's files once; the server never
     # sees the arrays (each client loads its own site).

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from ted_fl.cli import run_command, write_report_if_available
+from ted_fl.cli import run_command
 from ted_fl.config import dump_toml, to_dict
 from ted_fl.report import find_chromium, main, write_report
 from ted_fl.results import RunDir
+from ted_fl.run import write_report_if_available
 from tests.conftest import REPO, tiny_config
 
 APPROACHES = ["seq", "ted_gugf"]
