@@ -152,6 +152,7 @@ class FederatedConfig:
     connect_timeout: float = 300.0  # seconds the first (hello) reply may take: clients start up
     retries: int = 1
     on_failure: OnFailure = "retry"
+    fast_polling: bool = False  # patch Flower's 0.1 s message polling in the simulation (ted_fl.federated.simulation)
 
 
 @dataclass(config=SCHEMA)
