@@ -152,6 +152,7 @@ class FederatedConfig:
     connect_timeout: float = 300.0  # seconds the first (hello) reply may take: clients start up
     retries: int = 1
     on_failure: OnFailure = "retry"
+    client_app: str = "ted_fl.federated.client_app:app"  # module:attribute of the ClientApp the simulation runs
     fast_polling: bool = False  # patch Flower's 0.1 s message polling in the simulation (ted_fl.federated.simulation)
 
 
@@ -279,11 +280,47 @@ def set_key(cfg: ExperimentConfig, dotted: str, value: Any, source: str = "--set
     if last not in names:
         raise TedFlError(f"{source} {dotted}: unknown key '{last}'{closest(last, names)}; "
                          f"valid keys: {', '.join(names)}")
+    if isinstance(value, str) and isinstance(getattr(obj, last), list):
+        value = _words(value)  # run and node configs hold no lists: "seq ted_gugf" or '["seq", "ted_gugf"]'
     try:
         setattr(obj, last, value)
     except ValidationError as exc:
         err = dict(exc.errors()[0], loc=(*sections, last))
         raise TedFlError(_describe(err, source)) from None
+
+
+def _words(text: str) -> Any:
+    if text.strip().startswith("["):
+        try:
+            return tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            return text
+    return text.replace(",", " ").split()
+
+
+def from_run_config(run_config: dict[str, Any], source: str = "run config") -> ExperimentConfig:
+    """The experiment of `flwr run`: `experiment` (a file), then schema keys, then `set`.
+
+    Flower flattens `[tool.flwr.app.config]`'s tables into dotted keys (`data.sites`), which are
+    this schema's keys; `set` holds further `KEY=VALUE` overrides separated by spaces (Flower
+    refuses run-config keys that pyproject.toml does not list).
+    """
+    import shlex
+
+    rc = dict(run_config)
+    cfg = load_experiment(str(rc.pop("experiment"))) if rc.get("experiment") else ExperimentConfig()
+    extra = str(rc.pop("set", "") or "")
+    apply_overrides(cfg, rc, source)
+    for item in shlex.split(extra):
+        key, value = parse_override(item)
+        set_key(cfg, key, value, f"{source} set")
+    return cfg
+
+
+def node_overrides(node_config: dict[str, Any]) -> dict[str, Any]:
+    """The schema keys of a SuperNode's node config (dotted, e.g. data.data_dir = "/data/bmc");
+    its other keys (site, client, state-dir, partition-id) say who the node is."""
+    return {k: v for k, v in node_config.items() if "." in k}
 
 
 def apply_overrides(cfg: ExperimentConfig, overrides: dict[str, Any], source: str) -> ExperimentConfig:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import warnings
 from collections.abc import Iterator
@@ -11,8 +10,6 @@ from typing import Any
 
 from ted_fl.config import ExperimentConfig
 from ted_fl.results import RunDir
-
-FAULT_ENV = "TED_FL_INJECT_FAULT"  # test-only: "SITE:ROUND:raise|hang:TIMES"
 
 
 def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -111,11 +108,24 @@ def fast_grid(grid: Any) -> None:
     grid._ted_fl = True
 
 
+def load_app(reference: str) -> Any:
+    """The object named by 'module:attribute' (Flower's own way of naming an app)."""
+    import importlib
+
+    from ted_fl.errors import TedFlError
+
+    module, _, attr = reference.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr or "app")
+    except (ImportError, AttributeError) as exc:
+        raise TedFlError(f"federated.client_app = '{reference}' cannot be loaded ({exc}); "
+                         "name a ClientApp as module:attribute") from None
+
+
 def simulate_groups(
     groups: list[tuple[ExperimentConfig, RunDir]],
     num_nodes: int,
     progress: Any = None,
-    fault: str = "",
 ) -> list[dict[tuple[str, int], dict[str, Any]]]:
     """Serve every (config, run directory) in turn inside ONE Flower simulation (Ray starts once).
 
@@ -125,7 +135,6 @@ def simulate_groups(
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from ted_fl.federated.client_app import app as client_app
     from ted_fl.federated.server_app import serve
 
     extras: list[dict[tuple[str, int], dict[str, Any]]] = []
@@ -140,12 +149,12 @@ def simulate_groups(
             fast_grid(grid)
         try:
             for cfg, run in groups:
-                extras.append(serve(grid, cfg, run, progress, fault))
+                extras.append(serve(grid, cfg, run, progress))
         except BaseException as exc:  # surfaced after the simulation shuts down
             error.append(exc)
 
     with fast_message_polling(groups[0][0].federated.fast_polling) as fast["on"]:
-        run_simulation(server_app=server, client_app=client_app, num_supernodes=num_nodes,
+        run_simulation(server_app=server, client_app=load_app(groups[0][0].federated.client_app), num_supernodes=num_nodes,
                        backend_config=backend_config(groups[0][0]))  # type: ignore[arg-type]
     if error:
         raise error[0]
@@ -161,8 +170,7 @@ def execute_federated(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[t
     sites = load_and_record_sites(cfg, run)
     progress = Progress(total_rounds(cfg, len(sites)), quiet)
     try:
-        (extras,) = simulate_groups([(cfg, run)], len(sites) * cfg.federated.clients_per_site,
-                                    progress, os.environ.get(FAULT_ENV, ""))
+        (extras,) = simulate_groups([(cfg, run)], len(sites) * cfg.federated.clients_per_site, progress)
     finally:
         progress.close()
     return extras

@@ -92,3 +92,24 @@ def test_cli_exits_2_on_nested_value_key(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["--set", "train.rounds.x=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "train.rounds" in err
+
+
+def test_flwr_run_config_goes_through_the_schema() -> None:
+    """pyproject.toml's [tool.flwr.app.config], flattened by Flower, then `set` overrides."""
+    import tomllib
+
+    from flwr.common.config import flatten_dict
+
+    from ted_fl.config import from_run_config, node_overrides
+
+    rc = flatten_dict(tomllib.loads((project_root() / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    cfg = from_run_config(rc)
+    assert cfg.approaches == ["ted_gugf"] and cfg.seeds == [0] and cfg.data.sites == "prostate"
+    rc.update({"approaches": "seq ted_gugf", "set": 'train.rounds=2 federated.probes="seed"'})
+    cfg = from_run_config(rc)
+    assert (cfg.approaches, cfg.train.rounds, cfg.federated.probes) == (["seq", "ted_gugf"], 2, "seed")
+    with pytest.raises(TedFlError, match=r"^run config set: train.rounds: input should be greater"):
+        from_run_config({**rc, "set": "train.rounds=0"})
+    with pytest.raises(TedFlError, match=r"^run config: approaches = 'sq' is not one of"):
+        from_run_config({**rc, "approaches": "sq"})
+    assert node_overrides({"site": "BMC", "partition-id": 0, "data.data_dir": "/data"}) == {"data.data_dir": "/data"}
