@@ -9,9 +9,9 @@ import numpy as np
 
 from ted_fl.config import ExperimentConfig
 from ted_fl.continual.approaches import get_approach
-from ted_fl.data.types import SiteData
+from ted_fl.data.types import SiteData, Split
 from ted_fl.engine import TrainResult, TrainTask, Weights, derive_seed
-from ted_fl.worker import SiteWorker, concat_splits, probes_for
+from ted_fl.worker import SiteWorker, probes_for
 
 
 class LocalExecutor:
@@ -40,7 +40,7 @@ class LocalExecutor:
             opt_state = stage_opt[1] if stage_opt and stage_opt[0] == task.stage else None
             out = self.worker.train_round(
                 approach=task.approach,
-                data=concat_splits([self.data[s].train for s in group]),
+                data=Split.concat([self.data[s].train for s in group]),
                 weights=task.weights, teacher=teacher, aux=task.aux,
                 steps=task.steps, lr=task.lr,
                 seed=derive_seed(task.seed, task.stage, task.round, self.sites.index(site), 0),

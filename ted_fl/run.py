@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from ted_fl.config import ExperimentConfig
+from ted_fl.files import atomic_write_text
 from ted_fl.results import RunDir
 
 
@@ -24,7 +25,7 @@ def start_run(cfg: ExperimentConfig, mode: str, argv: list[str]) -> RunDir:
     run = RunDir.create(cfg.out, f"{cfg.name}-{mode}")
     run.write_config(cfg)
     # The exact command, so reports and docs can say how the numbers were made.
-    (run.path / "command.txt").write_text(shlex.join(["python", "-m", f"ted_fl.{mode}", *argv]) + "\n")
+    atomic_write_text(run.path / "command.txt", shlex.join(["python", "-m", f"ted_fl.{mode}", *argv]) + "\n")
     run.write_json("machine.json", machine_info())
     return run
 

@@ -56,7 +56,7 @@ def message_path(cfg: ExperimentConfig, reps: int = 20) -> pd.DataFrame:
 
     from ted_fl.continual.networks import build_model
     from ted_fl.continual.probes import make_probes
-    from ted_fl.engine import model_weights
+    from ted_fl.continual.weights import model_weights
     from ted_fl.federated import messages as M
 
     model = build_model(cfg.model)

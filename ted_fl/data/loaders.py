@@ -373,11 +373,6 @@ def _stack(items: list[Item], size: int) -> Split:
     return Split(imgs, msks, vols, fov)
 
 
-def _take(split: Split, idx: np.ndarray) -> Split:
-    return Split(split.images[idx], split.masks[idx], split.volumes[idx],
-                 None if split.fov is None else split.fov[idx])
-
-
 def site_rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
@@ -396,7 +391,7 @@ def build_site(items: list[Item], ctx: LoadContext, spec: SiteSetSpec, seed: int
         n_val = max(1, round(spec.val_fraction * len(tr)))
         idx = rng.permutation(len(tr))
         val_idx, tr_idx = np.sort(idx[:n_val]), np.sort(idx[n_val:])
-        splits["val"], splits["train"] = _take(tr, val_idx), _take(tr, tr_idx)
+        splits["val"], splits["train"] = tr.take(val_idx), tr.take(tr_idx)
         warnings.append(f"site '{ctx.site.name}': too few training volumes to hold one out; validation "
                         f"takes {n_val} training slice(s) (not volume-disjoint)")
     for s, sp in splits.items():
@@ -405,7 +400,7 @@ def build_site(items: list[Item], ctx: LoadContext, spec: SiteSetSpec, seed: int
     manifest = {s: sorted(set(sp.volumes.tolist())) for s, sp in splits.items()}
     if max_train and len(splits["train"]) > max_train:
         keep = np.sort(rng.permutation(len(splits["train"]))[:max_train])
-        splits["train"] = _take(splits["train"], keep)
+        splits["train"] = splits["train"].take(keep)
     return SiteData(name=ctx.site.name, splits=splits, per_volume=spec.per_volume, warnings=warnings,
                     manifest=manifest)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from ted_fl.data.types import SiteData, Split
 from ted_fl.engine import derive_seed
 from ted_fl.federated import messages as M
 from ted_fl.federated.audit import audit_mod
+from ted_fl.files import atomic_torch_save
 from ted_fl.worker import SiteWorker, probes_for
 
 _CACHE: dict[Any, Any] = {}  # per process: parsed configs, loaded site data, workers
@@ -66,9 +66,7 @@ def partition_split(split: Split, k: int, index: int, seed: int) -> Split:
     vols = np.unique(split.volumes)
     rng = np.random.default_rng(seed)
     mine = set(rng.permutation(vols)[index::k])
-    keep = np.array([v in mine for v in split.volumes])
-    return Split(split.images[keep], split.masks[keep], split.volumes[keep],
-                 None if split.fov is None else split.fov[keep])
+    return split.take(np.array([v in mine for v in split.volumes]))
 
 
 def site_data(cfg: ExperimentConfig, site: str, client: int) -> tuple[SiteData, Split]:
@@ -141,9 +139,7 @@ def _save_optimizer(context: Context, c: dict, site: str, client: int, state: di
         return
     path.mkdir(parents=True, exist_ok=True)
     file = path / f"{tag.replace('|', '_')}.pt"
-    tmp = file.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, file)
+    atomic_torch_save(state, file)
     # Keep this round and the previous one: a resume may redo the round in flight.
     prev = f"{c['approach']}|{c['seed']}|{c['stage']}|{int(c['round']) - 1}".replace("|", "_") + ".pt"
     for old in path.glob("*.pt"):

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,6 +58,17 @@ def processes(log_dir: Path) -> Iterator[list[subprocess.Popen]]:
                 p.wait()
 
 
+def listening(port: int, proc: subprocess.Popen) -> bool:
+    """Whether `port` accepts connections, waiting while `proc` is alive (no deadline: a loaded
+    machine is slow, and a dead process ends the wait)."""
+    while proc.poll() is None:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.5)
+    return False
+
+
 def start(procs: list[subprocess.Popen], name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
     log = (log_dir / f"{name}.log").open("w")
     procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=log_dir,
@@ -76,10 +88,10 @@ def test_deployment_engine_matches_the_simulation(tmp_path: Path) -> None:
     home, log_dir, out = tmp_path / "flwr-home", tmp_path / "logs", tmp_path / "deployed"
     home.mkdir()
     log_dir.mkdir()
-    fleet, control, runtime = free_port(), free_port(), free_port()
+    link = free_port()  # Flower 1.41 serves the Fleet, Control and Runtime APIs on one HTTP port
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "local-test"\n\n[superlink.local-test]\n'
-        f'address = "127.0.0.1:{control}"\ninsecure = true\n'
+        f'address = "127.0.0.1:{link}"\ninsecure = true\n'
     )
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "FLWR_HOME": str(home), "PYTHONPATH": path,
@@ -87,16 +99,15 @@ def test_deployment_engine_matches_the_simulation(tmp_path: Path) -> None:
     bin_dir = Path(sys.executable).parent
     with processes(log_dir) as procs:
         start(procs, "superlink", [
-            str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(runtime),
-            "--fleet-api-address", f"127.0.0.1:{fleet}", "--control-api-address", f"127.0.0.1:{control}",
+            str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link),
         ], env, log_dir)
-        for i, site in enumerate(SITES):
+        assert listening(link, procs[0]), logs(log_dir)
+        for site in SITES:
             start(procs, f"supernode-{site}", [
-                str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{fleet}",
+                str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
                 "--host", "127.0.0.1", "--port", str(free_port()),
                 "--node-config", f'site="{site}" client=0 state-dir="{tmp_path / "state" / site}"',
             ], env, log_dir)
-            assert i >= 0
         run_config = (f'experiment="{cfg_path}" approaches="seq" seeds="0" out="{out}"')
         proc = subprocess.run(
             [str(bin_dir / "flwr"), "run", str(REPO), "local-test", "--run-config", run_config, "--stream"],

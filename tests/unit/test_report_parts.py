@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ted_fl.report import _overlay, _slice_dice, mean_std, pick_slices, summary_table
+from ted_fl.continual.learner import dice as _slice_dice
+from ted_fl.report import _overlay, mean_std, pick_slices, summary_table
 
 
 def test_pick_slices_prefers_foreground_from_distinct_volumes() -> None:
