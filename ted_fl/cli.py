@@ -25,9 +25,16 @@ from ted_fl.run import (
 )
 
 
+def _site_sets() -> str:
+    """The site sets found in sites/ (not a fixed list), for --help."""
+    from ted_fl.data.spec import list_site_sets
+
+    return ", ".join(list_site_sets()) or "none found in sites/"
+
+
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--sites", help="site set: prostate, mnms, retina, or a path to a sites TOML")
+    p.add_argument("--sites", help=f"site set: {_site_sets()}, or a path to a sites TOML (docs/sites.md)")
     p.add_argument("--data-dir", help="root of the real data (omit for the embedded synthetic twin)")
     p.add_argument("--approach", nargs="+", choices=choices(ApproachName), metavar="APPROACH",
                    help=f"approaches to compare: {', '.join(choices(ApproachName))}")
@@ -53,6 +60,9 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
     for item in args.set:
         key, value = parse_override(item)
         set_key(cfg, key, value)
+    from ted_fl.data import resolve_out_channels
+
+    resolve_out_channels(cfg)  # the network's outputs follow the site set's classes
     return cfg
 
 
@@ -62,6 +72,7 @@ def print_summary(summary: pd.DataFrame, run: RunDir) -> None:
 
     cols = [c for c in ("approach", "seed", "avg", "ravg", "bwt", "fwt", "forgetting", "plasticity",
                         "hd95", "bytes_sent", "bytes_received", "wall_s") if c in summary.columns]
+    cols[3:3] = [c for c in summary.columns if c.startswith("avg[")]  # per class / region, when several
     table = Table(title=f"summary ({run.path / 'summary.csv'})")
     for c in cols:
         table.add_column(c, justify="left" if c == "approach" else "right")

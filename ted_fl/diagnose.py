@@ -52,9 +52,9 @@ def bn_stats(run: RunDir, approach: str, seed: int) -> pd.DataFrame:
     rows = []
     for site in sites:
         model = load_weights(build_model(cfg.model), last["weights"]).eval()
-        final = evaluate(model, site.test, per_volume=site.per_volume)["dice"]
+        final = evaluate(model, site.test, per_volume=site.per_volume, labels=site.labels.labels())["dice"]
         reestimate_bn(model, torch.as_tensor(site.train.images, dtype=torch.float32))
-        own = evaluate(model, site.test, per_volume=site.per_volume)["dice"]
+        own = evaluate(model, site.test, per_volume=site.per_volume, labels=site.labels.labels())["dice"]
         rows.append({"site": site.name, "dice_final_stats": final, "dice_own_stats": own,
                      "recovered": own - final})
     return pd.DataFrame(rows)

@@ -154,9 +154,11 @@ def write_report_if_available(run: RunDir) -> Path | None:
 
 def load_and_record_sites(cfg: ExperimentConfig, run: RunDir) -> list:
     """Load (or generate) the sites once, record the splits and warnings with the run."""
-    from ted_fl.data import load_sites
+    from ted_fl.data import check_splits, load_sites
 
     sites = load_sites(cfg.data, cfg.data.split_seed)
+    # Before Ray or any training starts: a split a run needs but a site lacks is one clear error.
+    check_splits(sites, need_val=cfg.train.select_best or cfg.train.eval_val_all)
     run.write_json("splits.json", {s.name: s.manifest for s in sites})
     for s in sites:
         for w in s.warnings:

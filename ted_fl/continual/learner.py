@@ -7,7 +7,7 @@ import math
 import random
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -138,6 +138,14 @@ def dice(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> floa
     return float(metric(p[None, None], g[None, None]).reshape(-1)[0])
 
 
+def class_dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice of two class-index maps: the mean of `dice` over the classes present in either (1 when none)."""
+    classes = sorted((set(np.unique(pred).tolist()) | set(np.unique(gt).tolist())) - {0})
+    if not classes:
+        return 1.0
+    return float(np.mean([dice(pred == k, gt == k) for k in classes]))
+
+
 def _hd95(pred: np.ndarray, gt: np.ndarray) -> float:
     """Mean HD95 over the slices with ground-truth foreground (the paper's convention).
 
@@ -159,28 +167,60 @@ def _hd95(pred: np.ndarray, gt: np.ndarray) -> float:
     return float(values.mean())
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, split: Split, *, per_volume: bool, batch_size: int = 16) -> dict[str, float]:
-    """Foreground Dice, IoU and HD95, averaged over volumes (per_volume) or images.
+Labels = Sequence[tuple[str, Sequence[int]]]  # evaluation labels: (name, the class indices it unites)
 
-    Per volume: the volume's slices are stacked into a 3-D volume and Dice / IoU are computed
-    on it (MONAI); HD95 is the mean over its slices with foreground. Outside the FOV mask (when
-    the split has one) prediction and ground truth are set to background. Empty cases: Dice and
-    IoU are 1 when ground truth and prediction are both empty and 0 when only one is
-    (MONAI's ignore_empty=False); HD95 as in `_hd95`. An empty split raises TedFlError.
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, split: Split, *, per_volume: bool, batch_size: int = 16, labels: Labels | None = None
+) -> dict[str, float]:
+    """Dice, IoU and HD95, averaged over volumes (per_volume) or images; see `score`.
+
+    How the model is run (`_predict`) and what is scored (`score`) are separate steps.
     """
     if len(split) == 0:
         raise TedFlError("cannot evaluate an empty split")
     was_training = model.training
     model.eval()
     try:
-        pred = _predict(model, split.images, batch_size).astype(bool)
+        pred = _predict(model, split.images, batch_size)
     finally:
         model.train(was_training)
-    gt = split.masks > 0
+    return score(pred, split, per_volume=per_volume, labels=labels)
+
+
+def score(pred: np.ndarray, split: Split, *, per_volume: bool, labels: Labels | None = None) -> dict[str, float]:
+    """Score predicted class indices (N, H, W) against `split.masks`, per evaluation label.
+
+    Without `labels`: one label, every class > 0 as foreground, returned as plain "dice",
+    "iou", "hd95". With `labels` [(name, class indices), ...] (each class, then each region =
+    a union of classes): "<name>/<metric>" per label, and the plain keys hold the mean over
+    the labels (for a one-class set the mean equals that class).
+    """
+    if labels is None:
+        return _score_binary(pred > 0, split.masks > 0, split, per_volume)
+    out: dict[str, float] = {}
+    per_label = []
+    for name, classes in labels:
+        idx = np.asarray(list(classes))
+        scores = _score_binary(np.isin(pred, idx), np.isin(split.masks, idx), split, per_volume)
+        out.update({f"{name}/{k}": v for k, v in scores.items()})
+        per_label.append(scores)
+    mean = {k: float(np.mean([s[k] for s in per_label])) for k in per_label[0]}
+    return {**mean, **out}
+
+
+def _score_binary(pred: np.ndarray, gt: np.ndarray, split: Split, per_volume: bool) -> dict[str, float]:
+    """Foreground Dice, IoU and HD95 of one label (bool masks), averaged over volumes or images.
+
+    Per volume: the volume's slices are stacked into a 3-D volume and Dice / IoU are computed
+    on it (MONAI); HD95 is the mean over its slices with foreground. Outside the FOV mask (when
+    the split has one) prediction and ground truth are set to background. Empty cases: Dice and
+    IoU are 1 when ground truth and prediction are both empty and 0 when only one is
+    (MONAI's ignore_empty=False); HD95 as in `_hd95`.
+    """
     if split.fov is not None:
-        pred &= split.fov.astype(bool)
-        gt &= split.fov.astype(bool)
+        pred = pred & split.fov.astype(bool)
+        gt = gt & split.fov.astype(bool)
 
     if per_volume:
         _, first = np.unique(split.volumes, return_index=True)
