@@ -120,5 +120,5 @@ def test_deployment_engine_matches_the_simulation(tmp_path: Path) -> None:
         assert p.poll() is not None, f"{p.args[0]} still running"
     deployed = run_dir_of(f"run directory: {finished[0]}")
     a, b = dice_rows(run_dir_of(sim.stdout), "seq"), dice_rows(deployed, "seq")
-    assert len(a) == len(b) == 3 * 3
+    assert len(a) == len(b) == 4 * 3  # the untrained model, then after each of the 3 stages, on 3 sites
     np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), atol=1e-5)

@@ -42,7 +42,7 @@ def test_simulation_joins_a_ray_head(tmp_path: Path) -> None:
         cfg_path = write_config(tmp_path, federated__ray_address=f"127.0.0.1:{port}")
         proc = simulate("--config", str(cfg_path), "--approach", "seq", env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert len(dice_rows(run_dir_of(proc.stdout), "seq")) == 3 * 3
+        assert len(dice_rows(run_dir_of(proc.stdout), "seq")) == 4 * 3  # untrained + 3 stages, 3 sites
         drivers = list(temp.glob("session_*/logs/python-core-driver-*"))
         assert drivers, f"the simulation's driver never joined the head in {temp}"
     finally:
