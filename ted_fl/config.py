@@ -184,6 +184,10 @@ def _describe(err: dict[str, Any], where: str) -> str:
         return f"{head}{key} = {value!r} is not one of {err['ctx']['expected']}"
     if kind in ("dataclass_type", "dataclass_exact_type"):
         return f"{head}{key} must be a table [{key}], got {value!r}"
+    if kind == "dict_type":
+        return f"{head}{key} must be a table, e.g. {loc[-1]} = {{ name = ... }}, got {value!r}"
+    if kind == "list_type":
+        return f"{head}{key} must be a list, e.g. {loc[-1]} = [...], got {value!r}"
     return f"{head}{key}: {err['msg'][0].lower()}{err['msg'][1:]}, got {value!r}"
 
 

@@ -70,7 +70,7 @@ class LabelSpec:
     """
 
     values: list[int] = field(default_factory=list)  # allowed raw values (empty: any)
-    classes: dict[str, list[int]] = field(default_factory=dict)  # class -> raw values (mutually exclusive)
+    classes: dict[str, Any] = field(default_factory=dict)  # class -> raw values (list[int], checked with a hint below)
     regions: dict[str, list[str]] = field(default_factory=dict)  # evaluation region -> classes it unites
     foreground: list[int] = field(default_factory=list)  # binary sets: raw values of the class (empty: > 0)
     invert: bool = False  # binary sets: the mask marks the background (0 = the structure)
