@@ -11,7 +11,6 @@ researcher's copy of the data; writes `diagnostics/bn_stats-<approach>-seed<k>.c
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -20,9 +19,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ted_fl.continual.learner import evaluate
 from ted_fl.continual.networks import build_model
+from ted_fl.continual.weights import load_weights
 from ted_fl.data import load_sites
-from ted_fl.engine import load_weights
-from ted_fl.errors import TedFlError
+from ted_fl.errors import TedFlError, exit_code
 from ted_fl.markdown import md_table
 from ted_fl.results import RunDir, atomic_write_bytes
 
@@ -69,13 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--approach", default="seq")
     b.add_argument("--seed", type=int, default=None, help="default: the run's first seed")
     args = p.parse_args(argv)
-    try:
-        run = RunDir.open(args.run)
-        seed = args.seed if args.seed is not None else run.read_config().seeds[0]
-        df = bn_stats(run, args.approach, seed)
-    except TedFlError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: _bn_stats_command(args))
+
+
+def _bn_stats_command(args: argparse.Namespace) -> int:
+    run = RunDir.open(args.run)
+    seed = args.seed if args.seed is not None else run.read_config().seeds[0]
+    df = bn_stats(run, args.approach, seed)
     out = Path(run.path) / "diagnostics" / f"bn_stats-{args.approach}-seed{seed}.csv"
     atomic_write_bytes(out, df.to_csv(index=False).encode())
     print(md_table(df))

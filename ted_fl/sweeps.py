@@ -136,7 +136,7 @@ def cell_done(path: Path, cell: Cell) -> bool:
 def run_cell(cfg: ExperimentConfig, path: str, progress: Callable[[dict[str, Any]], None] | None = None
              ) -> dict[str, Any]:
     """Run one cell's schedule (resuming its last round if interrupted) and write its tables."""
-    from ted_fl.centralized import LocalExecutor
+    from ted_fl.local import LocalExecutor
     from ted_fl.data import load_sites
     from ted_fl.engine import run_schedule, summarize
 

@@ -17,28 +17,8 @@ from ted_fl.continual.approaches import get_approach
 from ted_fl.continual.learner import Labels, evaluate, gpu_setup, local_train, set_determinism
 from ted_fl.continual.networks import build_model
 from ted_fl.continual.probes import make_probes
+from ted_fl.continual.weights import Weights, to_tensors
 from ted_fl.data.types import Split
-
-Weights = dict[str, np.ndarray]
-
-
-def to_tensors(weights: Weights) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.asarray(v).copy()) for k, v in weights.items()}
-
-
-def concat_splits(splits: list[Split]) -> Split:
-    """The union of several sites' splits (the centralized joint upper bound)."""
-    if len(splits) == 1:
-        return splits[0]
-    fov = None
-    if all(s.fov is not None for s in splits):
-        fov = np.concatenate([s.fov for s in splits])  # type: ignore[misc]
-    return Split(
-        images=np.concatenate([s.images for s in splits]),
-        masks=np.concatenate([s.masks for s in splits]),
-        volumes=np.concatenate([s.volumes for s in splits]),
-        fov=fov,
-    )
 
 
 @dataclass

@@ -190,6 +190,23 @@ def _predict(model: nn.Module, images: np.ndarray, batch_size: int) -> np.ndarra
     return np.concatenate(preds, axis=0)
 
 
+def dice(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> float:
+    """Foreground Dice of binary arrays of any shape (an image, a volume), MONAI's: 1 when both
+    are empty, 0 when only one is (ignore_empty=False). Every Dice in ted-fl comes from here."""
+    p = torch.as_tensor(np.asarray(pred) > 0 if not torch.is_tensor(pred) else pred > 0, dtype=torch.float32)
+    g = torch.as_tensor(np.asarray(gt) > 0 if not torch.is_tensor(gt) else gt > 0, dtype=torch.float32)
+    metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
+    return float(metric(p[None, None], g[None, None]).reshape(-1)[0])
+
+
+def class_dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice of two class-index maps: the mean of `dice` over the classes present in either (1 when none)."""
+    classes = sorted((set(np.unique(pred).tolist()) | set(np.unique(gt).tolist())) - {0})
+    if not classes:
+        return 1.0
+    return float(np.mean([dice(pred == k, gt == k) for k in classes]))
+
+
 def _hd95(pred: np.ndarray, gt: np.ndarray) -> float:
     """Mean HD95 over the slices with ground-truth foreground (the paper's convention).
 
@@ -272,15 +289,14 @@ def _score_binary(pred: np.ndarray, gt: np.ndarray, split: Split, per_volume: bo
     else:
         groups = [np.array([i]) for i in range(len(split))]
 
-    dice_m = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
     iou_m = MeanIoU(include_background=True, reduction="none", ignore_empty=False)
-    dice, iou, hd = [], [], []
+    dices, iou, hd = [], [], []
     for idx in groups:
         p = torch.as_tensor(pred[idx], dtype=torch.float32)[None, None]  # (1, 1, D, H, W)
         g = torch.as_tensor(gt[idx], dtype=torch.float32)[None, None]
         if not per_volume:
             p, g = p[:, :, 0], g[:, :, 0]  # (1, 1, H, W)
-        dice.append(float(dice_m(p, g).reshape(-1)[0]))
+        dices.append(dice(p[0, 0], g[0, 0]))
         iou.append(float(iou_m(p, g).reshape(-1)[0]))
         hd.append(_hd95(pred[idx], gt[idx]))
-    return {"dice": float(np.mean(dice)), "iou": float(np.mean(iou)), "hd95": float(np.mean(hd))}
+    return {"dice": float(np.mean(dices)), "iou": float(np.mean(iou)), "hd95": float(np.mean(hd))}

@@ -34,13 +34,14 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ted_fl.config import TeacherMode, choices
 from ted_fl.continual import terms as T
 from ted_fl.continual.approaches import Approach
 from ted_fl.continual.networks import features
 from ted_fl.continual.probes import draw_probes
 from ted_fl.errors import unknown
 
-TEACHER_MODES = ("eval", "train")
+TEACHER_MODES = choices(TeacherMode)  # the schema owns the allowed values
 
 
 def freeze(teacher: nn.Module) -> nn.Module:

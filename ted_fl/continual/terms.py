@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ted_fl.config import GugfMode, choices
 from ted_fl.errors import unknown
 
 EPS = 1e-8
-GUGF_MODES = ("batch", "normalized", "sample")
+GUGF_MODES = choices(GugfMode)  # the schema owns the allowed values
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:

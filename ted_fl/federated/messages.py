@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-Weights = dict[str, np.ndarray]
+from ted_fl.continual.weights import Weights
 
 WEIGHTS = "weights"
 TEACHER = "teacher"
