@@ -77,6 +77,10 @@ def validate(cfg: ExperimentConfig) -> None:
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
         "loss.gugf": (cfg.loss.gugf, ("batch", "normalized")),
         "loss.ska_distribution": (cfg.loss.ska_distribution, ("normal", "uniform")),
+        "loss.baseline_variant": (cfg.loss.baseline_variant, ("paper", "reference")),
+        "loss.kd_reduce": (cfg.loss.kd_reduce, ("class", "reference")),
+        "eval.bn": (cfg.eval.bn, ("running", "batch")),
+        "protocol": (cfg.protocol, ("ted-fl", "reference")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -127,8 +131,10 @@ def total_rounds(cfg: ExperimentConfig, n_sites: int) -> int:
 
     total = 0
     for name in cfg.approaches:
-        factor = cfg.train.joint_rounds_factor if get_approach(name, cfg.loss).joint else 1.0
-        total += n_sites * max(1, round(cfg.train.rounds * factor))
+        joint = get_approach(name, cfg.loss).joint
+        factor = cfg.train.joint_rounds_factor if joint else 1.0
+        stages = 1 if joint and cfg.protocol == "reference" else n_sites
+        total += stages * max(1, round(cfg.train.rounds * factor))
     return total * len(cfg.seeds)
 
 

@@ -108,7 +108,9 @@ class LossConfig:
     ewc_lambda: float = 100.0
     mas_lambda: float = 1.0
     plop_threshold: float = 0.5  # PLOP pseudo-label confidence quantile
-    pod_weight: float = 0.01  # PLOP POD feature term (0 disables)
+    pod_weight: float = 0.0  # PLOP's POD feature term, only when asked (> 0); the reference has none
+    baseline_variant: str = "paper"  # paper | reference: ewc/mas/mib/plop as their papers or as the reference code
+    kd_reduce: str = "class"  # class | reference (the reference's width-axis sum for kd/ska/akt/akt_gugf; never ted)
 
 
 @dataclass
@@ -128,6 +130,20 @@ class FederatedConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How test and validation images are scored.
+
+    bn = "running": batch norm normalises with its running statistics (model.eval()), which
+    follow the newest site. bn = "batch": the reference's protocol (it never calls .eval()):
+    each test image (2-D) or slice (3-D) is forwarded alone and batch norm normalises it with
+    its own statistics; no buffer changes, the model's mode is restored afterwards.
+    """
+
+    bn: str = "running"  # running | batch
+    batch_size: int = 16  # images per forward under bn = "running"
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment: what `simulations/*.toml` holds and `config.toml` records."""
 
@@ -135,11 +151,16 @@ class ExperimentConfig:
     approaches: list[str] = field(default_factory=lambda: ["seq", "kd", "ted_gugf"])
     seeds: list[int] = field(default_factory=lambda: [0])
     out: str = "runs"
+    # "reference": the reference code's evaluation rescale (percentiles 0.1-99), pooled HD95,
+    # joint as one run over all sites selected on the first site, seq keeping lr_first;
+    # "ted-fl": this simulator's choices (docs/protocol.md has the table)
+    protocol: str = "ted-fl"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:

@@ -191,9 +191,13 @@ def run_schedule(
         st.initial_done = True
         checkpoint()
 
-    while st.stage < len(order):
+    # protocol "reference": joint is one run over every site, its best round chosen on the first
+    # site's validation split (the reference's main.py); seq keeps lr_first on every site.
+    one_run = approach.joint and cfg.protocol == "reference"
+    constant_lr = cfg.protocol == "reference" and approach_name == "seq"
+    while st.stage < (1 if one_run else len(order)):
         stage, site = st.stage, order[st.stage]
-        sites = active_sites(order, stage, cfg.federated.retention, approach.joint)
+        sites = list(order) if one_run else active_sites(order, stage, cfg.federated.retention, approach.joint)
         n_rounds = cfg.train.rounds
         if approach.joint:
             n_rounds = max(1, round(cfg.train.rounds * cfg.train.joint_rounds_factor))
@@ -209,7 +213,7 @@ def run_schedule(
             task = TrainTask(
                 approach=approach_name, seed=seed, stage=stage, round=rnd, sites=sites,
                 weights=st.weights, teacher=st.teacher if approach.needs_teacher else None,
-                aux=st.aux, steps=steps, lr=lr_for(stage, rnd, cfg.train),
+                aux=st.aux, steps=steps, lr=lr_for(stage, rnd, cfg.train, constant_lr),
                 probe_seed=derive_seed(seed, stage, rnd, 0x5CA) if uses_probes else None,
                 probe_count=probe_count if uses_probes else 0,
                 probe_shape=tuple(executor.image_shape), want_val=cfg.train.select_best,
@@ -256,7 +260,11 @@ def run_schedule(
             st.aux = {k: v.detach().cpu().numpy() for k, v in st.aux.items()}
         t_eval = time.perf_counter()
         sent0, recv0 = executor.bytes_sent, executor.bytes_received
-        rows_for(stage, n_rounds - 1, "test", executor.evaluate(st.weights, "test", order))
+        scores = executor.evaluate(st.weights, "test", order)
+        rows_for(stage, n_rounds - 1, "test", scores)
+        for later in range(1, len(order)) if one_run else ():  # the one joint model after every stage
+            rows_for(later, n_rounds - 1, "test", scores)
+            run.save_checkpoint(approach_name, seed, f"stage{later}", {"weights": st.weights, "site": order[later]})
         rows_for(stage, n_rounds - 1, "comm", {site: {"eval_bytes_down": executor.bytes_sent - sent0,
                                                       "eval_bytes_up": executor.bytes_received - recv0}})
         # Stage times (a resumed stage counts from the resume): its test evaluation and all of it.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -13,14 +14,19 @@ import numpy as np
 import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
 from monai.utils import set_determinism as monai_set_determinism
+from scipy import ndimage
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from ted_fl.config import LossConfig, TrainConfig
+from ted_fl.config import ExperimentConfig, LossConfig, TrainConfig
 from ted_fl.continual.approaches import Approach
 from ted_fl.continual.probes import draw_probes
 from ted_fl.continual.step import train_step
 from ted_fl.data.types import Split
-from ted_fl.errors import TedFlError
+from ted_fl.errors import TedFlError, unknown
+
+EVAL_BN = ("running", "batch")
+HD95_MODES = ("slice_max", "pooled")
 
 
 def set_determinism(seed: int, threads: int = 1) -> None:
@@ -32,10 +38,21 @@ def set_determinism(seed: int, threads: int = 1) -> None:
     torch.set_num_threads(max(1, int(threads)))
 
 
-def lr_for(stage: int, round: int, cfg: TrainConfig) -> float:  # noqa: A002 - the API's name
-    """lr_first on stage 0, lr_later after, times lr_gamma**round (StepLR stepped each round)."""
-    base = cfg.lr_first if stage == 0 else cfg.lr_later
+def lr_for(stage: int, round: int, cfg: TrainConfig, constant: bool = False) -> float:  # noqa: A002
+    """lr_first on stage 0, lr_later after, times lr_gamma**round (StepLR stepped each round).
+
+    `constant`: lr_first on every stage (the reference's seq, whose main.py never switches it).
+    """
+    base = cfg.lr_first if stage == 0 or constant else cfg.lr_later
     return float(base * cfg.lr_gamma**round)
+
+
+def eval_options(cfg: ExperimentConfig) -> dict[str, object]:
+    """`evaluate`'s keyword options for an experiment: eval.bn, and protocol "reference"'s
+    evaluation rescale and pooled HD95."""
+    ref = cfg.protocol == "reference"
+    return {"bn": cfg.eval.bn, "batch_size": cfg.eval.batch_size, "rescale": ref,
+            "hd95": "pooled" if ref else "slice_max"}
 
 
 def _batch_indices(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
@@ -120,13 +137,97 @@ def local_train(
     return metrics, copy.deepcopy(optimizer.state_dict())
 
 
-def _predict(model: nn.Module, images: np.ndarray, batch_size: int) -> np.ndarray:
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode, except batch norm normalises with each forward's own statistics.
+
+    Batch-norm layers run in train mode with `track_running_stats` off, so they neither read nor
+    write running_mean / running_var / num_batches_tracked; dropout stays off. Every module's
+    mode and flag are restored on exit.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    bns = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, _BatchNorm)]
+    model.eval()
+    for m, _ in bns:
+        m.train()
+        m.track_running_stats = False
+    try:
+        yield model
+    finally:
+        for m, track in bns:
+            m.track_running_stats = track
+        for m, mode in modes:
+            m.training = mode
+
+
+def _predict(model: nn.Module, images: np.ndarray, batch_size: int, bn: str = "running") -> np.ndarray:
+    """Argmax labels; bn "running": model.eval() in batches; "batch": each image alone, own stats."""
+    if bn not in EVAL_BN:
+        raise unknown("evaluation batch-norm mode", bn, EVAL_BN, "eval.bn")
     device = next(model.parameters()).device
+    step = batch_size if bn == "running" else 1
+    ctx = batch_statistics(model) if bn == "batch" else _eval_mode(model)
     preds = []
-    for i in range(0, len(images), batch_size):
-        x = torch.as_tensor(images[i : i + batch_size], dtype=torch.float32, device=device)
-        preds.append(model(x).argmax(dim=1).cpu().numpy())
+    with ctx:
+        for i in range(0, len(images), step):
+            x = torch.as_tensor(images[i : i + step], dtype=torch.float32, device=device)
+            preds.append(model(x).argmax(dim=1).cpu().numpy())
     return np.concatenate(preds, axis=0)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def rescale_percentiles(images: np.ndarray, groups: list[np.ndarray], low: float = 0.1, high: float = 99.0) -> np.ndarray:
+    """The reference's evaluation-only intensity rescale (torchio RescaleIntensity((0, 1), (0.1, 99))).
+
+    Per volume (or per image for 2-D sets): clip to the [low, high] percentiles of its
+    intensities, then map that range to [0, 1]; a constant volume is left as it is.
+    """
+    out = images.astype(np.float32, copy=True)
+    for idx in groups:
+        lo, hi = np.percentile(out[idx], [low, high])
+        if hi > lo:
+            out[idx] = (np.clip(out[idx], lo, hi) - lo) / (hi - lo)
+    return out
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(2, 1), iterations=1)
+
+
+def hd95_pooled_slice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """medpy's hd95 on one 2-D slice: the 95th percentile of both directed surface-distance sets pooled.
+
+    Both masks must be non-empty. Surfaces are the masks minus their erosion (4-connectivity);
+    distances are Euclidean in pixels (MONAI's percentile=95 takes the larger of the two directed
+    95th percentiles instead of pooling them).
+    """
+    sp, sg = _surface(pred), _surface(gt)
+    d_pg = ndimage.distance_transform_edt(~sg)[sp]  # prediction surface -> ground-truth surface
+    d_gp = ndimage.distance_transform_edt(~sp)[sg]
+    return float(np.percentile(np.hstack((d_pg, d_gp)), 95))
+
+
+def _hd95_pooled(pred: np.ndarray, gt: np.ndarray) -> float:
+    """The reference's ScoreHausdorff: mean over slices with ground truth of the pooled HD95;
+    an empty prediction on such a slice scores max(H, W). No foreground slice: as `_hd95`."""
+    size = float(max(gt.shape[-2:]))
+    scores = []
+    for p, g in zip(pred, gt, strict=True):
+        if not g.any():
+            continue
+        scores.append(size if not p.any() else hd95_pooled_slice(p, g))
+    if not scores:
+        return 0.0 if not pred.any() else float(np.hypot(*gt.shape[-2:]))
+    return float(np.mean(scores))
 
 
 def _hd95(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -151,8 +252,23 @@ def _hd95(pred: np.ndarray, gt: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, *, per_volume: bool, batch_size: int = 16) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    split: Split,
+    *,
+    per_volume: bool,
+    batch_size: int = 16,
+    bn: str = "running",
+    rescale: bool = False,
+    hd95: str = "slice_max",
+) -> dict[str, float]:
     """Foreground Dice, IoU and HD95, averaged over volumes (per_volume) or images.
+
+    `bn` (eval.bn): "running" scores in eval mode with the running statistics; "batch" forwards
+    every image alone with batch norm on its own statistics (the reference's predictor), no
+    buffer touched. `rescale` applies the reference's evaluation-only percentile rescale per
+    volume before the forward; `hd95` "pooled" is the reference's HD95 (`_hd95_pooled`),
+    "slice_max" MONAI's (`_hd95`). The model's training flags are restored in every case.
 
     Per volume: the volume's slices are stacked into a 3-D volume and Dice / IoU are computed
     on it (MONAI); HD95 is the mean over its slices with foreground. Outside the FOV mask (when
@@ -162,22 +278,20 @@ def evaluate(model: nn.Module, split: Split, *, per_volume: bool, batch_size: in
     """
     if len(split) == 0:
         raise TedFlError("cannot evaluate an empty split")
-    was_training = model.training
-    model.eval()
-    try:
-        pred = _predict(model, split.images, batch_size).astype(bool)
-    finally:
-        model.train(was_training)
-    gt = split.masks > 0
-    if split.fov is not None:
-        pred &= split.fov.astype(bool)
-        gt &= split.fov.astype(bool)
-
+    if hd95 not in HD95_MODES:
+        raise unknown("HD95 mode", hd95, HD95_MODES, "protocol")
     if per_volume:
         _, first = np.unique(split.volumes, return_index=True)
         groups = [np.flatnonzero(split.volumes == split.volumes[i]) for i in sorted(first)]
     else:
         groups = [np.array([i]) for i in range(len(split))]
+    images = rescale_percentiles(split.images, groups) if rescale else split.images
+    pred = _predict(model, images, batch_size, bn).astype(bool)
+    gt = split.masks > 0
+    if split.fov is not None:
+        pred &= split.fov.astype(bool)
+        gt &= split.fov.astype(bool)
+    hd_fn = _hd95_pooled if hd95 == "pooled" else _hd95
 
     dice_m = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
     iou_m = MeanIoU(include_background=True, reduction="none", ignore_empty=False)
@@ -189,5 +303,5 @@ def evaluate(model: nn.Module, split: Split, *, per_volume: bool, batch_size: in
             p, g = p[:, :, 0], g[:, :, 0]  # (1, 1, H, W)
         dice.append(float(dice_m(p, g).reshape(-1)[0]))
         iou.append(float(iou_m(p, g).reshape(-1)[0]))
-        hd.append(_hd95(pred[idx], gt[idx]))
+        hd.append(hd_fn(pred[idx], gt[idx]))
     return {"dice": float(np.mean(dice)), "iou": float(np.mean(iou)), "hd95": float(np.mean(hd))}

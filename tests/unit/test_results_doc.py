@@ -47,15 +47,32 @@ def test_bad_run_dir_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "not a ted-fl run directory" in capsys.readouterr().err
 
 
-def test_bn_stats_diagnostic(run: RunDir, capsys: pytest.CaptureFixture[str]) -> None:
-    """Re-estimating BN statistics per site leaves the weights alone and scores every site."""
-    from ted_fl.diagnose import main as diagnose
-
-    assert diagnose(["bn-stats", str(run.path), "--approach", "seq"]) == 0
+def test_eval_bn_diagnostic(run: RunDir, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every stage checkpoint rescored under both eval.bn modes; the batch mode's scores are the
+    ones the batch-mode evaluation gives, and a wrong approach is a one-line error."""
     import pandas as pd
 
-    df = pd.read_csv(run.path / "diagnostics" / "bn_stats-seq-seed0.csv")
-    assert list(df["site"]) == ["RUNMC", "BMC", "I2CVB"]
-    assert df[["dice_final_stats", "dice_own_stats"]].stack().between(0, 1).all()
-    assert "bn-stats: mean test Dice" in capsys.readouterr().out
-    assert diagnose(["bn-stats", str(run.path), "--approach", "nope"]) == 2
+    from ted_fl.continual.learner import evaluate
+    from ted_fl.continual.networks import build_model
+    from ted_fl.data import load_sites
+    from ted_fl.diagnose import main as diagnose
+    from ted_fl.engine import load_weights
+
+    assert diagnose(["eval-bn", str(run.path), "--approach", "seq"]) == 0
+    df = pd.read_csv(run.path / "diagnostics" / "eval_bn-seq-seed0.csv")
+    assert set(df["mode"]) == {"running", "batch"} and sorted(df["stage"].unique()) == [0, 1, 2]
+    assert list(df["site"].drop_duplicates()) == ["RUNMC", "BMC", "I2CVB"]
+    assert df["value"].between(0, 1).all()
+    cfg = run.read_config()
+    site = load_sites(cfg.data, cfg.data.split_seed)[0]
+    model = load_weights(build_model(cfg.model), run.load_checkpoint("seq", 0, "stage2")["weights"])
+    got = df[(df["mode"] == "batch") & (df["stage"] == 2) & (df["site"] == site.name)]["value"].item()
+    assert got == pytest.approx(evaluate(model, site.test, per_volume=site.per_volume, bn="batch")["dice"])
+    running = run.metrics()
+    running = running[(running["split"] == "test") & (running["metric"] == "dice") & (running["approach"] == "seq")
+                      & (running["stage"] == 2) & (running["site"] == site.name)]["value"].item()
+    assert df[(df["mode"] == "running") & (df["stage"] == 2) & (df["site"] == site.name)]["value"].item() == (
+        pytest.approx(running))  # the run itself was scored with eval.bn = "running"
+    out = capsys.readouterr().out
+    assert "eval-bn: seq seed 0" in out and "| running |" in out and "| batch |" in out
+    assert diagnose(["eval-bn", str(run.path), "--approach", "nope"]) == 2
