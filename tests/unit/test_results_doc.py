@@ -71,8 +71,8 @@ def test_eval_bn_diagnostic(run: RunDir, capsys: pytest.CaptureFixture[str]) -> 
     running = run.metrics()
     running = running[(running["split"] == "test") & (running["metric"] == "dice") & (running["approach"] == "seq")
                       & (running["stage"] == 2) & (running["site"] == site.name)]["value"].item()
-    assert df[(df["mode"] == "running") & (df["stage"] == 2) & (df["site"] == site.name)]["value"].item() == (
-        pytest.approx(running))  # the run itself was scored with eval.bn = "running"
+    assert df[(df["mode"] == cfg.eval.bn) & (df["stage"] == 2) & (df["site"] == site.name)]["value"].item() == (
+        pytest.approx(running))  # the run itself was scored with its own eval.bn
     out = capsys.readouterr().out
     assert "eval-bn: seq seed 0" in out and "| running |" in out and "| batch |" in out
     assert diagnose(["eval-bn", str(run.path), "--approach", "nope"]) == 2
