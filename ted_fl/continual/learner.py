@@ -47,6 +47,14 @@ def lr_for(stage: int, round: int, cfg: TrainConfig, constant: bool = False) -> 
     return float(base * cfg.lr_gamma**round)
 
 
+def predict_labels(model: nn.Module, split: Split, per_volume: bool, cfg: ExperimentConfig) -> np.ndarray:
+    """The (N, H, W) labels `evaluate` scores for this experiment (eval.bn, the protocol's rescale)."""
+    opts = eval_options(cfg)
+    images = rescale_percentiles(split.images, _groups(split, per_volume)) if opts["rescale"] else split.images
+    with torch.no_grad():
+        return _predict(model, images, int(opts["batch_size"]), str(opts["bn"]))  # type: ignore[call-overload]
+
+
 def eval_options(cfg: ExperimentConfig) -> dict[str, object]:
     """`evaluate`'s keyword options for an experiment: eval.bn, and protocol "reference"'s
     evaluation rescale and pooled HD95."""
@@ -251,6 +259,14 @@ def _hd95(pred: np.ndarray, gt: np.ndarray) -> float:
     return float(values.mean())
 
 
+def _groups(split: Split, per_volume: bool) -> list[np.ndarray]:
+    """Slice indices per volume (in first-appearance order), or one group per image."""
+    if not per_volume:
+        return [np.array([i]) for i in range(len(split))]
+    _, first = np.unique(split.volumes, return_index=True)
+    return [np.flatnonzero(split.volumes == split.volumes[i]) for i in sorted(first)]
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -280,11 +296,7 @@ def evaluate(
         raise TedFlError("cannot evaluate an empty split")
     if hd95 not in HD95_MODES:
         raise unknown("HD95 mode", hd95, HD95_MODES, "protocol")
-    if per_volume:
-        _, first = np.unique(split.volumes, return_index=True)
-        groups = [np.flatnonzero(split.volumes == split.volumes[i]) for i in sorted(first)]
-    else:
-        groups = [np.array([i]) for i in range(len(split))]
+    groups = _groups(split, per_volume)
     images = rescale_percentiles(split.images, groups) if rescale else split.images
     pred = _predict(model, images, batch_size, bn).astype(bool)
     gt = split.masks > 0

@@ -283,3 +283,16 @@ def pd_rows(run: RunDir) -> Any:
     rows = ScheduleState(**st).rows
     df = pd.DataFrame(rows)
     return df[df["split"] == "test"]
+
+
+def test_predict_labels_follows_the_experiment() -> None:
+    from ted_fl.continual.learner import _predict, predict_labels
+
+    model = trained_bn_model()
+    s = split()
+    cfg = ExperimentConfig()
+    cfg.eval.bn, cfg.protocol = "batch", "reference"
+    rescaled = rescale_percentiles(s.images, [np.arange(0, 3), np.arange(3, 6)])
+    np.testing.assert_array_equal(predict_labels(model, s, True, cfg), _predict(model, rescaled, 16, "batch"))
+    cfg.eval.bn, cfg.protocol = "running", "ted-fl"
+    np.testing.assert_array_equal(predict_labels(model, s, True, cfg), _predict(model, s.images, 16, "running"))
