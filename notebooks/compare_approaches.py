@@ -31,6 +31,7 @@ from IPython.display import display
 
 from ted_fl.cli import run_command
 from ted_fl.continual.metrics import curves, r_matrix
+from ted_fl.results import RunDir
 
 REPO = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
 CONFIG = os.environ.get("TED_FL_CONFIG", str(REPO / "simulations" / "quick.toml"))
@@ -67,8 +68,9 @@ fig.show()
 # ## Mean Dice over the sites seen so far
 
 # %%
-metrics = pd.read_csv(run_dir / "metrics.csv")
-test = metrics[(metrics["split"] == "test") & (metrics["metric"] == "dice") & (metrics["stage"] >= 0)]
+metrics = RunDir(run_dir).metrics()  # label: a class / region of the site set, or "mean" over them
+test = metrics[(metrics["split"] == "test") & (metrics["metric"] == "dice") & (metrics["stage"] >= 0)
+               & (metrics["label"] == "mean")]
 frames = []
 for (approach, seed), g in test.groupby(["approach", "seed"], sort=False):
     c = curves(r_matrix(g, "dice")).reset_index().assign(approach=approach, seed=seed)

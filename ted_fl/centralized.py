@@ -23,6 +23,9 @@ class LocalExecutor:
     """Trains and evaluates every site in this process, one after another."""
 
     def __init__(self, cfg: ExperimentConfig, sites: list[SiteData]):
+        from ted_fl.data import set_out_channels
+
+        set_out_channels(cfg, sites[0].labels, cfg.data.sites)  # the network follows the sites' classes
         self.cfg = cfg
         self.data = {s.name: s for s in sites}
         self.sites = [s.name for s in sites]
@@ -51,7 +54,7 @@ class LocalExecutor:
                 seed=derive_seed(task.seed, task.stage, task.round, self.sites.index(site), 0),
                 probes=probes, optimizer_state=opt_state,
                 val=self.data[site].val if task.want_val and len(groups) == 1 else None,
-                per_volume=self.data[site].per_volume,
+                per_volume=self.data[site].per_volume, labels=self.data[site].labels.labels(),
             )
             self.optim[key] = (task.stage, out.optimizer_state)
             results.append(TrainResult(site, 0, out.weights, out.num_examples, out.metrics, out.val))
@@ -59,7 +62,8 @@ class LocalExecutor:
 
     def evaluate(self, weights: Weights, split: str, sites: list[str]) -> dict[str, dict[str, float]]:
         return {
-            s: self.worker.evaluate(weights, self.data[s].splits[split], self.data[s].per_volume)
+            s: self.worker.evaluate(weights, self.data[s].splits[split], self.data[s].per_volume,
+                                    self.data[s].labels.labels())
             for s in sites
         }
 

@@ -21,9 +21,16 @@ from ted_fl.errors import TedFlError
 from ted_fl.results import RunDir
 
 
+def _site_sets() -> str:
+    """The site sets found in sites/ (not a fixed list), for --help."""
+    from ted_fl.data.spec import list_site_sets
+
+    return ", ".join(list_site_sets()) or "none found in sites/"
+
+
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--sites", help="site set: prostate, mnms, retina, or a path to a sites TOML")
+    p.add_argument("--sites", help=f"site set: {_site_sets()}, or a path to a sites TOML (docs/sites.md)")
     p.add_argument("--data-dir", help="root of the real data (omit for the embedded synthetic twin)")
     p.add_argument("--approach", nargs="+", help="approaches to compare, e.g. seq kd ted ted_gugf joint")
     p.add_argument("--config", help="experiment file: simulations/NAME.toml or NAME")
@@ -56,6 +63,9 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
         key, value = parse_override(item)
         set_key(cfg, key, value)
     validate(cfg)
+    from ted_fl.data import resolve_out_channels
+
+    resolve_out_channels(cfg)  # the network's outputs follow the site set's classes
     return cfg
 
 
@@ -144,6 +154,7 @@ def print_summary(summary: pd.DataFrame, run: RunDir) -> None:
 
     cols = [c for c in ("approach", "seed", "avg", "ravg", "bwt", "fwt", "forgetting", "plasticity",
                         "hd95", "bytes_sent", "bytes_received", "wall_s") if c in summary.columns]
+    cols[3:3] = [c for c in summary.columns if c.startswith("avg[")]  # per class / region, when several
     table = Table(title=f"summary ({run.path / 'summary.csv'})")
     for c in cols:
         table.add_column(c, justify="left" if c == "approach" else "right")
@@ -282,9 +293,11 @@ def write_report_if_available(run: RunDir) -> Path | None:
 
 def load_and_record_sites(cfg: ExperimentConfig, run: RunDir) -> list:
     """Load (or generate) the sites once, record the splits and warnings with the run."""
-    from ted_fl.data import load_sites
+    from ted_fl.data import check_splits, load_sites
 
     sites = load_sites(cfg.data, cfg.data.split_seed)
+    # Before Ray or any training starts: a split a run needs but a site lacks is one clear error.
+    check_splits(sites, need_val=cfg.train.select_best or cfg.train.eval_val_all)
     run.write_json("splits.json", {s.name: s.manifest for s in sites})
     for s in sites:
         for w in s.warnings:

@@ -49,7 +49,7 @@ class ModelConfig:
     norm: str = "batch"  # batch | instance | group
     dropout: float = 0.0
     in_channels: int = 1
-    out_channels: int = 2
+    out_channels: int = 0  # 0: the site set's classes + background (set at run start); else must match
 
 
 @dataclass

@@ -24,7 +24,7 @@ from ted_fl.continual.approaches import Approach, get_approach
 from ted_fl.continual.learner import lr_for, set_determinism
 from ted_fl.continual.metrics import continual_summary, r_matrix
 from ted_fl.continual.networks import build_model
-from ted_fl.results import RunDir
+from ted_fl.results import MEAN_LABEL, RunDir, label_metric, labels_of, select_label
 
 Weights = dict[str, np.ndarray]
 
@@ -173,10 +173,11 @@ def run_schedule(
     def rows_for(stage: int, rnd: int, split: str, scores: dict[str, dict[str, float]]) -> None:
         stage_site = order[stage] if stage >= 0 else "init"
         for site, metrics in scores.items():
-            for metric, value in metrics.items():
+            for key, value in metrics.items():
+                label, metric = label_metric(key, split)
                 st.rows.append(
                     dict(**tag, stage=stage, stage_site=stage_site, round=rnd, site=site,
-                         split=split, metric=metric, value=float(value))
+                         split=split, label=label, metric=metric, value=float(value))
                 )
 
     def checkpoint() -> None:
@@ -281,9 +282,19 @@ def run_schedule(
     return st
 
 
+LABEL_COLUMNS = ("avg", "bwt", "forgetting", "plasticity")  # per-label columns of summary.csv
+
+
 def summarize(metrics: pd.DataFrame, extras: dict[tuple[str, int], dict[str, Any]]) -> pd.DataFrame:
-    """One row per approach and seed: Avg, rAvg (vs a joint run), BWT, rBWT, FWT, forgetting, cost."""
-    test = metrics[metrics["split"] == "test"]
+    """One row per approach and seed: Avg, rAvg (vs a joint run), BWT, rBWT, FWT, forgetting, cost.
+
+    The scores are the mean label's (the mean over the site set's classes and regions); with
+    several labels, LABEL_COLUMNS are added per label as `avg[LV]`, `bwt[LV]`, ...
+    """
+    all_test = metrics[metrics["split"] == "test"]
+    all_trained = all_test[all_test["stage"] >= 0]
+    labels = [lab for lab in labels_of(metrics) if lab != MEAN_LABEL]
+    test = select_label(all_test)
     rows = []
     joint = None
     if (test["approach"] == "joint").any():
@@ -299,6 +310,11 @@ def summarize(metrics: pd.DataFrame, extras: dict[tuple[str, int], dict[str, Any
         hd = r_matrix(trained, "hd95")
         row = dict(approach=approach, seed=int(seed), **{k: float(v) for k, v in s.items()})
         row["hd95"] = float(hd.iloc[-1].mean())
+        if len(labels) > 1:  # several classes / regions: the headline per label, e.g. avg[LV]
+            for lab in labels:
+                sl = continual_summary(r_matrix(all_trained[(all_trained["approach"] == approach)
+                                                            & (all_trained["seed"] == seed)], "dice", label=lab))
+                row.update({f"{k}[{lab}]": float(sl[k]) for k in LABEL_COLUMNS})
         row.update(extras.get((approach, int(seed)), {}))
         rows.append(row)
     return pd.DataFrame(rows)

@@ -1,13 +1,15 @@
 """The run report: one self-contained HTML page of forgetting curves, R matrices and samples.
 
-    python -m ted_fl.report RUN_DIR [RUN_DIR ...] [--out FILE.html] [--no-samples] [--png]
+    python -m ted_fl.report RUN_DIR [RUN_DIR ...] [--out FILE.html] [--label NAME] [--no-samples] [--png]
 
 It reads only run directories (config.toml, metrics.csv, summary.csv, checkpoints/), never live
 objects, so a finished, interrupted or copied run can be reported at any time. plotly.js is
 embedded once, inline, so the page works offline. Sample predictions are recomputed from the
 per-stage checkpoints on the researcher's own copy of the data (skipped with a note when the
 data is not reachable). `--png` also writes every figure as a PNG next to the page (kaleido,
-which needs a Chrome/Chromium; skipped with a note when none is found).
+which needs a Chrome/Chromium; skipped with a note when none is found). The figures show one
+label: the mean over the site set's classes and regions by default, or the class / region
+`--label` names; multi-class runs also get a table of every label.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from plotly.subplots import make_subplots
 
 from ted_fl.continual.metrics import curves, r_matrix
 from ted_fl.errors import TedFlError
-from ted_fl.results import RunDir
+from ted_fl.results import MEAN_LABEL, RunDir, labels_of, select_label
 
 # Summary columns of the final table, with their headers (in this order).
 TABLE_COLUMNS = {
@@ -98,15 +100,17 @@ class Report:
 
 
 # --------------------------------------------------------------------------- loading
-def load(run_dirs: list[Path]) -> Report:
-    """Read every run directory into R matrices per (approach, seed); label approaches uniquely."""
+def load(run_dirs: list[Path], label: str = MEAN_LABEL) -> Report:
+    """Read every run directory into R matrices per (approach, seed) of one class / region (`label`,
+    default the mean over them); label approaches uniquely."""
+    which = label  # `label` names a series below
     runs = [RunDir.open(p) for p in run_dirs]
     pairs: list[tuple[RunDir, str, pd.DataFrame]] = []
     for run in runs:
         m = run.metrics()
         if m.empty:
             raise TedFlError(f"{run.path / 'metrics.csv'}: missing or empty; the run has not finished a stage")
-        test = m[(m["split"] == "test") & (m["metric"] == "dice")]
+        test = select_label(m[(m["split"] == "test") & (m["metric"] == "dice")], which)
         for approach, g in test.groupby("approach", sort=False):
             pairs.append((run, str(approach), g))
     counts = pd.Series([a for _, a, _ in pairs]).value_counts()
@@ -120,7 +124,7 @@ def load(run_dirs: list[Path]) -> Report:
         order += rest
         rs, init = {}, {}
         for seed, gs in trained.groupby("seed"):
-            rs[int(seed)] = r_matrix(gs, "dice", order)
+            rs[int(seed)] = r_matrix(gs, "dice", order, which)
         for seed, gs in g[g["stage"] < 0].groupby("seed"):
             init[int(seed)] = gs.groupby("site")["value"].mean()
         series.append(Series(label, run, approach, rs, init, order))
@@ -323,9 +327,12 @@ def _png(rgb: np.ndarray) -> str:
 
 
 def _slice_dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    p, g = pred > 0, gt > 0
-    denom = p.sum() + g.sum()
-    return 1.0 if denom == 0 else float(2 * (p & g).sum() / denom)
+    """Dice of one slice, the mean over the classes present in the prediction or the ground truth."""
+    classes = sorted((set(np.unique(pred).tolist()) | set(np.unique(gt).tolist())) - {0})
+    if not classes:
+        return 1.0
+    return float(np.mean([2 * ((pred == k) & (gt == k)).sum() / ((pred == k).sum() + (gt == k).sum())
+                          for k in classes]))
 
 
 def pick_slices(masks: np.ndarray, volumes: np.ndarray, k: int) -> list[int]:
@@ -445,11 +452,30 @@ def build_figures(report: Report) -> dict[str, go.Figure]:
     return figs
 
 
-def write_report(run_dirs: list[Path], out: Path, *, samples: bool = True, png: bool = False) -> Path:
-    """Write the HTML report of `run_dirs` to `out`; returns `out`."""
+def label_tables_html(run_dirs: list[Path]) -> str:
+    """Per run with several classes / regions: Avg, BWT, forgetting, plasticity of every label."""
+    from ted_fl.results_doc import label_table
+
+    parts = []
+    for p in run_dirs:
+        run = RunDir.open(p)
+        if len(labels_of(run.metrics())) <= 2:  # one class: it equals the mean
+            continue
+        t = label_table(run).round(3).reset_index()
+        parts.append(f"<h3>{html.escape(run.path.name)}</h3><div style='overflow-x: auto'>"
+                     + t.to_html(index=False, classes="summary", border=0, escape=True) + "</div>")
+    if not parts:
+        return ""
+    return ("<h2>Per class and region</h2><p class='meta'>The figures show one label (python -m "
+            "ted_fl.report --label NAME); this table shows them all.</p>" + "".join(parts))
+
+
+def write_report(run_dirs: list[Path], out: Path, *, samples: bool = True, png: bool = False,
+                 label: str = MEAN_LABEL) -> Path:
+    """Write the HTML report of `run_dirs` to `out` (figures of `label`); returns `out`."""
     run_dirs = [Path(p) for p in run_dirs]
     out = Path(out)
-    report = load(run_dirs)
+    report = load(run_dirs, label)
     figs = build_figures(report)
     sample_part = ""
     if samples:
@@ -485,6 +511,8 @@ def write_report(run_dirs: list[Path], out: Path, *, samples: bool = True, png: 
 {notes}
 <h2>Final table (mean ± std over seeds)</h2>
 {summary_table(report.summary)}
+{label_tables_html(run_dirs)}
+<p class="meta">Figures below: Dice of label <b>{html.escape(label)}</b>.</p>
 <h2>Mean Dice over the sites seen so far</h2>
 {fig_html[0]}
 <h2>Backward transfer per stage</h2>
@@ -510,11 +538,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="HTML file (default: RUN_DIR/report.html for one run, report.html otherwise)")
     p.add_argument("--no-samples", action="store_true", help="leave out the sample predictions (no data needed)")
     p.add_argument("--png", action="store_true", help="also write each figure as PNG (needs Chromium)")
+    p.add_argument("--label", default=MEAN_LABEL,
+                   help="class or region whose Dice the figures show (default: the mean over them)")
     args = p.parse_args(argv)
     runs = [Path(r) for r in args.runs]
     out = Path(args.out) if args.out else (runs[0] / "report.html" if len(runs) == 1 else Path("report.html"))
     try:
-        path = write_report(runs, out, samples=not args.no_samples, png=args.png)
+        path = write_report(runs, out, samples=not args.no_samples, png=args.png, label=args.label)
     except TedFlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

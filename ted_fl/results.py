@@ -3,7 +3,9 @@
 Layout of `RUN_DIR`:
     config.toml        the resolved experiment configuration
     splits.json        per site, the volumes/images of each split
-    metrics.csv        tidy: approach, seed, stage, stage_site, round, site, split, metric, value
+    metrics.csv        tidy: approach, seed, stage, stage_site, round, site, split, label, metric, value
+                       (label: a class or region of the site set, or "mean" over them, on scored
+                       splits; empty on train, time and comm rows)
     metrics.parquet    the same, when pyarrow is installed
     summary.csv        one row per approach and seed
     run.log            a plain-text log
@@ -28,9 +30,35 @@ import pandas as pd
 import torch
 
 from ted_fl.config import ExperimentConfig, dump_toml, from_dict, to_dict
+from ted_fl.data.spec import MEAN_LABEL  # the mean over a set's classes and regions: what R, Avg, BWT use
 from ted_fl.errors import TedFlError
 
-METRIC_COLUMNS = ["approach", "seed", "stage", "stage_site", "round", "site", "split", "metric", "value"]
+METRIC_COLUMNS = ["approach", "seed", "stage", "stage_site", "round", "site", "split", "label", "metric", "value"]
+SCORE_SPLITS = frozenset({"test", "val", "test_round", "val_stage"})  # rows that carry scores per label
+
+
+def label_metric(key: str, split: str) -> tuple[str, str]:
+    """An evaluation key ('LV/dice', or 'dice' for the mean) -> (label, metric) of a metrics.csv row."""
+    if "/" in key:
+        label, metric = key.rsplit("/", 1)
+        return label, metric
+    return (MEAN_LABEL if split in SCORE_SPLITS else ""), key
+
+
+def labels_of(metrics: pd.DataFrame) -> list[str]:
+    """The labels of a run's scored rows, classes and regions first, the mean last."""
+    sel = metrics[metrics["split"].isin(SCORE_SPLITS)]["label"]
+    found = [str(x) for x in dict.fromkeys(sel) if str(x) and str(x) != MEAN_LABEL]
+    return found + [MEAN_LABEL]
+
+
+def select_label(metrics: pd.DataFrame, label: str = MEAN_LABEL) -> pd.DataFrame:
+    """The rows of one label (the mean by default); unscored rows (train, time, comm) are kept."""
+    keep = (metrics["label"] == label) | ~metrics["split"].isin(SCORE_SPLITS)
+    sel = metrics[keep]
+    if label != MEAN_LABEL and not (sel["label"] == label).any():
+        raise TedFlError(f"no rows for label '{label}'; the run has: {', '.join(labels_of(metrics))}")
+    return sel
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -113,10 +141,15 @@ class RunDir:
         return df
 
     def metrics(self) -> pd.DataFrame:
+        """metrics.csv; runs written before the label column read as label "mean" on scored rows."""
         p = self.path / "metrics.csv"
         if not p.is_file():
             return pd.DataFrame(columns=METRIC_COLUMNS)
-        return pd.read_csv(p)
+        df = pd.read_csv(p, dtype={"label": str}, keep_default_na=False, na_values={"value": ["", "nan", "NaN"]})
+        if "label" not in df.columns:
+            df.insert(METRIC_COLUMNS.index("label"), "label",
+                      [MEAN_LABEL if s in SCORE_SPLITS else "" for s in df["split"]])
+        return df
 
     def write_summary(self, df: pd.DataFrame) -> None:
         atomic_write_bytes(self.path / "summary.csv", df.to_csv(index=False).encode())

@@ -3,7 +3,8 @@
 Every number on the page is computed here from the runs' own files (metrics.csv, config.toml,
 command.txt, machine.json) with `ted_fl.continual.metrics`, so a page can be regenerated, never
 hand-edited: per run the command, the machine, the configuration, and per approach the Dice R
-matrix plus Avg, BWT, FWT, forgetting and plasticity.
+matrix plus Avg, BWT, FWT, forgetting and plasticity (on the mean over the site set's classes and
+regions; multi-class sets add a per-label table and R matrices).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ted_fl.config import dump_toml, to_dict
 from ted_fl.continual.metrics import continual_summary, r_matrix
 from ted_fl.errors import TedFlError
 from ted_fl.markdown import md_table, write_section
-from ted_fl.results import RunDir
+from ted_fl.results import MEAN_LABEL, RunDir, labels_of, select_label
 
 SUMMARY_COLUMNS = ["avg", "ravg", "bwt", "fwt", "forgetting", "plasticity"]
 
@@ -29,30 +30,34 @@ def _read(run: RunDir, name: str) -> str | None:
     return p.read_text().strip() if p.is_file() else None
 
 
-def run_tables(run: RunDir) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+def run_tables(run: RunDir, label: str = MEAN_LABEL) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
     """Per approach the Dice R matrix (mean over seeds, 'untrained' row first) and a summary table.
 
     The summary has one row per approach: the metrics of `continual_summary` per seed, averaged
-    over the seeds; rAvg uses the run's own joint approach when it has one.
+    over the seeds; rAvg uses the run's own joint approach when it has one. `label` picks a
+    class or region of the site set; the default is the mean over them.
     """
     m = run.metrics()
     test = m[m["split"] == "test"]
     if test.empty:
         raise TedFlError(f"{run.path}: metrics.csv has no test rows; is the run finished?")
+    if label != MEAN_LABEL:
+        select_label(test, label)  # a clear error for a label the run does not have
+    test = test[test["label"] == label]
     order = list(dict.fromkeys(test.loc[test["stage"] >= 0, "site"]))
     joint = None
     jt = test[(test["approach"] == "joint") & (test["stage"] >= 0)]
     if not jt.empty:
-        joint = sum(r_matrix(g, "dice", order).iloc[-1] for _, g in jt.groupby("seed")) / jt["seed"].nunique()
+        joint = sum(r_matrix(g, "dice", order, label).iloc[-1] for _, g in jt.groupby("seed")) / jt["seed"].nunique()
     matrices: dict[str, pd.DataFrame] = {}
     rows = []
     for approach, g in test.groupby("approach", sort=False):
         trained, init = g[g["stage"] >= 0], g[g["stage"] < 0]
-        r = r_matrix(trained, "dice", order)
+        r = r_matrix(trained, "dice", order, label)
         stage_sites = trained.drop_duplicates("stage").set_index("stage")["stage_site"]
         r.index = [f"after {stage_sites[s]}" for s in r.index]
         if not init.empty:
-            r0 = r_matrix(init, "dice", order)
+            r0 = r_matrix(init, "dice", order, label)
             r0.index = ["untrained"]
             r = pd.concat([r0, r])
         matrices[str(approach)] = r
@@ -60,7 +65,7 @@ def run_tables(run: RunDir) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
         for _, gs in g.groupby("seed"):
             tr, ini = gs[gs["stage"] >= 0], gs[(gs["stage"] < 0) & (gs["metric"] == "dice")]
             b = ini.set_index("site")["value"] if len(ini) else None
-            per_seed.append(continual_summary(r_matrix(tr, "dice", order), joint=joint, initial=b))
+            per_seed.append(continual_summary(r_matrix(tr, "dice", order, label), joint=joint, initial=b))
         s = pd.DataFrame(per_seed).mean()
         rows.append({"approach": approach, "seeds": int(g["seed"].nunique()), **{k: s[k] for k in SUMMARY_COLUMNS}})
     summary = pd.DataFrame(rows).set_index("approach")
@@ -72,6 +77,17 @@ def run_tables(run: RunDir) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
     except (FileNotFoundError, KeyError):
         pass
     return matrices, summary
+
+
+def label_table(run: RunDir) -> pd.DataFrame:
+    """Per approach and label (each class, each region, the mean): Avg, BWT, forgetting, plasticity."""
+    frames = []
+    for lab in labels_of(run.metrics()):
+        _, summary = run_tables(run, lab)
+        part = summary[["avg", "bwt", "forgetting", "plasticity"]].copy()
+        part.insert(0, "label", lab)
+        frames.append(part)
+    return pd.concat(frames).reset_index().set_index(["approach", "label"]).sort_index(level=0, sort_remaining=False)
 
 
 def findings(summary: pd.DataFrame, threshold: float = 0.05) -> list[str]:
@@ -157,6 +173,19 @@ def run_section(run: RunDir, heading_level: int = 2) -> str:
     ]
     for approach, r in matrices.items():
         out += [f"**{approach}**", "", md_table(r, index=True, index_name="stage"), ""]
+    labels = labels_of(run.metrics())
+    if len(labels) > 2:  # several classes / regions (a one-class set's class equals the mean)
+        out += [
+            "Per class and region (the tables above use the mean over them):",
+            "",
+            md_table(label_table(run).reset_index().set_index("approach"), index=True, index_name="approach"),
+            "",
+        ]
+        for lab in labels[:-1]:
+            out += [f"<details><summary>Dice R matrices of {lab}</summary>", ""]
+            for approach, r in run_tables(run, lab)[0].items():
+                out += [f"**{approach}**", "", md_table(r, index=True, index_name="stage"), ""]
+            out += ["</details>", ""]
     out += [
         "<details><summary>Resolved configuration (config.toml)</summary>",
         "",

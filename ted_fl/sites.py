@@ -33,6 +33,7 @@ def _cmd_list() -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from ted_fl.data import check_sites
@@ -41,23 +42,33 @@ def _cmd_check(args: argparse.Namespace) -> int:
                      cache_dir=args.cache_dir or "")
     report = check_sites(cfg, seed=args.seed)
     where = report.data_dir or "synthetic twin"
-    table = Table(title=f"site set '{report.set_name}' ({where}), size {args.size}")
-    for col in ("site", "train img/vol", "val img/vol", "test img/vol", "image", "labels", "fg %", "status"):
+    labels = report.labels
+    what = ""
+    if labels is not None:
+        what = f", classes {', '.join(labels.classes)}" + (
+            f", regions {', '.join(n for n, _ in labels.regions)}" if labels.regions else "")
+    table = Table(title=escape(f"site set '{report.set_name}' ({where}), size {args.size}{what}"))
+    for col in ("site", "train img/vol", "val img/vol", "test img/vol", "validation", "image", "labels", "fg %",
+                "status"):
         table.add_column(col)
     for s in report.sites:
         cells = [f"{s.counts[k][0]}/{s.counts[k][1]}" if k in s.counts else "-" for k in ("train", "val", "test")]
         status = "[green]ok[/]" if s.usable else "[red]UNUSABLE[/]"
         if s.usable and s.warnings:
             status = f"[yellow]ok, {len(s.warnings)} warning(s)[/]"
-        table.add_row(s.name, *cells, "x".join(map(str, s.size)) or "-",
+        val = {"yes": "[green]yes[/]", "no": "[yellow]no[/]"}.get(s.validation, "-")
+        table.add_row(escape(s.name), *cells, val, "x".join(map(str, s.size)) or "-",
                       ",".join(map(str, s.label_values)) or "-", f"{100 * s.foreground:.1f}", status)
     console = Console()
     console.print(table)
     for s in report.sites:
         for p in s.problems:
-            console.print(f"[red]problem[/] {s.name}: {p}", markup=True, highlight=False, soft_wrap=True)
+            # escaped: a message naming a TOML table ([sites.labels]) must not be eaten as markup
+            console.print(f"[red]problem[/] {escape(s.name)}: {escape(p)}", markup=True, highlight=False,
+                          soft_wrap=True)
         for w in s.warnings:
-            console.print(f"[yellow]warning[/] {s.name}: {w}", markup=True, highlight=False, soft_wrap=True)
+            console.print(f"[yellow]warning[/] {escape(s.name)}: {escape(w)}", markup=True, highlight=False,
+                          soft_wrap=True)
     return 0 if report.ok else 1
 
 
@@ -69,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     chk.add_argument("set", help="a site-set name (see list) or a path to a TOML file")
     chk.add_argument("--data-dir", default="", help="the set's data folder (default: the synthetic twin)")
     chk.add_argument("--size", type=int, default=64, help="in-plane size (default 64)")
-    chk.add_argument("--target", default="", help="structure of multi-structure sets (mnms: lv, myo, rv)")
+    chk.add_argument("--target", default="", help="keep one class of a multi-class set (mnms: lv, myo, rv)")
     chk.add_argument("--seed", type=int, default=0)
     chk.add_argument("--cache-dir", default="", help="where the synthetic twin is written")
     args = parser.parse_args(argv)

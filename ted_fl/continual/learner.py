@@ -8,7 +8,7 @@ import math
 import random
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -259,6 +259,9 @@ def _hd95(pred: np.ndarray, gt: np.ndarray) -> float:
     return float(values.mean())
 
 
+Labels = Sequence[tuple[str, Sequence[int]]]  # evaluation labels: (name, the class indices it unites)
+
+
 def _groups(split: Split, per_volume: bool) -> list[np.ndarray]:
     """Slice indices per volume (in first-appearance order), or one group per image."""
     if not per_volume:
@@ -274,35 +277,67 @@ def evaluate(
     *,
     per_volume: bool,
     batch_size: int = 16,
+    labels: Labels | None = None,
     bn: str = "running",
     rescale: bool = False,
     hd95: str = "slice_max",
 ) -> dict[str, float]:
-    """Foreground Dice, IoU and HD95, averaged over volumes (per_volume) or images.
+    """Dice, IoU and HD95, averaged over volumes (per_volume) or images; see `score`.
 
+    How the model is run (`_predict`) and what is scored (`score`) are separate steps.
     `bn` (eval.bn): "running" scores in eval mode with the running statistics; "batch" forwards
     every image alone with batch norm on its own statistics (the reference's predictor), no
     buffer touched. `rescale` applies the reference's evaluation-only percentile rescale per
     volume before the forward; `hd95` "pooled" is the reference's HD95 (`_hd95_pooled`),
     "slice_max" MONAI's (`_hd95`). The model's training flags are restored in every case.
-
-    Per volume: the volume's slices are stacked into a 3-D volume and Dice / IoU are computed
-    on it (MONAI); HD95 is the mean over its slices with foreground. Outside the FOV mask (when
-    the split has one) prediction and ground truth are set to background. Empty cases: Dice and
-    IoU are 1 when ground truth and prediction are both empty and 0 when only one is
-    (MONAI's ignore_empty=False); HD95 as in `_hd95`. An empty split raises TedFlError.
     """
     if len(split) == 0:
         raise TedFlError("cannot evaluate an empty split")
     if hd95 not in HD95_MODES:
         raise unknown("HD95 mode", hd95, HD95_MODES, "protocol")
-    groups = _groups(split, per_volume)
-    images = rescale_percentiles(split.images, groups) if rescale else split.images
-    pred = _predict(model, images, batch_size, bn).astype(bool)
-    gt = split.masks > 0
+    images = rescale_percentiles(split.images, _groups(split, per_volume)) if rescale else split.images
+    pred = _predict(model, images, batch_size, bn)
+    return score(pred, split, per_volume=per_volume, labels=labels, hd95=hd95)
+
+
+def score(
+    pred: np.ndarray, split: Split, *, per_volume: bool, labels: Labels | None = None, hd95: str = "slice_max"
+) -> dict[str, float]:
+    """Score predicted class indices (N, H, W) against `split.masks`, per evaluation label.
+
+    Without `labels`: one label, every class > 0 as foreground, returned as plain "dice",
+    "iou", "hd95". With `labels` [(name, class indices), ...] (each class, then each region =
+    a union of classes): "<name>/<metric>" per label, and the plain keys hold the mean over
+    the labels (for a one-class set the mean equals that class). `hd95` as in `evaluate`.
+    """
+    if labels is None:
+        return _score_binary(pred > 0, split.masks > 0, split, per_volume, hd95)
+    out: dict[str, float] = {}
+    per_label = []
+    for name, classes in labels:
+        idx = np.asarray(list(classes))
+        scores = _score_binary(np.isin(pred, idx), np.isin(split.masks, idx), split, per_volume, hd95)
+        out.update({f"{name}/{k}": v for k, v in scores.items()})
+        per_label.append(scores)
+    mean = {k: float(np.mean([s[k] for s in per_label])) for k in per_label[0]}
+    return {**mean, **out}
+
+
+def _score_binary(
+    pred: np.ndarray, gt: np.ndarray, split: Split, per_volume: bool, hd95: str = "slice_max"
+) -> dict[str, float]:
+    """Foreground Dice, IoU and HD95 of one label (bool masks), averaged over volumes or images.
+
+    Per volume: the volume's slices are stacked into a 3-D volume and Dice / IoU are computed
+    on it (MONAI); HD95 is the mean over its slices with foreground. Outside the FOV mask (when
+    the split has one) prediction and ground truth are set to background. Empty cases: Dice and
+    IoU are 1 when ground truth and prediction are both empty and 0 when only one is
+    (MONAI's ignore_empty=False); HD95 as in `_hd95` ("slice_max") or `_hd95_pooled` ("pooled").
+    """
     if split.fov is not None:
-        pred &= split.fov.astype(bool)
-        gt &= split.fov.astype(bool)
+        pred = pred & split.fov.astype(bool)
+        gt = gt & split.fov.astype(bool)
+    groups = _groups(split, per_volume)
     hd_fn = _hd95_pooled if hd95 == "pooled" else _hd95
 
     dice_m = DiceMetric(include_background=True, reduction="none", ignore_empty=False)

@@ -10,19 +10,29 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ted_fl.data.spec import MEAN_LABEL
 from ted_fl.errors import TedFlError
 
 
-def r_matrix(df: pd.DataFrame, metric: str = "dice", order: list[str] | None = None) -> pd.DataFrame:
+def r_matrix(
+    df: pd.DataFrame, metric: str = "dice", order: list[str] | None = None, label: str = MEAN_LABEL
+) -> pd.DataFrame:
     """R as a DataFrame: rows the stage index, columns the sites in arrival order.
 
     `df` is already filtered to one run (approach / seed / split); repeated (stage, site)
     rows are averaged. Arrival order is `order` if given, else the order in which sites first
-    appear in `df` (the runner writes them in arrival order).
+    appear in `df` (the runner writes them in arrival order). When `df` has a `label` column
+    (a class, a region, or the mean over them), only `label`'s rows count: the mean by default.
     """
     missing = {"stage", "site", "metric", "value"} - set(df.columns)
     if missing:
         raise TedFlError(f"results table lacks column(s) {sorted(missing)}")
+    if "label" in df.columns:
+        labelled = df[df["label"] == label]
+        if labelled.empty and not df.empty:
+            known = sorted({str(x) for x in df["label"]})
+            raise TedFlError(f"no rows for label '{label}'; the table has: {', '.join(known)}")
+        df = labelled
     sel = df[df["metric"] == metric]
     if sel.empty:
         known = sorted(df["metric"].unique())

@@ -52,7 +52,7 @@ class SegNet(nn.Module):
         self.unet = UNet(
             spatial_dims=2,
             in_channels=cfg.in_channels,
-            out_channels=cfg.out_channels,
+            out_channels=cfg.out_channels or 2,  # 0 (not resolved against a site set): binary
             channels=tuple(cfg.channels),
             strides=tuple(cfg.strides),
             num_res_units=cfg.num_res_units,

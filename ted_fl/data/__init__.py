@@ -10,16 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ted_fl.config import DataConfig
+from ted_fl.config import DataConfig, ExperimentConfig
 from ted_fl.data.loaders import LAYOUTS, load_site
-from ted_fl.data.spec import SiteSetSpec, SiteSpec, list_site_sets, load_site_set_spec
+from ted_fl.data.spec import LabelSet, SiteSetSpec, SiteSpec, list_site_sets, load_site_set_spec
 from ted_fl.data.synthetic import ensure_twin
 from ted_fl.data.types import SiteData, Split
 from ted_fl.errors import TedFlError, unknown
 
 __all__ = [
-    "LAYOUTS", "CheckReport", "SiteData", "SiteReport", "SiteSetSpec", "SiteSpec", "Split",
-    "check_sites", "data_root", "site_order", "list_site_sets", "load_site_set_spec", "load_sites", "ordered_sites",
+    "LAYOUTS", "CheckReport", "LabelSet", "SiteData", "SiteReport", "SiteSetSpec", "SiteSpec", "Split",
+    "check_sites", "check_splits", "data_root", "site_order", "list_site_sets", "load_site_set_spec", "load_sites",
+    "ordered_sites", "resolve_out_channels", "set_out_channels",
 ]
 
 
@@ -76,6 +77,46 @@ def site_order(cfg: DataConfig) -> list[str]:
     return [s.name for s in ordered_sites(load_site_set_spec(cfg.sites), cfg.order)]
 
 
+def resolve_out_channels(cfg: ExperimentConfig) -> LabelSet:
+    """Set model.out_channels from the site set (its classes + background); a contradiction is an error.
+
+    Called at run start, before anything builds a network, so user configs need not set it.
+    """
+    spec = load_site_set_spec(cfg.data.sites)
+    labels = spec.label_set(cfg.data.target)
+    set_out_channels(cfg, labels, spec.name)
+    return labels
+
+
+def set_out_channels(cfg: ExperimentConfig, labels: LabelSet, set_name: str) -> None:
+    """model.out_channels = the classes + background; a different non-zero value is refused."""
+    want = labels.out_channels
+    if cfg.model.out_channels not in (0, want):
+        what = f"{len(labels.classes)} class(es) {', '.join(labels.classes)} + background"
+        raise TedFlError(f"model.out_channels = {cfg.model.out_channels} contradicts site set '{set_name}' "
+                         f"({what} = {want} channels); remove model.out_channels (it follows the site set) "
+                         f"or set it to {want}")
+    cfg.model.out_channels = want
+
+
+def check_splits(sites: list[SiteData], *, need_val: bool) -> None:
+    """Refuse, before anything starts, a site whose train or test split is empty, or whose
+    validation split is empty when the run selects the best round on it (train.select_best)."""
+    for s in sites:
+        n_vol = len({v for split in s.splits.values() for v in split.volumes.tolist()})
+        what = f"site '{s.name}' ({n_vol} volume(s)/image(s) in all)"
+        if len(s.train) == 0:
+            raise TedFlError(f"{what}: the train split is empty; give the site more images (or its "
+                             "files.official.train folder)")
+        if len(s.test) == 0:
+            raise TedFlError(f"{what}: the test split is empty, so it cannot be scored; give the site more "
+                             "images or a test folder (files.official.test), or leave it out with data.order")
+        if need_val and len(s.val) == 0:
+            raise TedFlError(f"{what}: the val split is empty, so the best round cannot be selected; set "
+                             "train.select_best=false, or give the site a val folder (files.official.val) or "
+                             "more training images")
+
+
 @dataclass
 class SiteReport:
     """What `check` found for one site."""
@@ -83,8 +124,9 @@ class SiteReport:
     name: str
     counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # split -> (images, volumes)
     size: tuple[int, ...] = ()
-    label_values: list[int] = field(default_factory=list)
-    foreground: float = 0.0  # fraction of foreground pixels over all splits
+    label_values: list[int] = field(default_factory=list)  # class indices found (0 background)
+    foreground: float = 0.0  # fraction of foreground pixels (any class) over all splits
+    validation: str = ""  # "yes" or why the best round cannot be selected on this site
     warnings: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -101,6 +143,7 @@ class CheckReport:
     data_dir: str
     synthetic: bool
     sites: list[SiteReport]
+    labels: LabelSet | None = None  # the classes and regions the run would segment and score
 
     @property
     def ok(self) -> bool:
@@ -128,11 +171,17 @@ def check_sites(cfg: DataConfig, seed: int = 0) -> CheckReport:
             rep.size = tuple(nonempty[0].images.shape[1:])
             masks = np.concatenate([s.masks.ravel() for s in nonempty])
             rep.label_values = sorted(int(v) for v in np.unique(masks))
-            rep.foreground = float(masks.mean())
+            rep.foreground = float((masks > 0).mean())
         for split in ("train", "test"):
             if rep.counts.get(split, (0, 0))[0] == 0:
                 rep.problems.append(f"no {split} images")
+        if len(data.val):
+            rep.validation = "yes"
+        else:
+            rep.validation = "no"
+            rep.warnings.append("the val split is empty: validation is impossible, so simulate needs "
+                                "train.select_best=false (or give the site a val folder, files.official.val)")
         if rep.counts and rep.foreground == 0.0:
             rep.problems.append("no foreground pixel in any mask; check labels.foreground / labels.invert")
         reports.append(rep)
-    return CheckReport(spec.name, "" if synthetic else str(root), synthetic, reports)
+    return CheckReport(spec.name, "" if synthetic else str(root), synthetic, reports, spec.label_set(cfg.target))

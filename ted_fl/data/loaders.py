@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from ted_fl.data.io import Pair, find_pairs, read_fov, read_image, read_mask
-from ted_fl.data.spec import SiteSetSpec, SiteSpec
+from ted_fl.data.spec import SiteSetSpec, SiteSpec, class_values, label_set, resolve_class
 from ted_fl.data.types import SiteData, Split
-from ted_fl.errors import TedFlError, closest, unknown
+from ted_fl.errors import TedFlError, closest
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Item:
     group: str  # split unit: volumes of one patient (ED/ES) share a group
     official: str | None  # the source's own split, when it has one
     images: np.ndarray  # (n, S, S) float32
-    masks: np.ndarray  # (n, S, S) int64 in {0, 1}
+    masks: np.ndarray  # (n, S, S) int64 class indices (0 background, 1..K the classes)
     fov: np.ndarray | None = None  # (n, S, S) bool
 
 
@@ -42,7 +42,7 @@ class LoadContext:
     root: Path  # the site's folder
     data_root: Path  # the set's data dir (mnms keeps its CSV there)
     size: int
-    target: str
+    target: str  # the one class kept ("" : every class of the set)
     crop: int
     set_path: Path
     warnings: list[str] = field(default_factory=list)
@@ -68,7 +68,11 @@ def register(name: str, defaults: dict[str, Any] | None = None) -> Callable[[Loa
 
 
 def map_labels(raw: np.ndarray, ctx: LoadContext, path: Path) -> np.ndarray:
-    """Raw mask values -> {0, 1} as the TOML declares; undeclared values are an error."""
+    """Raw mask values -> class indices (0 background, k = the k-th class) as the TOML declares.
+
+    Undeclared raw values are an error. A binary site without `classes` keeps the older rules:
+    `foreground` (empty: every value > 0), optionally inverted.
+    """
     lab = ctx.site.labels
     present = np.unique(raw)
     if lab.values:
@@ -76,17 +80,22 @@ def map_labels(raw: np.ndarray, ctx: LoadContext, path: Path) -> np.ndarray:
         if bad:
             raise TedFlError(
                 f"{path}: mask values {bad[:8]} are outside the declared labels.values {lab.values} of site "
-                f"'{ctx.site.name}'; fix the mask or add them to [sites.labels] values in {ctx.set_path}"
+                f"'{ctx.site.name}'; fix the mask or add them to the site's [sites.labels] table (key "
+                f"'values') in {ctx.set_path}"
             )
+    classes = class_values(lab)
     if ctx.target:
-        fg = np.isin(raw, [lab.targets[ctx.target]])
-    elif lab.foreground:
-        fg = np.isin(raw, lab.foreground)
-    else:
-        fg = raw > 0
-    if lab.invert:
-        fg = ~fg
-    return fg.astype(np.int64)
+        classes = {ctx.target: classes[ctx.target]}
+    if len(classes) == 1 and not lab.classes:  # binary, declared the older way
+        (vals,) = classes.values()
+        fg = np.isin(raw, vals) if vals else raw > 0
+        if lab.invert:
+            fg = ~fg
+        return fg.astype(np.int64)
+    out = np.zeros(raw.shape, np.int64)
+    for k, vals in enumerate(classes.values(), 1):
+        out[np.isin(raw, vals)] = k
+    return out
 
 
 def crop_or_pad(arr: np.ndarray, crop: int) -> np.ndarray:
@@ -270,7 +279,7 @@ def load_folder(ctx: LoadContext) -> list[Item]:
         "files": {"image": "{id}/{id}_sa.nii.gz", "mask": "{id}/{id}_sa_gt.nii.gz",
                   "dirs": ["Training/Labeled", "Validation", "Testing"]},
         "csv": {"path": "mnms_dataset_info.csv"},
-        "labels": {"values": [0, 1, 2, 3], "targets": {"lv": 1, "myo": 2, "rv": 3}, "target": "lv"},
+        "labels": {"values": [0, 1, 2, 3], "classes": {"LV": [1], "MYO": [2], "RV": [3]}},
         "preprocess": {"normalize": "minmax", "clip": [0.001, 0.99], "crop": 256},
     },
 )
@@ -370,6 +379,8 @@ def _split_groups(
     n = len(pool)
     perm = [pool[i] for i in rng.permutation(n)]
     n_val = min(max(1, round(val_frac * n)), n - 1) if n >= 2 else 0
+    if "val" in official.values():  # an official validation split is kept as it is
+        n_val = 0
     out.update({g: "val" for g in perm[:n_val]})
     out.update({g: "train" for g in perm[n_val:]})
     return out
@@ -423,22 +434,6 @@ def build_site(items: list[Item], ctx: LoadContext, spec: SiteSetSpec, seed: int
                     manifest=manifest)
 
 
-def resolve_target(spec: SiteSetSpec, site: SiteSpec, target: str) -> str:
-    """DataConfig.target (or the set's default) as a key of the site's label targets."""
-    lab = site.labels
-    if not lab.targets:
-        if target:
-            raise TedFlError(f"data.target='{target}' but site set '{spec.name}' has a single structure; "
-                             "leave data.target empty")
-        return ""
-    chosen = target or lab.target
-    if not chosen:
-        raise TedFlError(f"site set '{spec.name}' needs data.target: one of {', '.join(sorted(lab.targets))}")
-    if chosen not in lab.targets:
-        raise unknown("target", chosen, lab.targets, f"site set '{spec.name}'")
-    return chosen
-
-
 def load_site(
     spec: SiteSetSpec,
     site: SiteSpec,
@@ -459,8 +454,10 @@ def load_site(
                          f"set its 'folder' in {spec.path} (folders present: {', '.join(present) or 'none'})")
     ctx = LoadContext(
         site=site, root=root, data_root=data_root, size=size or site.preprocess.size,
-        target=resolve_target(spec, site, target),
+        target=resolve_class(spec, site, target),
         crop=site.preprocess.crop if crop < 0 else crop, set_path=spec.path,
     )
     items = LAYOUTS[site.layout](ctx)
-    return build_site(items, ctx, spec, seed, max_train)
+    data = build_site(items, ctx, spec, seed, max_train)
+    data.labels = label_set(spec, site, target)
+    return data

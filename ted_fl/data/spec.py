@@ -10,6 +10,7 @@ writing an entry, not code. Every table is a dataclass and loading goes through
 from __future__ import annotations
 
 import copy
+import difflib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,13 +56,22 @@ class CsvSpec:
 
 @dataclass
 class LabelSpec:
-    """What raw mask values mean; anything outside `values` is an error, not a silent zero."""
+    """What raw mask values mean; anything outside `values` is an error, not a silent zero.
+
+    `classes` maps each class name to the raw values that form it (class k of the table is
+    channel k of the network; the background is what no class claims); `regions` names unions
+    of classes that are scored too (nnU-Net's regions: the optic disc = rim + cup). Without
+    `classes` a site is binary: one class "foreground" made of `foreground` (empty: every value
+    above 0), optionally inverted. `targets`/`target` are the older way to pick one structure.
+    """
 
     values: list[int] = field(default_factory=list)  # allowed raw values (empty: any)
-    foreground: list[int] = field(default_factory=list)  # raw values that become 1 (empty: every value > 0)
-    invert: bool = False  # the mask marks the background (prostate_slices: 0 = prostate)
-    targets: dict[str, int] = field(default_factory=dict)  # selectable structures (mnms: lv=1, myo=2, rv=3)
-    target: str = ""  # the default target when DataConfig.target is empty
+    classes: dict[str, list[int]] = field(default_factory=dict)  # class -> raw values (mutually exclusive)
+    regions: dict[str, list[str]] = field(default_factory=dict)  # evaluation region -> classes it unites
+    foreground: list[int] = field(default_factory=list)  # binary sets: raw values of the class (empty: > 0)
+    invert: bool = False  # binary sets: the mask marks the background (0 = the structure)
+    targets: dict[str, int] = field(default_factory=dict)  # legacy: selectable structures (lv = 1, ...)
+    target: str = ""  # legacy: the default target when DataConfig.target is empty
 
 
 @dataclass
@@ -131,6 +141,29 @@ class SiteSetHeader:
     synthetic: SetSyntheticSpec = field(default_factory=SetSyntheticSpec)
 
 
+DEFAULT_CLASS = "foreground"  # the class of a binary site that declares no labels.classes
+MEAN_LABEL = "mean"  # the label of the mean over classes and regions (metrics.csv)
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """The classes a run segments (network channel k = class k, 0 = background) and what is scored.
+
+    `labels()` lists the evaluation labels: each class, then each region, as (name, class
+    indices); the mean over them is reported under MEAN_LABEL.
+    """
+
+    classes: tuple[str, ...]
+    regions: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    @property
+    def out_channels(self) -> int:
+        return len(self.classes) + 1
+
+    def labels(self) -> list[tuple[str, tuple[int, ...]]]:
+        return [(c, (k,)) for k, c in enumerate(self.classes, 1)] + [(n, idx) for n, idx in self.regions]
+
+
 @dataclass
 class SiteSetSpec:
     """A loaded site set: header fields plus the sites in arrival order."""
@@ -158,6 +191,50 @@ class SiteSetSpec:
                 return s
         raise unknown("site", name, self.site_names, f"site set '{self.name}'")
 
+    def label_set(self, target: str = "") -> LabelSet:
+        """The run's classes and regions (every site agrees, checked at load); `target` keeps one class."""
+        return label_set(self, self.sites[0], target)
+
+
+def class_values(labels: LabelSpec) -> dict[str, list[int]]:
+    """Class name -> raw values, in channel order; a binary site's one class may be [] (every value > 0)."""
+    if labels.classes:
+        return dict(labels.classes)
+    if labels.targets:
+        return {k: [v] for k, v in labels.targets.items()}
+    return {DEFAULT_CLASS: list(labels.foreground)}
+
+
+def resolve_class(spec: SiteSetSpec, site: SiteSpec, target: str) -> str:
+    """The one class `target` (or the legacy default target) selects; "" keeps every class."""
+    lab = site.labels
+    names = list(class_values(lab))
+    chosen = target or (lab.target if not lab.classes else "")
+    if not chosen:
+        if lab.targets and not lab.classes:
+            raise TedFlError(f"site set '{spec.name}' needs data.target: one of {', '.join(sorted(names))}")
+        return ""
+    if not lab.classes and not lab.targets:
+        raise TedFlError(f"data.target='{chosen}' but site set '{spec.name}' has a single structure; "
+                         "leave data.target empty")
+    lower = {n.lower(): n for n in names}
+    if chosen.lower() in lower:
+        return lower[chosen.lower()]
+    near = difflib.get_close_matches(chosen.lower(), list(lower), n=1, cutoff=0.5)
+    hint = f" (did you mean '{lower[near[0]]}'?)" if near else ""
+    raise TedFlError(f"unknown data.target '{chosen}' for site set '{spec.name}'{hint}; valid: "
+                     f"{', '.join(names)} (a class of its labels.classes), or empty for every class")
+
+
+def label_set(spec: SiteSetSpec, site: SiteSpec, target: str = "") -> LabelSet:
+    """The classes and regions of `site` as the run sees them (one class when `target` picks one)."""
+    chosen = resolve_class(spec, site, target)
+    names = list(class_values(site.labels))
+    if chosen:
+        return LabelSet((chosen,))
+    regions = tuple((r, tuple(names.index(c) + 1 for c in cs)) for r, cs in site.labels.regions.items())
+    return LabelSet(tuple(names), regions)
+
 
 def sites_dir() -> Path:
     return project_root() / "sites"
@@ -168,10 +245,14 @@ def list_site_sets() -> list[str]:
     return sorted(p.stem for p in sites_dir().glob("*.toml"))
 
 
+REPLACED_TABLES = ("classes", "regions")  # a site's class table replaces the default one whole
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        deep = isinstance(v, dict) and isinstance(out.get(k), dict) and k not in REPLACED_TABLES
+        out[k] = _merge(out[k], v) if deep else v
     return out
 
 
@@ -213,6 +294,12 @@ def load_site_set_spec(name_or_path: str | Path) -> SiteSetSpec:
         from ted_fl.data.loaders import LAYOUT_DEFAULTS
 
         layout_defaults = LAYOUT_DEFAULTS.get(str(merged.get("layout", "folder")), {})
+        if isinstance(merged.get("labels"), dict) and "classes" in merged["labels"]:
+            # Declared classes replace the layout's binary label defaults (foreground, invert, targets).
+            layout_defaults = copy.deepcopy(layout_defaults)
+            lab_defaults = layout_defaults.get("labels", {})
+            for key in ("foreground", "invert", "targets", "target", "classes", "regions"):
+                lab_defaults.pop(key, None)
         site: SiteSpec = from_dict(SiteSpec, _merge(layout_defaults, merged), where)
         _validate_site(site, where)
         sites.append(site)
@@ -220,6 +307,7 @@ def load_site_set_spec(name_or_path: str | Path) -> SiteSetSpec:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise TedFlError(f"{path}: site names must be unique; repeated: {', '.join(dup)}")
+    _check_agreement(sites, path)
     return SiteSetSpec(
         name=header.name or path.stem,
         path=path,
@@ -254,6 +342,57 @@ def _validate_site(site: SiteSpec, where: str) -> None:
         raise TedFlError(f"{where}.preprocess.clip must be [low, high] with low < high, got {pre.clip}")
     if pre.size < 0 or pre.crop < 0:
         raise TedFlError(f"{where}.preprocess: size and crop must be >= 0")
-    lab = site.labels
-    if lab.target and lab.target not in lab.targets:
-        raise unknown("target", lab.target, lab.targets, f"{where}.labels")
+    _validate_labels(site.labels, f"{where}.labels")
+
+
+def _validate_labels(lab: LabelSpec, where: str) -> None:
+    """Classes: integer raw values, declared in `values`, claimed by one class only; regions: known classes."""
+    for key in ("classes", "regions", "targets"):
+        if not isinstance(getattr(lab, key), dict):
+            raise TedFlError(f"{where}.{key} must be a table, e.g. {key} = {{ name = [...] }}, "
+                             f"got {getattr(lab, key)!r}")
+    if lab.target and not lab.classes and lab.target not in lab.targets:
+        raise unknown("target", lab.target, lab.targets, where)
+    if lab.classes and (lab.foreground or lab.invert or lab.targets):
+        raise TedFlError(f"{where}: labels.classes replaces foreground, invert and targets; remove them and "
+                         "list each class's raw values in classes (the background is what no class claims)")
+    owner: dict[int, str] = {}
+    for name, vals in lab.classes.items():
+        if name == MEAN_LABEL or "/" in name:
+            raise TedFlError(f"{where}.classes: '{name}' is reserved or has a '/'; rename the class")
+        if not isinstance(vals, list) or not vals or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                            for v in vals):
+            raise TedFlError(f"{where}.classes.{name} must be a non-empty list of integer raw mask values, "
+                             f"e.g. {name} = [1], got {vals!r}")
+        for v in vals:
+            if v in owner:
+                raise TedFlError(f"{where}.classes: raw value {v} is claimed by both '{owner[v]}' and '{name}'; "
+                                 "classes are mutually exclusive (declare overlaps as labels.regions)")
+            owner[v] = name
+        if lab.values and (bad := sorted(set(vals) - set(lab.values))):
+            raise TedFlError(f"{where}.classes.{name}: raw values {bad} are not in labels.values {lab.values}; "
+                             "add them to values or fix the class")
+    if lab.regions and not lab.classes:
+        raise TedFlError(f"{where}.regions needs labels.classes: a region is a union of declared classes")
+    for name, members in lab.regions.items():
+        if name in lab.classes or name == MEAN_LABEL or "/" in name:
+            raise TedFlError(f"{where}.regions: '{name}' clashes with a class name or '{MEAN_LABEL}'; rename it")
+        if not isinstance(members, list) or not members:
+            raise TedFlError(f"{where}.regions.{name} must be a non-empty list of class names, got {members!r}")
+        for c in members:
+            if c not in lab.classes:
+                raise unknown("class", str(c), lab.classes, f"{where}.regions.{name}")
+
+
+def _check_agreement(sites: list[SiteSpec], path: Path) -> None:
+    """Every site segments the same classes (in the same order) and scores the same regions."""
+    first = sites[0]
+    want = (list(class_values(first.labels)), first.labels.regions)
+    for site in sites[1:]:
+        got = (list(class_values(site.labels)), site.labels.regions)
+        if got != want:
+            raise TedFlError(
+                f"{path}: site '{site.name}' declares classes {got[0]} and regions {got[1] or '{}'} but site "
+                f"'{first.name}' declares {want[0]} and {want[1] or '{}'}; every site of a set must agree on "
+                "the class names, their order and the regions (only the raw values may differ per site)"
+            )

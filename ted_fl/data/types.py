@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ted_fl.data.spec import DEFAULT_CLASS, LabelSet
+
 
 @dataclass
 class Split:
     """One split (train, val or test) of one site."""
 
     images: np.ndarray  # (N, C, H, W) float32, intensities normalised as the site set says
-    masks: np.ndarray  # (N, H, W) int64 class indices: 0 background, 1 the target structure
+    masks: np.ndarray  # (N, H, W) int64 class indices: 0 background, k the k-th class of the site set
     volumes: np.ndarray  # (N,) str: the volume (3-D sets) or image (2-D sets) each slice belongs to
     fov: np.ndarray | None = None  # (N, H, W) bool field-of-view, evaluation only (retina)
 
@@ -38,6 +40,7 @@ class SiteData:
     per_volume: bool = True  # evaluate per volume (3-D sets) rather than per image
     warnings: list[str] = field(default_factory=list)  # skipped files and other soft problems
     manifest: dict[str, list[str]] = field(default_factory=dict)  # split -> volume/image ids (saved with runs)
+    labels: LabelSet = field(default_factory=lambda: LabelSet((DEFAULT_CLASS,)))  # classes and regions scored
 
     @property
     def train(self) -> Split:

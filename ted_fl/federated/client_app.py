@@ -225,7 +225,7 @@ def train(msg: Message, context: Context) -> Message:
         teacher=teacher_mod, aux=aux, steps=int(c["steps"]), lr=float(c["lr"]),
         seed=derive_seed(int(c["seed"]), int(c["stage"]), int(c["round"]), site_index, client),
         probes=probes, optimizer_state=_load_optimizer(context, c, site, client),
-        val=data.val if c.get("want_val") else None, per_volume=data.per_volume,
+        val=data.val if c.get("want_val") else None, per_volume=data.per_volume, labels=data.labels.labels(),
     )
     _save_optimizer(context, c, site, client, out.optimizer_state)
     content = RecordDict({
@@ -247,7 +247,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     site, client = identity(context, cfg)
     data, _ = site_data(cfg, site, client)
     split = data.splits[str(c["split"])]
-    scores = worker(cfg).evaluate(M.from_record(msg.content[M.WEIGHTS]), split, data.per_volume)
+    scores = worker(cfg).evaluate(M.from_record(msg.content[M.WEIGHTS]), split, data.per_volume,
+                                  data.labels.labels())
     return Message(RecordDict({M.METRICS: M.metric_record({**scores, "num_examples": len(split)})}),
                    reply_to=msg)
 

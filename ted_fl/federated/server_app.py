@@ -263,6 +263,9 @@ class FlowerExecutor:
 
 def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, progress: Any = None, fault: str = "") -> dict:
     """The server's main loop: every approach and seed in turn, over one set of nodes."""
+    from ted_fl.data import resolve_out_channels
+
+    resolve_out_channels(cfg)  # before the hello carries the config to the clients (TOML only, no data)
     executor = FlowerExecutor(grid, cfg, run, fault)
     extras: dict[tuple[str, int], dict[str, Any]] = {}
     for approach in cfg.approaches:
@@ -293,6 +296,9 @@ def main(grid: Grid, context: Context) -> None:
         cfg.seeds = [int(rc["seed"])]  # type: ignore[arg-type]
     if rc.get("out"):
         cfg.out = str(rc["out"])
+    from ted_fl.data import resolve_out_channels
+
+    resolve_out_channels(cfg)  # the network's outputs follow the site set's classes (read from TOML only)
     run = RunDir.create(cfg.out, f"{cfg.name}-flwr")
     run.write_config(cfg)
     extras = serve(grid, cfg, run)

@@ -51,7 +51,7 @@ def run_dir_of(out: str) -> RunDir:
 
 def dice_rows(run: RunDir, approach: str | None = None) -> pd.DataFrame:
     m = run.metrics()
-    m = m[(m["split"] == "test") & (m["metric"] == "dice")]
+    m = m[(m["split"] == "test") & (m["metric"] == "dice") & (m["label"] == "mean")]  # the mean over classes
     if approach:
         m = m[m["approach"] == approach]
     return m.sort_values(["approach", "seed", "stage", "site"]).reset_index(drop=True)

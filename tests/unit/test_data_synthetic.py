@@ -55,13 +55,18 @@ def test_twin_sites_differ_and_are_well_formed(tmp_path: Path) -> None:
     assert contrast.max() - contrast.min() > 0.05  # but by site-specific amounts
 
 
-def test_mnms_twin_targets(tmp_path: Path) -> None:
-    lv = load_sites(_cfg(tmp_path, "mnms", order=["GE"]), seed=0)[0]
+def test_mnms_twin_is_multiclass_and_targets_keep_one(tmp_path: Path) -> None:
+    multi = load_sites(_cfg(tmp_path, "mnms", order=["GE"]), seed=0)[0]
     rv = load_sites(_cfg(tmp_path, "mnms", order=["GE"], target="rv"), seed=0)[0]
-    assert lv.name == "GE" and len(lv.train) > 0
-    assert all(v.endswith(("_ED", "_ES")) for v in lv.manifest["train"])
-    assert not np.array_equal(lv.train.masks, rv.train.masks)
-    with pytest.raises(TedFlError, match="did you mean 'myo'"):
+    assert multi.name == "GE" and len(multi.train) > 0
+    assert all(v.endswith(("_ED", "_ES")) for v in multi.manifest["train"])
+    # LV blood pool, myocardial ring and RV crescent are all in the twin, as classes 1, 2, 3
+    assert set(np.unique(multi.train.masks)) == {0, 1, 2, 3}
+    assert multi.labels.classes == ("LV", "MYO", "RV") and multi.labels.out_channels == 4
+    # data.target keeps one structure as a binary run: exactly the RV pixels of the multi-class masks
+    assert rv.labels.classes == ("RV",)
+    np.testing.assert_array_equal(rv.train.masks, (multi.train.masks == 3).astype(np.int64))
+    with pytest.raises(TedFlError, match="did you mean 'MYO'"):
         load_sites(_cfg(tmp_path, "mnms", target="myoo"), seed=0)
 
 

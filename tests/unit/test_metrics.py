@@ -85,3 +85,30 @@ def test_curves_per_stage() -> None:
     assert c["plasticity"].tolist() == pytest.approx([0.8, 0.9, 0.85])
     assert c["ravg"].tolist() == pytest.approx(c["avg"].tolist())
     assert c["site"].tolist() == SITES
+
+
+def test_r_matrix_reads_one_label_the_mean_by_default() -> None:
+    from ted_fl.results import label_metric
+
+    df = tidy()
+    multi = pd.concat([df.assign(label="mean"), df.assign(label="LV", value=df["value"] / 2)])
+    pd.testing.assert_frame_equal(r_matrix(multi), r_matrix(df))
+    pd.testing.assert_frame_equal(r_matrix(multi, label="LV"), r_matrix(df) / 2)
+    with pytest.raises(TedFlError, match="no rows for label 'RV'; the table has: LV, mean"):
+        r_matrix(multi, label="RV")
+    assert label_metric("LV/dice", "test") == ("LV", "dice")
+    assert label_metric("dice", "val") == ("mean", "dice")
+    assert label_metric("seg", "train") == ("", "seg")
+
+
+def test_metrics_written_before_the_label_column_read_as_mean(tmp_path) -> None:  # noqa: ANN001
+    from ted_fl.results import RunDir
+
+    (tmp_path / "config.toml").write_text("")
+    pd.DataFrame([
+        dict(approach="seq", seed=0, stage=0, stage_site="A", round=0, site="A", split="test", metric="dice", value=0.5),
+        dict(approach="seq", seed=0, stage=0, stage_site="A", round=0, site="A", split="train", metric="seg", value=1.0),
+    ]).to_csv(tmp_path / "metrics.csv", index=False)
+    m = RunDir.open(tmp_path).metrics()
+    assert list(m["label"]) == ["mean", ""]
+    assert r_matrix(m[m["split"] == "test"]).iloc[0, 0] == 0.5

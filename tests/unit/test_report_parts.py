@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from ted_fl.report import _overlay, _slice_dice, mean_std, pick_slices, summary_table
 
@@ -42,3 +43,7 @@ def test_overlay_and_slice_dice() -> None:
     assert rgb.shape == (4, 4, 3) and rgb.dtype == np.uint8 and rgb[0, 0, 1] > rgb[0, 0, 0]
     assert _slice_dice(mask, mask) == 1.0 and _slice_dice(np.zeros_like(mask), mask) == 0.0
     assert _slice_dice(np.zeros_like(mask), np.zeros_like(mask)) == 1.0
+    # several classes: the mean over the classes present (class 1 perfect, class 2 missed)
+    three = mask.copy()
+    three[3, 3] = 2
+    assert _slice_dice(mask, three) == pytest.approx((1.0 + 0.0) / 2)

@@ -67,8 +67,11 @@ def test_eval_bn_diagnostic(run: RunDir, capsys: pytest.CaptureFixture[str]) -> 
     site = load_sites(cfg.data, cfg.data.split_seed)[0]
     model = load_weights(build_model(cfg.model), run.load_checkpoint("seq", 0, "stage2")["weights"])
     got = df[(df["mode"] == "batch") & (df["stage"] == 2) & (df["site"] == site.name)]["value"].item()
-    assert got == pytest.approx(evaluate(model, site.test, per_volume=site.per_volume, bn="batch")["dice"])
-    running = run.metrics()
+    assert got == pytest.approx(evaluate(model, site.test, per_volume=site.per_volume, bn="batch",
+                                         labels=site.labels.labels())["dice"])
+    from ted_fl.results import select_label
+
+    running = select_label(run.metrics())
     running = running[(running["split"] == "test") & (running["metric"] == "dice") & (running["approach"] == "seq")
                       & (running["stage"] == 2) & (running["site"] == site.name)]["value"].item()
     assert df[(df["mode"] == cfg.eval.bn) & (df["stage"] == 2) & (df["site"] == site.name)]["value"].item() == (
