@@ -115,13 +115,13 @@ def test_reference_unet_parameter_count_matches_the_reference_code() -> None:
     model = build_model(ModelConfig(name="reference_unet", channels=[16, 32, 64, 128, 256], out_channels=2))
     n = sum(p.numel() for p in model.parameters())
     assert abs(n - REFERENCE_COUNT) / REFERENCE_COUNT < 0.02
-    monai = build_model(ModelConfig(name="monai_unet"))
+    monai = build_model(ModelConfig(name="monai_unet", out_channels=2))
     assert abs(sum(p.numel() for p in monai.parameters()) - REFERENCE_COUNT) / REFERENCE_COUNT > 0.5
 
 
 def test_reference_unet_structure() -> None:
     assert {"monai_unet", "reference_unet"} <= set(NETWORKS)
-    model = build_model(ModelConfig(name="reference_unet"))
+    model = build_model(ModelConfig(name="reference_unet", out_channels=2))
     mods = list(model.modules())
     convs3 = [m for m in mods if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
     assert len(convs3) == 2 * 5 + 2 * 4  # two 3x3 convs per encoder level, bottom and decoder level
