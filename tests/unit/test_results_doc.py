@@ -79,3 +79,22 @@ def test_eval_bn_diagnostic(run: RunDir, capsys: pytest.CaptureFixture[str]) -> 
     out = capsys.readouterr().out
     assert "eval-bn: seq seed 0" in out and "| running |" in out and "| batch |" in out
     assert diagnose(["eval-bn", str(run.path), "--approach", "nope"]) == 2
+
+
+def test_mean_std_and_the_papers_ordering() -> None:
+    """Several seeds print mean ± std; the ordering sentence needs gaps beyond one std."""
+    import pandas as pd
+
+    from ted_fl.results_doc import findings, ordering, shown
+
+    def summary(f_ted: float, sd: float) -> pd.DataFrame:
+        rows = {"seq": (0.5, 0.02), "kd": (0.3, 0.02), "ted_gugf": (f_ted, sd)}
+        return pd.DataFrame([{"approach": a, "seeds": 3, "avg": 0.5, "avg_sd": 0.01, "bwt": -f, "bwt_sd": s,
+                              "forgetting": f, "forgetting_sd": s, "plasticity": 0.8, "plasticity_sd": 0.0}
+                             for a, (f, s) in rows.items()]).set_index("approach")
+
+    assert "is reproduced" in ordering(summary(0.1, 0.02))
+    assert "is **not** reproduced" in ordering(summary(0.29, 0.02))  # within one std of kd
+    assert "is **not** reproduced" in ordering(summary(0.1, 0.25))  # the spread swamps the gap
+    assert shown(summary(0.1, 0.02)).loc["kd", "forgetting"] == "0.300 ± 0.020"
+    assert "BWT -0.500 ± 0.020" in findings(summary(0.1, 0.02))[0]
