@@ -61,12 +61,12 @@ class DataConfig:
 
 @dataclass(config=SCHEMA)
 class ModelConfig:
-    """The 2-D MONAI U-Net; the default is the reference's (5 levels, 16 channels, batch norm).
+    """The 2-D segmentation network, by name (ted_fl.continual.networks.NETWORKS).
 
-    With batch norm, a domain sequence whose sites differ in intensity statistics (the synthetic
-    prostate twin) forgets mostly through the running statistics, which the last site
-    overwrites and no loss term reaches: seq, kd and TED then forget alike. simulations/quick.toml
-    therefore uses norm = "instance" (docs/results.md has the measurements).
+    "monai_unet" (default): MONAI's UNet with num_res_units = 0 (strided convs, PReLU; 0.66 M
+    parameters at 16..256 channels), about ten times cheaper per CPU step than "reference_unet",
+    the reference code's fepegar U-Net (max pooling, ReLU, two 3x3 convs per level; 2.31 M
+    parameters at 16..256 channels), which the paper configs use. docs/protocol.md compares them.
     """
 
     name: str = "monai_unet"  # a registered network (ted_fl.continual.networks.NETWORKS)
@@ -137,7 +137,9 @@ class LossConfig:
     ewc_lambda: float = 100.0
     mas_lambda: float = 1.0
     plop_threshold: float = 0.5  # PLOP pseudo-label confidence quantile
-    pod_weight: float = 0.01  # PLOP POD feature term (0 disables)
+    pod_weight: float = 0.0  # PLOP's POD feature term, only when asked (> 0); the reference has none
+    baseline_variant: Literal["paper", "reference"] = "paper"  # paper | reference: ewc/mas/mib/plop as their papers or as the reference code
+    kd_reduce: Literal["class", "reference"] = "class"  # class | reference (the reference's width-axis sum for kd/ska/akt/akt_gugf; never ted)
 
 
 @dataclass(config=SCHEMA)
@@ -200,19 +202,38 @@ class GKDConfig:
 
 
 @dataclass(config=SCHEMA)
+class EvalConfig:
+    """How test and validation images are scored.
+
+    bn = "running": batch norm normalises with its running statistics (model.eval()), which
+    follow the newest site. bn = "batch": the reference's protocol (it never calls .eval()):
+    each test image (2-D) or slice (3-D) is forwarded alone and batch norm normalises it with
+    its own statistics; no buffer changes, the model's mode is restored afterwards.
+    """
+
+    bn: Literal["batch", "running"] = "batch"  # batch (the reference's protocol) | running
+    batch_size: int = 16  # images per forward under bn = "running"
+
+
+@dataclass(config=SCHEMA)
 class ExperimentConfig:
     """A whole experiment: what `simulations/*.toml` holds and `config.toml` records."""
 
     name: str = "experiment"
     approaches: list[ApproachName] = field(default_factory=lambda: ["seq", "kd", "ted_gugf"])
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # mean ± std over 3 seeds by default
     out: str = "runs"
+    # "reference": the reference code's evaluation rescale (percentiles 0.1-99), pooled HD95,
+    # joint as one run over all sites selected on the first site, seq keeping lr_first;
+    # "ted-fl": this simulator's choices (docs/protocol.md has the table)
+    protocol: Literal["ted-fl", "reference"] = "ted-fl"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     gkd: GKDConfig = field(default_factory=GKDConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _describe(err: dict[str, Any], where: str) -> str:

@@ -171,6 +171,10 @@ class Schedule:
         self.cfg, self.name, self.seed, self.executor, self.run_dir = cfg, approach_name, seed, executor, run
         self.progress = progress
         self.approach: Approach = get_approach(approach_name, cfg.loss)
+        # protocol "reference": joint is one run over every site, its best round chosen on the first
+        # site's validation split (the reference's main.py); seq keeps lr_first on every site.
+        self.one_run = self.approach.joint and cfg.protocol == "reference"
+        self.constant_lr = cfg.protocol == "reference" and approach_name == "seq"
         self.order = list(executor.sites)
         self.tag = dict(approach=approach_name, seed=seed)
         saved = run.load_checkpoint(approach_name, seed, "last")
@@ -196,7 +200,7 @@ class Schedule:
             self.rows(-1, -1, "test", executor.evaluate(st.weights, "test", self.order))
             st.initial_done = True
             self.checkpoint()
-        while st.stage < len(self.order):
+        while st.stage < (1 if self.one_run else len(self.order)):
             self.run_stage(self.plan(st.stage))
         st.done = True
         self.checkpoint()
@@ -220,7 +224,8 @@ class Schedule:
     def plan(self, stage: int) -> StagePlan:
         cfg, approach, sizes = self.cfg, self.approach, self.executor.train_sizes
         site = self.order[stage]
-        sites = active_sites(self.order, stage, cfg.federated.retention, approach.joint)
+        sites = list(self.order) if self.one_run else active_sites(
+            self.order, stage, cfg.federated.retention, approach.joint)
         n_rounds = cfg.train.rounds
         if approach.joint:
             n_rounds = max(1, round(cfg.train.rounds * cfg.train.joint_rounds_factor))
@@ -253,7 +258,7 @@ class Schedule:
         task = TrainTask(
             approach=self.name, seed=self.seed, stage=stage, round=rnd, sites=plan.sites,
             weights=st.weights, teacher=st.teacher if approach.needs_teacher else None,
-            aux=st.aux, steps=plan.steps, lr=lr_for(stage, rnd, cfg.train),
+            aux=st.aux, steps=plan.steps, lr=lr_for(stage, rnd, cfg.train, self.constant_lr),
             probe_seed=derive_seed(self.seed, stage, rnd, 0x5CA) if uses_probes else None,
             probe_count=plan.probe_count if uses_probes else 0,
             probe_shape=tuple(executor.image_shape), want_val=cfg.train.select_best,
@@ -303,7 +308,12 @@ class Schedule:
             st.aux = {k: v.detach().cpu().numpy() for k, v in st.aux.items()}
         t_eval = time.perf_counter()
         sent0, recv0 = executor.bytes_sent, executor.bytes_received
-        self.rows(stage, last, "test", executor.evaluate(st.weights, "test", self.order))
+        scores = executor.evaluate(st.weights, "test", self.order)
+        self.rows(stage, last, "test", scores)
+        for later in range(1, len(self.order)) if self.one_run else ():  # the one joint model after every stage
+            self.rows(later, last, "test", scores)
+            self.run_dir.save_checkpoint(self.name, self.seed, f"stage{later}",
+                                         {"weights": st.weights, "site": self.order[later]})
         self.rows(stage, last, "comm", {site: {"eval_bytes_down": executor.bytes_sent - sent0,
                                                "eval_bytes_up": executor.bytes_received - recv0}})
         # Stage times (a resumed stage counts from the resume): its test evaluation and all of it.

@@ -342,9 +342,7 @@ def pick_slices(masks: np.ndarray, volumes: np.ndarray, k: int) -> list[int]:
 
 def samples_html(report: Report, per_site: int = 2) -> str:
     """Per run and approach (first seed): image, ground truth, prediction after every stage."""
-    import torch
-
-    from ted_fl.continual.learner import class_dice
+    from ted_fl.continual.learner import class_dice, predict_labels
     from ted_fl.continual.networks import build_model
     from ted_fl.continual.weights import load_weights
     from ted_fl.data import load_sites
@@ -374,11 +372,10 @@ def samples_html(report: Report, per_site: int = 2) -> str:
             for t in stages:
                 ck = run.load_checkpoint(s.approach, seed, f"stage{t}")
                 load_weights(model, ck["weights"])
-                with torch.no_grad():
-                    preds[t] = {
-                        site.name: model(torch.as_tensor(site.test.images[picks[site.name]])).argmax(1).numpy()
-                        for site in sites if site.name in picks
-                    }
+                preds[t] = {  # as the run scored them: eval.bn and the protocol's rescale
+                    site.name: predict_labels(model, site.test, site.per_volume, cfg)[picks[site.name]]
+                    for site in sites if site.name in picks
+                }
             head = "".join(f"<th>after stage {t + 1}<br>{html.escape(s.order[t] if t < len(s.order) else '')}</th>"
                            for t in stages)
             rows = []

@@ -74,8 +74,10 @@ def total_rounds(cfg: ExperimentConfig, n_sites: int) -> int:
 
     total = 0
     for name in cfg.approaches:
-        factor = cfg.train.joint_rounds_factor if get_approach(name, cfg.loss).joint else 1.0
-        total += n_sites * max(1, round(cfg.train.rounds * factor))
+        joint = get_approach(name, cfg.loss).joint
+        factor = cfg.train.joint_rounds_factor if joint else 1.0
+        stages = 1 if joint and cfg.protocol == "reference" else n_sites  # one-run joint
+        total += stages * max(1, round(cfg.train.rounds * factor))
     return total * len(cfg.seeds)
 
 

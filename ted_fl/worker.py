@@ -14,7 +14,7 @@ import torch
 
 from ted_fl.config import ExperimentConfig
 from ted_fl.continual.approaches import get_approach
-from ted_fl.continual.learner import Labels, evaluate, gpu_setup, local_train, set_determinism
+from ted_fl.continual.learner import Labels, eval_options, evaluate, gpu_setup, local_train, set_determinism
 from ted_fl.continual.networks import build_model
 from ted_fl.continual.probes import make_probes
 from ted_fl.continual.weights import Weights, to_tensors
@@ -98,14 +98,15 @@ class SiteWorker:
             loss_cfg=self.cfg.loss, amp=self.cfg.train.amp,
         )
         out = {k: v.detach().cpu().numpy().copy() for k, v in self.student.state_dict().items()}
-        scores = evaluate(self.student, val, per_volume=per_volume, labels=labels) if val is not None else None
+        scores = (evaluate(self.student, val, per_volume=per_volume, labels=labels, **eval_options(self.cfg))
+                  if val is not None else None)
         return RoundOutput(out, len(data), metrics, scores, opt_state)
 
     def evaluate(self, weights: Weights, split: Split, per_volume: bool,
                  labels: Labels | None = None) -> dict[str, float]:
         """Scores of `weights` on `split`, per evaluation label and their mean (see learner.score)."""
         self.student.load_state_dict(to_tensors(weights))
-        return evaluate(self.student, split, per_volume=per_volume, labels=labels)
+        return evaluate(self.student, split, per_volume=per_volume, labels=labels, **eval_options(self.cfg))
 
     def importance(self, approach: str, weights: Weights, split: Split) -> dict[str, np.ndarray]:
         appr = get_approach(approach, self.cfg.loss)

@@ -133,3 +133,10 @@ def features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str,
     if hasattr(model, "forward_features"):
         return model.forward_features(x)
     return model(x), {}
+
+
+@register_network("reference_unet")
+def _reference_unet(cfg: ModelConfig) -> nn.Module:
+    from ted_fl.continual.reference_unet import ReferenceUNet
+
+    return ReferenceUNet(cfg)
