@@ -1,86 +1,86 @@
-"""Where does the forgetting live? `python -m ted_fl.diagnose bn-stats RUN_DIR [--approach A]`.
+"""How much does the evaluation's batch norm decide? `python -m ted_fl.diagnose eval-bn RUN_DIR [--approach A]`.
 
-With batch norm, a model's running statistics follow the newest site. This re-estimates them on
-each site's own training images (a cumulative average over one pass, no gradient, weights
-untouched) before scoring that site's test split, beside the score with the final statistics.
-If Dice comes back, the weights still hold the site and the forgetting sits in the statistics,
-which no loss term reaches. Reads the run directory (config, last stage checkpoint) and the
-researcher's copy of the data; writes `diagnostics/bn_stats-<approach>-seed<k>.csv` there.
+Rescores every stage checkpoint of one approach and seed on every site's test split under both
+`eval.bn` modes: "running" (model.eval(): the running statistics, which follow the newest site)
+and "batch" (the reference's protocol: each image alone, normalised by its own statistics). The
+run's own protocol options (rescale, HD95) are kept; only eval.bn changes. Prints the final
+Dice per site and the Avg / BWT / forgetting of each mode's R matrix. Reads the run directory
+(config, stage checkpoints) and the researcher's copy of the data; writes
+`diagnostics/eval_bn-<approach>-seed<k>.csv` (mode, stage, site, dice) there.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import pandas as pd
-import torch
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from ted_fl.continual.learner import evaluate
+from ted_fl.continual.learner import eval_options, evaluate
+from ted_fl.continual.metrics import continual_summary, r_matrix
 from ted_fl.continual.networks import build_model
+from ted_fl.continual.weights import load_weights
 from ted_fl.data import load_sites
-from ted_fl.engine import load_weights
-from ted_fl.errors import TedFlError
+from ted_fl.errors import TedFlError, exit_code
 from ted_fl.markdown import md_table
 from ted_fl.results import RunDir, atomic_write_bytes
 
-
-@torch.no_grad()
-def reestimate_bn(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 16) -> torch.nn.Module:
-    """Replace every batch-norm running mean/var by the cumulative average over `images`."""
-    bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-    if not bns:
-        raise TedFlError("the run's model has no batch norm (model.norm); nothing to re-estimate")
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average over the pass
-    model.train()
-    for i in range(0, len(images), batch_size):
-        model(images[i : i + batch_size])
-    return model.eval()
+MODES = ("running", "batch")
 
 
-def bn_stats(run: RunDir, approach: str, seed: int) -> pd.DataFrame:
-    """Per site: test Dice after the last stage with the final statistics, and with its own."""
+def eval_bn(run: RunDir, approach: str, seed: int) -> pd.DataFrame:
+    """Rows (mode, stage, stage_site, site, dice): every stage checkpoint scored under both modes."""
     cfg = run.read_config()
     sites = load_sites(cfg.data, cfg.data.split_seed)
-    last = run.load_checkpoint(approach, seed, f"stage{len(sites) - 1}")
-    if last is None:
-        raise TedFlError(f"{run.path}: no final stage checkpoint for {approach} seed {seed}; "
-                         f"pick one of: {', '.join(cfg.approaches)}")
     rows = []
-    for site in sites:
-        model = load_weights(build_model(cfg.model), last["weights"]).eval()
-        final = evaluate(model, site.test, per_volume=site.per_volume, labels=site.labels.labels())["dice"]
-        reestimate_bn(model, torch.as_tensor(site.train.images, dtype=torch.float32))
-        own = evaluate(model, site.test, per_volume=site.per_volume, labels=site.labels.labels())["dice"]
-        rows.append({"site": site.name, "dice_final_stats": final, "dice_own_stats": own,
-                     "recovered": own - final})
+    for stage, stage_site in enumerate(s.name for s in sites):
+        ckpt = run.load_checkpoint(approach, seed, f"stage{stage}")
+        if ckpt is None:
+            raise TedFlError(f"{run.path}: no stage{stage} checkpoint for {approach} seed {seed}; "
+                             f"pick one of: {', '.join(cfg.approaches)}")
+        model = load_weights(build_model(cfg.model), ckpt["weights"])
+        for mode in MODES:
+            opts = {**eval_options(cfg), "bn": mode}
+            for site in sites:
+                dice = evaluate(model, site.test, per_volume=site.per_volume, labels=site.labels.labels(),
+                                **opts)["dice"]  # type: ignore[arg-type]
+                rows.append({"mode": mode, "stage": stage, "stage_site": stage_site, "site": site.name,
+                             "metric": "dice", "value": dice})
     return pd.DataFrame(rows)
+
+
+def summarize_modes(df: pd.DataFrame) -> pd.DataFrame:
+    """Avg, BWT, forgetting and plasticity of each mode's R matrix."""
+    out = []
+    for mode in MODES:
+        s = continual_summary(r_matrix(df[df["mode"] == mode], "dice"))
+        out.append({"eval.bn": mode, **{k: s[k] for k in ("avg", "bwt", "forgetting", "plasticity")}})
+    return pd.DataFrame(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ted_fl.diagnose", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("bn-stats", help="re-estimate batch-norm statistics per site after the last stage")
+    b = sub.add_parser("eval-bn", help="rescore a run's stage checkpoints under eval.bn running and batch")
     b.add_argument("run", metavar="RUN_DIR")
     b.add_argument("--approach", default="seq")
     b.add_argument("--seed", type=int, default=None, help="default: the run's first seed")
     args = p.parse_args(argv)
-    try:
-        run = RunDir.open(args.run)
-        seed = args.seed if args.seed is not None else run.read_config().seeds[0]
-        df = bn_stats(run, args.approach, seed)
-    except TedFlError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    out = Path(run.path) / "diagnostics" / f"bn_stats-{args.approach}-seed{seed}.csv"
+    return exit_code(lambda: _eval_bn_command(args))
+
+
+def _eval_bn_command(args: argparse.Namespace) -> int:
+    run = RunDir.open(args.run)
+    seed = args.seed if args.seed is not None else run.read_config().seeds[0]
+    df = eval_bn(run, args.approach, seed)
+    out = Path(run.path) / "diagnostics" / f"eval_bn-{args.approach}-seed{seed}.csv"
     atomic_write_bytes(out, df.to_csv(index=False).encode())
-    print(md_table(df))
-    print(f"bn-stats: mean test Dice {df['dice_final_stats'].mean():.3f} with the final statistics, "
-          f"{df['dice_own_stats'].mean():.3f} with each site's own ({out})")
+    last = df[df["stage"] == df["stage"].max()].pivot(index="site", columns="mode", values="value")
+    last = last.reindex(df["site"].drop_duplicates()).reset_index()
+    print(md_table(last[["site", *MODES]]))
+    print()
+    print(md_table(summarize_modes(df)))
+    print(f"eval-bn: {args.approach} seed {seed} ({out})")
     return 0
 
 

@@ -19,7 +19,7 @@ import pandas as pd
 from ted_fl.config import dump_toml, to_dict
 from ted_fl.continual.metrics import continual_summary, r_matrix
 from ted_fl.errors import TedFlError
-from ted_fl.markdown import md_table, write_section
+from ted_fl.markdown import marked_sections, md_table, write_section
 from ted_fl.results import MEAN_LABEL, RunDir, labels_of, select_label
 
 SUMMARY_COLUMNS = ["avg", "ravg", "bwt", "fwt", "forgetting", "plasticity"]
@@ -67,10 +67,12 @@ def run_tables(run: RunDir, label: str = MEAN_LABEL) -> tuple[dict[str, pd.DataF
             b = ini.set_index("site")["value"] if len(ini) else None
             per_seed.append(continual_summary(r_matrix(tr, "dice", order, label), joint=joint, initial=b))
         s = pd.DataFrame(per_seed).mean()
-        rows.append({"approach": approach, "seeds": int(g["seed"].nunique()), **{k: s[k] for k in SUMMARY_COLUMNS}})
+        sd = pd.DataFrame(per_seed).std(ddof=1) if len(per_seed) > 1 else pd.Series(dtype=float)
+        rows.append({"approach": approach, "seeds": int(g["seed"].nunique()), **{k: s[k] for k in SUMMARY_COLUMNS},
+                     **{f"{k}_sd": float(sd.get(k, float("nan"))) for k in SUMMARY_COLUMNS}})
     summary = pd.DataFrame(rows).set_index("approach")
     if joint is None:
-        summary = summary.drop(columns="ravg")
+        summary = summary.drop(columns=["ravg", "ravg_sd"])
     try:
         wall = run.summary().groupby("approach")["wall_s"].mean()
         summary["wall_s"] = wall.reindex(summary.index)
@@ -90,6 +92,36 @@ def label_table(run: RunDir) -> pd.DataFrame:
     return pd.concat(frames).reset_index().set_index(["approach", "label"]).sort_index(level=0, sort_remaining=False)
 
 
+def shown(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary as printed: "mean ± std" over seeds when a run has several, plain means otherwise."""
+    out = summary[[c for c in summary.columns if not c.endswith("_sd")]].copy().astype(object)
+    for k in SUMMARY_COLUMNS:
+        if k in out.columns and f"{k}_sd" in summary.columns:
+            out[k] = [f"{m:.3f} ± {d:.3f}" if n > 1 and pd.notna(d) else f"{m:.3f}"
+                      for m, d, n in zip(summary[k], summary[f"{k}_sd"], summary["seeds"], strict=True)]
+    return out
+
+
+def _pm(summary: pd.DataFrame, name: str, k: str) -> str:
+    sd = summary.loc[name].get(f"{k}_sd", float("nan"))
+    return f"{summary.loc[name, k]:.3f}" + (f" ± {sd:.3f}" if pd.notna(sd) else "")
+
+
+def ordering(summary: pd.DataFrame) -> str:
+    """The paper's claim, TED < KD < seq in forgetting, checked beyond one standard deviation."""
+    ted = next((a for a in ("ted_gugf", "ted") if a in summary.index), None)
+    if ted is None or not {"seq", "kd"} <= set(summary.index):
+        return ""
+    f = summary["forgetting"]
+    sd = summary.get("forgetting_sd", pd.Series(0.0, index=summary.index)).fillna(0.0)
+    holds = (f[ted] + max(sd[ted], sd["kd"]) < f["kd"]) and (f["kd"] + max(sd["kd"], sd["seq"]) < f["seq"])
+    pl = summary.loc[[ted, "kd", "seq"], "plasticity"]
+    return (f"The paper's ordering (forgetting {ted} < kd < seq, beyond one standard deviation) "
+            f"{'is' if holds else 'is **not**'} reproduced: forgetting {ted} {_pm(summary, ted, 'forgetting')}, "
+            f"kd {_pm(summary, 'kd', 'forgetting')}, seq {_pm(summary, 'seq', 'forgetting')}; plasticity "
+            f"{ted} {pl[ted]:.3f}, kd {pl['kd']:.3f}, seq {pl['seq']:.3f}.")
+
+
 def findings(summary: pd.DataFrame, threshold: float = 0.05) -> list[str]:
     """Plain sentences read off the summary: does fine-tuning forget, does each method forget less.
 
@@ -100,18 +132,21 @@ def findings(summary: pd.DataFrame, threshold: float = 0.05) -> list[str]:
         return []
     seq = summary.loc["seq"]
     verdict = "forgets" if seq["bwt"] < -threshold else "does not forget measurably"
-    out = [f"Fine-tuning (seq) {verdict}: BWT {seq['bwt']:.3f}, forgetting {seq['forgetting']:.3f}."]
+    out = [f"Fine-tuning (seq) {verdict}: BWT {_pm(summary, 'seq', 'bwt')}, forgetting "
+           f"{_pm(summary, 'seq', 'forgetting')}."]
     for name, row in summary.iterrows():
         if name in ("seq", "joint"):
             continue
         diff = row["forgetting"] - seq["forgetting"]
         how = "less than" if diff < -threshold else "more than" if diff > threshold else "about as much as"
         out.append(
-            f"{name} forgets {how} seq (forgetting {row['forgetting']:.3f}, BWT {row['bwt']:.3f}) with "
+            f"{name} forgets {how} seq (forgetting {_pm(summary, str(name), 'forgetting')}, BWT "
+            f"{_pm(summary, str(name), 'bwt')}) with "
             f"plasticity {row['plasticity']:.3f} (seq {seq['plasticity']:.3f}) and Avg {row['avg']:.3f} "
             f"(seq {seq['avg']:.3f})."
         )
-    return out
+    line = ordering(summary)
+    return [*out, line] if line else out
 
 
 def machine_line(run: RunDir) -> str:
@@ -134,7 +169,7 @@ def readme_block(run: RunDir, target: str) -> str:
         f"Measured with `{command}` on {machine_line(run)}{whole} (run `{run.path.name}`; this block is "
         f"written by `python -m ted_fl.results_doc RUN_DIR --readme {target}`):",
         "",
-        md_table(summary, index=True, index_name="approach"),
+        md_table(shown(summary), index=True, index_name="approach"),
         "",
         *(f"- {line}" for line in findings(summary)),
     ])
@@ -164,7 +199,7 @@ def run_section(run: RunDir, heading_level: int = 2) -> str:
         "model on each site before it is trained on, forgetting = mean drop from each earlier site's "
         "best, plasticity = mean of R's diagonal; `wall_s` per approach):",
         "",
-        md_table(summary, index=True, index_name="approach"),
+        md_table(shown(summary), index=True, index_name="approach"),
         "",
         *(f"- {line}" for line in findings(summary)),
         "",
@@ -219,6 +254,8 @@ def write_doc(run_dirs: list[str | Path], out: str | Path, title: str = "Results
     for run in runs:
         parts.append(run_section(run))
     path = Path(out)
+    if path.is_file():  # blocks written by other generators (e.g. the GKD section) stay
+        parts += ["", *marked_sections(path.read_text())]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts).rstrip() + "\n")
     return path

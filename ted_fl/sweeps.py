@@ -136,9 +136,9 @@ def cell_done(path: Path, cell: Cell) -> bool:
 def run_cell(cfg: ExperimentConfig, path: str, progress: Callable[[dict[str, Any]], None] | None = None
              ) -> dict[str, Any]:
     """Run one cell's schedule (resuming its last round if interrupted) and write its tables."""
-    from ted_fl.centralized import LocalExecutor
     from ted_fl.data import load_sites
     from ted_fl.engine import run_schedule, summarize
+    from ted_fl.local import LocalExecutor
 
     run = RunDir(path)
     run.path.mkdir(parents=True, exist_ok=True)

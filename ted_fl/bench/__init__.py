@@ -11,7 +11,7 @@ import argparse
 import sys
 import warnings
 
-from ted_fl.errors import TedFlError
+from ted_fl.errors import exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +29,4 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Undefined ratios (rBWT with a zero diagonal, rAvg without a joint run) are NaN by design.
     warnings.filterwarnings("ignore", category=RuntimeWarning, message="invalid value encountered")
-    try:
-        return int(args.func(args, argv))
-    except TedFlError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: args.func(args, argv))

@@ -33,7 +33,7 @@ rerun the command.
 
 def machine() -> dict[str, str]:
     """Cores, RAM, CPU model and library versions: the context every figure needs (as machine.json)."""
-    from ted_fl.cli import machine_info
+    from ted_fl.run import machine_info
 
     m = machine_info()
     return {

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -92,43 +91,42 @@ class Approach:
         return out
 
 
-def _batches(n: int, batch_size: int) -> list[np.ndarray]:
-    idx = np.arange(n)
-    return [idx[i : i + batch_size] for i in range(0, n, batch_size)]
-
-
 def estimate_importance(model: nn.Module, split: Split, kind: str, batch_size: int = 4) -> AuxState:
-    """Per-parameter importances averaged over the split's batches (in order, eval mode).
+    """Per-parameter importances: the mean over the split's images of a per-image quantity.
 
-    fisher: squared gradient of L_seg against the labels (diagonal empirical Fisher, per batch);
-    importance (MAS): |gradient of mean(logits^2)| (squared L2 norm of the output, label-free).
+    fisher (EWC, Kirkpatrick et al. 2017): (d log p(y|x) / d theta)^2, the diagonal empirical
+    Fisher, log p(y|x) = mean over pixels of log softmax(f(x))_y against the labels y;
+    importance (MAS, Aljundi et al. 2018): |d ||f(x)||^2 / d theta|, ||f(x)||^2 the squared L2
+    norm of the logits over the classes averaged over pixels (label-free). Each image gets its
+    own gradient (squares and absolute values do not commute with the mean over a batch).
     Eval mode keeps batch-norm running statistics untouched; gradients are cleared afterwards.
+    `batch_size` is unused (kept for callers); images are taken one at a time.
     """
     if len(split) == 0:
         raise TedFlError("cannot estimate parameter importances on an empty split")
+    if kind not in ("fisher", "importance"):
+        raise TedFlError(f"unknown importance kind '{kind}' (fisher | importance)")
     was_training = model.training
     model.eval()
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
     acc = {k: torch.zeros_like(p) for k, p in params.items()}
     device = next(model.parameters()).device
-    seg = T.SegLoss()
-    batches = _batches(len(split), batch_size)
-    for idx in batches:
-        x = torch.as_tensor(split.images[idx], dtype=torch.float32, device=device)
+    for i in range(len(split)):
+        x = torch.as_tensor(split.images[i : i + 1], dtype=torch.float32, device=device)
         model.zero_grad(set_to_none=True)
         logits = model(x)
         if kind == "fisher":
-            y = torch.as_tensor(split.masks[idx], device=device)
-            loss = seg(T.probabilities(logits), T.one_hot(y, logits.shape[1]))
+            y = torch.as_tensor(split.masks[i : i + 1], dtype=torch.long, device=device)
+            loss = torch.log_softmax(logits, dim=1).gather(1, y[:, None]).mean()  # log-likelihood
         else:
-            loss = logits.pow(2).mean()
+            loss = logits.pow(2).sum(dim=1).mean()
         loss.backward()
         for k, p in params.items():
             if p.grad is not None:
                 acc[k] += p.grad.detach().pow(2) if kind == "fisher" else p.grad.detach().abs()
     model.zero_grad(set_to_none=True)
     model.train(was_training)
-    return {k: v / len(batches) for k, v in acc.items()}
+    return {k: v / len(split) for k, v in acc.items()}
 
 
 def _distill(cfg: LossConfig, w: float) -> float:
@@ -139,23 +137,52 @@ def _seg() -> WeightedTerm:
     return WeightedTerm(T.SegLoss(), 1.0)
 
 
-def _kd(c: LossConfig) -> WeightedTerm:
-    return WeightedTerm(T.KD(), _distill(c, c.w_kd))
+def _kd(c: LossConfig, reduce: str = "class") -> WeightedTerm:
+    return WeightedTerm(T.KD(reduce), _distill(c, c.w_kd))
 
 
-def _ska(c: LossConfig) -> WeightedTerm:
-    return WeightedTerm(T.SKA(), _distill(c, c.w_ska))
+def _ska(c: LossConfig, reduce: str = "class") -> WeightedTerm:
+    return WeightedTerm(T.SKA(reduce), _distill(c, c.w_ska))
 
 
 def _akt(c: LossConfig, gugf: bool) -> WeightedTerm:
     return WeightedTerm(T.AKT(T.GUGF(c.gugf) if gugf else None), _distill(c, c.w_akt))
 
 
+def _variant(c: LossConfig) -> str:
+    if c.baseline_variant not in T.BASELINE_VARIANTS:
+        raise unknown("baseline variant", c.baseline_variant, T.BASELINE_VARIANTS, "loss.baseline_variant")
+    return c.baseline_variant
+
+
+def _no_reference(name: str, c: LossConfig) -> None:
+    """EWC and MAS: the reference code's agents crash at the second domain, so no variant runs."""
+    if _variant(c) == "reference":
+        raise TedFlError(
+            f"approach '{name}' has no reference variant: the reference code's {name.upper()} agent "
+            "crashes at the second domain (it reads config['unet_only'], which args.py never "
+            "defines); set loss.baseline_variant = \"paper\" for it"
+        )
+
+
 def _plop(c: LossConfig) -> list[WeightedTerm]:
+    """PLOP as its paper (pseudo-labels; POD only when pod_weight > 0) or the reference's Dice."""
+    if _variant(c) == "reference":
+        return [_seg(), WeightedTerm(T.PLOPReference(), _distill(c, c.w_plop))]
     out = [_seg(), WeightedTerm(T.PLOPPseudo(c.plop_threshold), _distill(c, c.w_plop))]
     if c.pod_weight > 0:
         out.append(WeightedTerm(T.POD(), c.pod_weight))
     return out
+
+
+def _ewc(c: LossConfig) -> Approach:
+    _no_reference("ewc", c)
+    return Approach("ewc", c, [_seg(), WeightedTerm(T.EWC(), c.ewc_lambda)], importance="fisher")
+
+
+def _mas(c: LossConfig) -> Approach:
+    _no_reference("mas", c)
+    return Approach("mas", c, [_seg(), WeightedTerm(T.MAS(), c.mas_lambda)], importance="importance")
 
 
 Builder = Callable[[LossConfig], Approach]
@@ -163,17 +190,17 @@ Builder = Callable[[LossConfig], Approach]
 APPROACHES: dict[str, Builder] = {
     "seq": lambda c: Approach("seq", c, [_seg()]),
     "joint": lambda c: Approach("joint", c, [_seg()], joint=True),
-    "kd": lambda c: Approach("kd", c, [_seg(), _kd(c)]),
-    "ska": lambda c: Approach("ska", c, [_seg(), _kd(c), _ska(c)]),
-    "akt": lambda c: Approach("akt", c, [_seg(), _kd(c), _akt(c, False)]),
-    "akt_gugf": lambda c: Approach("akt_gugf", c, [_seg(), _kd(c), _akt(c, True)]),
+    # kd_reduce = "reference" reproduces the reference's width-axis CE in its kd/ska/akt agents
+    # only; its TED agent reduces over the classes, so ted / ted_gugf always do.
+    "kd": lambda c: Approach("kd", c, [_seg(), _kd(c, c.kd_reduce)]),
+    "ska": lambda c: Approach("ska", c, [_seg(), _kd(c, c.kd_reduce), _ska(c, c.kd_reduce)]),
+    "akt": lambda c: Approach("akt", c, [_seg(), _kd(c, c.kd_reduce), _akt(c, False)]),
+    "akt_gugf": lambda c: Approach("akt_gugf", c, [_seg(), _kd(c, c.kd_reduce), _akt(c, True)]),
     "ted": lambda c: Approach("ted", c, [_seg(), _kd(c), _ska(c), _akt(c, False)]),
     "ted_gugf": lambda c: Approach("ted_gugf", c, [_seg(), _kd(c), _ska(c), _akt(c, True)]),
-    "ewc": lambda c: Approach("ewc", c, [_seg(), WeightedTerm(T.EWC(), c.ewc_lambda)], importance="fisher"),
-    "mas": lambda c: Approach(
-        "mas", c, [_seg(), WeightedTerm(T.MAS(), c.mas_lambda)], importance="importance"
-    ),
-    "mib": lambda c: Approach("mib", c, [_seg(), WeightedTerm(T.MiB(), _distill(c, c.w_mib))]),
+    "ewc": _ewc,
+    "mas": _mas,
+    "mib": lambda c: Approach("mib", c, [_seg(), WeightedTerm(T.MiB(_variant(c)), _distill(c, c.w_mib))]),
     "plop": lambda c: Approach("plop", c, _plop(c)),
     "lwf": lambda c: Approach("lwf", c, [_seg(), WeightedTerm(T.LwF(c.temperature), _distill(c, c.w_lwf))]),
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -15,14 +16,19 @@ import numpy as np
 import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
 from monai.utils import set_determinism as monai_set_determinism
+from scipy import ndimage
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from ted_fl.config import LossConfig, TrainConfig
+from ted_fl.config import ExperimentConfig, LossConfig, TrainConfig
 from ted_fl.continual.approaches import Approach
 from ted_fl.continual.probes import draw_probes
 from ted_fl.continual.step import train_step
 from ted_fl.data.types import Split
-from ted_fl.errors import TedFlError
+from ted_fl.errors import TedFlError, unknown
+
+EVAL_BN = ("running", "batch")
+HD95_MODES = ("slice_max", "pooled")
 
 
 def set_determinism(seed: int, threads: int = 1) -> None:
@@ -34,10 +40,29 @@ def set_determinism(seed: int, threads: int = 1) -> None:
     torch.set_num_threads(max(1, int(threads)))
 
 
-def lr_for(stage: int, round: int, cfg: TrainConfig) -> float:  # noqa: A002 - the API's name
-    """lr_first on stage 0, lr_later after, times lr_gamma**round (StepLR stepped each round)."""
-    base = cfg.lr_first if stage == 0 else cfg.lr_later
+def lr_for(stage: int, round: int, cfg: TrainConfig, constant: bool = False) -> float:  # noqa: A002
+    """lr_first on stage 0, lr_later after, times lr_gamma**round (StepLR stepped each round).
+
+    `constant`: lr_first on every stage (the reference's seq, whose main.py never switches it).
+    """
+    base = cfg.lr_first if stage == 0 or constant else cfg.lr_later
     return float(base * cfg.lr_gamma**round)
+
+
+def predict_labels(model: nn.Module, split: Split, per_volume: bool, cfg: ExperimentConfig) -> np.ndarray:
+    """The (N, H, W) labels `evaluate` scores for this experiment (eval.bn, the protocol's rescale)."""
+    opts = eval_options(cfg)
+    images = rescale_percentiles(split.images, _groups(split, per_volume)) if opts["rescale"] else split.images
+    with torch.no_grad():
+        return _predict(model, images, int(opts["batch_size"]), str(opts["bn"]))  # type: ignore[call-overload]
+
+
+def eval_options(cfg: ExperimentConfig) -> dict[str, object]:
+    """`evaluate`'s keyword options for an experiment: eval.bn, and protocol "reference"'s
+    evaluation rescale and pooled HD95."""
+    ref = cfg.protocol == "reference"
+    return {"bn": cfg.eval.bn, "batch_size": cfg.eval.batch_size, "rescale": ref,
+            "hd95": "pooled" if ref else "slice_max"}
 
 
 def _batch_indices(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
@@ -181,13 +206,114 @@ def on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor
 
 
-def _predict(model: nn.Module, images: np.ndarray, batch_size: int) -> np.ndarray:
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode, except batch norm normalises with each forward's own statistics.
+
+    Batch-norm layers run in train mode with `track_running_stats` off, so they neither read nor
+    write running_mean / running_var / num_batches_tracked; dropout stays off. Every module's
+    mode and flag are restored on exit.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    bns = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, _BatchNorm)]
+    model.eval()
+    for m, _ in bns:
+        m.train()
+        m.track_running_stats = False
+    try:
+        yield model
+    finally:
+        for m, track in bns:
+            m.track_running_stats = track
+        for m, mode in modes:
+            m.training = mode
+
+
+def _predict(model: nn.Module, images: np.ndarray, batch_size: int, bn: str = "running") -> np.ndarray:
+    """Argmax labels; bn "running": model.eval() in batches; "batch": each image alone, own stats."""
+    if bn not in EVAL_BN:
+        raise unknown("evaluation batch-norm mode", bn, EVAL_BN, "eval.bn")
     device = next(model.parameters()).device
+    step = batch_size if bn == "running" else 1
+    ctx = batch_statistics(model) if bn == "batch" else _eval_mode(model)
     preds = []
-    for i in range(0, len(images), batch_size):
-        x = torch.as_tensor(images[i : i + batch_size], dtype=torch.float32, device=device)
-        preds.append(model(x).max(dim=1).indices.cpu().numpy())  # = argmax(dim=1), ~15x faster on CPU
+    with ctx:
+        for i in range(0, len(images), step):
+            x = torch.as_tensor(images[i : i + step], dtype=torch.float32, device=device)
+            preds.append(model(x).max(dim=1).indices.cpu().numpy())  # = argmax(dim=1), ~15x faster on CPU
     return np.concatenate(preds, axis=0)
+
+
+def dice(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> float:
+    """Foreground Dice of binary arrays of any shape (an image, a volume), MONAI's: 1 when both
+    are empty, 0 when only one is (ignore_empty=False). Every Dice in ted-fl comes from here."""
+    p = torch.as_tensor(np.asarray(pred) > 0 if not torch.is_tensor(pred) else pred > 0, dtype=torch.float32)
+    g = torch.as_tensor(np.asarray(gt) > 0 if not torch.is_tensor(gt) else gt > 0, dtype=torch.float32)
+    metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
+    return float(metric(p[None, None], g[None, None]).reshape(-1)[0])
+
+
+def class_dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice of two class-index maps: the mean of `dice` over the classes present in either (1 when none)."""
+    classes = sorted((set(np.unique(pred).tolist()) | set(np.unique(gt).tolist())) - {0})
+    if not classes:
+        return 1.0
+    return float(np.mean([dice(pred == k, gt == k) for k in classes]))
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def rescale_percentiles(images: np.ndarray, groups: list[np.ndarray], low: float = 0.1, high: float = 99.0) -> np.ndarray:
+    """The reference's evaluation-only intensity rescale (torchio RescaleIntensity((0, 1), (0.1, 99))).
+
+    Per volume (or per image for 2-D sets): clip to the [low, high] percentiles of its
+    intensities, then map that range to [0, 1]; a constant volume is left as it is.
+    """
+    out = images.astype(np.float32, copy=True)
+    for idx in groups:
+        lo, hi = np.percentile(out[idx], [low, high])
+        if hi > lo:
+            out[idx] = (np.clip(out[idx], lo, hi) - lo) / (hi - lo)
+    return out
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(2, 1), iterations=1)
+
+
+def hd95_pooled_slice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """medpy's hd95 on one 2-D slice: the 95th percentile of both directed surface-distance sets pooled.
+
+    Both masks must be non-empty. Surfaces are the masks minus their erosion (4-connectivity);
+    distances are Euclidean in pixels (MONAI's percentile=95 takes the larger of the two directed
+    95th percentiles instead of pooling them).
+    """
+    sp, sg = _surface(pred), _surface(gt)
+    d_pg = ndimage.distance_transform_edt(~sg)[sp]  # prediction surface -> ground-truth surface
+    d_gp = ndimage.distance_transform_edt(~sp)[sg]
+    return float(np.percentile(np.hstack((d_pg, d_gp)), 95))
+
+
+def _hd95_pooled(pred: np.ndarray, gt: np.ndarray) -> float:
+    """The reference's ScoreHausdorff: mean over slices with ground truth of the pooled HD95;
+    an empty prediction on such a slice scores max(H, W). No foreground slice: as `_hd95`."""
+    size = float(max(gt.shape[-2:]))
+    scores = []
+    for p, g in zip(pred, gt, strict=True):
+        if not g.any():
+            continue
+        scores.append(size if not p.any() else hd95_pooled_slice(p, g))
+    if not scores:
+        return 0.0 if not pred.any() else float(np.hypot(*gt.shape[-2:]))
+    return float(np.mean(scores))
 
 
 def _hd95(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -213,74 +339,93 @@ def _hd95(pred: np.ndarray, gt: np.ndarray) -> float:
 
 Labels = Sequence[tuple[str, Sequence[int]]]  # evaluation labels: (name, the class indices it unites)
 
+
+def _groups(split: Split, per_volume: bool) -> list[np.ndarray]:
+    """Slice indices per volume (in first-appearance order), or one group per image."""
+    if not per_volume:
+        return [np.array([i]) for i in range(len(split))]
+    _, first = np.unique(split.volumes, return_index=True)
+    return [np.flatnonzero(split.volumes == split.volumes[i]) for i in sorted(first)]
+
+
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, split: Split, *, per_volume: bool, batch_size: int = 16, labels: Labels | None = None
+    model: nn.Module,
+    split: Split,
+    *,
+    per_volume: bool,
+    batch_size: int = 16,
+    labels: Labels | None = None,
+    bn: str = "running",
+    rescale: bool = False,
+    hd95: str = "slice_max",
 ) -> dict[str, float]:
     """Dice, IoU and HD95, averaged over volumes (per_volume) or images; see `score`.
 
     How the model is run (`_predict`) and what is scored (`score`) are separate steps.
+    `bn` (eval.bn): "running" scores in eval mode with the running statistics; "batch" forwards
+    every image alone with batch norm on its own statistics (the reference's predictor), no
+    buffer touched. `rescale` applies the reference's evaluation-only percentile rescale per
+    volume before the forward; `hd95` "pooled" is the reference's HD95 (`_hd95_pooled`),
+    "slice_max" MONAI's (`_hd95`). The model's training flags are restored in every case.
     """
     if len(split) == 0:
         raise TedFlError("cannot evaluate an empty split")
-    was_training = model.training
-    model.eval()
-    try:
-        pred = _predict(model, split.images, batch_size)
-    finally:
-        model.train(was_training)
-    return score(pred, split, per_volume=per_volume, labels=labels)
+    if hd95 not in HD95_MODES:
+        raise unknown("HD95 mode", hd95, HD95_MODES, "protocol")
+    images = rescale_percentiles(split.images, _groups(split, per_volume)) if rescale else split.images
+    pred = _predict(model, images, batch_size, bn)
+    return score(pred, split, per_volume=per_volume, labels=labels, hd95=hd95)
 
 
-def score(pred: np.ndarray, split: Split, *, per_volume: bool, labels: Labels | None = None) -> dict[str, float]:
+def score(
+    pred: np.ndarray, split: Split, *, per_volume: bool, labels: Labels | None = None, hd95: str = "slice_max"
+) -> dict[str, float]:
     """Score predicted class indices (N, H, W) against `split.masks`, per evaluation label.
 
     Without `labels`: one label, every class > 0 as foreground, returned as plain "dice",
     "iou", "hd95". With `labels` [(name, class indices), ...] (each class, then each region =
     a union of classes): "<name>/<metric>" per label, and the plain keys hold the mean over
-    the labels (for a one-class set the mean equals that class).
+    the labels (for a one-class set the mean equals that class). `hd95` as in `evaluate`.
     """
     if labels is None:
-        return _score_binary(pred > 0, split.masks > 0, split, per_volume)
+        return _score_binary(pred > 0, split.masks > 0, split, per_volume, hd95)
     out: dict[str, float] = {}
     per_label = []
     for name, classes in labels:
         idx = np.asarray(list(classes))
-        scores = _score_binary(np.isin(pred, idx), np.isin(split.masks, idx), split, per_volume)
+        scores = _score_binary(np.isin(pred, idx), np.isin(split.masks, idx), split, per_volume, hd95)
         out.update({f"{name}/{k}": v for k, v in scores.items()})
         per_label.append(scores)
     mean = {k: float(np.mean([s[k] for s in per_label])) for k in per_label[0]}
     return {**mean, **out}
 
 
-def _score_binary(pred: np.ndarray, gt: np.ndarray, split: Split, per_volume: bool) -> dict[str, float]:
+def _score_binary(
+    pred: np.ndarray, gt: np.ndarray, split: Split, per_volume: bool, hd95: str = "slice_max"
+) -> dict[str, float]:
     """Foreground Dice, IoU and HD95 of one label (bool masks), averaged over volumes or images.
 
     Per volume: the volume's slices are stacked into a 3-D volume and Dice / IoU are computed
     on it (MONAI); HD95 is the mean over its slices with foreground. Outside the FOV mask (when
     the split has one) prediction and ground truth are set to background. Empty cases: Dice and
     IoU are 1 when ground truth and prediction are both empty and 0 when only one is
-    (MONAI's ignore_empty=False); HD95 as in `_hd95`.
+    (MONAI's ignore_empty=False); HD95 as in `_hd95` ("slice_max") or `_hd95_pooled` ("pooled").
     """
     if split.fov is not None:
         pred = pred & split.fov.astype(bool)
         gt = gt & split.fov.astype(bool)
+    groups = _groups(split, per_volume)
+    hd_fn = _hd95_pooled if hd95 == "pooled" else _hd95
 
-    if per_volume:
-        _, first = np.unique(split.volumes, return_index=True)
-        groups = [np.flatnonzero(split.volumes == split.volumes[i]) for i in sorted(first)]
-    else:
-        groups = [np.array([i]) for i in range(len(split))]
-
-    dice_m = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
     iou_m = MeanIoU(include_background=True, reduction="none", ignore_empty=False)
-    dice, iou, hd = [], [], []
+    dices, iou, hd = [], [], []
     for idx in groups:
         p = torch.as_tensor(pred[idx], dtype=torch.float32)[None, None]  # (1, 1, D, H, W)
         g = torch.as_tensor(gt[idx], dtype=torch.float32)[None, None]
         if not per_volume:
             p, g = p[:, :, 0], g[:, :, 0]  # (1, 1, H, W)
-        dice.append(float(dice_m(p, g).reshape(-1)[0]))
+        dices.append(dice(p[0, 0], g[0, 0]))
         iou.append(float(iou_m(p, g).reshape(-1)[0]))
-        hd.append(_hd95(pred[idx], gt[idx]))
-    return {"dice": float(np.mean(dice)), "iou": float(np.mean(iou)), "hd95": float(np.mean(hd))}
+        hd.append(hd_fn(pred[idx], gt[idx]))
+    return {"dice": float(np.mean(dices)), "iou": float(np.mean(iou)), "hd95": float(np.mean(hd))}

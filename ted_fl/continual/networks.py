@@ -14,10 +14,10 @@ import torch
 from monai.networks.nets import UNet
 from torch import nn
 
-from ted_fl.config import ModelConfig
+from ted_fl.config import ModelConfig, Norm, choices
 from ted_fl.errors import TedFlError, unknown
 
-NORMS = ("batch", "instance", "group")
+NORMS = choices(Norm)  # the schema owns the allowed values
 
 
 def _norm_arg(cfg: ModelConfig) -> str | tuple:
@@ -133,3 +133,10 @@ def features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str,
     if hasattr(model, "forward_features"):
         return model.forward_features(x)
     return model(x), {}
+
+
+@register_network("reference_unet")
+def _reference_unet(cfg: ModelConfig) -> nn.Module:
+    from ted_fl.continual.reference_unet import ReferenceUNet
+
+    return ReferenceUNet(cfg)

@@ -34,13 +34,14 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ted_fl.config import TeacherMode, choices
 from ted_fl.continual import terms as T
 from ted_fl.continual.approaches import Approach
 from ted_fl.continual.networks import features
 from ted_fl.continual.probes import draw_probes
 from ted_fl.errors import unknown
 
-TEACHER_MODES = ("eval", "train")
+TEACHER_MODES = choices(TeacherMode)  # the schema owns the allowed values
 
 
 def freeze(teacher: nn.Module) -> nn.Module:
@@ -111,18 +112,21 @@ def train_step(
     aux: Mapping[str, torch.Tensor] | None = None,
     fuse_teacher: bool = True,
     amp: torch.dtype | None = None,
+    n_anchors: int | None = None,
 ) -> dict[str, float]:
     """One optimizer step on (images, masks); returns every term's unweighted value and "total".
 
     Terms that do not apply (no teacher on the first site, no aux state yet) report 0.0 and
     add nothing. SKA uses `probes` when given, else draws noise of the images' shape from
-    torch's global RNG (as the reference's randn_like). GUGF adds u_mean / u_max.
+    torch's global RNG (as the reference's randn_like). GUGF adds u_mean / u_max. `n_anchors`:
+    the batch is anchors followed by their augmented views (generalizable distillation's DCGD).
     `fuse_teacher` False forces one teacher forward per input (the reference's; same numbers).
     `amp` (e.g. torch.bfloat16) runs the networks' forwards under autocast; their outputs are
     cast back to float32 for the terms (CUDA autocast refuses binary_cross_entropy, and the
     losses' sums want full precision); backward and the optimizer step run outside autocast.
     """
-    total, out, s = _forward_terms(student, teacher, approach, images, masks, probes, aux, fuse_teacher, amp)
+    total, out, s = _forward_terms(student, teacher, approach, images, masks, probes, aux, fuse_teacher, amp,
+                                 n_anchors)
     optimizer.zero_grad(set_to_none=True)
     if total.requires_grad:
         total.backward()
@@ -152,24 +156,28 @@ def _forward_terms(
     aux: Mapping[str, torch.Tensor] | None,
     fuse_teacher: bool,
     amp: torch.dtype | None = None,
+    n_anchors: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float], T.StepInputs]:
     """The forwards and the weighted sum of the terms (everything of a step before backward)."""
     cfg = approach.loss_cfg
     student.train()
     use_teacher = teacher is not None and approach.needs_teacher
-    want_feats = use_teacher and approach.needs_features
+    own = any(getattr(t.term, "own_teacher", False) and t.term.needs_features for t in approach.terms)
+    want_feats = (use_teacher and approach.needs_features) or own  # own: a term that brings its teacher
     with autocast(images.device, amp):
         if want_feats:
             logits, feats = features(student, images)
         else:
             logits, feats = student(images), None
     logits, feats = _fp32(logits), _fp32(feats)
-    s = T.StepInputs(logits=logits, p=T.probabilities(logits), masks=masks, model=student, aux=aux)
+    s = T.StepInputs(logits=logits, p=T.probabilities(logits), masks=masks, model=student, aux=aux,
+                     images=images, n_anchors=n_anchors)
     s.feats = feats
 
     if use_teacher:
         assert teacher is not None
         freeze(teacher)
+        s.teacher = teacher
         if approach.needs_probes:
             if probes is None:
                 count = cfg.ska_count or images.shape[0]

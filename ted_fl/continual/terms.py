@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ted_fl.config import GugfMode, choices
 from ted_fl.errors import unknown
 
 EPS = 1e-8
-GUGF_MODES = ("batch", "normalized", "sample")
+GUGF_MODES = choices(GugfMode)  # the schema owns the allowed values
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -43,9 +44,22 @@ def class_argmax(x: torch.Tensor) -> torch.Tensor:
     return x.max(dim=1, keepdim=True).indices
 
 
-def cross_entropy(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """CE(p, q) = mean over B*H*W of -sum_c q_c log p_c (temperature 1)."""
-    return (-(q * torch.log(p)).sum(dim=1)).mean()
+
+KD_REDUCE = ("class", "reference")
+BASELINE_VARIANTS = ("paper", "reference")
+
+
+def cross_entropy(p: torch.Tensor, q: torch.Tensor, reduce: str = "class") -> torch.Tensor:
+    """CE(p, q) = mean over B*H*W of -sum_c q_c log p_c (temperature 1).
+
+    reduce = "reference" reproduces a bug of the reference code's kd/ska/akt agents
+    (`(-(target * log(prediction)).sum(dim=-1)).mean()` on B x C x H x W tensors): the sum runs
+    over the image *width* and the mean over B*C*H, i.e. W / C times the class-reduced value
+    (about 100x at 192 px and 2 classes). Its TED agent sums over the classes (dim=1).
+    """
+    if reduce not in KD_REDUCE:
+        raise unknown("KD reduction", reduce, KD_REDUCE, "loss.kd_reduce")
+    return (-(q * torch.log(p)).sum(dim=1 if reduce == "class" else -1)).mean()
 
 
 @dataclass
@@ -64,6 +78,10 @@ class StepInputs:
     teacher_feats: Mapping[str, torch.Tensor] | None = None
     aux: Mapping[str, torch.Tensor] | None = None  # EWC / MAS state (see approaches)
     stats: dict[str, float] = field(default_factory=dict)  # diagnostics terms may add (u_mean)
+    images: torch.Tensor | None = None  # the step's input batch (terms that run extra forwards: DICD)
+    teacher: nn.Module | None = None  # the frozen teacher of the step, when there is one
+    n_anchors: int | None = None  # rows [0, n_anchors) are anchors, the rest their views (GKD's DCGD)
+    cache: dict[str, torch.Tensor] = field(default_factory=dict)  # values terms of one step share
 
 
 class Term:
@@ -98,27 +116,40 @@ class SegLoss(Term):
 
 
 class KD(Term):
-    """L_KD = CE(p(x), q(x)) = mean over B*H*W of -sum_c q_c(x) log p_c(x)."""
+    """L_KD = CE(p(x), q(x)) = mean over B*H*W of -sum_c q_c(x) log p_c(x).
+
+    `reduce` = "reference": the reference's width-axis sum (see cross_entropy), a bug kept only
+    to reproduce its kd / ska / akt numbers (loss.kd_reduce).
+    """
 
     name = "kd"
     needs_teacher = True
 
+    def __init__(self, reduce: str = "class") -> None:
+        if reduce not in KD_REDUCE:
+            raise unknown("KD reduction", reduce, KD_REDUCE, "loss.kd_reduce")
+        self.reduce = reduce
+
     def __call__(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(p, q)
+        return cross_entropy(p, q, self.reduce)
 
     def compute(self, s: StepInputs) -> torch.Tensor | None:
         return None if s.q is None else self(s.p, s.q)
 
 
-class SKA(Term):
-    """L_SKA = CE(p(n), q(n)): KD on noise probes n ~ N(mean, std^2) (see probes.py)."""
+class SKA(KD):
+    """L_SKA = CE(p(n), q(n)): KD on noise probes n ~ N(mean, std^2) (see probes.py).
+
+    p(n), q(n) are the student's and the teacher's probabilities on the probes, never on the
+    images; `reduce` as for KD.
+    """
 
     name = "ska"
     needs_teacher = True
     needs_probes = True
 
     def __call__(self, p_n: torch.Tensor, q_n: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(p_n, q_n)
+        return cross_entropy(p_n, q_n, self.reduce)
 
     def compute(self, s: StepInputs) -> torch.Tensor | None:
         if s.p_probe is None or s.q_probe is None:
@@ -234,10 +265,19 @@ class MiB(Term):
     against log(p_bg + p_old) = log 1 = 0 when the label spaces coincide, so it is left out:
     the segmentation loss stays L_seg, as in the reference code. (The reference also applies a
     second softmax to the teacher's probabilities; we use the teacher's probabilities directly.)
+
+    variant "reference" (loss.baseline_variant): the reference's MiB agent feeds the student's
+    *probabilities* (softmax, clamped) where MiB's logits belong and softmaxes the teacher's
+    probabilities once more: L_ref = L(logits := p, q := softmax(q)).
     """
 
     name = "mib"
     needs_teacher = True
+
+    def __init__(self, variant: str = "paper") -> None:
+        if variant not in BASELINE_VARIANTS:
+            raise unknown("baseline variant", variant, BASELINE_VARIANTS, "loss.baseline_variant")
+        self.variant = variant
 
     def __call__(self, logits: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         c_old, c_new = q.shape[1], logits.shape[1]
@@ -248,11 +288,15 @@ class MiB(Term):
         return -(inner / c_old).mean()
 
     def compute(self, s: StepInputs) -> torch.Tensor | None:
-        return None if s.q is None else self(s.logits, s.q)
+        if s.q is None:
+            return None
+        if self.variant == "reference":
+            return self(s.p, torch.softmax(s.q, dim=1))
+        return self(s.logits, s.q)
 
 
 class PLOPPseudo(Term):
-    """PLOP's pseudo-label merging (Douillard et al. 2021) on a binary label space.
+    """PLOP's pseudo-label merging (Douillard et al. 2021, the paper's formula) on a binary label space.
 
     Pixels labelled background in the new domain may hide what the old model knew: there the
     teacher's label argmax q replaces the label when the teacher is confident, i.e. its
@@ -261,6 +305,9 @@ class PLOPPseudo(Term):
     median over the data set; here per batch). Unconfident background pixels are ignored;
     foreground labels are kept. L = mean over B*H*W of a_b * CE_pixel(p, merged label), with
     PLOP's adaptive factor a_b = (#confident bg pixels / #bg pixels) of sample b (1 if none).
+    PLOP's POD feature term is the separate `POD`, added only when loss.pod_weight > 0. The
+    reference code's variant (a Dice against a merged background, no threshold, no POD) is
+    `PLOPReference`.
     """
 
     name = "plop"
@@ -296,6 +343,28 @@ class PLOPPseudo(Term):
 
     def compute(self, s: StepInputs) -> torch.Tensor | None:
         return None if s.q is None else self(s.p, s.q, s.masks)
+
+
+class PLOPReference(Term):
+    """The reference code's "PLOP" (loss.baseline_variant = "reference"): a soft Dice against a
+    target whose background channel is merged with the teacher's background.
+
+    target_0 = [argmax_c q = 0] OR y_0 (one-hot labels y), target_c = y_c for c > 0;
+    L = 1 - (2 sum(p * target) + 1) / (sum(p) + sum(target) + 1) over the whole batch
+    (the reference's LossDice). No entropy threshold, no adaptive factor, no POD.
+    """
+
+    name = "plop"
+    needs_teacher = True
+
+    def __call__(self, p: torch.Tensor, q: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        target = one_hot(masks, p.shape[1]).to(p)
+        target[:, 0] = torch.maximum(target[:, 0], (q.argmax(dim=1) == 0).to(p))
+        inter = (p * target).sum()
+        return 1.0 - (2.0 * inter + 1.0) / (p.sum() + target.sum() + 1.0)
+
+    def compute(self, s: StepInputs) -> torch.Tensor | None:
+        return None if s.q is None else self(s.p, s.q.detach(), s.masks)
 
 
 def local_pod(f: torch.Tensor, scales: tuple[int, ...] = (1, 2, 4)) -> torch.Tensor:
@@ -354,8 +423,12 @@ def _penalty(model: nn.Module, aux: Mapping[str, torch.Tensor] | None, key: str)
 class EWC(Term):
     """L_EWC = 1/2 sum_i F_i (theta_i - theta*_i)^2 (Kirkpatrick et al. 2017).
 
-    F is the diagonal empirical Fisher (mean squared gradient of L_seg over the batches of the
-    sites seen, see approaches), theta* the parameters at the end of the previous site.
+    F is the diagonal empirical Fisher: the mean over the site's training images of the squared
+    per-image gradient of the log-likelihood of its labels, log p(y|x) = mean over pixels of
+    log p_y (see approaches.estimate_importance), averaged over the sites seen; theta* the
+    parameters at the end of the previous site. The reference code's EWC agent has no runnable
+    variant: it reads config["unet_only"], which args.py never defines, at the second domain
+    (and its "Fisher" is the min-max normalised mean gradient of L_seg, not a squared one).
     """
 
     name = "ewc"
@@ -368,8 +441,10 @@ class EWC(Term):
 class MAS(Term):
     """L_MAS = sum_i Omega_i (theta_i - theta*_i)^2 (Aljundi et al. 2018).
 
-    Omega = mean over batches of |d mean(f(x)^2) / d theta|: the sensitivity of the squared L2
-    norm of the output logits, label-free (see approaches).
+    Omega = mean over the site's training images of |d ||f(x)||^2 / d theta| per image, with
+    ||f(x)||^2 the squared L2 norm of the output logits over the classes, averaged over the
+    pixels: label-free (see approaches.estimate_importance). The reference's MAS agent crashes
+    at the second domain like its EWC (config["unet_only"]), so there is no reference variant.
     """
 
     name = "mas"

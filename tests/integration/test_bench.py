@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 def bench(*args: str, tmp: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "ted_fl.bench", *args, "--quick", "--out", str(tmp / "runs")],
-        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ},
+        capture_output=True, text=True, timeout=3600, cwd=REPO, env={**os.environ},
     )
 
 

@@ -47,15 +47,54 @@ def test_bad_run_dir_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "not a ted-fl run directory" in capsys.readouterr().err
 
 
-def test_bn_stats_diagnostic(run: RunDir, capsys: pytest.CaptureFixture[str]) -> None:
-    """Re-estimating BN statistics per site leaves the weights alone and scores every site."""
-    from ted_fl.diagnose import main as diagnose
-
-    assert diagnose(["bn-stats", str(run.path), "--approach", "seq"]) == 0
+def test_eval_bn_diagnostic(run: RunDir, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every stage checkpoint rescored under both eval.bn modes; the batch mode's scores are the
+    ones the batch-mode evaluation gives, and a wrong approach is a one-line error."""
     import pandas as pd
 
-    df = pd.read_csv(run.path / "diagnostics" / "bn_stats-seq-seed0.csv")
-    assert list(df["site"]) == ["RUNMC", "BMC", "I2CVB"]
-    assert df[["dice_final_stats", "dice_own_stats"]].stack().between(0, 1).all()
-    assert "bn-stats: mean test Dice" in capsys.readouterr().out
-    assert diagnose(["bn-stats", str(run.path), "--approach", "nope"]) == 2
+    from ted_fl.continual.learner import evaluate
+    from ted_fl.continual.networks import build_model
+    from ted_fl.data import load_sites
+    from ted_fl.diagnose import main as diagnose
+    from ted_fl.engine import load_weights
+
+    assert diagnose(["eval-bn", str(run.path), "--approach", "seq"]) == 0
+    df = pd.read_csv(run.path / "diagnostics" / "eval_bn-seq-seed0.csv")
+    assert set(df["mode"]) == {"running", "batch"} and sorted(df["stage"].unique()) == [0, 1, 2]
+    assert list(df["site"].drop_duplicates()) == ["RUNMC", "BMC", "I2CVB"]
+    assert df["value"].between(0, 1).all()
+    cfg = run.read_config()
+    site = load_sites(cfg.data, cfg.data.split_seed)[0]
+    model = load_weights(build_model(cfg.model), run.load_checkpoint("seq", 0, "stage2")["weights"])
+    got = df[(df["mode"] == "batch") & (df["stage"] == 2) & (df["site"] == site.name)]["value"].item()
+    assert got == pytest.approx(evaluate(model, site.test, per_volume=site.per_volume, bn="batch",
+                                         labels=site.labels.labels())["dice"])
+    from ted_fl.results import select_label
+
+    running = select_label(run.metrics())
+    running = running[(running["split"] == "test") & (running["metric"] == "dice") & (running["approach"] == "seq")
+                      & (running["stage"] == 2) & (running["site"] == site.name)]["value"].item()
+    assert df[(df["mode"] == cfg.eval.bn) & (df["stage"] == 2) & (df["site"] == site.name)]["value"].item() == (
+        pytest.approx(running))  # the run itself was scored with its own eval.bn
+    out = capsys.readouterr().out
+    assert "eval-bn: seq seed 0" in out and "| running |" in out and "| batch |" in out
+    assert diagnose(["eval-bn", str(run.path), "--approach", "nope"]) == 2
+
+
+def test_mean_std_and_the_papers_ordering() -> None:
+    """Several seeds print mean ± std; the ordering sentence needs gaps beyond one std."""
+    import pandas as pd
+
+    from ted_fl.results_doc import findings, ordering, shown
+
+    def summary(f_ted: float, sd: float) -> pd.DataFrame:
+        rows = {"seq": (0.5, 0.02), "kd": (0.3, 0.02), "ted_gugf": (f_ted, sd)}
+        return pd.DataFrame([{"approach": a, "seeds": 3, "avg": 0.5, "avg_sd": 0.01, "bwt": -f, "bwt_sd": s,
+                              "forgetting": f, "forgetting_sd": s, "plasticity": 0.8, "plasticity_sd": 0.0}
+                             for a, (f, s) in rows.items()]).set_index("approach")
+
+    assert "is reproduced" in ordering(summary(0.1, 0.02))
+    assert "is **not** reproduced" in ordering(summary(0.29, 0.02))  # within one std of kd
+    assert "is **not** reproduced" in ordering(summary(0.1, 0.25))  # the spread swamps the gap
+    assert shown(summary(0.1, 0.02)).loc["kd", "forgetting"] == "0.300 ± 0.020"
+    assert "BWT -0.500 ± 0.020" in findings(summary(0.1, 0.02))[0]

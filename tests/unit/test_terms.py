@@ -201,7 +201,7 @@ def test_registry_compositions_and_weights() -> None:
         "seq": ["seg"], "joint": ["seg"], "kd": ["seg", "kd"], "ska": ["seg", "kd", "ska"],
         "akt": ["seg", "kd", "akt"], "akt_gugf": ["seg", "kd", "akt"], "ted": ["seg", "kd", "ska", "akt"],
         "ted_gugf": ["seg", "kd", "ska", "akt"], "ewc": ["seg", "ewc"], "mas": ["seg", "mas"],
-        "mib": ["seg", "mib"], "plop": ["seg", "plop", "pod"], "lwf": ["seg", "lwf"],
+        "mib": ["seg", "mib"], "plop": ["seg", "plop"], "lwf": ["seg", "lwf"],
     }  # fmt: skip
     assert set(APPROACHES) == set(expected)
     for name, names in expected.items():
@@ -213,7 +213,7 @@ def test_registry_compositions_and_weights() -> None:
     assert not get_approach("akt_gugf").needs_probes and get_approach("akt_gugf").uses_gugf
     assert not get_approach("ted").uses_gugf
     assert get_approach("ewc").importance == "fisher"
-    assert get_approach("plop", LossConfig(pod_weight=0.0)).term_names == ["seg", "plop"]
+    assert get_approach("plop", LossConfig(pod_weight=0.01)).term_names == ["seg", "plop", "pod"]  # when asked
 
 
 def test_unknown_approach_suggests_the_closest() -> None:
