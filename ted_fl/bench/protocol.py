@@ -55,7 +55,7 @@ def workload(args: argparse.Namespace) -> ExperimentConfig:
         cfg.data.data_dir = args.data_dir
     if args.quick:
         cfg.data.size, cfg.data.synthetic_volumes = 32, 4
-        cfg.model.channels, cfg.model.strides = [4, 8, 16], [2, 2]
+        cfg.model.name, cfg.model.channels, cfg.model.strides = "monai_unet", [4, 8, 16], [2, 2]
     return cfg
 
 
