@@ -121,9 +121,11 @@ def eval_seconds_per_image(cfg: ExperimentConfig, site: Any) -> float:
     """Evaluation (forward, Dice, IoU, HD95) seconds per image, on a site's test split."""
     from ted_fl.continual.learner import evaluate
     from ted_fl.continual.networks import build_model
+    from ted_fl.data import resolve_out_channels
     from ted_fl.worker import pick_device
 
     device = pick_device(cfg.train.device)
+    resolve_out_channels(cfg)
     model = build_model(cfg.model).to(device)
     evaluate(model, site.val, per_volume=site.per_volume)  # warm-up
     clock = time.process_time if device.type == "cpu" else time.perf_counter  # as the step times
@@ -139,7 +141,7 @@ def hours(s: float) -> str:
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     from ted_fl.continual.approaches import get_approach
     from ted_fl.continual.networks import build_model
-    from ted_fl.data import load_sites
+    from ted_fl.data import load_sites, resolve_out_channels
     from ted_fl.engine import model_weights
     from ted_fl.worker import pick_device
 
@@ -171,6 +173,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     df = pd.DataFrame(rows)
     total = float(df["total_s"].sum())
     device = pick_device(cfg.train.device)
+    resolve_out_channels(cfg)
     model_mib = sum(v.nbytes for v in model_weights(build_model(cfg.model)).values()) / 2**20
     ckpt_mib = model_mib * len(cfg.approaches) * seeds * (len(sites) + 4)  # stage<k>.pt + last.pt (3 models)
     shown = df.copy()

@@ -65,8 +65,10 @@ class Bench:
         from ted_fl.continual.learner import set_determinism
         from ted_fl.continual.networks import build_model
         from ted_fl.continual.probes import make_probes
+        from ted_fl.data import resolve_out_channels
 
         set_determinism(0, cfg.train.threads)
+        resolve_out_channels(cfg)  # out_channels = 0: the site set's classes + background
         self.cfg = cfg
         self.device = device or torch.device("cpu")
         b, s = cfg.train.batch_size, cfg.data.size
