@@ -29,6 +29,8 @@ SCHEMA = ConfigDict(extra="forbid", validate_assignment=True)
 ApproachName = Literal[
     "seq", "joint", "kd", "ska", "akt", "akt_gugf", "ted", "ted_gugf", "ewc", "mas", "mib", "plop", "lwf"
 ]
+# The student rows of `python -m ted_fl.generalize` (ted_fl.continual.gkd.gkd_approach builds them).
+GKDApproachName = Literal["student", "student_aug", "kd", "at", "skd", "gkd", "intra", "inter", "cross", "intra_inter"]
 Norm = Literal["batch", "instance", "group"]
 Device = Literal["auto", "cpu", "cuda"]
 Distribution = Literal["normal", "uniform"]
@@ -170,6 +172,7 @@ class GKDConfig:
     """
 
     source: str = "CHASEDB1"  # the site that trains; every other site of the set is an unseen target
+    approaches: list[GKDApproachName] = field(default_factory=lambda: list(get_args(GKDApproachName)))
     teacher: str = "basic_unet"  # a registered network (python -m ted_fl.networks)
     student: str = "mobilenetv2_unet"
     teacher_channels: list[int] = field(default_factory=list)

@@ -32,7 +32,10 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
     cfg.data.size = args.size
     cfg.out = args.out
     cfg.federated.timeout = 7200.0  # a whole stage is one round by default
-    cfg.approaches = list(args.approach)
+    for a in args.approach:
+        if a not in GKD_APPROACHES:
+            raise unknown("approach", a, GKD_APPROACHES, "--approach")
+    cfg.gkd.approaches = list(args.approach)
     cfg.seeds = list(args.seed)
     cfg.gkd.source = args.source
     if args.teacher:
@@ -42,9 +45,6 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
     for text in args.set or []:
         key, value = parse_override(text)
         set_key(cfg, key, value)
-    for a in cfg.approaches:
-        if a not in GKD_APPROACHES:
-            raise unknown("approach", a, GKD_APPROACHES, "--approach")
     for role, name in (("teacher", cfg.gkd.teacher), ("student", cfg.gkd.student)):
         if name not in NETWORKS:
             raise unknown(f"{role} network", name, NETWORKS, f"--{role}")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ted_fl.config import ExperimentConfig
 from ted_fl.errors import TedFlError
 from ted_fl.markdown import md_table, write_section
 from ted_fl.results import RunDir
@@ -27,6 +28,21 @@ def _pm(values: pd.Series) -> str:
     if len(v) == 0:
         return "–"
     return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+
+
+def read_config(run: RunDir) -> ExperimentConfig:
+    """The run's configuration; runs written before `gkd.approaches` existed kept the student rows in
+    `approaches`, which now names continual approaches only: they are moved across."""
+    import tomllib
+    import typing
+
+    from ted_fl.config import GKDApproachName, from_dict
+
+    data = tomllib.loads((run.path / "config.toml").read_text())
+    gkd_names = set(typing.get_args(GKDApproachName))
+    if any(a in gkd_names for a in data.get("approaches", [])):
+        data.setdefault("gkd", {})["approaches"] = [a for a in data.pop("approaches") if a in gkd_names]
+    return from_dict(ExperimentConfig, data, str(run.path / "config.toml"))
 
 
 def combined_metrics(runs: list[RunDir]) -> pd.DataFrame:
@@ -48,7 +64,7 @@ def tables(runs: RunDir | list[RunDir]) -> dict[str, pd.DataFrame]:
     """score tables (rows approach, columns site x metric), size table and per-seed target means."""
     runs = [runs] if isinstance(runs, RunDir) else runs
     df = combined_metrics(runs)
-    cfg = runs[0].read_config()
+    cfg = read_config(runs[0])
     source = cfg.gkd.source
     sites = [s for s in dict.fromkeys(df["site"]) if s != "all"]
     targets = [s for s in sites if s != source]
@@ -148,7 +164,7 @@ def diagnosis(t: dict[str, pd.DataFrame]) -> list[str]:
 def section(runs: RunDir | list[RunDir], command: str = "", heading: str = "##", title: str = "") -> str:
     runs = [runs] if isinstance(runs, RunDir) else runs
     t = tables(runs)
-    cfg = runs[0].read_config()
+    cfg = read_config(runs[0])
     seeds = sorted({int(s) for s in combined_metrics(runs)["seed"]})
     g = cfg.gkd
     title = title or f"Generalizable distillation (GKD) on {cfg.data.sites}: train {g.source}, test every site"
@@ -205,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.networks:
         from ted_fl.networks import profile_table
 
-        size = RunDir.open(args.runs[0]).read_config().data.size
+        size = read_config(RunDir.open(args.runs[0])).data.size
         table = profile_table(sorted(__import__("ted_fl.continual.networks", fromlist=["NETWORKS"]).NETWORKS), size, 5)
         text += (f"\n\nEvery registered network at {size} x {size} (`python -m ted_fl.networks --size {size}`; "
                  "CPU time of a single-threaded forward, the fastest of 5):\n\n" + md_table(table))

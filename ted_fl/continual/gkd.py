@@ -18,6 +18,7 @@ bottleneck of model m in {T, S}; D = 512 code channels, s = 16 code side.
 from __future__ import annotations
 
 import contextlib
+import typing
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ted_fl.config import LossConfig
+from ted_fl.config import GKDApproachName, LossConfig
 from ted_fl.continual import terms as T
 from ted_fl.continual.approaches import Approach, WeightedTerm
 from ted_fl.errors import TedFlError, unknown
@@ -441,7 +442,7 @@ class PairwiseAffinity(T.Term):
 
 
 # ---------------------------------------------------------------------- approaches
-GKD_APPROACHES = ("student", "student_aug", "kd", "at", "skd", "gkd", "intra", "inter", "cross", "intra_inter")
+GKD_APPROACHES: tuple[str, ...] = typing.get_args(GKDApproachName)  # student, student_aug, kd, ..., gkd
 NEEDS_ALIGNMENT = frozenset({"gkd", "intra", "inter", "cross", "intra_inter"})
 USES_VIEWS = frozenset({"student_aug", "gkd", "intra", "inter", "intra_inter", "cross"})
 

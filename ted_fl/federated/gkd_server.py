@@ -134,8 +134,8 @@ def serve_generalize(grid: Grid, cfg: ExperimentConfig, run: RunDir, quiet: bool
     shape = tuple(ex.image_shape)
     rows: list[dict[str, Any]] = []
     sizes = {p: profile(p, cfg, shape) for p in ("teacher", "student")}
-    need_align = any(a in G.NEEDS_ALIGNMENT for a in cfg.approaches)
-    want_fsd = need_align or "student" in cfg.approaches
+    need_align = any(a in G.NEEDS_ALIGNMENT for a in cfg.gkd.approaches)
+    want_fsd = need_align or "student" in cfg.gkd.approaches
 
     def add(approach: str, seed: int, site: str, metric: str, value: float) -> None:
         rows.append({"approach": approach, "seed": seed, "stage": 0, "stage_site": g.source, "round": -1,
@@ -160,7 +160,7 @@ def serve_generalize(grid: Grid, cfg: ExperimentConfig, run: RunDir, quiet: bool
         frozen = {"teacher": teacher}
         if tan is not None and san is not None:
             frozen.update(tan=tan, san=san)
-        for approach in cfg.approaches:
+        for approach in cfg.gkd.approaches:
             if approach == "student":
                 weights = scratch
             else:
@@ -214,18 +214,19 @@ def simulate_generalize(cfg: ExperimentConfig, run: RunDir, num_nodes: int, quie
     out: list[list[dict]] = []
     error: list[BaseException] = []
     server = ServerApp()
+    fast = {"on": False}
 
     @server.main()
     def _main(grid: Grid, context: Any) -> None:
-        fast_grid(grid)
+        if fast["on"]:
+            fast_grid(grid)
         try:
             out.append(serve_generalize(grid, cfg, run, quiet))
         except BaseException as exc:  # surfaced after the simulation shuts down
             error.append(exc)
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
-    fast_message_polling()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), fast_message_polling(cfg.federated.fast_polling) as fast["on"]:
         warnings.simplefilter("ignore")
         run_simulation(server_app=server, client_app=client_app, num_supernodes=num_nodes,
                        backend_config=backend_config(cfg))  # type: ignore[arg-type]
