@@ -82,12 +82,10 @@ class LossConfig:
     """Weights and switches of the loss terms (see ted_fl.continual.terms).
 
     lambda_d defaults to 0.01, not the paper's 0.001 (simulations/prostate-ted.toml keeps 0.001):
-    the CPU-sized schedule has a few hundred steps a site, and on it 0.001 makes TED behave like
-    plain fine-tuning, while 0.1-1 turns AKT (averaged over the disagreeing pixels only, and with
-    the batch-broadcast GUGF ~batch-size times larger again) into a near-hard constraint under
-    which TED barely learns a new site. At 0.01 TED keeps more of the first sites than seq for a
-    modest cost in plasticity, so the comparison means something (docs/results.md has the
-    measurements, the commands, and where TED still forgets as much as seq).
+    the CPU-sized schedule has a few hundred steps a site. It is not tuned for TED: measured on
+    the twin with eval.bn = "batch" (docs/results.md), TED at 0.01 forgets more than seq, at
+    0.001 about as much, and at 0.1 AKT (averaged over the disagreeing pixels only, and with
+    the batch-broadcast GUGF ~batch-size times larger again) stalls it.
     """
 
     lambda_d: float = 0.01  # distillation weight shared by KD, SKA and AKT (reference: 0.001)
