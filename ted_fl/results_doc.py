@@ -223,6 +223,20 @@ def readme_block(run: RunDir, target: str) -> str:
     ])
 
 
+def eval_bn_lines(run: RunDir) -> list[str]:
+    """The run's `python -m ted_fl.diagnose eval-bn` outputs, if any: each mode's summary."""
+    from ted_fl.diagnose import summarize_modes
+
+    out: list[str] = []
+    for part in run.parts if isinstance(run, PooledRun) else [run]:
+        for csv in sorted((part.path / "diagnostics").glob("eval_bn-*.csv")):
+            df = pd.read_csv(csv)
+            out += [f"`python -m ted_fl.diagnose eval-bn` on `{part.path.name}` ({csv.stem[8:]}): the same "
+                    "stage checkpoints scored under both `eval.bn` modes:", "",
+                    md_table(summarize_modes(df)), ""]
+    return out
+
+
 def run_section(run: RunDir, heading_level: int = 2) -> str:
     h = "#" * heading_level
     cfg = run.read_config()
@@ -269,6 +283,7 @@ def run_section(run: RunDir, heading_level: int = 2) -> str:
             for approach, r in run_tables(run, lab)[0].items():
                 out += [f"**{approach}**", "", md_table(r, index=True, index_name="stage"), ""]
             out += ["</details>", ""]
+    out += eval_bn_lines(run)
     out += [
         "<details><summary>Resolved configuration (config.toml)</summary>",
         "",
