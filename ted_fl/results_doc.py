@@ -213,6 +213,7 @@ def readme_block(run: RunDir, target: str) -> str:
     whole = "" if len(secs) != len(parts) else (
         f", {secs[0]:.0f} s in all{ray}" if len(secs) == 1 else
         f", {sum(secs):.0f} s in all over {len(secs)} runs run side by side ({', '.join(f'{x:.0f}' for x in secs)} s)")
+    command = "`, `".join(command.splitlines())  # pooled runs: one command per run
     return "\n".join([
         f"Measured with `{command}` on {machine_line(run)}{whole} (run `{run.path.name}`; this block is "
         f"written by `python -m ted_fl.results_doc RUN_DIR --readme {target}`):",
