@@ -3,78 +3,10 @@
     python -m ted_fl.centralized --sites prostate --approach seq ted_gugf --config simulations/quick.toml
 
 It is the correctness reference (the federated simulator must reproduce its R matrix) and the
-bare loop against which the simulator's overhead is measured.
+bare loop against which the simulator's overhead is measured. The executor is `ted_fl.local`.
 """
 
 from __future__ import annotations
-
-from typing import Any
-
-import numpy as np
-
-from ted_fl.config import ExperimentConfig
-from ted_fl.continual.approaches import get_approach
-from ted_fl.data.types import SiteData
-from ted_fl.engine import TrainResult, TrainTask, Weights, derive_seed
-from ted_fl.worker import SiteWorker, concat_splits, probes_for
-
-
-class LocalExecutor:
-    """Trains and evaluates every site in this process, one after another."""
-
-    def __init__(self, cfg: ExperimentConfig, sites: list[SiteData]):
-        from ted_fl.data import set_out_channels
-
-        set_out_channels(cfg, sites[0].labels, cfg.data.sites)  # the network follows the sites' classes
-        self.cfg = cfg
-        self.data = {s.name: s for s in sites}
-        self.sites = [s.name for s in sites]
-        self.train_sizes = {s.name: len(s.train) for s in sites}
-        self.image_shape = tuple(sites[0].train.images.shape[1:])
-        self.worker = SiteWorker(cfg)
-        self.optim: dict[str, tuple[int, dict[str, Any]]] = {}
-        self.bytes_sent = self.bytes_received = 0
-
-    def train(self, task: TrainTask) -> list[TrainResult]:
-        appr = get_approach(task.approach, self.cfg.loss)
-        teacher = self.worker.set_teacher((task.approach, task.seed, task.stage), task.teacher)
-        probes = probes_for(self.cfg, task.probe_seed, task.probe_count, task.probe_shape)
-        groups = [task.sites] if appr.joint else [[s] for s in task.sites]
-        results = []
-        for group in groups:
-            site = group[-1]
-            key = "+".join(group)
-            stage_opt = self.optim.get(key)
-            opt_state = stage_opt[1] if stage_opt and stage_opt[0] == task.stage else None
-            out = self.worker.train_round(
-                approach=task.approach,
-                data=concat_splits([self.data[s].train for s in group]),
-                weights=task.weights, teacher=teacher, aux=task.aux,
-                steps=task.steps, lr=task.lr,
-                seed=derive_seed(task.seed, task.stage, task.round, self.sites.index(site), 0),
-                probes=probes, optimizer_state=opt_state,
-                val=self.data[site].val if task.want_val and len(groups) == 1 else None,
-                per_volume=self.data[site].per_volume, labels=self.data[site].labels.labels(),
-            )
-            self.optim[key] = (task.stage, out.optimizer_state)
-            results.append(TrainResult(site, 0, out.weights, out.num_examples, out.metrics, out.val))
-        return results
-
-    def evaluate(self, weights: Weights, split: str, sites: list[str]) -> dict[str, dict[str, float]]:
-        return {
-            s: self.worker.evaluate(weights, self.data[s].splits[split], self.data[s].per_volume,
-                                    self.data[s].labels.labels())
-            for s in sites
-        }
-
-    def importance(self, approach: str, weights: Weights, site: str) -> dict[str, np.ndarray]:
-        return self.worker.importance(approach, weights, self.data[site].train)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"optim": self.optim}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optim = dict(state.get("optim", {}))
 
 
 def main(argv: list[str] | None = None) -> int:

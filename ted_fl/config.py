@@ -1,23 +1,50 @@
-"""Experiment configuration: one schema for `simulations/*.toml`, the command lines and `config.toml`.
+"""Experiment configuration: one typed schema for `simulations/*.toml`, `--set`, `config.toml`,
+`flwr run`'s run config and a SuperNode's node config.
 
-Every section is a dataclass; loading checks every key against it and names the closest key
-when one is misspelt, so a typo never silently falls back to a default.
+Every section is a pydantic dataclass: attribute access and defaults as plain dataclasses, but
+every value is checked on construction and on assignment, unknown keys are refused with the
+closest valid one, and every allowed value lives here, in a `Literal` (nowhere else lists them:
+the command lines take their choices from these types). Errors become one-line `TedFlError`s
+that name the key and the fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import tomllib
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
+
+import tomli_w
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
 
 from ted_fl.errors import TedFlError, closest
 
+# Refuse unknown keys; check assignments too, so `cfg.train.rounds = "x"` fails where it is made.
+SCHEMA = ConfigDict(extra="forbid", validate_assignment=True)
 
-@dataclass
+# Every allowed value, once. A registry keyed on one of these checks it covers exactly these names.
+ApproachName = Literal[
+    "seq", "joint", "kd", "ska", "akt", "akt_gugf", "ted", "ted_gugf", "ewc", "mas", "mib", "plop", "lwf"
+]
+Norm = Literal["batch", "instance", "group"]
+Device = Literal["auto", "cpu", "cuda"]
+Distribution = Literal["normal", "uniform"]
+TeacherMode = Literal["eval", "train"]
+GugfMode = Literal["batch", "normalized", "sample"]
+ProbeTransport = Literal["pixels", "seed"]  # pixels: the server sends the noise; seed: clients regenerate it
+OnFailure = Literal["retry", "skip", "abort"]
+Positive = Annotated[int, Field(ge=1)]
+
+
+def choices(literal: Any) -> tuple[str, ...]:
+    """The allowed values of one of the `Literal` types above (for command-line choices)."""
+    return tuple(get_args(literal))
+
+
+@dataclass(config=SCHEMA)
 class DataConfig:
     """Which sites, where their files are, and the image size every site is resampled to."""
 
@@ -32,7 +59,7 @@ class DataConfig:
     split_seed: int = 42  # seeds the train/val/test split and the synthetic twin (the reference's 42)
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class ModelConfig:
     """The 2-D segmentation network, by name (ted_fl.continual.networks.NETWORKS).
 
@@ -46,13 +73,13 @@ class ModelConfig:
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
     strides: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
     num_res_units: int = 0
-    norm: str = "batch"  # batch | instance | group
+    norm: Norm = "batch"
     dropout: float = 0.0
     in_channels: int = 1
     out_channels: int = 0  # 0: the site set's classes + background (set at run start); else must match
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class TrainConfig:
     """The schedule: rounds per stage (an epoch in the reference), steps per round, Adam + StepLR.
 
@@ -63,10 +90,10 @@ class TrainConfig:
     2e-4 / 1e-4) is spelt out in simulations/prostate-ted.toml.
     """
 
-    rounds: int = 4  # rounds (epochs) per stage
+    rounds: Positive = 4  # rounds (epochs) per stage
     steps_per_round: int = 20  # 0: one pass over the training split per round
     joint_rounds_factor: float = 2.0  # the joint upper bound trains this many times longer
-    batch_size: int = 8
+    batch_size: Positive = 8
     lr_first: float = 1e-3
     lr_later: float = 5e-4
     lr_gamma: float = 0.99  # StepLR gamma, stepped every round
@@ -74,10 +101,12 @@ class TrainConfig:
     eval_every_round: bool = False  # also evaluate every site after every round
     eval_val_all: bool = False  # also score every site's validation split at each stage's end (split val_stage)
     threads: int = 1  # torch threads per trainer (Ray clients and the centralized run alike)
-    device: str = "auto"  # auto (a visible GPU if any, else CPU) | cpu | cuda
+    device: Device = "auto"  # auto: a visible GPU if any, else CPU
+    amp: Literal["auto", "bf16", "off"] = "auto"  # mixed precision: auto (bf16 autocast on a GPU that supports it, off on CPU) | bf16 | off
+    cudnn_benchmark: bool = True  # on a GPU: cuDNN autotuning and channels-last (false: deterministic cuDNN)
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class LossConfig:
     """Weights and switches of the loss terms (see ted_fl.continual.terms).
 
@@ -95,39 +124,82 @@ class LossConfig:
     w_lwf: float = 1.0  # LwF, MiB and PLOP distillation multipliers (also on top of lambda_d)
     w_mib: float = 1.0
     w_plop: float = 1.0
-    ska_distribution: str = "normal"  # normal | uniform
+    ska_distribution: Distribution = "normal"
     ska_mean: float = 0.0
     ska_std: float = 1.0
     ska_count: int = 0  # noise images per step (0: the batch size)
     probe_bn_update: bool = False  # let SKA probes update the student's BN running stats (reference)
-    teacher_mode: str = "eval"  # eval | train (the reference code's batch statistics)
-    gugf: str = "batch"  # batch (reference broadcasting) | normalized (batch mean) | sample
+    teacher_mode: TeacherMode = "eval"  # train: the reference code's batch statistics
+    gugf: GugfMode = "batch"  # batch: the reference's broadcasting (see ted_fl.continual.terms.GUGF)
     temperature: float = 2.0  # LwF
     ewc_lambda: float = 100.0
     mas_lambda: float = 1.0
     plop_threshold: float = 0.5  # PLOP pseudo-label confidence quantile
     pod_weight: float = 0.0  # PLOP's POD feature term, only when asked (> 0); the reference has none
-    baseline_variant: str = "paper"  # paper | reference: ewc/mas/mib/plop as their papers or as the reference code
-    kd_reduce: str = "class"  # class | reference (the reference's width-axis sum for kd/ska/akt/akt_gugf; never ted)
+    baseline_variant: Literal["paper", "reference"] = "paper"  # paper | reference: ewc/mas/mib/plop as their papers or as the reference code
+    kd_reduce: Literal["class", "reference"] = "class"  # class | reference (the reference's width-axis sum for kd/ska/akt/akt_gugf; never ted)
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class FederatedConfig:
     """Flower + Ray: who trains when, what travels, where it runs."""
 
-    clients_per_site: int = 1
+    clients_per_site: Positive = 1
     retention: int = 0  # earlier sites that keep training (0: strict domain-continual; -1: all)
-    probes: str = "pixels"  # pixels (server sends the noise) | seed (client regenerates it)
+    probes: ProbeTransport = "pixels"
     num_cpus: float = 1.0  # per client
     num_gpus: float = 0.0  # per client (fractions allowed)
     ray_address: str = ""  # join an existing Ray cluster ("auto" or host:port)
     timeout: float = 600.0  # seconds a client may take to reply
     connect_timeout: float = 300.0  # seconds the first (hello) reply may take: clients start up
     retries: int = 1
-    on_failure: str = "retry"  # retry | skip | abort
+    on_failure: OnFailure = "retry"
+    client_app: str = "ted_fl.federated.client_app:app"  # module:attribute of the ClientApp the simulation runs
+    fast_polling: bool = False  # patch Flower's 0.1 s message polling in the simulation (ted_fl.federated.simulation)
 
 
-@dataclass
+@dataclass(config=SCHEMA)
+class GKDConfig:
+    """Generalizable distillation (`python -m ted_fl.generalize`, docs gkd-method.md) and the
+    continual combination (a fixed large teacher distilled into the student while sites arrive).
+
+    Defaults follow the spec where it is explicit (D = 512, s = 16, K = 4, tau = 0.1, weights
+    1 / 1 / 0.5); step counts are CPU-sized. *_channels = [] keeps the network's own widths.
+    """
+
+    source: str = "CHASEDB1"  # the site that trains; every other site of the set is an unseen target
+    teacher: str = "basic_unet"  # a registered network (python -m ted_fl.networks)
+    student: str = "mobilenetv2_unet"
+    teacher_channels: list[int] = field(default_factory=list)
+    student_channels: list[int] = field(default_factory=list)
+    rounds: int = 1  # Flower rounds per stage (weights return to the server after each)
+    steps_teacher: int = 200  # steps per round of each stage
+    steps_student: int = 200
+    steps_psae: int = 100
+    steps_act: int = 100
+    batch_size: int = 4
+    crop: int = 0  # random square training crops (0: whole images); evaluation is on whole images
+    lr: float = 1e-3  # Adam
+    views: int = 4  # K augmented views per anchor (DCGD)
+    augment: Literal["spec", "mild"] = "spec"  # spec (gamma, contrast, blur, noise, flips) | mild (no blur, narrower): gkd.AUGMENT
+    tau: float = 0.1
+    w_intra: float = 1.0
+    w_inter: float = 1.0
+    w_cross: float = 0.5
+    w_kd: float = 1.0
+    w_at: float = 1.0
+    w_pair: float = 1.0
+    code_dim: int = 512  # D (the P-SAE's last width)
+    code_side: int = 16  # s
+    psae_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    latency_repeats: int = 5
+    # continual combination: a checkpoint written by `generalize` (checkpoints/teacher-seed<N>/teacher.pt)
+    fixed_teacher: str = ""
+    fixed_term: Literal["kd", "at", "skd"] = "kd"  # kd | at | skd: how the fixed teacher distils into the student
+    w_fixed: float = 1.0
+
+
+@dataclass(config=SCHEMA)
 class EvalConfig:
     """How test and validation images are scored.
 
@@ -137,66 +209,81 @@ class EvalConfig:
     its own statistics; no buffer changes, the model's mode is restored afterwards.
     """
 
-    bn: str = "batch"  # batch (the reference's protocol) | running
+    bn: Literal["batch", "running"] = "batch"  # batch (the reference's protocol) | running
     batch_size: int = 16  # images per forward under bn = "running"
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class ExperimentConfig:
     """A whole experiment: what `simulations/*.toml` holds and `config.toml` records."""
 
     name: str = "experiment"
-    approaches: list[str] = field(default_factory=lambda: ["seq", "kd", "ted_gugf"])
+    approaches: list[ApproachName] = field(default_factory=lambda: ["seq", "kd", "ted_gugf"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # mean ± std over 3 seeds by default
     out: str = "runs"
     # "reference": the reference code's evaluation rescale (percentiles 0.1-99), pooled HD95,
     # joint as one run over all sites selected on the first site, seq keeping lr_first;
     # "ted-fl": this simulator's choices (docs/protocol.md has the table)
-    protocol: str = "ted-fl"
+    protocol: Literal["ted-fl", "reference"] = "ted-fl"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    gkd: GKDConfig = field(default_factory=GKDConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def _check_type(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (list,):
-        if not isinstance(value, list):
-            raise TedFlError(f"{where} must be a list, got {value!r}")
-        (inner,) = typing.get_args(hint)
-        return [_check_type(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool) and not isinstance(value, hint) or (
-        hint is int and isinstance(value, bool)
-    ):
-        raise TedFlError(f"{where} must be {hint.__name__}, got {value!r}")
-    return value
+def _describe(err: dict[str, Any], where: str) -> str:
+    """One line for pydantic's first error: where, the dotted key, what is wrong, how to fix it."""
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc)
+    head = f"{where}: " if where else ""
+    kind, value = err["type"], err.get("input")
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        table = ".".join(loc[:-1])
+        return f"{head}unknown key '{loc[-1]}'" + (f" in [{table}]" if table else "")
+    if kind == "literal_error":
+        return f"{head}{key} = {value!r} is not one of {err['ctx']['expected']}"
+    if kind in ("dataclass_type", "dataclass_exact_type"):
+        return f"{head}{key} must be a table [{key}], got {value!r}"
+    if kind == "dict_type":
+        return f"{head}{key} must be a table, e.g. {loc[-1]} = {{ name = ... }}, got {value!r}"
+    if kind == "list_type":
+        return f"{head}{key} must be a list, e.g. {loc[-1]} = [...], got {value!r}"
+    return f"{head}{key}: {err['msg'][0].lower()}{err['msg'][1:]}, got {value!r}"
+
+
+def _as_error(exc: ValidationError, cls: type, where: str) -> TedFlError:
+    err = exc.errors()[0]
+    line = _describe(err, where)
+    if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        owner = _section(cls, [str(p) for p in err["loc"][:-1]])
+        names = [f.name for f in dataclasses.fields(owner)] if owner else []
+        line += f"{closest(str(err['loc'][-1]), names)}; valid keys: {', '.join(names)}"
+    return TedFlError(line)
+
+
+def _section(cls: type, path: list[str]) -> type | None:
+    """The dataclass reached from `cls` by following `path` through nested sections."""
+    for part in path:
+        hints = {f.name: f.type for f in dataclasses.fields(cls)}
+        nested = getattr(cls, "__pydantic_fields__", {}).get(part)
+        typ = nested.annotation if nested is not None else hints.get(part)
+        if not (isinstance(typ, type) and dataclasses.is_dataclass(typ)):
+            return None
+        cls = typ
+    return cls
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
-    """Build dataclass `cls` from `data`, refusing unknown keys with the closest valid one."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in names:
-            raise TedFlError(
-                f"unknown key '{key}' in {where}{closest(key, names)}; valid keys: {', '.join(names)}"
-            )
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, dict):
-                raise TedFlError(f"{where}.{key} must be a table [{key}]")
-            kwargs[key] = from_dict(hint, value, f"{where}.{key}")
-        else:
-            kwargs[key] = _check_type(value, hint, f"{where}.{key}")
-    return cls(**kwargs)
+    """Build schema class `cls` from `data`; a bad key or value is one line naming it and the fix."""
+    if not isinstance(data, dict):
+        raise TedFlError(f"{where} must be a table, got {data!r}")
+    try:
+        return TypeAdapter(cls).validate_python(data)
+    except ValidationError as exc:
+        raise _as_error(exc, cls, where) from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -208,11 +295,15 @@ def load_experiment(path: str | Path | None = None) -> ExperimentConfig:
     if path is None:
         return ExperimentConfig()
     p = resolve_experiment_path(path)
+    return from_dict(ExperimentConfig, read_toml(p), str(p))
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file as a dict; a syntax error is one line naming the file."""
     try:
-        data = tomllib.loads(p.read_text())
+        return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
-        raise TedFlError(f"{p}: not valid TOML ({exc}); fix the syntax") from None
-    return from_dict(ExperimentConfig, data, str(p))
+        raise TedFlError(f"{path}: not valid TOML ({exc}); fix the syntax") from None
 
 
 def resolve_experiment_path(path: str | Path) -> Path:
@@ -235,23 +326,75 @@ def project_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def set_key(cfg: ExperimentConfig, dotted: str, value: Any) -> None:
-    """Override one key ('train.rounds') with the same checks as the TOML loader."""
-    parts = dotted.split(".")
+def set_key(cfg: ExperimentConfig, dotted: str, value: Any, source: str = "--set") -> None:
+    """Override one key ('train.rounds') through the schema, as if the TOML file had said it."""
+    *sections, last = dotted.split(".")
     obj: Any = cfg
-    where = "config"
-    for part in parts[:-1]:
+    for depth, part in enumerate(sections):
         names = [f.name for f in dataclasses.fields(obj)]
+        tables = [n for n in names if dataclasses.is_dataclass(getattr(obj, n))]
+        if part in names and part not in tables:
+            raise TedFlError(f"{source} {dotted}: '{'.'.join(sections[:depth + 1])}' is a value, not a table; "
+                             f"write {'.'.join(sections[:depth + 1])}=VALUE")
         if part not in names:
-            raise TedFlError(f"unknown section '{part}' in --set {dotted}{closest(part, names)}")
+            raise TedFlError(f"{source} {dotted}: unknown table '{part}'{closest(part, tables)}; "
+                             f"valid: {', '.join(tables)}")
         obj = getattr(obj, part)
-        where += f".{part}"
-    last = parts[-1]
     names = [f.name for f in dataclasses.fields(obj)]
+    if last in names and dataclasses.is_dataclass(getattr(obj, last)):
+        raise TedFlError(f"{source} {dotted}: '{dotted}' is a table; name one of its keys, e.g. {dotted}."
+                         f"{dataclasses.fields(getattr(obj, last))[0].name}=VALUE")
     if last not in names:
-        raise TedFlError(f"unknown key '{last}' in --set {dotted}{closest(last, names)}")
-    hint = typing.get_type_hints(type(obj))[last]
-    setattr(obj, last, _check_type(value, hint, f"{where}.{last}"))
+        raise TedFlError(f"{source} {dotted}: unknown key '{last}'{closest(last, names)}; "
+                         f"valid keys: {', '.join(names)}")
+    if isinstance(value, str) and isinstance(getattr(obj, last), list):
+        value = _words(value)  # run and node configs hold no lists: "seq ted_gugf" or '["seq", "ted_gugf"]'
+    try:
+        setattr(obj, last, value)
+    except ValidationError as exc:
+        err = dict(exc.errors()[0], loc=(*sections, last))
+        raise TedFlError(_describe(err, source)) from None
+
+
+def _words(text: str) -> Any:
+    if text.strip().startswith("["):
+        try:
+            return tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            return text
+    return text.replace(",", " ").split()
+
+
+def from_run_config(run_config: dict[str, Any], source: str = "run config") -> ExperimentConfig:
+    """The experiment of `flwr run`: `experiment` (a file), then schema keys, then `set`.
+
+    Flower flattens `[tool.flwr.app.config]`'s tables into dotted keys (`data.sites`), which are
+    this schema's keys; `set` holds further `KEY=VALUE` overrides separated by spaces (Flower
+    refuses run-config keys that pyproject.toml does not list).
+    """
+    import shlex
+
+    rc = dict(run_config)
+    cfg = load_experiment(str(rc.pop("experiment"))) if rc.get("experiment") else ExperimentConfig()
+    extra = str(rc.pop("set", "") or "")
+    apply_overrides(cfg, rc, source)
+    for item in shlex.split(extra):
+        key, value = parse_override(item)
+        set_key(cfg, key, value, f"{source} set")
+    return cfg
+
+
+def node_overrides(node_config: dict[str, Any]) -> dict[str, Any]:
+    """The schema keys of a SuperNode's node config (dotted, e.g. data.data_dir = "/data/bmc");
+    its other keys (site, client, state-dir, partition-id) say who the node is."""
+    return {k: v for k, v in node_config.items() if "." in k}
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: dict[str, Any], source: str) -> ExperimentConfig:
+    """Apply flat dotted keys (`flwr run --run-config`, a SuperNode's node config) through the schema."""
+    for key, value in overrides.items():
+        set_key(cfg, key, value, source)
+    return cfg
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -266,38 +409,6 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def toml_value(v: Any) -> str:
-    """One TOML value: scalars, lists and inline tables."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
-    if isinstance(v, float):
-        return repr(v)
-    return str(v)
-
-
 def dump_toml(data: dict[str, Any]) -> str:
-    """Write nested dicts as TOML: scalars, then [tables], then [[arrays of tables]], recursively."""
-    lines: list[str] = []
-
-    def emit(table: dict[str, Any], prefix: str) -> None:
-        is_array = {k for k, v in table.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)}
-        for k, v in table.items():
-            if not isinstance(v, dict) and k not in is_array:
-                lines.append(f"{k} = {toml_value(v)}")
-        for k, v in table.items():
-            if isinstance(v, dict):
-                lines.append(f"\n[{prefix}{k}]")
-                emit(v, f"{prefix}{k}.")
-        for k in is_array:
-            for item in table[k]:
-                lines.append(f"\n[[{prefix}{k}]]")
-                emit(item, f"{prefix}{k}.")
-
-    emit(data, "")
-    return "\n".join(lines) + "\n"
+    """Nested dicts as TOML (tables and arrays of tables), written by tomli-w."""
+    return tomli_w.dumps(data)

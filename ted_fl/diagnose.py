@@ -12,7 +12,6 @@ Dice per site and the Avg / BWT / forgetting of each mode's R matrix. Reads the 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -20,9 +19,9 @@ import pandas as pd
 from ted_fl.continual.learner import eval_options, evaluate
 from ted_fl.continual.metrics import continual_summary, r_matrix
 from ted_fl.continual.networks import build_model
+from ted_fl.continual.weights import load_weights
 from ted_fl.data import load_sites
-from ted_fl.engine import load_weights
-from ted_fl.errors import TedFlError
+from ted_fl.errors import TedFlError, exit_code
 from ted_fl.markdown import md_table
 from ted_fl.results import RunDir, atomic_write_bytes
 
@@ -67,13 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--approach", default="seq")
     b.add_argument("--seed", type=int, default=None, help="default: the run's first seed")
     args = p.parse_args(argv)
-    try:
-        run = RunDir.open(args.run)
-        seed = args.seed if args.seed is not None else run.read_config().seeds[0]
-        df = eval_bn(run, args.approach, seed)
-    except TedFlError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: _eval_bn_command(args))
+
+
+def _eval_bn_command(args: argparse.Namespace) -> int:
+    run = RunDir.open(args.run)
+    seed = args.seed if args.seed is not None else run.read_config().seeds[0]
+    df = eval_bn(run, args.approach, seed)
     out = Path(run.path) / "diagnostics" / f"eval_bn-{args.approach}-seed{seed}.csv"
     atomic_write_bytes(out, df.to_csv(index=False).encode())
     last = df[df["stage"] == df["stage"].max()].pivot(index="site", columns="mode", values="value")

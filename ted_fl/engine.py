@@ -24,23 +24,13 @@ from ted_fl.continual.approaches import Approach, get_approach
 from ted_fl.continual.learner import lr_for, set_determinism
 from ted_fl.continual.metrics import continual_summary, r_matrix
 from ted_fl.continual.networks import build_model
+from ted_fl.continual.weights import Weights, load_weights, model_weights  # noqa: F401 (re-exported)
 from ted_fl.results import MEAN_LABEL, RunDir, label_metric, labels_of, select_label
-
-Weights = dict[str, np.ndarray]
 
 
 def derive_seed(*parts: int) -> int:
     """A stable 31-bit seed from (seed, stage, round, client...): every draw is reproducible."""
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0] >> 1)
-
-
-def model_weights(model: torch.nn.Module) -> Weights:
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
-
-
-def load_weights(model: torch.nn.Module, weights: Weights) -> torch.nn.Module:
-    model.load_state_dict({k: torch.from_numpy(np.asarray(v).copy()) for k, v in weights.items()})
-    return model
 
 
 def fedavg(results: list[tuple[Weights, int]]) -> Weights:
@@ -153,107 +143,164 @@ def run_schedule(
     progress: ProgressFn | None = None,
 ) -> ScheduleState:
     """Run (or resume) the whole site sequence for one approach and seed."""
-    approach: Approach = get_approach(approach_name, cfg.loss)
-    order = list(executor.sites)
-    tag = dict(approach=approach_name, seed=seed)
-    saved = run.load_checkpoint(approach_name, seed, "last")
-    st = ScheduleState(**saved) if saved else ScheduleState()
-    if st.done:
-        return st
-    executor.load_state_dict(st.executor)  # empty on a fresh start: optimizers start anew
-    executor.bytes_sent, executor.bytes_received = st.bytes_sent, st.bytes_received
-    if saved:
-        run.log(f"{approach_name} seed {seed}: resumed at stage {st.stage} round {st.round}")
-    set_determinism(seed, cfg.train.threads)
-    if st.weights is None:
-        torch.manual_seed(seed)
-        st.weights = model_weights(build_model(cfg.model))
-    t_start = time.perf_counter() - st.wall
+    return Schedule(cfg, approach_name, seed, executor, run, progress).run()
 
-    def rows_for(stage: int, rnd: int, split: str, scores: dict[str, dict[str, float]]) -> None:
-        stage_site = order[stage] if stage >= 0 else "init"
+
+@dataclass
+class StagePlan:
+    """What every round of one stage shares: who trains, how long, how many probes."""
+
+    stage: int
+    site: str
+    sites: list[str]
+    n_rounds: int
+    steps: int
+    probe_count: int
+
+
+class Schedule:
+    """One approach and seed through the site sequence: stages of rounds, checkpointed every round.
+
+    `run` walks the stages, `run_stage` its rounds, `train_round` one exchange with the executor
+    and `end_stage` the best-round restore, importances and the test evaluation; every result is a
+    tidy row (`rows`) and the state after every round is a checkpoint a resumed run continues from.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, approach_name: str, seed: int, executor: Executor,
+                 run: RunDir, progress: ProgressFn | None = None) -> None:
+        self.cfg, self.name, self.seed, self.executor, self.run_dir = cfg, approach_name, seed, executor, run
+        self.progress = progress
+        self.approach: Approach = get_approach(approach_name, cfg.loss)
+        # protocol "reference": joint is one run over every site, its best round chosen on the first
+        # site's validation split (the reference's main.py); seq keeps lr_first on every site.
+        self.one_run = self.approach.joint and cfg.protocol == "reference"
+        self.constant_lr = cfg.protocol == "reference" and approach_name == "seq"
+        self.order = list(executor.sites)
+        self.tag = dict(approach=approach_name, seed=seed)
+        saved = run.load_checkpoint(approach_name, seed, "last")
+        self.resumed = bool(saved)
+        self.st = ScheduleState(**saved) if saved else ScheduleState()
+        self.t_start = 0.0
+
+    def run(self) -> ScheduleState:
+        st, executor = self.st, self.executor
+        if st.done:
+            return st
+        executor.load_state_dict(st.executor)  # empty on a fresh start: optimizers start anew
+        executor.bytes_sent, executor.bytes_received = st.bytes_sent, st.bytes_received
+        if self.resumed:
+            self.run_dir.log(f"{self.name} seed {self.seed}: resumed at stage {st.stage} round {st.round}")
+        set_determinism(self.seed, self.cfg.train.threads)
+        if st.weights is None:
+            torch.manual_seed(self.seed)
+            st.weights = model_weights(build_model(self.cfg.model))
+        self.t_start = time.perf_counter() - st.wall
+        if not st.initial_done:
+            # The untrained model's scores: the baseline b_i of forward transfer.
+            self.rows(-1, -1, "test", executor.evaluate(st.weights, "test", self.order))
+            st.initial_done = True
+            self.checkpoint()
+        while st.stage < (1 if self.one_run else len(self.order)):
+            self.run_stage(self.plan(st.stage))
+        st.done = True
+        self.checkpoint()
+        return st
+
+    def rows(self, stage: int, rnd: int, split: str, scores: dict[str, dict[str, float]]) -> None:
+        stage_site = self.order[stage] if stage >= 0 else "init"
         for site, metrics in scores.items():
             for key, value in metrics.items():
                 label, metric = label_metric(key, split)
-                st.rows.append(
-                    dict(**tag, stage=stage, stage_site=stage_site, round=rnd, site=site,
-                         split=split, label=label, metric=metric, value=float(value))
-                )
+                self.st.rows.append(dict(**self.tag, stage=stage, stage_site=stage_site, round=rnd, site=site,
+                                         split=split, label=label, metric=metric, value=float(value)))
 
-    def checkpoint() -> None:
-        st.wall = time.perf_counter() - t_start
+    def checkpoint(self) -> None:
+        st, executor = self.st, self.executor
+        st.wall = time.perf_counter() - self.t_start
         st.bytes_sent, st.bytes_received = executor.bytes_sent, executor.bytes_received
         st.executor = executor.state_dict()
-        run.save_checkpoint(approach_name, seed, "last", st.__dict__)
+        self.run_dir.save_checkpoint(self.name, self.seed, "last", st.__dict__)
 
-    if not st.initial_done:
-        # The untrained model's scores: the baseline b_i of forward transfer.
-        rows_for(-1, -1, "test", executor.evaluate(st.weights, "test", order))
-        st.initial_done = True
-        checkpoint()
-
-    # protocol "reference": joint is one run over every site, its best round chosen on the first
-    # site's validation split (the reference's main.py); seq keeps lr_first on every site.
-    one_run = approach.joint and cfg.protocol == "reference"
-    constant_lr = cfg.protocol == "reference" and approach_name == "seq"
-    while st.stage < (1 if one_run else len(order)):
-        stage, site = st.stage, order[st.stage]
-        sites = list(order) if one_run else active_sites(order, stage, cfg.federated.retention, approach.joint)
+    def plan(self, stage: int) -> StagePlan:
+        cfg, approach, sizes = self.cfg, self.approach, self.executor.train_sizes
+        site = self.order[stage]
+        sites = list(self.order) if self.one_run else active_sites(
+            self.order, stage, cfg.federated.retention, approach.joint)
         n_rounds = cfg.train.rounds
         if approach.joint:
             n_rounds = max(1, round(cfg.train.rounds * cfg.train.joint_rounds_factor))
-        n_train = sum(executor.train_sizes[s] for s in sites)
-        steps = steps_for(cfg, n_train if approach.joint else executor.train_sizes[site])
+        steps = steps_for(cfg, sum(sizes[s] for s in sites) if approach.joint else sizes[site])
         probe_count = (cfg.loss.ska_count or cfg.train.batch_size) * steps
+        return StagePlan(stage, site, sites, n_rounds, steps, probe_count)
+
+    def run_stage(self, plan: StagePlan) -> None:
+        st = self.st
         t_stage = time.perf_counter()
-        while st.round < n_rounds:
+        while st.round < plan.n_rounds:
             rnd = st.round
-            if rnd == 0 and stage > 0 and approach.needs_teacher and st.teacher is None:
-                st.teacher = {k: v.copy() for k, v in st.weights.items()}
-            uses_probes = approach.needs_probes and st.teacher is not None
-            task = TrainTask(
-                approach=approach_name, seed=seed, stage=stage, round=rnd, sites=sites,
-                weights=st.weights, teacher=st.teacher if approach.needs_teacher else None,
-                aux=st.aux, steps=steps, lr=lr_for(stage, rnd, cfg.train, constant_lr),
-                probe_seed=derive_seed(seed, stage, rnd, 0x5CA) if uses_probes else None,
-                probe_count=probe_count if uses_probes else 0,
-                probe_shape=tuple(executor.image_shape), want_val=cfg.train.select_best,
-            )
             t0 = time.perf_counter()
-            sent0, recv0 = executor.bytes_sent, executor.bytes_received
-            results = executor.train(task)
-            train_s = time.perf_counter() - t0
-            st.weights = fedavg([(r.weights, r.num_examples) for r in results])
-            split_clients = len({r.site for r in results}) < len(results)
-            for r in results:
-                who = f"{r.site}/{r.client}" if split_clients else r.site
-                rows_for(stage, rnd, "train", {who: r.metrics})
-            if cfg.train.select_best:
-                if len(results) == 1 and results[0].val is not None and results[0].site == site:
-                    val = results[0].val
-                else:
-                    val = executor.evaluate(st.weights, "val", [site])[site]
-                rows_for(stage, rnd, "val", {site: val})
-                if val["dice"] > st.best_score:
-                    st.best_score, st.best_weights = val["dice"], st.weights
-            if cfg.train.eval_every_round:
-                rows_for(stage, rnd, "test_round", executor.evaluate(st.weights, "test", order))
-            # Wall times (split "time"): the training call, and the whole round with its selection.
-            rows_for(stage, rnd, "time", {site: {"train_s": train_s, "round_s": time.perf_counter() - t0}})
-            # Payload bytes of the round's messages, per direction (0 for the centralized run).
-            rows_for(stage, rnd, "comm", {site: {"bytes_down": executor.bytes_sent - sent0,
-                                                 "bytes_up": executor.bytes_received - recv0}})
+            results = self.train_round(plan, rnd)
             st.round += 1
-            checkpoint()
-            if progress:
-                progress(dict(**tag, stage=stage, site=site, round=rnd, rounds=n_rounds,
-                              stages=len(order), seconds=time.perf_counter() - t0,
-                              loss=float(np.mean([r.metrics.get("total", np.nan) for r in results]))))
-        # The end of the stage: keep the best round, let the site leave its importances, evaluate all.
+            self.checkpoint()
+            if self.progress:
+                self.progress(dict(**self.tag, stage=plan.stage, site=plan.site, round=rnd, rounds=plan.n_rounds,
+                                   stages=len(self.order), seconds=time.perf_counter() - t0,
+                                   loss=float(np.mean([r.metrics.get("total", np.nan) for r in results]))))
+        self.end_stage(plan, t_stage)
+
+    def train_round(self, plan: StagePlan, rnd: int) -> list[TrainResult]:
+        """One round: train, average, record, score on the arriving site's validation split."""
+        cfg, approach, executor, st = self.cfg, self.approach, self.executor, self.st
+        stage, site = plan.stage, plan.site
+        if rnd == 0 and stage > 0 and approach.needs_teacher and st.teacher is None:
+            st.teacher = {k: v.copy() for k, v in st.weights.items()}
+        uses_probes = approach.needs_probes and st.teacher is not None
+        task = TrainTask(
+            approach=self.name, seed=self.seed, stage=stage, round=rnd, sites=plan.sites,
+            weights=st.weights, teacher=st.teacher if approach.needs_teacher else None,
+            aux=st.aux, steps=plan.steps, lr=lr_for(stage, rnd, cfg.train, self.constant_lr),
+            probe_seed=derive_seed(self.seed, stage, rnd, 0x5CA) if uses_probes else None,
+            probe_count=plan.probe_count if uses_probes else 0,
+            probe_shape=tuple(executor.image_shape), want_val=cfg.train.select_best,
+        )
+        t0 = time.perf_counter()
+        sent0, recv0 = executor.bytes_sent, executor.bytes_received
+        results = executor.train(task)
+        train_s = time.perf_counter() - t0
+        st.weights = fedavg([(r.weights, r.num_examples) for r in results])
+        split_clients = len({r.site for r in results}) < len(results)
+        for r in results:
+            self.rows(stage, rnd, "train", {f"{r.site}/{r.client}" if split_clients else r.site: r.metrics})
+        if cfg.train.select_best:
+            self.select(stage, rnd, site, results)
+        if cfg.train.eval_every_round:
+            self.rows(stage, rnd, "test_round", executor.evaluate(st.weights, "test", self.order))
+        # Wall times (split "time"): the training call, and the whole round with its selection.
+        self.rows(stage, rnd, "time", {site: {"train_s": train_s, "round_s": time.perf_counter() - t0}})
+        # Payload bytes of the round's messages, per direction (0 for the centralized run).
+        self.rows(stage, rnd, "comm", {site: {"bytes_down": executor.bytes_sent - sent0,
+                                              "bytes_up": executor.bytes_received - recv0}})
+        return results
+
+    def select(self, stage: int, rnd: int, site: str, results: list[TrainResult]) -> None:
+        """Score the round on the arriving site's validation split and keep the best round."""
+        st = self.st
+        if len(results) == 1 and results[0].val is not None and results[0].site == site:
+            val = results[0].val
+        else:
+            val = self.executor.evaluate(st.weights, "val", [site])[site]
+        self.rows(stage, rnd, "val", {site: val})
+        if val["dice"] > st.best_score:
+            st.best_score, st.best_weights = val["dice"], st.weights
+
+    def end_stage(self, plan: StagePlan, t_stage: float) -> None:
+        """Keep the best round, let the site leave its importances, evaluate every site."""
+        cfg, approach, executor, st = self.cfg, self.approach, self.executor, self.st
+        stage, site, last = plan.stage, plan.site, plan.n_rounds - 1
         if cfg.train.select_best and st.best_weights is not None:
             st.weights = st.best_weights
         if approach.importance:
-            new = executor.importance(approach_name, st.weights, site)
+            new = executor.importance(self.name, st.weights, site)
             st.aux = approach.merge_state(
                 {k: torch.from_numpy(v) for k, v in st.aux.items()},
                 {k: torch.from_numpy(v) for k, v in new.items()},
@@ -261,25 +308,23 @@ def run_schedule(
             st.aux = {k: v.detach().cpu().numpy() for k, v in st.aux.items()}
         t_eval = time.perf_counter()
         sent0, recv0 = executor.bytes_sent, executor.bytes_received
-        scores = executor.evaluate(st.weights, "test", order)
-        rows_for(stage, n_rounds - 1, "test", scores)
-        for later in range(1, len(order)) if one_run else ():  # the one joint model after every stage
-            rows_for(later, n_rounds - 1, "test", scores)
-            run.save_checkpoint(approach_name, seed, f"stage{later}", {"weights": st.weights, "site": order[later]})
-        rows_for(stage, n_rounds - 1, "comm", {site: {"eval_bytes_down": executor.bytes_sent - sent0,
-                                                      "eval_bytes_up": executor.bytes_received - recv0}})
+        scores = executor.evaluate(st.weights, "test", self.order)
+        self.rows(stage, last, "test", scores)
+        for later in range(1, len(self.order)) if self.one_run else ():  # the one joint model after every stage
+            self.rows(later, last, "test", scores)
+            self.run_dir.save_checkpoint(self.name, self.seed, f"stage{later}",
+                                         {"weights": st.weights, "site": self.order[later]})
+        self.rows(stage, last, "comm", {site: {"eval_bytes_down": executor.bytes_sent - sent0,
+                                               "eval_bytes_up": executor.bytes_received - recv0}})
         # Stage times (a resumed stage counts from the resume): its test evaluation and all of it.
-        rows_for(stage, n_rounds - 1, "time", {site: {"eval_s": time.perf_counter() - t_eval,
-                                                       "stage_s": time.perf_counter() - t_stage}})
+        self.rows(stage, last, "time", {site: {"eval_s": time.perf_counter() - t_eval,
+                                                "stage_s": time.perf_counter() - t_stage}})
         if cfg.train.eval_val_all:  # validation R matrix, for tuning on val rather than on test
-            rows_for(stage, n_rounds - 1, "val_stage", executor.evaluate(st.weights, "val", order))
-        run.save_checkpoint(approach_name, seed, f"stage{stage}", {"weights": st.weights, "site": site})
+            self.rows(stage, last, "val_stage", executor.evaluate(st.weights, "val", self.order))
+        self.run_dir.save_checkpoint(self.name, self.seed, f"stage{stage}", {"weights": st.weights, "site": site})
         st.stage, st.round = stage + 1, 0
         st.teacher, st.best_score, st.best_weights = None, -math.inf, None
-        checkpoint()
-    st.done = True
-    checkpoint()
-    return st
+        self.checkpoint()
 
 
 LABEL_COLUMNS = ("avg", "bwt", "forgetting", "plasticity")  # per-label columns of summary.csv

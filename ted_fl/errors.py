@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 
 
 class TedFlError(Exception):
     """A user-facing problem: the message names the file, site or key and says how to fix it."""
+
+
+def exit_code(body: Callable[[], int | None]) -> int:
+    """Run a command line's body: a TedFlError becomes one line on stderr and exit status 2."""
+    try:
+        return int(body() or 0)
+    except TedFlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def closest(name: str, choices: Iterable[str]) -> str:

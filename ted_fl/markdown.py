@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ted_fl.files import atomic_write_text
+
 
 def cell(v: object, digits: int = 3) -> str:
     """Floats to `digits` decimals, NaN as a dash, anything else as text."""
@@ -54,5 +56,13 @@ def write_section(doc: Path, name: str, body: str, header: str = "", order: list
         else:
             text = text.rstrip() + "\n\n" + block + "\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
+    atomic_write_text(doc, text)
     return doc
+
+
+def marked_sections(text: str, tag: str = "section") -> list[str]:
+    """Every `<!-- tag:name:start -->...<!-- tag:name:end -->` block of `text`, in order.
+
+    A page regenerated whole (results_doc) keeps the blocks other writers own (e.g. gkd_report's)."""
+    pattern = rf"<!-- {tag}:([\w.-]+):start -->.*?<!-- {tag}:\1:end -->"
+    return [m.group(0) for m in re.finditer(pattern, text, flags=re.S)]

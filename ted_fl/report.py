@@ -30,7 +30,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ted_fl.continual.metrics import curves, r_matrix
-from ted_fl.errors import TedFlError
+from ted_fl.errors import TedFlError, exit_code
 from ted_fl.results import MEAN_LABEL, RunDir, labels_of, select_label
 
 # Summary columns of the final table, with their headers (in this order).
@@ -326,15 +326,6 @@ def _png(rgb: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _slice_dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Dice of one slice, the mean over the classes present in the prediction or the ground truth."""
-    classes = sorted((set(np.unique(pred).tolist()) | set(np.unique(gt).tolist())) - {0})
-    if not classes:
-        return 1.0
-    return float(np.mean([2 * ((pred == k) & (gt == k)).sum() / ((pred == k).sum() + (gt == k).sum())
-                          for k in classes]))
-
-
 def pick_slices(masks: np.ndarray, volumes: np.ndarray, k: int) -> list[int]:
     """The `k` test slices with the most foreground, from different volumes where possible."""
     fg = (masks > 0).reshape(len(masks), -1).sum(axis=1)
@@ -351,10 +342,10 @@ def pick_slices(masks: np.ndarray, volumes: np.ndarray, k: int) -> list[int]:
 
 def samples_html(report: Report, per_site: int = 2) -> str:
     """Per run and approach (first seed): image, ground truth, prediction after every stage."""
-    from ted_fl.continual.learner import predict_labels
+    from ted_fl.continual.learner import class_dice, predict_labels
     from ted_fl.continual.networks import build_model
+    from ted_fl.continual.weights import load_weights
     from ted_fl.data import load_sites
-    from ted_fl.engine import load_weights
 
     parts: list[str] = []
     by_run: dict[Path, list[Series]] = {}
@@ -399,7 +390,7 @@ def samples_html(report: Report, per_site: int = 2) -> str:
                     for t in stages:
                         p = preds[t][site.name][j]
                         cells.append(f'<td><img src="{_png(_overlay(img, p))}" alt="prediction">'
-                                     f"Dice {_slice_dice(p, gt):.2f}</td>")
+                                     f"Dice {class_dice(p, gt):.2f}</td>")
                     rows.append("<tr>" + "".join(cells) + "</tr>")
             parts.append(
                 f"<h3>{html.escape(s.label)} (seed {seed})</h3><table class='samples'><tr><th>site / volume</th>"
@@ -543,13 +534,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     runs = [Path(r) for r in args.runs]
     out = Path(args.out) if args.out else (runs[0] / "report.html" if len(runs) == 1 else Path("report.html"))
-    try:
+
+    def body() -> int:
         path = write_report(runs, out, samples=not args.no_samples, png=args.png, label=args.label)
-    except TedFlError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
-    return 0
+        print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        return 0
+
+    return exit_code(body)
 
 
 if __name__ == "__main__":

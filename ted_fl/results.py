@@ -19,8 +19,6 @@ leaves a half-written table.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,6 +30,7 @@ import torch
 from ted_fl.config import ExperimentConfig, dump_toml, from_dict, to_dict
 from ted_fl.data.spec import MEAN_LABEL  # the mean over a set's classes and regions: what R, Avg, BWT use
 from ted_fl.errors import TedFlError
+from ted_fl.files import atomic_torch_save, atomic_write_bytes  # noqa: F401 (re-exported)
 
 METRIC_COLUMNS = ["approach", "seed", "stage", "stage_site", "round", "site", "split", "label", "metric", "value"]
 SCORE_SPLITS = frozenset({"test", "val", "test_round", "val_stage"})  # rows that carry scores per label
@@ -59,33 +58,6 @@ def select_label(metrics: pd.DataFrame, label: str = MEAN_LABEL) -> pd.DataFrame
     if label != MEAN_LABEL and not (sel["label"] == label).any():
         raise TedFlError(f"no rows for label '{label}'; the run has: {', '.join(labels_of(metrics))}")
     return sel
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write then rename: readers see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class RunDir:

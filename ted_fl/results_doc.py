@@ -19,7 +19,7 @@ import pandas as pd
 from ted_fl.config import dump_toml, to_dict
 from ted_fl.continual.metrics import continual_summary, r_matrix
 from ted_fl.errors import TedFlError
-from ted_fl.markdown import md_table, write_section
+from ted_fl.markdown import marked_sections, md_table, write_section
 from ted_fl.results import MEAN_LABEL, RunDir, labels_of, select_label
 
 SUMMARY_COLUMNS = ["avg", "ravg", "bwt", "fwt", "forgetting", "plasticity"]
@@ -318,6 +318,8 @@ def write_doc(run_dirs: list[str | Path], out: str | Path, title: str = "Results
     for run in runs:
         parts.append(run_section(run))
     path = Path(out)
+    if path.is_file():  # blocks written by other generators (e.g. the GKD section) stay
+        parts += ["", *marked_sections(path.read_text())]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts).rstrip() + "\n")
     return path

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from ted_fl.config import DataConfig
-from ted_fl.errors import TedFlError
+from ted_fl.errors import exit_code
 
 
 def _cmd_list() -> int:
@@ -84,11 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     chk.add_argument("--seed", type=int, default=0)
     chk.add_argument("--cache-dir", default="", help="where the synthetic twin is written")
     args = parser.parse_args(argv)
-    try:
-        return _cmd_list() if args.cmd == "list" else _cmd_check(args)
-    except TedFlError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: _cmd_list() if args.cmd == "list" else _cmd_check(args))
 
 
 if __name__ == "__main__":

@@ -14,31 +14,11 @@ import torch
 
 from ted_fl.config import ExperimentConfig
 from ted_fl.continual.approaches import get_approach
-from ted_fl.continual.learner import Labels, eval_options, evaluate, local_train, set_determinism
+from ted_fl.continual.learner import Labels, eval_options, evaluate, gpu_setup, local_train, set_determinism
 from ted_fl.continual.networks import build_model
 from ted_fl.continual.probes import make_probes
+from ted_fl.continual.weights import Weights, to_tensors
 from ted_fl.data.types import Split
-
-Weights = dict[str, np.ndarray]
-
-
-def to_tensors(weights: Weights) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.asarray(v).copy()) for k, v in weights.items()}
-
-
-def concat_splits(splits: list[Split]) -> Split:
-    """The union of several sites' splits (the centralized joint upper bound)."""
-    if len(splits) == 1:
-        return splits[0]
-    fov = None
-    if all(s.fov is not None for s in splits):
-        fov = np.concatenate([s.fov for s in splits])  # type: ignore[misc]
-    return Split(
-        images=np.concatenate([s.images for s in splits]),
-        masks=np.concatenate([s.masks for s in splits]),
-        volumes=np.concatenate([s.volumes for s in splits]),
-        fov=fov,
-    )
 
 
 @dataclass
@@ -62,6 +42,18 @@ class SiteWorker:
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self._teacher_key: Any = None
+        self._fixed: tuple[str, torch.nn.Module] | None = None  # gkd.fixed_teacher, loaded once
+
+    def fixed_teacher(self) -> torch.nn.Module | None:
+        """The fixed large teacher of the continual combination (gkd.fixed_teacher), if configured."""
+        path = self.cfg.gkd.fixed_teacher
+        if not path:
+            return None
+        if self._fixed is None or self._fixed[0] != path:
+            from ted_fl.continual.combined import load_fixed_teacher
+
+            self._fixed = (path, load_fixed_teacher(path).to(self.device))
+        return self._fixed[1]
 
     def set_teacher(self, key: Any, weights: Weights | None) -> torch.nn.Module | None:
         """Load the teacher once per stage (`key` identifies it), not once per round."""
@@ -90,13 +82,20 @@ class SiteWorker:
         labels: Labels | None = None,
     ) -> RoundOutput:
         appr = get_approach(approach, self.cfg.loss)
+        fixed = self.fixed_teacher()
+        if fixed is not None:
+            from ted_fl.continual.combined import with_fixed_teacher
+
+            appr = with_fixed_teacher(appr, fixed, self.cfg.gkd.fixed_term, self.cfg.gkd.w_fixed)
         self.student.load_state_dict(to_tensors(weights))
+        gpu_setup(self.student, self.device, self.cfg.train.cudnn_benchmark)
+        gpu_setup(self.teacher, self.device, self.cfg.train.cudnn_benchmark)
         metrics, opt_state = local_train(
             self.student, teacher, appr, data,
             steps=steps, batch_size=self.cfg.train.batch_size, lr=lr,
             optimizer_state=optimizer_state, seed=seed, probes=probes,
             aux={k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in aux.items()} or None,
-            loss_cfg=self.cfg.loss,
+            loss_cfg=self.cfg.loss, amp=self.cfg.train.amp,
         )
         out = {k: v.detach().cpu().numpy().copy() for k, v in self.student.state_dict().items()}
         scores = (evaluate(self.student, val, per_volume=per_volume, labels=labels, **eval_options(self.cfg))

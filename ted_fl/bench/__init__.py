@@ -1,6 +1,6 @@
 """Benchmarks: accuracy on real data, and what the federation costs (`python -m ted_fl.bench`).
 
-Subcommands: accuracy, overhead, scaling, probes. Each prints a short table and ends with one
+Subcommands: accuracy, sweep, overhead, scaling, probes, step, gpu, protocol. Each prints a short table and ends with one
 headline line; without --quick (or with --doc PATH) it rewrites its own section of
 docs/benchmarks.md from the run outputs.
 """
@@ -11,15 +11,15 @@ import argparse
 import sys
 import warnings
 
-from ted_fl.errors import TedFlError
+from ted_fl.errors import exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ted_fl.bench import accuracy, overhead, probes, scaling
+    from ted_fl.bench import accuracy, gpu, overhead, probes, protocol, scaling, step, sweep
 
     p = argparse.ArgumentParser(prog="python -m ted_fl.bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    for mod in (accuracy, overhead, scaling, probes):
+    for mod in (accuracy, sweep, overhead, scaling, probes, step, gpu, protocol):
         mod.add_parser(sub)
     return p
 
@@ -29,8 +29,4 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Undefined ratios (rBWT with a zero diagonal, rAvg without a joint run) are NaN by design.
     warnings.filterwarnings("ignore", category=RuntimeWarning, message="invalid value encountered")
-    try:
-        return int(args.func(args, argv))
-    except TedFlError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: args.func(args, argv))

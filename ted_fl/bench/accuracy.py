@@ -91,40 +91,53 @@ def with_loss(cfg: ExperimentConfig, loss: dict[str, float]) -> ExperimentConfig
 
 
 def val_score(rows: list[dict[str, Any]], order: list[str]) -> float:
-    """Mean over stages of the mean validation Dice of the sites seen so far."""
-    from ted_fl.continual.metrics import curves, r_matrix
+    """Mean over stages of the mean validation Dice of the sites seen so far (`ted_fl.sweeps`)."""
+    from ted_fl.sweeps import val_score as score
 
-    df = pd.DataFrame(rows)
-    return float(curves(r_matrix(df[df["split"] == "val_stage"], "dice", order))["avg"].mean())
+    return score(rows, order)
 
 
 def tune(dataset: str, base: ExperimentConfig, approaches: list[str], args: argparse.Namespace,
          work: Path) -> tuple[pd.DataFrame, dict[str, dict[str, float]]]:
-    """Centralized runs of the grid (seed 0) scored on validation; the best point per approach."""
-    from ted_fl.centralized import LocalExecutor
-    from ted_fl.data import load_sites
-    from ted_fl.engine import run_schedule
+    """Centralized runs of the grid (seed 0) scored on validation; the best point per approach.
 
-    sites = load_sites(base.data, base.data.split_seed)
-    order = [s.name for s in sites]
-    rows, chosen = [], {}
+    The grid's cells are independent: they run in parallel through `ted_fl.sweeps` (Ray tasks,
+    one CPU each), and a rerun with --resume reuses every finished cell (by the hash of its
+    resolved configuration; run directories of the older per-point layout are reused too).
+    """
+    from ted_fl.data import site_order
+    from ted_fl.sweeps import Cell, run_cells
 
+    order = site_order(base.data)
+    cells: list[Cell] = []
+    runs: dict[tuple[str, int], RunDir] = {}
+    points_of: dict[str, list[dict[str, float]]] = {}
+    chosen: dict[str, dict[str, float]] = {}
     for approach in approaches:
         points = grid(approach, args)
         if points == [{}]:
             chosen[approach] = {}
             continue
-        scores = []
-        for point in points:
+        points_of[approach] = points
+        for i, point in enumerate(points):
             cfg = with_loss(base, point)
             cfg.approaches, cfg.seeds, cfg.train.eval_val_all = [approach], [0], True
             label = "-".join(f"{k}{v:g}" for k, v in point.items())
-            done = finished(work / "tune", f"{dataset}-{approach}-{label}-", approach)
-            run = done or RunDir.create(work / "tune", f"{dataset}-{approach}-{label}")
-            if done is None:
-                run.write_config(cfg)
-                run_schedule(cfg, approach, 0, LocalExecutor(cfg, sites), run)
-            st = run.load_checkpoint(approach, 0, "last")
+            old = finished(work / "tune", f"{dataset}-{approach}-{label}-", approach)
+            if old is not None:
+                runs[(approach, i)] = old
+                continue
+            cell = Cell(approach, 0, {f"loss.{k}": v for k, v in point.items()}, list(base.data.order), cfg)
+            cells.append(cell)
+            runs[(approach, i)] = RunDir(work / "tune" / dataset / "cells" / cell.name)
+    if cells:
+        run_cells(cells, work / "tune" / dataset, parallel=not getattr(args, "serial", False))
+    rows = []
+    for approach, points in points_of.items():
+        scores = []
+        for i, point in enumerate(points):
+            label = "-".join(f"{k}{v:g}" for k, v in point.items())
+            st = runs[(approach, i)].load_checkpoint(approach, 0, "last")
             score = val_score(st["rows"], order)
             scores.append(score)
             rows.append(dict(approach=approach, **point, val_score=score, seconds=float(st["wall"])))

@@ -19,8 +19,8 @@ def simulate_groups(groups: list[tuple[ExperimentConfig, RunDir]]) -> None:
     All configurations must share the data section (same sites, so the same client nodes).
     Each run directory is finished like a `simulate` run (metrics.csv, summary.csv).
     """
-    from ted_fl.cli import finish_run, load_and_record_sites
     from ted_fl.federated.simulation import simulate_groups as serve_groups
+    from ted_fl.run import finish_run, load_and_record_sites
 
     first = groups[0][0]
     n_sites = 0

@@ -27,8 +27,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--quick", action="store_true", help="tiny workload, one pair (the test suite's)")
     p.add_argument("--config", default="quick", help="workload: an experiment file (default quick.toml)")
     p.add_argument("--repeats", type=int, help="C, F pairs (default 2; --quick 1)")
-    p.add_argument("--flower-polling", action="store_true",
-                   help="keep Flower's own 0.1 s message polling in the simulator (the 'before' of the fix)")
+    p.add_argument("--fast-polling", action="store_true",
+                   help="federated.fast_polling = true: the simulator with the latency patch (default: Flower's own path)")
     p.add_argument("--out", default="runs/bench", help="folder for the run directories")
     p.add_argument("--doc", help="write the section here (default docs/benchmarks.md unless --quick)")
     p.set_defaults(func=run)
@@ -41,6 +41,8 @@ def workload(args: argparse.Namespace) -> ExperimentConfig:
         cfg.data.order, cfg.data.size, cfg.data.synthetic_volumes = ["RUNMC", "BMC", "I2CVB"], 32, 4
         cfg.model.channels, cfg.model.strides = [4, 8, 16], [2, 2]
         cfg.train.rounds, cfg.train.steps_per_round, cfg.train.batch_size = 3, 5, 4
+    if args.fast_polling:
+        cfg.federated.fast_polling = True
     return cfg
 
 
@@ -54,7 +56,7 @@ def message_path(cfg: ExperimentConfig, reps: int = 20) -> pd.DataFrame:
 
     from ted_fl.continual.networks import build_model
     from ted_fl.continual.probes import make_probes
-    from ted_fl.engine import model_weights
+    from ted_fl.continual.weights import model_weights
     from ted_fl.federated import messages as M
 
     model = build_model(cfg.model)
@@ -108,8 +110,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     rows = []
     for i in range(repeats):
         for mode in ("centralized", "simulate"):
-            env = {"TED_FL_FLOWER_POLLING": "1"} if args.flower_polling and mode == "simulate" else None
-            m = C.run_cli(mode, cfg, work, f"{mode}-{i}", env=env)
+            m = C.run_cli(mode, cfg, work, f"{mode}-{i}")
             t = C.time_rows(m.run)
             rounds = steady_rounds(m.run)
             rows.append(dict(
@@ -180,9 +181,10 @@ each piece of the message path in isolation; the table above is the measurement)
 
 * **Flower's polling.** Flower 1.41's simulation runtime hands messages to the Ray backend
   from a thread that polls every 0.1 s, and the ServerApp's `InMemoryGrid` polls for replies
-  every 0.1 s: ~0.1 s of idle latency per exchange, i.e. per round. `ted_fl.federated.simulation`
-  now wakes the hand-over as soon as the ServerApp pushes and polls for replies every 1 ms
-  (`fast_message_polling`, `fast_grid`).
+  every 0.1 s: ~0.1 s of idle latency per exchange, i.e. per round. With `federated.fast_polling
+  = true` (`--fast-polling`; off by default, since it replaces a private Flower function),
+  `ted_fl.federated.simulation` wakes the hand-over as soon as the ServerApp pushes and polls
+  for replies every 1 ms (`fast_message_polling`, `fast_grid`).
 * **What travels per round** (the model record both ways, the SKA probes down; Adam's moments
   stay in the worker's memory and in one file a round on the site's disk, for resume): see the
   message-path table; the teacher travels once per stage (see the probes section),

@@ -46,7 +46,7 @@ def workload(args: argparse.Namespace) -> ExperimentConfig:
 def model_bytes(cfg: ExperimentConfig) -> int:
     """Bytes of the model as one ArrayRecord (as Flower counts them: arrays with their headers)."""
     from ted_fl.continual.networks import build_model
-    from ted_fl.engine import model_weights
+    from ted_fl.continual.weights import model_weights
     from ted_fl.federated.messages import to_record
 
     return int(to_record(model_weights(build_model(cfg.model))).count_bytes())

@@ -7,8 +7,10 @@ import copy
 import math
 import random
 import warnings
+import weakref
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,6 +91,7 @@ def local_train(
     probes: torch.Tensor | None = None,
     aux: Mapping[str, torch.Tensor] | None = None,
     loss_cfg: LossConfig,
+    amp: str = "off",
 ) -> tuple[dict[str, float], dict]:
     """Train `student` for `steps` steps (0: one pass, ceil(N / batch_size)) with Adam.
 
@@ -100,7 +103,9 @@ def local_train(
     seeded with `seed`. Torch's global RNG is forked and seeded too, so the same inputs and
     seed give identical weights on CPU. Returns (mean of each metric over the steps, the new
     optimizer state_dict). Term weights and the teacher mode come from the approach (built
-    from a LossConfig by get_approach); `loss_cfg` sets the probes' count and law.
+    from a LossConfig by get_approach); `loss_cfg` sets the probes' count and law. On a GPU
+    (see `gpu_setup`) the split and the probes are moved to the device once, not per step,
+    and `amp` ("auto", "bf16", "off") picks mixed precision.
     """
     n = len(data)
     if n == 0:
@@ -121,14 +126,24 @@ def local_train(
 
     count = loss_cfg.ska_count or batch_size
     per_step = probes is not None and probes.shape[0] == steps * count
+    amp_dtype = amp_dtype_for(amp, device)
+    on_gpu = device.type != "cpu"
+    if on_gpu:  # the whole split and the round's probes cross to the device once
+        images_d, masks_d = on_device(data.images, device), on_device(data.masks, device)
+        probes = probes.to(device=device, dtype=torch.float32) if probes is not None else None
     probe_gen = torch.Generator().manual_seed(int(seed))
     rng = np.random.default_rng(seed)
     sums: dict[str, float] = defaultdict(float)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for i, idx in enumerate(_batch_indices(n, batch_size, steps, rng)):
-            x = torch.as_tensor(data.images[idx], dtype=torch.float32, device=device)
-            y = torch.as_tensor(data.masks[idx], dtype=torch.long, device=device)
+            if on_gpu:
+                sel = torch.as_tensor(idx, device=device)
+                x = images_d[sel].float().contiguous(memory_format=torch.channels_last)
+                y = masks_d[sel].long()
+            else:
+                x = torch.as_tensor(data.images[idx], dtype=torch.float32, device=device)
+                y = torch.as_tensor(data.masks[idx], dtype=torch.long, device=device)
             step_probes = None
             if approach.needs_probes and teacher is not None:
                 if probes is None:
@@ -138,11 +153,57 @@ def local_train(
                 else:
                     step_probes = probes
                 step_probes = step_probes.to(device=device, dtype=torch.float32)
-            out = train_step(student, teacher, approach, x, y, optimizer, probes=step_probes, aux=aux)
+            extra = {"amp": amp_dtype} if amp_dtype is not None else {}  # full precision: the plain call
+            out = train_step(student, teacher, approach, x, y, optimizer, probes=step_probes, aux=aux, **extra)
             for k, v in out.items():
                 sums[k] += v
     metrics = {k: v / steps for k, v in sums.items()}
     return metrics, copy.deepcopy(optimizer.state_dict())
+
+
+AMP_MODES = ("auto", "bf16", "off")
+
+
+def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
+    """train.amp -> the autocast dtype: "auto" is bf16 on a GPU that supports it, else full precision."""
+    if amp not in AMP_MODES:
+        raise TedFlError(f"train.amp = '{amp}' is not one of {', '.join(AMP_MODES)}")
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def gpu_setup(model: nn.Module, device: torch.device, cudnn_benchmark: bool = True) -> nn.Module:
+    """On a GPU: cuDNN autotuning and channels-last weights (the layout its convolutions prefer).
+
+    Set after `set_determinism`, which switches autotuning off; with `cudnn_benchmark` False
+    cuDNN stays deterministic. A CPU model is returned unchanged (same numbers as ever).
+    """
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
+        torch.backends.cudnn.deterministic = not cudnn_benchmark
+        if cudnn_benchmark:
+            model.to(memory_format=torch.channels_last)
+    return model
+
+
+_DEVICE_CACHE: dict[tuple[int, str], tuple[Any, torch.Tensor]] = {}
+
+
+def on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """`array` as a tensor on `device`, copied once and kept while the array lives (a site's split
+    stays on the GPU across rounds instead of crossing the bus batch by batch)."""
+    key = (id(array), str(device))
+    hit = _DEVICE_CACHE.get(key)
+    if hit is not None and hit[0]() is array:
+        return hit[1]
+    for k in [k for k, (ref, _) in _DEVICE_CACHE.items() if ref() is None]:
+        del _DEVICE_CACHE[k]  # splits that are gone
+    tensor = torch.as_tensor(array, device=device)
+    _DEVICE_CACHE[key] = (weakref.ref(array), tensor)
+    return tensor
 
 
 @contextlib.contextmanager
@@ -179,8 +240,25 @@ def _predict(model: nn.Module, images: np.ndarray, batch_size: int, bn: str = "r
     with ctx:
         for i in range(0, len(images), step):
             x = torch.as_tensor(images[i : i + step], dtype=torch.float32, device=device)
-            preds.append(model(x).argmax(dim=1).cpu().numpy())
+            preds.append(model(x).max(dim=1).indices.cpu().numpy())  # = argmax(dim=1), ~15x faster on CPU
     return np.concatenate(preds, axis=0)
+
+
+def dice(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> float:
+    """Foreground Dice of binary arrays of any shape (an image, a volume), MONAI's: 1 when both
+    are empty, 0 when only one is (ignore_empty=False). Every Dice in ted-fl comes from here."""
+    p = torch.as_tensor(np.asarray(pred) > 0 if not torch.is_tensor(pred) else pred > 0, dtype=torch.float32)
+    g = torch.as_tensor(np.asarray(gt) > 0 if not torch.is_tensor(gt) else gt > 0, dtype=torch.float32)
+    metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
+    return float(metric(p[None, None], g[None, None]).reshape(-1)[0])
+
+
+def class_dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice of two class-index maps: the mean of `dice` over the classes present in either (1 when none)."""
+    classes = sorted((set(np.unique(pred).tolist()) | set(np.unique(gt).tolist())) - {0})
+    if not classes:
+        return 1.0
+    return float(np.mean([dice(pred == k, gt == k) for k in classes]))
 
 
 @contextlib.contextmanager
@@ -340,15 +418,14 @@ def _score_binary(
     groups = _groups(split, per_volume)
     hd_fn = _hd95_pooled if hd95 == "pooled" else _hd95
 
-    dice_m = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
     iou_m = MeanIoU(include_background=True, reduction="none", ignore_empty=False)
-    dice, iou, hd = [], [], []
+    dices, iou, hd = [], [], []
     for idx in groups:
         p = torch.as_tensor(pred[idx], dtype=torch.float32)[None, None]  # (1, 1, D, H, W)
         g = torch.as_tensor(gt[idx], dtype=torch.float32)[None, None]
         if not per_volume:
             p, g = p[:, :, 0], g[:, :, 0]  # (1, 1, H, W)
-        dice.append(float(dice_m(p, g).reshape(-1)[0]))
+        dices.append(dice(p[0, 0], g[0, 0]))
         iou.append(float(iou_m(p, g).reshape(-1)[0]))
         hd.append(hd_fn(pred[idx], gt[idx]))
-    return {"dice": float(np.mean(dice)), "iou": float(np.mean(iou)), "hd95": float(np.mean(hd))}
+    return {"dice": float(np.mean(dices)), "iou": float(np.mean(iou)), "hd95": float(np.mean(hd))}

@@ -14,10 +14,10 @@ import torch
 from monai.networks.nets import UNet
 from torch import nn
 
-from ted_fl.config import ModelConfig
+from ted_fl.config import ModelConfig, Norm, choices
 from ted_fl.errors import TedFlError, unknown
 
-NORMS = ("batch", "instance", "group")
+NORMS = choices(Norm)  # the schema owns the allowed values
 
 
 def _norm_arg(cfg: ModelConfig) -> str | tuple:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from ted_fl.config import LossConfig
+from ted_fl.config import Distribution, LossConfig, choices
 from ted_fl.errors import unknown
 
-DISTRIBUTIONS = ("normal", "uniform")
+DISTRIBUTIONS = choices(Distribution)  # the schema owns the allowed values
 
 
 def draw_probes(

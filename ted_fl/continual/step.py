@@ -14,24 +14,34 @@ on CPU-sized budgets collapses it to background (measured on the synthetic prost
 alone at lambda_d = 1 drops every site's Dice to 0). By default the probe forward uses batch
 statistics without updating the running ones; `loss.probe_bn_update = true` restores the
 reference behaviour.
+
+Cost (`python -m ted_fl.bench step`): the teacher runs under torch.inference_mode; when its
+forward is per-sample (teacher_mode "eval", or a network without batch norm, whose "train"
+mode differs only by batch statistics) it runs ONCE over the batch and the probes
+concatenated, and the probabilities are computed once over both. With teacher_mode "train"
+and batch norm the two forwards stay separate: the batch statistics of a joint forward would
+mix images and noise (the reference normalises each by its own). The student's two forwards
+always stay separate, for the same reason (train-mode batch norm).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ted_fl.config import TeacherMode, choices
 from ted_fl.continual import terms as T
 from ted_fl.continual.approaches import Approach
 from ted_fl.continual.networks import features
 from ted_fl.continual.probes import draw_probes
 from ted_fl.errors import unknown
 
-TEACHER_MODES = ("eval", "train")
+TEACHER_MODES = choices(TeacherMode)  # the schema owns the allowed values
 
 
 def freeze(teacher: nn.Module) -> nn.Module:
@@ -79,6 +89,18 @@ def teacher_mode(teacher: nn.Module, mode: str) -> Iterator[nn.Module]:
         teacher.train(was_training)
 
 
+def _fp32(x: Any) -> Any:
+    """float32 view of a tensor or a dict of them (no copy when already float32; None stays None)."""
+    if isinstance(x, dict):
+        return {k: _fp32(v) for k, v in x.items()}
+    return x.float() if isinstance(x, torch.Tensor) and x.dtype != torch.float32 else x
+
+
+def per_sample_teacher(teacher: nn.Module, mode: str) -> bool:
+    """Whether the teacher's output for one image is independent of the rest of its batch."""
+    return mode == "eval" or not any(isinstance(m, _BatchNorm) for m in teacher.modules())
+
+
 def train_step(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -88,54 +110,23 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     probes: torch.Tensor | None = None,
     aux: Mapping[str, torch.Tensor] | None = None,
+    fuse_teacher: bool = True,
+    amp: torch.dtype | None = None,
+    n_anchors: int | None = None,
 ) -> dict[str, float]:
     """One optimizer step on (images, masks); returns every term's unweighted value and "total".
 
     Terms that do not apply (no teacher on the first site, no aux state yet) report 0.0 and
     add nothing. SKA uses `probes` when given, else draws noise of the images' shape from
-    torch's global RNG (as the reference's randn_like). GUGF adds u_mean / u_max.
+    torch's global RNG (as the reference's randn_like). GUGF adds u_mean / u_max. `n_anchors`:
+    the batch is anchors followed by their augmented views (generalizable distillation's DCGD).
+    `fuse_teacher` False forces one teacher forward per input (the reference's; same numbers).
+    `amp` (e.g. torch.bfloat16) runs the networks' forwards under autocast; their outputs are
+    cast back to float32 for the terms (CUDA autocast refuses binary_cross_entropy, and the
+    losses' sums want full precision); backward and the optimizer step run outside autocast.
     """
-    cfg = approach.loss_cfg
-    student.train()
-    use_teacher = teacher is not None and approach.needs_teacher
-    want_feats = use_teacher and approach.needs_features
-    if want_feats:
-        logits, feats = features(student, images)
-    else:
-        logits, feats = student(images), None
-    s = T.StepInputs(logits=logits, p=T.probabilities(logits), masks=masks, model=student, aux=aux)
-    s.feats = feats
-
-    if use_teacher:
-        assert teacher is not None
-        freeze(teacher)
-        with teacher_mode(teacher, cfg.teacher_mode), torch.no_grad():
-            if want_feats:
-                t_logits, s.teacher_feats = features(teacher, images)
-            else:
-                t_logits = teacher(images)
-            s.teacher_logits = t_logits
-            s.q = T.probabilities(t_logits)
-            if approach.needs_probes:
-                if probes is None:
-                    count = cfg.ska_count or images.shape[0]
-                    probes = draw_probes(None, count, tuple(images.shape[1:]), cfg)
-                probes = probes.to(images)
-                s.q_probe = T.probabilities(teacher(probes))
-        if approach.needs_probes:
-            with running_stats_frozen(student, not cfg.probe_bn_update):
-                s.p_probe = T.probabilities(student(probes))
-
-    total = torch.zeros((), device=logits.device)
-    out: dict[str, float] = {}
-    for wt in approach.terms:
-        value = wt.term.compute(s)
-        if value is None:
-            out[wt.name] = 0.0
-            continue
-        out[wt.name] = float(value.detach())
-        total = total + wt.weight * value
-
+    total, out, s = _forward_terms(student, teacher, approach, images, masks, probes, aux, fuse_teacher, amp,
+                                 n_anchors)
     optimizer.zero_grad(set_to_none=True)
     if total.requires_grad:
         total.backward()
@@ -146,3 +137,87 @@ def train_step(
         s.stats.setdefault("u_max", 0.0)
     out.update(s.stats)
     return out
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """torch.autocast on `device` with `dtype`, or nothing when dtype is None (full precision)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _forward_terms(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    approach: Approach,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    probes: torch.Tensor | None,
+    aux: Mapping[str, torch.Tensor] | None,
+    fuse_teacher: bool,
+    amp: torch.dtype | None = None,
+    n_anchors: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float], T.StepInputs]:
+    """The forwards and the weighted sum of the terms (everything of a step before backward)."""
+    cfg = approach.loss_cfg
+    student.train()
+    use_teacher = teacher is not None and approach.needs_teacher
+    own = any(getattr(t.term, "own_teacher", False) and t.term.needs_features for t in approach.terms)
+    want_feats = (use_teacher and approach.needs_features) or own  # own: a term that brings its teacher
+    with autocast(images.device, amp):
+        if want_feats:
+            logits, feats = features(student, images)
+        else:
+            logits, feats = student(images), None
+    logits, feats = _fp32(logits), _fp32(feats)
+    s = T.StepInputs(logits=logits, p=T.probabilities(logits), masks=masks, model=student, aux=aux,
+                     images=images, n_anchors=n_anchors)
+    s.feats = feats
+
+    if use_teacher:
+        assert teacher is not None
+        freeze(teacher)
+        s.teacher = teacher
+        if approach.needs_probes:
+            if probes is None:
+                count = cfg.ska_count or images.shape[0]
+                probes = draw_probes(None, count, tuple(images.shape[1:]), cfg)
+            probes = probes.to(images)
+        fuse = (fuse_teacher and approach.needs_probes and not want_feats
+                and per_sample_teacher(teacher, cfg.teacher_mode))
+        # Inference tensors (no autograd bookkeeping) out; the probabilities below are computed
+        # outside inference mode, so the terms may save them for the student's backward.
+        with teacher_mode(teacher, cfg.teacher_mode), torch.inference_mode(), autocast(images.device, amp):
+            if fuse:
+                t_all = teacher(torch.cat([images, probes]))
+            elif want_feats:
+                t_logits, s.teacher_feats = features(teacher, images)
+            else:
+                t_logits = teacher(images)
+            if approach.needs_probes and not fuse:
+                t_probe = teacher(probes)
+        if fuse:
+            t_all = _fp32(t_all)
+            q_all = T.probabilities(t_all)
+            n = images.shape[0]
+            s.teacher_logits, s.q, s.q_probe = t_all[:n], q_all[:n], q_all[n:]
+        else:
+            t_logits, s.teacher_feats = _fp32(t_logits), _fp32(s.teacher_feats)
+            s.teacher_logits, s.q = t_logits, T.probabilities(t_logits)
+            if approach.needs_probes:
+                s.q_probe = T.probabilities(_fp32(t_probe))
+        if approach.needs_probes:
+            with running_stats_frozen(student, not cfg.probe_bn_update), autocast(images.device, amp):
+                p_logits = student(probes)
+            s.p_probe = T.probabilities(_fp32(p_logits))
+
+    total = torch.zeros((), device=logits.device)
+    out: dict[str, float] = {}
+    for wt in approach.terms:
+        value = wt.term.compute(s)
+        if value is None:
+            out[wt.name] = 0.0
+            continue
+        out[wt.name] = float(value.detach())
+        total = total + wt.weight * value
+    return total, out, s

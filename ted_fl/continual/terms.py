@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ted_fl.config import GugfMode, choices
 from ted_fl.errors import unknown
 
 EPS = 1e-8
-GUGF_MODES = ("batch", "normalized", "sample")
+GUGF_MODES = choices(GugfMode)  # the schema owns the allowed values
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -31,6 +32,17 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
 def one_hot(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(B, H, W) class indices -> (B, C, H, W) float one-hot."""
     return F.one_hot(masks.long(), num_classes).permute(0, 3, 1, 2).float()
+
+
+def class_argmax(x: torch.Tensor) -> torch.Tensor:
+    """argmax over the class dimension 1, keepdim: (B, C, H, W) -> (B, 1, H, W) long.
+
+    `x.max(dim=1).indices` is the same index (the first maximum, as argmax) but on CPU about
+    15x faster than `x.argmax(dim=1)`, which takes a slow strided path over a non-last dimension
+    (3.4 ms against 0.23 ms on a (8, 2, 64, 64) tensor, one thread).
+    """
+    return x.max(dim=1, keepdim=True).indices
+
 
 
 KD_REDUCE = ("class", "reference")
@@ -66,6 +78,10 @@ class StepInputs:
     teacher_feats: Mapping[str, torch.Tensor] | None = None
     aux: Mapping[str, torch.Tensor] | None = None  # EWC / MAS state (see approaches)
     stats: dict[str, float] = field(default_factory=dict)  # diagnostics terms may add (u_mean)
+    images: torch.Tensor | None = None  # the step's input batch (terms that run extra forwards: DICD)
+    teacher: nn.Module | None = None  # the frozen teacher of the step, when there is one
+    n_anchors: int | None = None  # rows [0, n_anchors) are anchors, the rest their views (GKD's DCGD)
+    cache: dict[str, torch.Tensor] = field(default_factory=dict)  # values terms of one step share
 
 
 class Term:
@@ -170,6 +186,19 @@ class GUGF:
             return u * m / u.shape[0]
         return u.unsqueeze(1) * m
 
+    def folded(self, u: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """`weighted` summed over its broadcast axis: a (B, 1, H, W) weight W' with
+        sum(W' * l) = sum(weighted(u, m) * l) for any per-sample l of shape (B, 1, H, W).
+
+        "batch": sum_ij U_j M_i l_i = sum_i M_i l_i sum_j U_j, so W' = M * sum_j U_j
+        ("normalized": divided by B); "sample" is already (B, 1, H, W). It spares AKT the
+        B x B x H x W product (B times the memory and work of the loss itself).
+        """
+        if self.mode == "sample":
+            return u.unsqueeze(1) * m
+        w = m * u.sum(dim=0)  # (B, 1, H, W) * (H, W)
+        return w / u.shape[0] if self.mode == "normalized" else w
+
 
 class AKT(Term):
     """L_AKT = -sum(U * M * l) / (sum(M) + 1), only where student and teacher disagree.
@@ -188,17 +217,16 @@ class AKT(Term):
     def __call__(
         self, p: torch.Tensor, q: torch.Tensor, stats: dict[str, float] | None = None
     ) -> torch.Tensor:
-        y_hat = q.argmax(dim=1, keepdim=True)
-        log_p = torch.log(p + 1e-5)
-        l_t = log_p.gather(1, y_hat)
-        m = (p.argmax(dim=1, keepdim=True) != y_hat).float().detach()
+        y_hat = class_argmax(q)
+        l_t = torch.log(p.gather(1, y_hat) + 1e-5)  # log(p + 1e-5) at y_hat, on the gathered pixels only
+        m = (class_argmax(p.detach()) != y_hat).float()
         if stats is not None:
             stats["akt_mask_frac"] = float(m.mean())
         if self.gugf is None:
             w = m
         else:
             u = GUGF.uncertainty(p, q)
-            w = self.gugf.weighted(u, m)
+            w = self.gugf.folded(u, m)  # sum(w * l_t) as with the literal (B, B, H, W) weighting
             if stats is not None:
                 stats["u_mean"] = float(u.mean())
                 stats["u_max"] = float(u.max())

@@ -12,11 +12,11 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ted_fl.data.io import Pair, find_pairs, read_fov, read_image, read_mask
+from ted_fl.data.layouts import LAYOUT_DEFAULTS, LAYOUTS, register  # noqa: F401 (re-exported)
 from ted_fl.data.spec import SiteSetSpec, SiteSpec, class_values, label_set, resolve_class
 from ted_fl.data.types import SiteData, Split
 from ted_fl.errors import TedFlError, closest
@@ -49,19 +49,6 @@ class LoadContext:
 
 
 Loader = Callable[[LoadContext], list[Item]]
-LAYOUTS: dict[str, Loader] = {}
-LAYOUT_DEFAULTS: dict[str, dict[str, Any]] = {}
-
-
-def register(name: str, defaults: dict[str, Any] | None = None) -> Callable[[Loader], Loader]:
-    """Register a layout; `defaults` are merged under the site's TOML entry (the entry wins)."""
-
-    def deco(fn: Loader) -> Loader:
-        LAYOUTS[name] = fn
-        LAYOUT_DEFAULTS[name] = defaults or {}
-        return fn
-
-    return deco
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -397,11 +384,6 @@ def _stack(items: list[Item], size: int) -> Split:
     return Split(imgs, msks, vols, fov)
 
 
-def _take(split: Split, idx: np.ndarray) -> Split:
-    return Split(split.images[idx], split.masks[idx], split.volumes[idx],
-                 None if split.fov is None else split.fov[idx])
-
-
 def site_rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
@@ -420,7 +402,7 @@ def build_site(items: list[Item], ctx: LoadContext, spec: SiteSetSpec, seed: int
         n_val = max(1, round(spec.val_fraction * len(tr)))
         idx = rng.permutation(len(tr))
         val_idx, tr_idx = np.sort(idx[:n_val]), np.sort(idx[n_val:])
-        splits["val"], splits["train"] = _take(tr, val_idx), _take(tr, tr_idx)
+        splits["val"], splits["train"] = tr.take(val_idx), tr.take(tr_idx)
         warnings.append(f"site '{ctx.site.name}': too few training volumes to hold one out; validation "
                         f"takes {n_val} training slice(s) (not volume-disjoint)")
     for s, sp in splits.items():
@@ -429,7 +411,7 @@ def build_site(items: list[Item], ctx: LoadContext, spec: SiteSetSpec, seed: int
     manifest = {s: sorted(set(sp.volumes.tolist())) for s, sp in splits.items()}
     if max_train and len(splits["train"]) > max_train:
         keep = np.sort(rng.permutation(len(splits["train"]))[:max_train])
-        splits["train"] = _take(splits["train"], keep)
+        splits["train"] = splits["train"].take(keep)
     return SiteData(name=ctx.site.name, splits=splits, per_volume=spec.per_volume, warnings=warnings,
                     manifest=manifest)
 

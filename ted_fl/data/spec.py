@@ -3,29 +3,33 @@
 A site set is an ordered list of sites (hospitals, vendors, cameras). Everything that differs
 between sites (where the files are, what the mask values mean, how intensities are normalised,
 how the synthetic twin shifts the acquisition) lives in the TOML file, so adding a hospital is
-writing an entry, not code. Every table is a dataclass and loading goes through
+writing an entry, not code. Every table is a pydantic dataclass (allowed values as `Literal`s) and loading goes through
 `ted_fl.config.from_dict`, so a misspelt key is refused with the closest valid one.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from ted_fl.config import from_dict, project_root
+from pydantic.dataclasses import dataclass
+
+from ted_fl.config import SCHEMA, from_dict, project_root
+from ted_fl.data.layouts import LAYOUT_DEFAULTS, LAYOUTS
 from ted_fl.errors import TedFlError, unknown
 
 SPLITS = ("train", "val", "test")
-CHANNELS = ("gray", "red", "green", "blue", "mean")
-NORMALIZATIONS = ("minmax", "none")
-EVALUATIONS = ("volume", "image")
+Channel = Literal["gray", "red", "green", "blue", "mean"]  # which channel of RGB images
+Normalization = Literal["minmax", "none"]  # minmax: per volume (per image for 2-D sets)
+Evaluation = Literal["volume", "image"]  # volume: 3-D sets, per-volume Dice; image: 2-D sets
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class FilesSpec:
     """Where a site's files are: patterns relative to the site folder, `{id}` names the pair.
 
@@ -41,7 +45,7 @@ class FilesSpec:
     volume_sep: str = ""  # 2-D slices: the volume id is the pair id up to the last separator ("" : itself)
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class CsvSpec:
     """The vendor information table of M&Ms-like sets (column names differ between releases)."""
 
@@ -54,7 +58,7 @@ class CsvSpec:
     frame_base: int = 0  # ED/ES indices in the CSV start at this number
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class LabelSpec:
     """What raw mask values mean; anything outside `values` is an error, not a silent zero.
 
@@ -66,7 +70,7 @@ class LabelSpec:
     """
 
     values: list[int] = field(default_factory=list)  # allowed raw values (empty: any)
-    classes: dict[str, list[int]] = field(default_factory=dict)  # class -> raw values (mutually exclusive)
+    classes: dict[str, Any] = field(default_factory=dict)  # class -> raw values (list[int], checked with a hint below)
     regions: dict[str, list[str]] = field(default_factory=dict)  # evaluation region -> classes it unites
     foreground: list[int] = field(default_factory=list)  # binary sets: raw values of the class (empty: > 0)
     invert: bool = False  # binary sets: the mask marks the background (0 = the structure)
@@ -74,18 +78,18 @@ class LabelSpec:
     target: str = ""  # legacy: the default target when DataConfig.target is empty
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class PreprocessSpec:
     """Turning raw pixels into the (1, S, S) float32 slices every site shares."""
 
     size: int = 64  # in-plane size (DataConfig.size > 0 overrides)
-    normalize: str = "minmax"  # minmax (per volume, per image for 2-D sets) | none
+    normalize: Normalization = "minmax"
     clip: list[float] = field(default_factory=list)  # [low, high] after normalising (prostate: 0.001, 0.99)
-    channel: str = "gray"  # which channel of RGB images: gray | red | green | blue | mean
+    channel: Channel = "gray"
     crop: int = 0  # centre crop/pad to this many pixels before resizing (mnms: 256); 0: none
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class SyntheticSpec:
     """One site's acquisition shift in the synthetic twin (modelled on multi-centre MRI)."""
 
@@ -104,7 +108,7 @@ class SyntheticSpec:
     texture: float = 0.05  # amplitude of smooth tissue texture
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class SiteSpec:
     """One site: its files, labels, preprocessing and synthetic twin."""
 
@@ -118,7 +122,7 @@ class SiteSpec:
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class SetSyntheticSpec:
     """How the set's synthetic twin is generated (the per-site shifts sit in each site)."""
 
@@ -129,13 +133,13 @@ class SetSyntheticSpec:
     crop: int = -1  # replaces the sites' preprocess.crop when reading the twin (-1: keep)
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class SiteSetHeader:
     """The set-level keys of a site-set file (sites and defaults are parsed separately)."""
 
     name: str = ""
     description: str = ""
-    evaluation: str = "volume"  # volume (3-D sets, per-volume Dice) | image (2-D sets)
+    evaluation: Evaluation = "volume"
     val_fraction: float = 0.15
     test_fraction: float = 0.25
     synthetic: SetSyntheticSpec = field(default_factory=SetSyntheticSpec)
@@ -145,7 +149,7 @@ DEFAULT_CLASS = "foreground"  # the class of a binary site that declares no labe
 MEAN_LABEL = "mean"  # the label of the mean over classes and regions (metrics.csv)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)  # built by the loader, not read from TOML: a plain dataclass
 class LabelSet:
     """The classes a run segments (network channel k = class k, 0 = background) and what is scored.
 
@@ -164,7 +168,7 @@ class LabelSet:
         return [(c, (k,)) for k, c in enumerate(self.classes, 1)] + [(n, idx) for n, idx in self.regions]
 
 
-@dataclass
+@dataclass(config=SCHEMA)
 class SiteSetSpec:
     """A loaded site set: header fields plus the sites in arrival order."""
 
@@ -283,16 +287,12 @@ def load_site_set_spec(name_or_path: str | Path) -> SiteSetSpec:
     header: SiteSetHeader = from_dict(SiteSetHeader, raw, str(path))
     if not isinstance(sites_raw, list) or not sites_raw:
         raise TedFlError(f"{path}: no sites; add at least one [[sites]] table with name, layout and folder")
-    if header.evaluation not in EVALUATIONS:
-        raise unknown("evaluation", header.evaluation, EVALUATIONS, str(path))
     sites: list[SiteSpec] = []
     for i, entry in enumerate(sites_raw):
         if not isinstance(entry, dict):
             raise TedFlError(f"{path}: sites[{i}] must be a table [[sites]]")
         where = f"{path}: sites[{i}]" + (f" ({entry['name']})" if "name" in entry else "")
         merged = _merge(defaults, entry)
-        from ted_fl.data.loaders import LAYOUT_DEFAULTS
-
         layout_defaults = LAYOUT_DEFAULTS.get(str(merged.get("layout", "folder")), {})
         if isinstance(merged.get("labels"), dict) and "classes" in merged["labels"]:
             # Declared classes replace the layout's binary label defaults (foreground, invert, targets).
@@ -321,8 +321,6 @@ def load_site_set_spec(name_or_path: str | Path) -> SiteSetSpec:
 
 
 def _validate_site(site: SiteSpec, where: str) -> None:
-    from ted_fl.data.loaders import LAYOUTS  # the registry; imported late to avoid a cycle
-
     if not site.name:
         raise TedFlError(f"{where}: missing key 'name'; every site needs a name")
     if site.layout not in LAYOUTS:
@@ -334,10 +332,6 @@ def _validate_site(site: SiteSpec, where: str) -> None:
         if split not in SPLITS:
             raise unknown("split", split, SPLITS, f"{where}.files.official")
     pre = site.preprocess
-    if pre.channel not in CHANNELS:
-        raise unknown("channel", pre.channel, CHANNELS, f"{where}.preprocess")
-    if pre.normalize not in NORMALIZATIONS:
-        raise unknown("normalisation", pre.normalize, NORMALIZATIONS, f"{where}.preprocess")
     if pre.clip and (len(pre.clip) != 2 or pre.clip[0] >= pre.clip[1]):
         raise TedFlError(f"{where}.preprocess.clip must be [low, high] with low < high, got {pre.clip}")
     if pre.size < 0 or pre.crop < 0:

@@ -30,6 +30,20 @@ class Split:
     def num_volumes(self) -> int:
         return int(len(np.unique(self.volumes))) if len(self) else 0
 
+    def take(self, idx: np.ndarray) -> Split:
+        """The slices at `idx` (indices or a boolean mask), every array sliced alike."""
+        return Split(self.images[idx], self.masks[idx], self.volumes[idx],
+                     None if self.fov is None else self.fov[idx])
+
+    @classmethod
+    def concat(cls, splits: list[Split]) -> Split:
+        """The union of several splits (the centralized joint upper bound pools sites)."""
+        if len(splits) == 1:
+            return splits[0]
+        fov = np.concatenate([s.fov for s in splits]) if all(s.fov is not None for s in splits) else None
+        return cls(np.concatenate([s.images for s in splits]), np.concatenate([s.masks for s in splits]),
+                   np.concatenate([s.volumes for s in splits]), fov)
+
 
 @dataclass
 class SiteData:

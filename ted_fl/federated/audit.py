@@ -1,7 +1,9 @@
 """A Flower client mod that audits every message leaving a client: privacy is checked, not assumed.
 
 A reply may carry only (a) arrays shaped like the model the server sent (weights, or parameter
-importances of the same shapes), (b) metrics, and (c) the hello reply's identity counts. An array
+importances of the same shapes), (b) metrics, (c) the hello reply's identity counts, and (d) a "stats" record of 1-D summed
+statistics whose lengths the request declares (`stats_lengths` in its config: FSD's sums; checked
+by shape only, so a client could still hide data in them: the audit bounds, it does not prove). An array
 whose trailing dimensions are an image's (H, W), a ConfigRecord with other keys, or an array of
 another shape is a violation: the mod replaces the reply with an error naming it, so the server
 reports the site instead of receiving its data.
@@ -25,8 +27,16 @@ def violations(reply: Message, request: Message, image_hw: tuple[int, int] | Non
     if request.has_content() and M.WEIGHTS in request.content:
         for arr in request.content[M.WEIGHTS].values():
             allowed_shapes.add(tuple(arr.shape))
+    stats_lengths: set[int] = set()
+    if request.has_content() and M.CONFIG in request.content:
+        stats_lengths = {int(n) for n in request.content[M.CONFIG].get("stats_lengths", [])}  # type: ignore[union-attr]
     found: list[str] = []
     for name, rec in reply.content.items():
+        if isinstance(rec, ArrayRecord) and name == M.STATS:
+            for key, arr in rec.items():
+                if len(arr.shape) != 1 or int(arr.shape[0]) not in stats_lengths:
+                    found.append(f"array '{name}/{key}' of shape {tuple(arr.shape)} is not a declared sum")
+            continue
         if isinstance(rec, MetricRecord):
             continue
         if isinstance(rec, ConfigRecord):

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import io
-import os
-import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -22,11 +20,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from ted_fl.config import ExperimentConfig, from_dict
+from ted_fl.config import ExperimentConfig, apply_overrides, from_dict, node_overrides
 from ted_fl.data.types import SiteData, Split
 from ted_fl.engine import derive_seed
 from ted_fl.federated import messages as M
 from ted_fl.federated.audit import audit_mod
+from ted_fl.files import atomic_torch_save
 from ted_fl.worker import SiteWorker, probes_for
 
 _CACHE: dict[Any, Any] = {}  # per process: parsed configs, loaded site data, workers
@@ -37,9 +36,11 @@ def _config(context: Context, content: RecordDict) -> ExperimentConfig:
     if M.CONFIG in content and "experiment_toml" in content[M.CONFIG]:
         context.state["experiment"] = ConfigRecord({"toml": content[M.CONFIG]["experiment_toml"]})
     text = str(context.state["experiment"]["toml"])
-    key = ("cfg", hash(text))
+    local = node_overrides(dict(context.node_config))  # e.g. where this hospital keeps its data
+    key = ("cfg", hash(text), repr(sorted(local.items())))
     if key not in _CACHE:
-        _CACHE[key] = from_dict(ExperimentConfig, tomllib.loads(text), "experiment config")
+        cfg = from_dict(ExperimentConfig, tomllib.loads(text), "experiment config")
+        _CACHE[key] = apply_overrides(cfg, local, "node config")
     return _CACHE[key]
 
 
@@ -65,9 +66,7 @@ def partition_split(split: Split, k: int, index: int, seed: int) -> Split:
     vols = np.unique(split.volumes)
     rng = np.random.default_rng(seed)
     mine = set(rng.permutation(vols)[index::k])
-    keep = np.array([v in mine for v in split.volumes])
-    return Split(split.images[keep], split.masks[keep], split.volumes[keep],
-                 None if split.fov is None else split.fov[keep])
+    return split.take(np.array([v in mine for v in split.volumes]))
 
 
 def site_data(cfg: ExperimentConfig, site: str, client: int) -> tuple[SiteData, Split]:
@@ -140,9 +139,7 @@ def _save_optimizer(context: Context, c: dict, site: str, client: int, state: di
         return
     path.mkdir(parents=True, exist_ok=True)
     file = path / f"{tag.replace('|', '_')}.pt"
-    tmp = file.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, file)
+    atomic_torch_save(state, file)
     # Keep this round and the previous one: a resume may redo the round in flight.
     prev = f"{c['approach']}|{c['seed']}|{c['stage']}|{int(c['round']) - 1}".replace("|", "_") + ".pt"
     for old in path.glob("*.pt"):
@@ -159,30 +156,6 @@ def _teacher(context: Context, content: RecordDict, key: str) -> tuple[M.Weights
     if "teacher" not in context.state or str(context.state["teacher_meta"]["key"]) != key:
         raise RuntimeError(f"teacher '{key}' was never received by this node; the server must resend it")
     return M.from_record(context.state["teacher"]), M.from_record(context.state["aux"])
-
-
-def _maybe_fail(c: dict, site: str, context: Context) -> bool:
-    """Fault injection for tests: raise, stall, or (True: the caller leaks images into its reply)
-    at a chosen site and round, a set number of times."""
-    spec = str(c.get("inject_fault", ""))
-    if not spec:
-        return False
-    f_site, f_round, mode, times = spec.split(":")
-    if f_site != site or int(f_round) != int(c["round"]):
-        return False
-    # Counted on the site's disk: a failed call's context.state changes are discarded by Flower.
-    marker_dir = Path(str(c.get("client_state_dir", "") or "/tmp/ted-fl-faults")) / "faults"
-    marker_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{c['approach']}-{c['seed']}-{c['stage']}-{c['round']}-{site}"
-    seen = len(list(marker_dir.glob(f"{stem}.*")))
-    if seen >= int(times):
-        return False
-    (marker_dir / f"{stem}.{seen}").touch()
-    if mode == "leak":
-        return True
-    if mode == "hang":
-        time.sleep(float(c.get("timeout", 10)) + 5)
-    raise RuntimeError(f"injected fault at site {site} round {c['round']}")
 
 
 app = ClientApp(mods=[audit_mod])
@@ -207,7 +180,6 @@ def train(msg: Message, context: Context) -> Message:
     cfg = _config(context, msg.content)
     c = dict(msg.content[M.CONFIG])
     site, client = identity(context, cfg)
-    leak = _maybe_fail(c, site, context)
     data, share = site_data(cfg, site, client)
     w = worker(cfg)
     teacher_mod, aux = None, {}
@@ -234,8 +206,6 @@ def train(msg: Message, context: Context) -> Message:
     })
     if out.val is not None:
         content[M.VAL] = M.metric_record(out.val)
-    if leak:  # test-only: a misbehaving client, which the audit mod must stop
-        content[M.WEIGHTS]["leak"] = Array(np.ascontiguousarray(share.images[:2]))
     return Message(content, reply_to=msg)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-Weights = dict[str, np.ndarray]
+from ted_fl.continual.weights import Weights
 
 WEIGHTS = "weights"
 TEACHER = "teacher"
@@ -21,6 +21,7 @@ CONFIG = "config"
 METRICS = "metrics"
 VAL = "val"
 IDENTITY = "identity"
+STATS = "stats"  # summed statistics (FSD's n, sum z, sum z z^T as 1-D arrays): never a per-image vector
 
 # Keys a client may put in the identity ConfigRecord of its hello reply: counts and names, no data.
 IDENTITY_KEYS = frozenset({"site", "client", "partition", "n_train", "n_val", "n_test", "image_shape"})

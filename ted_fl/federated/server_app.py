@@ -18,7 +18,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from ted_fl.config import ExperimentConfig, dump_toml, load_experiment, to_dict
+from ted_fl.config import ExperimentConfig, dump_toml, from_run_config, to_dict
 from ted_fl.continual.probes import make_probes
 from ted_fl.engine import TrainResult, TrainTask, Weights, run_schedule
 from ted_fl.errors import TedFlError
@@ -40,10 +40,8 @@ class ClientFailure(TedFlError):
 class FlowerExecutor:
     """Runs the schedule's rounds on Flower clients through a Grid."""
 
-    def __init__(self, grid: Grid, cfg: ExperimentConfig, run: RunDir | None = None,
-                 fault: str = "") -> None:
+    def __init__(self, grid: Grid, cfg: ExperimentConfig, run: RunDir | None = None) -> None:
         self.grid, self.cfg, self.run = grid, cfg, run
-        self.fault = fault  # "site:round:raise|hang:times", test-only fault injection
         self.experiment_toml = dump_toml(to_dict(cfg))
         self.bytes_sent = self.bytes_received = 0
         self.bytes_by_kind: dict[str, int] = {}
@@ -170,7 +168,7 @@ class FlowerExecutor:
         base: dict[str, Any] = dict(
             approach=task.approach, seed=task.seed, stage=task.stage, round=task.round,
             steps=task.steps, lr=task.lr, want_val=bool(task.want_val and single),
-            teacher_key=teacher_key, timeout=fed.timeout, inject_fault=self.fault,
+            teacher_key=teacher_key,
             client_state_dir=str(self.run.client_state_dir) if self.run else "",
         )
         if task.probe_seed is not None:
@@ -261,12 +259,12 @@ class FlowerExecutor:
         self.teacher_sent = {}
 
 
-def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, progress: Any = None, fault: str = "") -> dict:
+def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, progress: Any = None) -> dict:
     """The server's main loop: every approach and seed in turn, over one set of nodes."""
     from ted_fl.data import resolve_out_channels
 
     resolve_out_channels(cfg)  # before the hello carries the config to the clients (TOML only, no data)
-    executor = FlowerExecutor(grid, cfg, run, fault)
+    executor = FlowerExecutor(grid, cfg, run)
     extras: dict[tuple[str, int], dict[str, Any]] = {}
     for approach in cfg.approaches:
         for seed in cfg.seeds:
@@ -282,20 +280,9 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run an experiment from the app's run config (pyproject.toml [tool.flwr.app.config])."""
-    from ted_fl.cli import finish_run
+    from ted_fl.run import finish_run
 
-    rc = context.run_config
-    cfg = load_experiment(str(rc["experiment"])) if rc.get("experiment") else ExperimentConfig()
-    if rc.get("sites"):
-        cfg.data.sites = str(rc["sites"])
-    if rc.get("data-dir"):
-        cfg.data.data_dir = str(rc["data-dir"])
-    if rc.get("approach"):
-        cfg.approaches = str(rc["approach"]).split()
-    if "seed" in rc:
-        cfg.seeds = [int(rc["seed"])]  # type: ignore[arg-type]
-    if rc.get("out"):
-        cfg.out = str(rc["out"])
+    cfg = from_run_config(dict(context.run_config))
     from ted_fl.data import resolve_out_channels
 
     resolve_out_channels(cfg)  # the network's outputs follow the site set's classes (read from TOML only)

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import logging
-import os
+import contextlib
 import threading
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from ted_fl.config import ExperimentConfig
 from ted_fl.results import RunDir
-
-FLOWER_POLLING_ENV = "TED_FL_FLOWER_POLLING"  # "1": keep Flower's 0.1 s message polling (benchmarks)
-FAULT_ENV = "TED_FL_INJECT_FAULT"  # test-only: "SITE:ROUND:raise|hang:TIMES"
 
 
 def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -30,29 +27,55 @@ def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
 POLL_S = 0.1  # fallback period of the hand-over (as Flower), which a push wakes at once; polling N nodes costs CPU
 PULL_S = 0.001  # how often the ServerApp's grid checks for replies (Flower: 0.1 s)
 _PUSHED = threading.Event()  # set when the ServerApp pushes messages: hand them over at once
+_HANDOVER_PARAMS = ["state", "queue", "nodes_mapping", "f_stop"]  # vce_api.add_messages_to_queue in flwr 1.41
 
 
-def fast_message_polling() -> None:
-    """Cut Flower's simulation message latency from ~0.1 s to ~1 ms per exchange.
+def polling_patch_problem() -> str:
+    """Why the latency patch cannot apply to the installed Flower ('' when it can)."""
+    import inspect
+
+    try:
+        from flwr.server.superlink.fleet.vce import vce_api
+        from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+    except ImportError as exc:
+        return f"Flower's simulation internals moved ({exc})"
+    original = getattr(vce_api, "add_messages_to_queue", None)
+    if original is None:
+        return "flwr's vce_api.add_messages_to_queue is gone"
+    if list(inspect.signature(original).parameters) != _HANDOVER_PARAMS:
+        return f"flwr's vce_api.add_messages_to_queue changed shape {inspect.signature(original)}"
+    if "target=add_messages_to_queue" not in inspect.getsource(vce_api.run_api):
+        return "flwr's vce_api.run_api no longer starts add_messages_to_queue"
+    if "pull_interval" not in inspect.signature(InMemoryGrid).parameters:
+        return "flwr's InMemoryGrid has no pull_interval"
+    return ""
+
+
+@contextlib.contextmanager
+def fast_message_polling(wanted: bool) -> Iterator[bool]:
+    """While inside, cut Flower's simulation message latency from ~0.1 s to ~1 ms per exchange.
 
     Flower 1.41's simulation runtime moves messages to the Ray backend from a thread that
     polls the link state every 0.1 s (`vce_api.add_messages_to_queue`), and the server's
     `InMemoryGrid` polls for replies every 0.1 s: ~0.1 s of idle latency per round on top of
-    the training (measured by `python -m ted_fl.bench overhead`). Here the hand-over thread
-    wakes as soon as the ServerApp pushes (`fast_grid` sets `_PUSHED`), else every POLL_S,
-    and the grid polls for replies every PULL_S. Left alone if that function changes shape.
+    the training (measured by `python -m ted_fl.bench overhead`). With `federated.fast_polling`
+    the hand-over thread wakes as soon as the ServerApp pushes (`fast_grid` sets `_PUSHED`),
+    else every POLL_S, and the grid polls for replies every PULL_S. It replaces a private
+    Flower function, so it is off by default; when asked for and Flower has changed, one
+    warning line says so and Flower's own path runs. Yields whether the patch is in place.
     """
-    import inspect
-
+    if not wanted:
+        yield False
+        return
+    problem = polling_patch_problem()
+    if problem:
+        warnings.warn(f"federated.fast_polling: not applied, {problem}; Flower's own polling is used",
+                      RuntimeWarning, stacklevel=3)
+        yield False
+        return
     from flwr.server.superlink.fleet.vce import vce_api
 
-    if os.environ.get(FLOWER_POLLING_ENV):  # measure Flower's own latency (bench overhead --flower-polling)
-        return
-    original = getattr(vce_api, "add_messages_to_queue", None)
-    if original is None or getattr(original, "_ted_fl", False):
-        return
-    if list(inspect.signature(original).parameters) != ["state", "queue", "nodes_mapping", "f_stop"]:
-        return
+    original = vce_api.add_messages_to_queue
 
     def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: Any) -> None:
         while not f_stop.is_set():
@@ -62,13 +85,16 @@ def fast_message_polling() -> None:
                     queue.put(msg)
             _PUSHED.wait(POLL_S)
 
-    add_messages_to_queue._ted_fl = True  # type: ignore[attr-defined]
     vce_api.add_messages_to_queue = add_messages_to_queue
+    try:
+        yield True
+    finally:
+        vce_api.add_messages_to_queue = original
 
 
 def fast_grid(grid: Any) -> None:
     """The ServerApp's side of `fast_message_polling`: wake the hand-over on push, poll replies often."""
-    if not hasattr(grid, "pull_interval") or getattr(grid, "_ted_fl", False) or os.environ.get(FLOWER_POLLING_ENV):
+    if getattr(grid, "_ted_fl", False):
         return
     grid.pull_interval = PULL_S
     push = grid.push_messages
@@ -82,11 +108,24 @@ def fast_grid(grid: Any) -> None:
     grid._ted_fl = True
 
 
+def load_app(reference: str) -> Any:
+    """The object named by 'module:attribute' (Flower's own way of naming an app)."""
+    import importlib
+
+    from ted_fl.errors import TedFlError
+
+    module, _, attr = reference.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr or "app")
+    except (ImportError, AttributeError) as exc:
+        raise TedFlError(f"federated.client_app = '{reference}' cannot be loaded ({exc}); "
+                         "name a ClientApp as module:attribute") from None
+
+
 def simulate_groups(
     groups: list[tuple[ExperimentConfig, RunDir]],
     num_nodes: int,
     progress: Any = None,
-    fault: str = "",
 ) -> list[dict[tuple[str, int], dict[str, Any]]]:
     """Serve every (config, run directory) in turn inside ONE Flower simulation (Ray starts once).
 
@@ -96,27 +135,26 @@ def simulate_groups(
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from ted_fl.federated.client_app import app as client_app
     from ted_fl.federated.server_app import serve
 
     extras: list[dict[tuple[str, int], dict[str, Any]]] = []
     error: list[BaseException] = []
     server = ServerApp()
 
+    fast = {"on": False}
+
     @server.main()
     def _main(grid: Grid, context: Any) -> None:
-        fast_grid(grid)
+        if fast["on"]:
+            fast_grid(grid)
         try:
             for cfg, run in groups:
-                extras.append(serve(grid, cfg, run, progress, fault))
+                extras.append(serve(grid, cfg, run, progress))
         except BaseException as exc:  # surfaced after the simulation shuts down
             error.append(exc)
 
-    logging.getLogger("flwr").setLevel(logging.ERROR)
-    fast_message_polling()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_simulation(server_app=server, client_app=client_app, num_supernodes=num_nodes,
+    with fast_message_polling(groups[0][0].federated.fast_polling) as fast["on"]:
+        run_simulation(server_app=server, client_app=load_app(groups[0][0].federated.client_app), num_supernodes=num_nodes,
                        backend_config=backend_config(groups[0][0]))  # type: ignore[arg-type]
     if error:
         raise error[0]
@@ -125,15 +163,14 @@ def simulate_groups(
 
 def execute_federated(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[tuple[str, int], dict[str, Any]]:
     """Run every approach and seed of `cfg` in one Flower simulation (Ray starts once)."""
-    from ted_fl.cli import Progress, load_and_record_sites, total_rounds
+    from ted_fl.run import Progress, load_and_record_sites, total_rounds
 
     # The launcher checks the data and writes the synthetic twin's files once; the server never
     # sees the arrays (each client loads its own site).
     sites = load_and_record_sites(cfg, run)
     progress = Progress(total_rounds(cfg, len(sites)), quiet)
     try:
-        (extras,) = simulate_groups([(cfg, run)], len(sites) * cfg.federated.clients_per_site,
-                                    progress, os.environ.get(FAULT_ENV, ""))
+        (extras,) = simulate_groups([(cfg, run)], len(sites) * cfg.federated.clients_per_site, progress)
     finally:
         progress.close()
     return extras

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 def bench(*args: str, tmp: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "ted_fl.bench", *args, "--quick", "--out", str(tmp / "runs")],
-        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ},
+        capture_output=True, text=True, timeout=3600, cwd=REPO, env={**os.environ},
     )
 
 
@@ -37,10 +37,10 @@ def test_write_section_keeps_the_others(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["accuracy", "overhead", "scaling", "probes"])
+@pytest.mark.parametrize("command", ["accuracy", "sweep", "overhead", "scaling", "probes", "step", "gpu", "protocol"])
 def test_quick(command: str, tmp_path: Path) -> None:
     doc = tmp_path / "benchmarks.md"
-    extra = ["--seeds", "2"] if command == "accuracy" else []
+    extra = {"accuracy": ["--seeds", "2"], "protocol": ["--config", "simulations/prostate-ted.toml"]}.get(command, [])
     proc = bench(command, *extra, "--doc", str(doc), tmp=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
@@ -49,3 +49,25 @@ def test_quick(command: str, tmp_path: Path) -> None:
     text = doc.read_text()
     assert f"<!-- bench:{command}:start -->" in text and f"## {command}" in text
     assert "Command: `python -m ted_fl.bench" in text
+
+
+@pytest.mark.slow
+def test_gpu_quick_says_when_there_is_no_gpu(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    doc = tmp_path / "benchmarks.md"
+    proc = bench("gpu", "--approach", "seq", "ted_gugf", "--doc", str(doc), tmp=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no GPU found" in proc.stdout and "No GPU was found" in doc.read_text()
+    assert "ted_gugf" in proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_protocol_explains_its_extrapolation(tmp_path: Path) -> None:
+    """(bench sweep exits 1 unless its parallel and serial results are identical: test_quick checks it.)"""
+    proc = bench("protocol", "--config", "simulations/prostate-ted.toml", "--train-per-site", "100", tmp=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Extrapolation: 6 sites" in proc.stdout and "RUNMC 100/" in proc.stdout
+    assert "ceil(train images / 4)" in proc.stdout

@@ -15,11 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from ted_fl.cli import run_command, write_report_if_available
+from ted_fl.cli import run_command
 from ted_fl.config import dump_toml, to_dict
 from ted_fl.report import find_chromium, main, write_report
 from ted_fl.results import RunDir
+from ted_fl.run import write_report_if_available
 from tests.conftest import REPO, tiny_config
+
+pytestmark = pytest.mark.slow  # a real centralized run, notebooks and a browser
 
 APPROACHES = ["seq", "ted_gugf"]
 FIGURES = ["fig-avg", "fig-bwt", "fig-sites", "fig-r-0", "fig-r-1"]
@@ -114,7 +117,7 @@ def headless(exe: str, tmp: Path, *args: str) -> subprocess.CompletedProcess:
         [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          f"--user-data-dir={tmp / 'chrome-profile'}", "--virtual-time-budget=10000", *args],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=1800,
     )
 
 
@@ -162,7 +165,7 @@ def execute_notebook(name: str, env: dict[str, str], monkeypatch: pytest.MonkeyP
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("PLOTLY_RENDERER", "plotly_mimetype")  # figure JSON only, no plotly.js
     nb = jupytext.read(REPO / "notebooks" / f"{name}.py")
-    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=300,
+    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=1800,
                                      resources={"metadata": {"path": str(REPO / "notebooks")}})
     client.execute()  # raises CellExecutionError on the first failing cell
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
@@ -190,6 +193,6 @@ def test_notebook_compare_approaches(tiny: tuple[Path, Path], tmp_path: Path,
 def test_module_entry_point(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     _, run = tiny
     done = subprocess.run([sys.executable, "-m", "ted_fl.report", str(run), "--no-samples",
-                           "--out", str(tmp_path / "x.html")], capture_output=True, text=True, timeout=120)
+                           "--out", str(tmp_path / "x.html")], capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "x.html").is_file() and "MB)" in done.stdout

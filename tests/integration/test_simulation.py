@@ -20,7 +20,7 @@ import torch
 
 from ted_fl.config import dump_toml, to_dict
 from ted_fl.results import RunDir
-from tests.conftest import tiny_config
+from tests.conftest import REPO, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -37,11 +37,19 @@ def write_config(tmp: Path, **over: object) -> Path:
     return path
 
 
-def simulate(*args: str, env: dict[str, str] | None = None, timeout: float = 400) -> subprocess.CompletedProcess:
+def simulate(*args: str, env: dict[str, str] | None = None, timeout: float = 3600) -> subprocess.CompletedProcess:
+    """The command line in a subprocess; the time-out only stops a hung run (a loaded machine is slow)."""
     return subprocess.run(
         [sys.executable, "-m", "ted_fl.simulate", "--quiet", *args],
         capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )
+
+
+def faulty(tmp: Path, fault: str, **over: object) -> tuple[Path, dict[str, str]]:
+    """A config running the test-only ClientApp with the fault mod (tests/faults.py), and its env."""
+    cfg_path = write_config(tmp, federated__client_app="tests.faults:app", **over)
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return cfg_path, {"TED_FL_INJECT_FAULT": fault, "PYTHONPATH": path}
 
 
 def run_dir_of(out: str) -> RunDir:
@@ -130,7 +138,7 @@ def test_resume_after_kill(fed: tuple[Path, RunDir], tmp_path: Path) -> None:
         if killed:
             break
         time.sleep(0.05)
-    proc.wait(timeout=60)
+    proc.wait(timeout=600)
     assert killed, f"the run ended before it could be killed (exit {proc.returncode}): {proc.stderr.read()[-2000:]}"
     (run_path,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert not (run_path / "summary.csv").exists()
@@ -142,9 +150,8 @@ def test_resume_after_kill(fed: tuple[Path, RunDir], tmp_path: Path) -> None:
 
 def test_client_fault_is_retried_and_reported(tmp_path: Path, fed: tuple[Path, RunDir]) -> None:
     """A client that raises is named by site and round, retried, and the results are complete."""
-    cfg_path = write_config(tmp_path)
-    proc = simulate("--config", str(cfg_path), "--approach", "seq",
-                    env={"TED_FL_INJECT_FAULT": "BMC:1:raise:1"})
+    cfg_path, env = faulty(tmp_path, "BMC:1:raise:1")
+    proc = simulate("--config", str(cfg_path), "--approach", "seq", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "site BMC failed in stage 1 round 1" in proc.stderr
     run = run_dir_of(proc.stdout)
@@ -154,9 +161,8 @@ def test_client_fault_is_retried_and_reported(tmp_path: Path, fed: tuple[Path, R
 
 
 def test_client_fault_abort_names_site_and_round(tmp_path: Path) -> None:
-    cfg_path = write_config(tmp_path, federated__on_failure="abort", federated__timeout=20.0)
-    proc = simulate("--config", str(cfg_path), "--approach", "seq",
-                    env={"TED_FL_INJECT_FAULT": "I2CVB:0:hang:1"})
+    cfg_path, env = faulty(tmp_path, "I2CVB:0:hang:1", federated__on_failure="abort", federated__timeout=20.0)
+    proc = simulate("--config", str(cfg_path), "--approach", "seq", env=env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: site I2CVB failed in stage 2 round 0"), last
@@ -179,9 +185,8 @@ def test_several_clients_per_site_and_retention(tmp_path: Path) -> None:
 
 def test_audit_stops_a_client_that_leaks_images(tmp_path: Path) -> None:
     """The privacy audit sits on the real client path: a reply carrying images never arrives."""
-    cfg_path = write_config(tmp_path, federated__on_failure="abort")
-    proc = simulate("--config", str(cfg_path), "--approach", "seq",
-                    env={"TED_FL_INJECT_FAULT": "BMC:0:leak:9"})
+    cfg_path, env = faulty(tmp_path, "BMC:0:leak:9", federated__on_failure="abort")
+    proc = simulate("--config", str(cfg_path), "--approach", "seq", env=env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: site BMC failed in stage 1 round 0"), last

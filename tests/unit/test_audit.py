@@ -63,3 +63,14 @@ def test_mod_turns_a_leak_into_an_error_reply() -> None:
     assert out.has_error() and out.error.code == AUDIT_ERROR_CODE
     assert "privacy audit" in out.error.reason
     assert not audit_mod(req, context(), clean).has_error()
+
+
+def test_production_client_app_carries_no_fault_injection() -> None:
+    """Fault injection is a test-only mod (tests/faults.py), not part of the production app."""
+    import inspect
+
+    from ted_fl.federated import client_app, server_app
+
+    assert client_app.app._mods == [client_app.audit_mod]
+    for module in (client_app, server_app):
+        assert "inject" not in inspect.getsource(module).lower(), module.__name__

@@ -154,3 +154,49 @@ def test_ewc_and_mas_aux_state_round_trip() -> None:
         assert out[name] > 0
     assert get_approach("ted").end_of_site(model, split) == {}
     assert get_approach("seq").merge_state({}, {}) == {}
+
+
+@pytest.mark.parametrize(("mode", "norm"), [("eval", "batch"), ("eval", "instance"), ("train", "instance")])
+@pytest.mark.parametrize("name", ["ska", "ted", "ted_gugf"])
+def test_fused_teacher_forward_equals_separate_forwards(name: str, mode: str, norm: str) -> None:
+    """One teacher forward over batch + probes gives the same losses and weights as two.
+
+    Equal up to float rounding (a conv over 6 images is not bitwise the conv over 3 and 3);
+    SGD, not Adam: Adam's g / sqrt(v) turns the rounding noise of the numerically-zero
+    gradients of conv biases before batch norm into full-size steps.
+    """
+    from ted_fl.continual.probes import make_probes
+
+    torch.manual_seed(0)
+    base = build_model(tiny_model_config(norm))
+    with torch.no_grad():
+        base.train()
+        base(batch(100)[0] * 3 + 1)  # running stats away from their defaults
+    approach = get_approach(name, LossConfig(teacher_mode=mode, lambda_d=1.0))
+    probes = make_probes(3, 3, (1, 32, 32), LossConfig())
+    outs, weights = [], []
+    for fuse in (True, False):
+        student, teacher = copy.deepcopy(base), copy.deepcopy(base)
+        opt = torch.optim.SGD(student.parameters(), lr=1e-2)
+        outs.append([train_step(student, teacher, approach, *batch(i), opt, probes=probes, fuse_teacher=fuse)
+                     for i in range(2)])
+        weights.append(state(student))
+    for a, b in zip(*outs, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_train_mode_with_batch_norm_is_never_fused() -> None:
+    """With batch statistics a joint forward would normalise images and noise together."""
+    from ted_fl.continual.step import per_sample_teacher
+
+    bn, inst = build_model(tiny_model_config("batch")), build_model(tiny_model_config("instance"))
+    assert per_sample_teacher(bn, "eval") and per_sample_teacher(inst, "train")
+    assert not per_sample_teacher(bn, "train")
+    x, noise = batch(0)[0], torch.randn(3, 1, 32, 32)
+    with teacher_mode(bn, "train"), torch.no_grad():
+        joint, alone = bn(torch.cat([x, noise]))[:3], bn(x)
+    assert not torch.allclose(joint, alone, atol=1e-4)  # the reason: batch statistics mix

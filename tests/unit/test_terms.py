@@ -219,3 +219,20 @@ def test_registry_compositions_and_weights() -> None:
 def test_unknown_approach_suggests_the_closest() -> None:
     with pytest.raises(TedFlError, match="did you mean 'ted_gugf'"):
         get_approach("ted_gfuf")
+
+
+@pytest.mark.parametrize("mode", ["batch", "normalized", "sample"])
+def test_gugf_folded_weight_equals_the_broadcast_weight(mode: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    u, m = torch.rand(3, 4, 5, generator=g), (torch.rand(3, 1, 4, 5, generator=g) > 0.5).float()
+    lt = torch.randn(3, 1, 4, 5, generator=g)
+    gugf = T.GUGF(mode)
+    assert gugf.folded(u, m).shape == (3, 1, 4, 5)
+    torch.testing.assert_close((gugf.folded(u, m) * lt).sum(), (gugf.weighted(u, m) * lt).sum())
+
+
+def test_class_argmax_is_argmax_with_first_maximum_on_ties() -> None:
+    x = torch.tensor([[[[0.2, 0.5]], [[0.8, 0.5]], [[0.1, 0.5]]]])  # (1, 3, 1, 2); a tie in pixel 2
+    assert T.class_argmax(x).tolist() == [[[[1, 0]]]]
+    y = torch.randn(4, 3, 8, 8)
+    assert torch.equal(T.class_argmax(y), y.argmax(dim=1, keepdim=True))

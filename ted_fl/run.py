@@ -1,0 +1,184 @@
+"""What every runner shares, below the command lines: creating and finishing a run directory,
+progress, machine information and the report.
+
+`ted_fl.federated`, `ted_fl.bench` and the command lines import this module; it imports no
+command line and nothing from `ted_fl.federated` (the Flower layer calls down into it, never up).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ted_fl.config import ExperimentConfig
+from ted_fl.files import atomic_write_text
+from ted_fl.results import RunDir
+
+
+def start_run(cfg: ExperimentConfig, mode: str, argv: list[str]) -> RunDir:
+    """A new run directory with the config, the exact command and the machine it runs on."""
+    run = RunDir.create(cfg.out, f"{cfg.name}-{mode}")
+    run.write_config(cfg)
+    # The exact command, so reports and docs can say how the numbers were made.
+    atomic_write_text(run.path / "command.txt", shlex.join(["python", "-m", f"ted_fl.{mode}", *argv]) + "\n")
+    run.write_json("machine.json", machine_info())
+    return run
+
+
+class Progress:
+    """Stage, round, site, loss and time left, on a rich progress bar (or plain lines)."""
+
+    def __init__(self, total_rounds: int, quiet: bool = False):
+        self.quiet = quiet
+        self.bar: Any = None
+        if not quiet:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import (
+                Progress as RichProgress,
+            )
+
+            self.bar = RichProgress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+            )
+            self.task = self.bar.add_task("starting", total=total_rounds)
+            self.bar.start()
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        desc = (
+            f"{info['approach']} s{info['seed']} | stage {info['stage'] + 1}/{info['stages']} "
+            f"{info['site']} | round {info['round'] + 1}/{info['rounds']} | loss {info['loss']:.3f}"
+        )
+        self.bar.update(self.task, advance=1, description=desc)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def total_rounds(cfg: ExperimentConfig, n_sites: int) -> int:
+    from ted_fl.continual.approaches import get_approach
+
+    total = 0
+    for name in cfg.approaches:
+        joint = get_approach(name, cfg.loss).joint
+        factor = cfg.train.joint_rounds_factor if joint else 1.0
+        stages = 1 if joint and cfg.protocol == "reference" else n_sites  # one-run joint
+        total += stages * max(1, round(cfg.train.rounds * factor))
+    return total * len(cfg.seeds)
+
+
+Execute = Callable[[ExperimentConfig, RunDir, bool], dict[tuple[str, int], dict[str, Any]]]
+
+
+def finish_run(cfg: ExperimentConfig, run: RunDir, extras: dict[tuple[str, int], dict[str, Any]]) -> pd.DataFrame:
+    """Gather every (approach, seed) checkpoint's rows into metrics.csv and summary.csv."""
+    from ted_fl.engine import summarize
+
+    rows: list[dict[str, Any]] = []
+    for approach in cfg.approaches:
+        for seed in cfg.seeds:
+            st = run.load_checkpoint(approach, seed, "last")
+            if st:
+                rows.extend(st["rows"])
+                extras.setdefault((approach, seed), {}).update(
+                    bytes_sent=st["bytes_sent"], bytes_received=st["bytes_received"], wall_s=st["wall"]
+                )
+    metrics = run.write_metrics(rows)
+    summary = summarize(metrics, extras)
+    run.write_summary(summary)
+    return summary
+
+
+def machine_info() -> dict[str, Any]:
+    """Where a run ran (CPU, cores, OS, library versions): wall times mean little without it."""
+    import os
+    import platform
+    from importlib.metadata import version
+
+    import psutil
+    import torch
+
+    return {
+        "platform": platform.platform(), "machine": platform.machine(),
+        "processor": _cpu_model() or platform.processor(), "cpus": os.cpu_count(),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "flwr": version("flwr"), "ray": version("ray"),
+        "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def discard_if_empty(run: RunDir) -> None:
+    """A run that failed before completing a single round leaves no directory behind."""
+    import shutil
+
+    if not list(run.path.glob("checkpoints/*/last.pt")):
+        shutil.rmtree(run.path, ignore_errors=True)
+
+
+def write_report_if_available(run: RunDir) -> Path | None:
+    try:
+        from ted_fl.report import write_report
+    except ImportError:
+        return None
+    try:
+        return write_report([run.path], run.path / "report.html")
+    except Exception as exc:  # the run is already written: a report failure must not lose it
+        msg = f"report not written ({type(exc).__name__}: {exc}); retry with python -m ted_fl.report {run.path}"
+        print(f"warning: {msg}", file=sys.stderr)
+        run.log(f"warning: {msg}")
+        return None
+
+
+def load_and_record_sites(cfg: ExperimentConfig, run: RunDir) -> list:
+    """Load (or generate) the sites once, record the splits and warnings with the run."""
+    from ted_fl.data import check_splits, load_sites
+
+    sites = load_sites(cfg.data, cfg.data.split_seed)
+    # Before Ray or any training starts: a split a run needs but a site lacks is one clear error.
+    check_splits(sites, need_val=cfg.train.select_best or cfg.train.eval_val_all)
+    run.write_json("splits.json", {s.name: s.manifest for s in sites})
+    for s in sites:
+        for w in s.warnings:
+            print(f"warning: {s.name}: {w}", file=sys.stderr)
+            run.log(f"warning: {s.name}: {w}")
+    return sites
+
+
+def execute_centralized(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[tuple[str, int], dict[str, Any]]:
+    from ted_fl.engine import run_schedule
+    from ted_fl.local import LocalExecutor
+
+    sites = load_and_record_sites(cfg, run)
+    progress = Progress(total_rounds(cfg, len(sites)), quiet)
+    try:
+        for approach in cfg.approaches:
+            for seed in cfg.seeds:
+                run_schedule(cfg, approach, seed, LocalExecutor(cfg, sites), run, progress)
+    finally:
+        progress.close()
+    return {}

@@ -1,0 +1,124 @@
+"""Flower's deployment engine, for real: a SuperLink and one SuperNode per site as local processes
+(loopback, --insecure), the app submitted with `flwr run`, its R matrix equal to the simulation's.
+
+The README's "Real hospitals" section gives the same steps with TLS and node authentication.
+Every process is stopped at the end, also when the test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+from tests.integration.test_simulation import dice_rows, run_dir_of, simulate, write_config
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="flower-superlink not installed"),
+]
+
+SITES = ["RUNMC", "BMC", "I2CVB"]  # tests.conftest.tiny_config's arrival order
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def processes(log_dir: Path) -> Iterator[list[subprocess.Popen]]:
+    """Started processes (each in its own session, with its own log), all stopped on exit."""
+    procs: list[subprocess.Popen] = []
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def listening(port: int, proc: subprocess.Popen) -> bool:
+    """Whether `port` accepts connections, waiting while `proc` is alive (no deadline: a loaded
+    machine is slow, and a dead process ends the wait)."""
+    while proc.poll() is None:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.5)
+    return False
+
+
+def start(procs: list[subprocess.Popen], name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+    log = (log_dir / f"{name}.log").open("w")
+    procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=log_dir,
+                                  start_new_session=True))
+
+
+def logs(log_dir: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(log_dir.glob("*.log")))
+
+
+def test_deployment_engine_matches_the_simulation(tmp_path: Path) -> None:
+    cfg_path = write_config(tmp_path, federated__connect_timeout=900.0)
+    # The simulation first: it also writes the synthetic twin the SuperNodes then read.
+    sim = simulate("--config", str(cfg_path), "--approach", "seq")
+    assert sim.returncode == 0, sim.stderr[-3000:]
+
+    home, log_dir, out = tmp_path / "flwr-home", tmp_path / "logs", tmp_path / "deployed"
+    home.mkdir()
+    log_dir.mkdir()
+    link = free_port()  # Flower 1.41 serves the Fleet, Control and Runtime APIs on one HTTP port
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local-test"\n\n[superlink.local-test]\n'
+        f'address = "127.0.0.1:{link}"\ninsecure = true\n'
+    )
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "FLWR_HOME": str(home), "PYTHONPATH": path,
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    bin_dir = Path(sys.executable).parent
+    with processes(log_dir) as procs:
+        start(procs, "superlink", [
+            str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link),
+        ], env, log_dir)
+        assert listening(link, procs[0]), logs(log_dir)
+        for site in SITES:
+            start(procs, f"supernode-{site}", [
+                str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
+                "--host", "127.0.0.1", "--port", str(free_port()),
+                "--node-config", f'site="{site}" client=0 state-dir="{tmp_path / "state" / site}"',
+            ], env, log_dir)
+        run_config = (f'experiment="{cfg_path}" approaches="seq" seeds="0" out="{out}"')
+        proc = subprocess.run(
+            [str(bin_dir / "flwr"), "run", str(REPO), "local-test", "--run-config", run_config, "--stream"],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=3600,
+        )
+        finished = [p for p in out.glob("*-flwr-*") if (p / "metrics.csv").is_file()] if out.is_dir() else []
+        assert proc.returncode == 0 and finished, (
+            f"flwr run rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{logs(log_dir)}")
+    for p in procs:
+        assert p.poll() is not None, f"{p.args[0]} still running"
+    deployed = run_dir_of(f"run directory: {finished[0]}")
+    a, b = dice_rows(run_dir_of(sim.stdout), "seq"), dice_rows(deployed, "seq")
+    assert len(a) == len(b) == 4 * 3  # the untrained model, then after each of the 3 stages, on 3 sites
+    np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), atol=1e-5)

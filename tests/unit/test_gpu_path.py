@@ -1,0 +1,62 @@
+"""The GPU path's switches, exercised on CPU: mixed precision, the device cache, the setup."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ted_fl.config import LossConfig
+from ted_fl.continual.approaches import get_approach
+from ted_fl.continual.learner import amp_dtype_for, gpu_setup, local_train, on_device
+from ted_fl.continual.networks import build_model, tiny_model_config
+from ted_fl.data.types import Split
+from ted_fl.errors import TedFlError
+
+
+def split(n: int = 6) -> Split:
+    g = np.random.default_rng(0)
+    y = np.zeros((n, 32, 32), dtype=np.uint8)
+    y[:, 8:20, 10:24] = 1
+    return Split(g.random((n, 1, 32, 32), dtype=np.float32), y, np.array([f"v{i // 3}" for i in range(n)]))
+
+
+def train(amp: str) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    student, teacher = build_model(tiny_model_config()), build_model(tiny_model_config())
+    metrics, _ = local_train(student, teacher, get_approach("ted_gugf", LossConfig(lambda_d=1.0)), split(),
+                             steps=3, batch_size=3, lr=1e-3, optimizer_state=None, seed=1,
+                             loss_cfg=LossConfig(), amp=amp)
+    return metrics, {k: v.clone() for k, v in student.state_dict().items()}
+
+
+def test_amp_modes() -> None:
+    cpu = torch.device("cpu")
+    assert amp_dtype_for("auto", cpu) is None and amp_dtype_for("off", cpu) is None
+    assert amp_dtype_for("bf16", cpu) is torch.bfloat16
+    with pytest.raises(TedFlError, match="train.amp"):
+        amp_dtype_for("fp8", cpu)
+
+
+def test_auto_is_full_precision_on_cpu_and_bf16_trains_close_to_it() -> None:
+    m_off, w_off = train("off")
+    m_auto, w_auto = train("auto")
+    assert m_off == m_auto and all(torch.equal(w_off[k], w_auto[k]) for k in w_off)
+    m_bf, w_bf = train("bf16")
+    assert all(np.isfinite(v) for v in m_bf.values())
+    assert m_bf["total"] != m_off["total"]  # autocast really ran in bfloat16
+    assert m_bf["seg"] == pytest.approx(m_off["seg"], rel=0.05)
+
+
+def test_on_device_keeps_one_copy_per_live_array() -> None:
+    a, b = np.ones((2, 3), np.float32), np.zeros((2, 3), np.float32)
+    cpu = torch.device("cpu")
+    assert on_device(a, cpu) is on_device(a, cpu)
+    assert on_device(b, cpu) is not on_device(a, cpu) and float(on_device(b, cpu).sum()) == 0.0
+
+
+def test_gpu_setup_leaves_a_cpu_model_alone() -> None:
+    m = build_model(tiny_model_config())
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    assert gpu_setup(m, torch.device("cpu")) is m
+    assert all(v.is_contiguous() and torch.equal(v, before[k]) for k, v in m.state_dict().items())
