@@ -36,7 +36,8 @@ class PooledRun(RunDir):
         base = to_dict(parts[0].read_config())
         for r in parts[1:]:
             other = to_dict(r.read_config())
-            if {k: v for k, v in other.items() if k != "seeds"} != {k: v for k, v in base.items() if k != "seeds"}:
+            if {k: v for k, v in other.items() if k not in ("seeds", "out")} != {
+                    k: v for k, v in base.items() if k not in ("seeds", "out")}:  # `out`: only where it was written
                 raise TedFlError(f"{r.path}: its configuration differs from {parts[0].path} beyond the seeds; "
                                  "pool only runs of one configuration")
         seeds = [s for r in parts for s in r.read_config().seeds]
