@@ -64,7 +64,7 @@ class ModelConfig:
     """The 2-D segmentation network, by name (ted_fl.continual.networks.NETWORKS).
 
     "monai_unet" (default): MONAI's UNet with num_res_units = 0 (strided convs, PReLU; 0.66 M
-    parameters at 16..256 channels), about ten times cheaper per CPU step than "reference_unet",
+    parameters at 16..256 channels, ~14x fewer MACs than "reference_unet"),
     the reference code's fepegar U-Net (max pooling, ReLU, two 3x3 convs per level; 2.31 M
     parameters at 16..256 channels), which the paper configs use. docs/protocol.md compares them.
     """
