@@ -66,7 +66,7 @@ class ModelConfig:
     """The 2-D segmentation network, by name (ted_fl.continual.networks.NETWORKS).
 
     "monai_unet" (default): MONAI's UNet with num_res_units = 0 (strided convs, PReLU; 0.66 M
-    parameters at 16..256 channels), about ten times cheaper per CPU step than "reference_unet",
+    parameters at 16..256 channels, ~14x fewer MACs than "reference_unet"),
     the reference code's fepegar U-Net (max pooling, ReLU, two 3x3 convs per level; 2.31 M
     parameters at 16..256 channels), which the paper configs use. docs/protocol.md compares them.
     """
@@ -113,12 +113,10 @@ class LossConfig:
     """Weights and switches of the loss terms (see ted_fl.continual.terms).
 
     lambda_d defaults to 0.01, not the paper's 0.001 (simulations/prostate-ted.toml keeps 0.001):
-    the CPU-sized schedule has a few hundred steps a site, and on it 0.001 makes TED behave like
-    plain fine-tuning, while 0.1-1 turns AKT (averaged over the disagreeing pixels only, and with
-    the batch-broadcast GUGF ~batch-size times larger again) into a near-hard constraint under
-    which TED barely learns a new site. At 0.01 TED keeps more of the first sites than seq for a
-    modest cost in plasticity, so the comparison means something (docs/results.md has the
-    measurements, the commands, and where TED still forgets as much as seq).
+    the CPU-sized schedule has a few hundred steps a site. It is not tuned for TED: measured on
+    the twin with eval.bn = "batch" (docs/results.md), TED at 0.01 forgets more than seq, at
+    0.001 about as much, and at 0.1 AKT (averaged over the disagreeing pixels only, and with
+    the batch-broadcast GUGF ~batch-size times larger again) stalls it.
     """
 
     lambda_d: float = 0.01  # distillation weight shared by KD, SKA and AKT (reference: 0.001)

@@ -25,7 +25,49 @@ from ted_fl.results import MEAN_LABEL, RunDir, labels_of, select_label
 SUMMARY_COLUMNS = ["avg", "ravg", "bwt", "fwt", "forgetting", "plasticity"]
 
 
+class PooledRun(RunDir):
+    """Several run directories of one configuration that differ only in their seeds, read as one
+    run (`RUN_DIR+RUN_DIR+...` on the command line): metrics and summaries concatenated, seeds
+    united, commands listed one per line. Refused when anything but the seeds differs."""
+
+    def __init__(self, parts: list[RunDir]) -> None:
+        self.parts = parts
+        super().__init__(parts[0].path.parent / "+".join(r.path.name for r in parts))
+        base = to_dict(parts[0].read_config())
+        for r in parts[1:]:
+            other = to_dict(r.read_config())
+            if {k: v for k, v in other.items() if k not in ("seeds", "out")} != {
+                    k: v for k, v in base.items() if k not in ("seeds", "out")}:  # `out`: only where it was written
+                raise TedFlError(f"{r.path}: its configuration differs from {parts[0].path} beyond the seeds; "
+                                 "pool only runs of one configuration")
+        seeds = [s for r in parts for s in r.read_config().seeds]
+        if len(set(seeds)) != len(seeds):
+            raise TedFlError(f"pooled runs repeat a seed ({seeds}); pool runs of distinct seeds")
+
+    def read_config(self):  # type: ignore[no-untyped-def]
+        cfg = self.parts[0].read_config()
+        cfg.seeds = [s for r in self.parts for s in r.read_config().seeds]
+        return cfg
+
+    def metrics(self) -> pd.DataFrame:
+        return pd.concat([r.metrics() for r in self.parts], ignore_index=True)
+
+    def summary(self) -> pd.DataFrame:
+        return pd.concat([r.summary() for r in self.parts], ignore_index=True)
+
+
+def open_run(spec: str | Path) -> RunDir:
+    """A run directory, or several joined by '+' (one configuration, different seeds) pooled."""
+    parts = str(spec).split("+")
+    return RunDir.open(parts[0]) if len(parts) == 1 else PooledRun([RunDir.open(p) for p in parts])
+
+
 def _read(run: RunDir, name: str) -> str | None:
+    if isinstance(run, PooledRun):
+        texts = [_read(r, name) for r in run.parts]
+        if name == "command.txt":
+            return "\n".join(t for t in texts if t) or None
+        return texts[0]
     p = run.path / name
     return p.read_text().strip() if p.is_file() else None
 
@@ -163,8 +205,16 @@ def readme_block(run: RunDir, target: str) -> str:
     """The measured figures of one run, compact enough for a README, with how to regenerate them."""
     _, summary = run_tables(run)
     command = _read(run, "command.txt") or "(not recorded)"
-    done = [ln for ln in (_read(run, "run.log") or "").splitlines() if " done in " in ln]
-    whole = f", {float(done[-1].split(' done in ')[1].split()[0]):.0f} s in all (Ray start included)" if done else ""
+    parts = run.parts if isinstance(run, PooledRun) else [run]
+    secs = []
+    for r in parts:
+        done = [ln for ln in (_read(r, "run.log") or "").splitlines() if " done in " in ln]
+        secs += [float(done[-1].split(" done in ")[1].split()[0])] if done else []
+    ray = " (Ray start included)" if "simulate" in (_read(run, "command.txt") or "") else ""
+    whole = "" if len(secs) != len(parts) else (
+        f", {secs[0]:.0f} s in all{ray}" if len(secs) == 1 else
+        f", {sum(secs):.0f} s in all over {len(secs)} runs run side by side ({', '.join(f'{x:.0f}' for x in secs)} s)")
+    command = "`, `".join(command.splitlines())  # pooled runs: one command per run
     return "\n".join([
         f"Measured with `{command}` on {machine_line(run)}{whole} (run `{run.path.name}`; this block is "
         f"written by `python -m ted_fl.results_doc RUN_DIR --readme {target}`):",
@@ -173,6 +223,20 @@ def readme_block(run: RunDir, target: str) -> str:
         "",
         *(f"- {line}" for line in findings(summary)),
     ])
+
+
+def eval_bn_lines(run: RunDir) -> list[str]:
+    """The run's `python -m ted_fl.diagnose eval-bn` outputs, if any: each mode's summary."""
+    from ted_fl.diagnose import summarize_modes
+
+    out: list[str] = []
+    for part in run.parts if isinstance(run, PooledRun) else [run]:
+        for csv in sorted((part.path / "diagnostics").glob("eval_bn-*.csv")):
+            df = pd.read_csv(csv)
+            out += [f"`python -m ted_fl.diagnose eval-bn` on `{part.path.name}` ({csv.stem[8:]}): the same "
+                    "stage checkpoints scored under both `eval.bn` modes:", "",
+                    md_table(summarize_modes(df)), ""]
+    return out
 
 
 def run_section(run: RunDir, heading_level: int = 2) -> str:
@@ -221,6 +285,7 @@ def run_section(run: RunDir, heading_level: int = 2) -> str:
             for approach, r in run_tables(run, lab)[0].items():
                 out += [f"**{approach}**", "", md_table(r, index=True, index_name="stage"), ""]
             out += ["</details>", ""]
+    out += eval_bn_lines(run)
     out += [
         "<details><summary>Resolved configuration (config.toml)</summary>",
         "",
@@ -236,8 +301,8 @@ def run_section(run: RunDir, heading_level: int = 2) -> str:
 
 def write_doc(run_dirs: list[str | Path], out: str | Path, title: str = "Results", intro: str = "",
               intro_path: str = "") -> Path:
-    runs = [RunDir.open(d) for d in run_dirs]
-    regen = "python -m ted_fl.results_doc " + " ".join(str(r.path) for r in runs) + f" --out {out}"
+    runs = [open_run(d) for d in run_dirs]
+    regen = "python -m ted_fl.results_doc " + " ".join(map(str, run_dirs)) + f" --out {out}"
     if intro_path:
         regen += f" --intro {intro_path}"
     parts = [
@@ -263,7 +328,9 @@ def write_doc(run_dirs: list[str | Path], out: str | Path, title: str = "Results
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ted_fl.results_doc", description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories printed by a run")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="run directories printed by a run; RUN_DIR+RUN_DIR+... pools runs of one "
+                        "configuration that differ only in their seeds")
     p.add_argument("--out", default="docs/results.md", help="Markdown file to write")
     p.add_argument("--title", default="Results", help="page title")
     p.add_argument("--intro", default="", help="a file whose text goes under the title")
@@ -276,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             if len(args.runs) != 1:
                 raise TedFlError("--readme takes exactly one run directory")
             target = Path(args.readme)
-            write_section(target, "default-run", readme_block(RunDir.open(args.runs[0]), args.readme),
+            write_section(target, "default-run", readme_block(open_run(args.runs[0]), args.readme),
                           tag="results")
             print(f"wrote the default-run block of {target}")
             return 0

@@ -98,3 +98,36 @@ def test_mean_std_and_the_papers_ordering() -> None:
     assert "is **not** reproduced" in ordering(summary(0.1, 0.25))  # the spread swamps the gap
     assert shown(summary(0.1, 0.02)).loc["kd", "forgetting"] == "0.300 ± 0.020"
     assert "BWT -0.500 ± 0.020" in findings(summary(0.1, 0.02))[0]
+
+
+def test_pooled_runs_of_one_configuration(run: RunDir, tmp_path: Path) -> None:
+    """RUN+RUN pools seeds of one configuration (mean ± std); other differences are refused."""
+    import shutil
+
+    import pandas as pd
+
+    from ted_fl.results_doc import open_run, run_tables
+
+    def copy(seed: int, name: str, **change: object) -> Path:
+        dst = tmp_path / name
+        shutil.copytree(run.path, dst, ignore=shutil.ignore_patterns("checkpoints", "client_state"))
+        cfg = RunDir(dst).read_config()
+        cfg.seeds = [seed]
+        for k, v in change.items():
+            setattr(cfg.train, k, v)
+        RunDir(dst).write_config(cfg)
+        for f in ("metrics.csv", "summary.csv"):
+            df = pd.read_csv(dst / f)
+            df["seed"] = seed
+            df.to_csv(dst / f, index=False)
+        return dst
+
+    other = copy(1, "seed1")
+    pooled = open_run(f"{run.path}+{other}")
+    assert pooled.read_config().seeds == [0, 1]
+    _, summary = run_tables(pooled)
+    assert (summary["seeds"] == 2).all() and (summary["bwt_sd"] == 0.0).all()  # a copy: no spread
+    out = tmp_path / "r.md"
+    assert main([f"{run.path}+{other}", "--out", str(out)]) == 0
+    assert "± 0.000" in out.read_text()
+    assert main([f"{run.path}+{copy(2, 'lr', lr_first=0.5)}", "--out", str(out)]) == 2
