@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import pandas as pd
 
 from ted_fl.config import dump_toml, to_dict
 from ted_fl.continual.metrics import continual_summary, r_matrix
-from ted_fl.errors import TedFlError
+from ted_fl.errors import TedFlError, exit_code
 from ted_fl.markdown import marked_sections, md_table, write_section
 from ted_fl.results import MEAN_LABEL, RunDir, labels_of, select_label
 
@@ -338,25 +337,24 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead of a page, write the (single) run's figures into FILE's "
                         "<!-- results:default-run --> block, e.g. README.md")
     args = p.parse_args(argv)
-    try:
-        if args.readme:
-            if len(args.runs) != 1:
-                raise TedFlError("--readme takes exactly one run directory")
-            target = Path(args.readme)
-            write_section(target, "default-run", readme_block(open_run(args.runs[0]), args.readme),
-                          tag="results")
-            print(f"wrote the default-run block of {target}")
-            return 0
-        intro = ""
-        if args.intro:
-            ip = Path(args.intro)
-            if not ip.is_file():
-                raise TedFlError(f"--intro {ip}: no such file; pass a Markdown file or omit --intro")
-            intro = ip.read_text()
-        path = write_doc(args.runs, args.out, args.title, intro, args.intro)
-    except TedFlError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: _write(args))
+
+
+def _write(args: argparse.Namespace) -> int:
+    if args.readme:
+        if len(args.runs) != 1:
+            raise TedFlError("--readme takes exactly one run directory")
+        target = Path(args.readme)
+        write_section(target, "default-run", readme_block(open_run(args.runs[0]), args.readme), tag="results")
+        print(f"wrote the default-run block of {target}")
+        return 0
+    intro = ""
+    if args.intro:
+        ip = Path(args.intro)
+        if not ip.is_file():
+            raise TedFlError(f"--intro {ip}: no such file; pass a Markdown file or omit --intro")
+        intro = ip.read_text()
+    path = write_doc(args.runs, args.out, args.title, intro, args.intro)
     print(f"wrote {path}")
     return 0
 
