@@ -32,6 +32,9 @@ def tiny_config(tmp: Path, approaches: list[str] | None = None) -> ExperimentCon
     cfg.train.lr_later = 5e-4
     cfg.loss.lambda_d = 1.0
     cfg.federated.timeout = 120.0
+    # The suite's many tiny runs skip Flower's 0.1 s polling (the latency patch); the shared `fed`
+    # run of test_simulation keeps Flower's own message path, the default.
+    cfg.federated.fast_polling = True
     return cfg
 
 

@@ -69,7 +69,7 @@ def dice_rows(run: RunDir, approach: str | None = None) -> pd.DataFrame:
 def fed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunDir]:
     tmp = tmp_path_factory.mktemp("fed")
     cfg_path = write_config(tmp)
-    proc = simulate("--config", str(cfg_path))
+    proc = simulate("--config", str(cfg_path), "--set", "federated.fast_polling=false")  # Flower's own path
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cfg_path, run_dir_of(proc.stdout)
 
