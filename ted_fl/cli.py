@@ -9,20 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from ted_fl.config import ApproachName, ExperimentConfig, choices, load_experiment, parse_override, set_key
 from ted_fl.errors import TedFlError
-from ted_fl.results import RunDir
-from ted_fl.run import (
-    Execute,
-    discard_if_empty,
-    execute_centralized,
-    finish_run,
-    start_run,
-    write_report_if_available,
-)
+
+if TYPE_CHECKING:  # pandas, torch, Flower and Ray load after the input is parsed and checked
+    import pandas as pd
+
+    from ted_fl.results import RunDir
 
 
 def _site_sets() -> str:
@@ -45,6 +40,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set train.batch_size=8 (repeatable)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last round")
+    p.add_argument("--check", action="store_true",
+                   help="check the configuration and the data, say what would run, and stop (no training)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     return p
 
@@ -70,62 +67,147 @@ def print_summary(summary: pd.DataFrame, run: RunDir) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from ted_fl.results import format_cell
+
     cols = [c for c in ("approach", "seed", "avg", "ravg", "bwt", "fwt", "forgetting", "plasticity",
                         "hd95", "bytes_sent", "bytes_received", "wall_s") if c in summary.columns]
     cols[3:3] = [c for c in summary.columns if c.startswith("avg[")]  # per class / region, when several
+    if "faults_seen" in summary.columns and summary["faults_seen"].fillna(0).sum() > 0:
+        cols += ["faults_seen", "faults_retried", "faults_unrecovered"]
     table = Table(title=f"summary ({run.path / 'summary.csv'})")
     for c in cols:
         table.add_column(c, justify="left" if c == "approach" else "right")
     for _, row in summary.iterrows():
-        cells = []
-        for c in cols:
-            v = row[c]
-            if c.startswith("bytes"):
-                cells.append(f"{v / 1e6:.1f} MB")
-            elif isinstance(v, float):
-                cells.append(f"{v:.3f}")
-            else:
-                cells.append(str(v))
-        table.add_row(*cells)
+        table.add_row(*[format_cell(c, row[c]) for c in cols])
     Console(width=160).print(table)
 
 
+def check_inputs(cfg: ExperimentConfig) -> list:
+    """Everything a run checks before it starts (the data loads, the splits it needs exist): the
+    same validation for `--check`, a run, `--resume` and `flwr run`."""
+    from ted_fl.run import check_data
+
+    return check_data(cfg)
+
+
+def describe(cfg: ExperimentConfig, sites: list, mode: str) -> str:
+    """What a run of `cfg` would do, in one line (for --check)."""
+    names = [s.name for s in sites]
+    nodes = len(names) * cfg.federated.clients_per_site
+    where = cfg.data.data_dir or "synthetic twin"
+    fed = f", {nodes} Flower client node(s)" if mode == "simulate" else ""
+    return (f"ok: {len(cfg.approaches)} approach(es) {' '.join(cfg.approaches)} x {len(cfg.seeds)} seed(s), "
+            f"sites {' -> '.join(names)} ({where}), {cfg.train.rounds} round(s) a stage{fed}; "
+            f"outputs in {cfg.out}/")
+
+
+def _finished(run: RunDir) -> bool:
+    return (run.path / "summary.csv").is_file()
+
+
 def run_command(mode: str, argv: list[str] | None = None) -> int:
-    """Entry point of both command lines; every TedFlError becomes one line on stderr, exit 2."""
+    """Entry point of both command lines; every TedFlError becomes one line on stderr, exit 2.
+
+    Order matters for the first answer: parse, read the config, check the data, and only then
+    import torch, Flower and Ray (`--help` and every input error come back in well under a second).
+    """
     if mode == "simulate":
         desc = "Federated domain-continual simulation: sites arrive one by one as Flower clients on Ray."
     else:
         desc = "Centralized reference run: the same schedule and evaluation as the simulator, in one process."
     args = build_parser(f"python -m ted_fl.{mode}", desc).parse_args(argv)
+    from ted_fl.processes import graceful_signals
+
+    run = None
+    record = None
     try:
-        if args.resume:
-            run = RunDir.open(args.resume)
-            cfg = run.read_config()
-        else:
-            cfg = resolve_config(args)
-            run = start_run(cfg, mode, sys.argv[1:] if argv is None else list(argv))
-        execute: Execute
-        if mode == "simulate":
-            from ted_fl.federated.simulation import execute_federated as execute
-        else:
-            execute = execute_centralized
-        run.log(f"{mode}: approaches {cfg.approaches}, seeds {cfg.seeds}, sites {cfg.data.sites}")
-        t0 = time.perf_counter()
-        extras = execute(cfg, run, args.quiet)
-        summary = finish_run(cfg, run, extras)
-        run.log(f"done in {time.perf_counter() - t0:.1f} s")
-        print_summary(summary, run)
-        report = write_report_if_available(run)
-        if report:
-            print(f"report: {report}")
-        print(f"run directory: {run.path}")
-        return 0
+        with graceful_signals():
+            from ted_fl.processes import ProcessRecord, reap_folder, reap_stale
+            from ted_fl.results import RunDir
+
+            if args.resume:
+                run = RunDir.open(args.resume)
+                cfg = run.read_config()
+                reaped = reap_stale(run.path)  # what a killed run left (Ray agents, workers)
+                if _finished(run):
+                    report = run.path / "report.html"
+                    print(f"{run.path} is already finished; nothing to resume"
+                          + (f" (report: {report})" if report.is_file() else
+                             f" (write its report: python -m ted_fl.report {run.path})"))
+                    return 0
+                check_inputs(cfg)
+            else:
+                cfg = resolve_config(args)
+                sites = check_inputs(cfg)
+                if args.check:
+                    print(describe(cfg, sites, mode))
+                    return 0
+                reaped = reap_folder(cfg.out)
+                from ted_fl.run import start_run
+
+                run = start_run(cfg, mode, sys.argv[1:] if argv is None else list(argv))
+            if reaped:
+                msg = f"ended {reaped} process(es) left by a killed run (Ray, Flower)"
+                print(f"note: {msg}", file=sys.stderr)
+                run.log(f"note: {msg}")
+            record = ProcessRecord(run.path)
+            record.update("starting")
+            return _execute(mode, cfg, run, args, record)
     except TedFlError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        if not args.resume and "run" in locals():
+        if not args.resume and run is not None:
+            from ted_fl.run import discard_if_empty
+
             discard_if_empty(run)
         return 2
-    except KeyboardInterrupt:
-        print(f"interrupted; resume with --resume {run.path}" if "run" in locals() else "interrupted",
-              file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        why = "terminated" if str(exc).startswith("SIG") else "interrupted"
+        if run is not None:
+            run.log(f"{why} ({exc or 'SIGINT'})")
+        print(f"{why}; resume with --resume {run.path}" if run is not None else why, file=sys.stderr)
         return 130
+    finally:
+        _shutdown(record)
+
+
+def _shutdown(record: object) -> None:
+    """Whatever happened: Ray shut down, and no process this run started left running."""
+    if "ray" in sys.modules:
+        import contextlib
+
+        ray = sys.modules["ray"]
+        with contextlib.suppress(Exception):
+            if ray.is_initialized():
+                ray.shutdown()
+    if record is not None:
+        record.close()  # type: ignore[attr-defined]
+
+
+def _execute(mode: str, cfg: ExperimentConfig, run: RunDir, args: argparse.Namespace, record: object) -> int:
+    from ted_fl.run import (
+        Execute,
+        disk_use,
+        execute_centralized,
+        finish_run,
+        prune_run,
+        write_report_if_available,
+    )
+
+    execute: Execute
+    if mode == "simulate":
+        from ted_fl.federated.simulation import execute_federated as execute
+    else:
+        execute = execute_centralized
+    run.log(f"{mode}: approaches {cfg.approaches}, seeds {cfg.seeds}, sites {cfg.data.sites}")
+    t0 = time.perf_counter()
+    run.record = record  # type: ignore[attr-defined]  # the executors refresh it once Ray runs
+    extras = execute(cfg, run, args.quiet)
+    summary = finish_run(cfg, run, extras)
+    run.log(f"done in {time.perf_counter() - t0:.1f} s")
+    print_summary(summary, run)
+    report = write_report_if_available(run)
+    if report:
+        print(f"report: {report}")
+    prune_run(cfg, run)
+    print(f"run directory: {run.path} ({disk_use(run.path)})")
+    return 0

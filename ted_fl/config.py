@@ -217,6 +217,19 @@ class EvalConfig:
 
 
 @dataclass(config=SCHEMA)
+class OutputConfig:
+    """What a run keeps on disk once it ends (during the run, everything resume needs is kept).
+
+    checkpoints = "stages" (default): the model after every stage (the report's sample predictions)
+    and a slim `last.pt` (the rows; the weights live in the last stage's file); "resume": only the
+    final model and the slim `last.pt` (the report shows no per-stage samples); "all": the full
+    resume state, a checkpoint after every round, and the sites' optimizer state.
+    """
+
+    checkpoints: Literal["resume", "stages", "all"] = "stages"
+
+
+@dataclass(config=SCHEMA)
 class ExperimentConfig:
     """A whole experiment: what `simulations/*.toml` holds and `config.toml` records."""
 
@@ -235,6 +248,7 @@ class ExperimentConfig:
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     gkd: GKDConfig = field(default_factory=GKDConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
 
 
 def _describe(err: dict[str, Any], where: str) -> str:

@@ -242,6 +242,9 @@ class Schedule:
             results = self.train_round(plan, rnd)
             st.round += 1
             self.checkpoint()
+            if self.cfg.output.checkpoints == "all":  # every round's model too, when asked
+                self.run_dir.save_checkpoint(self.name, self.seed, f"round-s{plan.stage}-r{rnd}",
+                                             {"weights": st.weights, "site": plan.site})
             if self.progress:
                 self.progress(dict(**self.tag, stage=plan.stage, site=plan.site, round=rnd, rounds=plan.n_rounds,
                                    stages=len(self.order), seconds=time.perf_counter() - t0,

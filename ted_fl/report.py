@@ -31,7 +31,7 @@ from plotly.subplots import make_subplots
 
 from ted_fl.continual.metrics import curves, r_matrix
 from ted_fl.errors import TedFlError, exit_code
-from ted_fl.results import MEAN_LABEL, RunDir, labels_of, select_label
+from ted_fl.results import MEAN_LABEL, RunDir, labels_of, missing_reason, select_label
 
 # Summary columns of the final table, with their headers (in this order).
 TABLE_COLUMNS = {
@@ -48,6 +48,10 @@ TABLE_COLUMNS = {
 }
 CHROMIUM_NAMES = ("chromium", "chromium-headless-shell", "chromium-browser", "google-chrome", "chrome")
 SAMPLE_TILE = 128  # largest side of a sample tile in the page, pixels
+# Per series, a dash and a marker as well as a colour: curves that coincide (seq and an approach that
+# changed nothing) stay visible, the later one drawn dashed over the earlier one's solid line.
+DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "cross", "star", "triangle-down")
 # Class colours of the mask overlays (class 1, 2, ...): green, red, blue, yellow.
 CLASS_COLOURS = np.array([[0, 200, 80], [230, 60, 60], [60, 120, 240], [240, 200, 40]], dtype=np.float32)
 
@@ -201,7 +205,7 @@ def curve_figure(report: Report, sc: pd.DataFrame, value: str, title: str, ytitl
         fig.add_trace(
             go.Scatter(
                 x=g["stage"], y=g["mean"], name=str(label), mode="lines+markers",
-                line=dict(color=colours[str(label)]),
+                **_style(colours, str(label)),
                 error_y=dict(type="data", array=g["std"], visible=bool((g["count"] > 1).any())),
                 hovertemplate="stage %{x}: %{y:.3f}<extra>" + html.escape(str(label)) + "</extra>",
             )
@@ -231,7 +235,7 @@ def site_figure(report: Report, sites_df: pd.DataFrame) -> go.Figure:
             fig.add_trace(
                 go.Scatter(
                     x=g["stage"], y=g["mean"], name=str(label), legendgroup=str(label), showlegend=k == 0,
-                    mode="lines+markers", line=dict(color=colours[str(label)]),
+                    mode="lines+markers", **_style(colours, str(label)),
                     error_y=dict(type="data", array=g["std"], visible=bool((g["count"] > 1).any())),
                     hovertemplate=f"{html.escape(site)} after stage %{{x}}: %{{y:.3f}}<extra>"
                     + html.escape(str(label)) + "</extra>",
@@ -268,6 +272,14 @@ def r_figure(s: Series) -> go.Figure:
     return fig
 
 
+def _style(colours: dict[str, str], label: str) -> dict:
+    """Line and marker of one series: its colour, and a dash and symbol of its own."""
+    k = list(colours).index(label)
+    return dict(line=dict(color=colours[label], dash=DASHES[k % len(DASHES)], width=2.5 if k == 0 else 2),
+                marker=dict(symbol=SYMBOLS[k % len(SYMBOLS)], size=max(6, 11 - 2 * k), color=colours[label]),
+                opacity=0.9)
+
+
 def _colours(labels: list[str]) -> dict[str, str]:
     import plotly.colors
 
@@ -291,7 +303,7 @@ def summary_table(summary: pd.DataFrame) -> str:
     for c in cols:
         digits = 1 if c in ("hd95", "bytes_sent", "wall_s") else 3
         out[TABLE_COLUMNS[c]] = [
-            "–" if pd.isna(m) else (f"{m:.{digits}f}" if k < 2 or pd.isna(sd) else f"{m:.{digits}f} ± {sd:.{digits}f}")
+            (missing_reason(c, m) or "–") if pd.isna(m) else (f"{m:.{digits}f}" if k < 2 or pd.isna(sd) else f"{m:.{digits}f} ± {sd:.{digits}f}")
             for m, sd, k in zip(mean[c], std[c], n, strict=True)
         ]
     out.index.name = "approach"
@@ -461,9 +473,44 @@ def label_tables_html(run_dirs: list[Path]) -> str:
             "ted_fl.report --label NAME); this table shows them all.</p>" + "".join(parts))
 
 
+def shared_plotlyjs(folder: Path) -> Path:
+    """The one plotly.js file of an output folder, written on first use, named by its version."""
+    import plotly
+    import plotly.offline
+
+    path = Path(folder) / f"plotly-{plotly.__version__}.min.js"
+    if not path.is_file():
+        from ted_fl.results import atomic_write_bytes
+
+        atomic_write_bytes(path, plotly.offline.get_plotlyjs().encode())
+    return path
+
+
+def _plotly_head(out: Path, plotlyjs: Path | None) -> str:
+    """The page's <script> for a shared plotly.js, and a note that shows only when it is missing."""
+    if plotlyjs is None:
+        return ""
+    rel = html.escape(Path(os.path.relpath(plotlyjs, out.parent)).as_posix())
+    return f'<script src="{rel}"></script>'
+
+
+def _plotly_missing(plotlyjs: Path | None, run_dirs: list[Path]) -> str:
+    if plotlyjs is None:
+        return ""
+    hint = " ".join(html.escape(str(p)) for p in run_dirs)
+    return (f'<p class="note" id="plotly-missing">The figures need <code>{html.escape(plotlyjs.name)}</code> '
+            f"in the folder above this page (shared by the runs of one output folder); it is missing, e.g. the "
+            f"run was copied alone. <code>python -m ted_fl.report {hint}</code> rewrites the page with plotly.js "
+            "inside.</p><script>if (window.Plotly) document.getElementById('plotly-missing').remove();</script>")
+
+
 def write_report(run_dirs: list[Path], out: Path, *, samples: bool = True, png: bool = False,
-                 label: str = MEAN_LABEL) -> Path:
-    """Write the HTML report of `run_dirs` to `out` (figures of `label`); returns `out`."""
+                 label: str = MEAN_LABEL, plotlyjs: Path | None = None) -> Path:
+    """Write the HTML report of `run_dirs` to `out` (figures of `label`); returns `out`.
+
+    plotly.js (~3.5 MB) is embedded once in the page, or, with `plotlyjs` (a file, see
+    `shared_plotlyjs`), loaded from that file: the runs of one output folder share one copy.
+    """
     run_dirs = [Path(p) for p in run_dirs]
     out = Path(out)
     report = load(run_dirs, label)
@@ -483,7 +530,7 @@ def write_report(run_dirs: list[Path], out: Path, *, samples: bool = True, png: 
     fig_html = []
     for k, (name, fig) in enumerate(figs.items()):
         fig_html.append(
-            fig.to_html(full_html=False, include_plotlyjs=k == 0, div_id=name,
+            fig.to_html(full_html=False, include_plotlyjs=k == 0 and plotlyjs is None, div_id=name,
                         config={"displaylogo": False, "responsive": True})
         )
     n_r = len(report.series)
@@ -495,9 +542,11 @@ def write_report(run_dirs: list[Path], out: Path, *, samples: bool = True, png: 
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>ted-fl report</title>
 {ERROR_PROBE}
+{_plotly_head(out, plotlyjs)}
 <style>{CSS}</style></head>
 <body data-figures="{len(figs)}">
 <h1>ted-fl report: forgetting across sites</h1>
+{_plotly_missing(plotlyjs, run_dirs)}
 <ul class="meta">{meta}</ul>
 {notes}
 <h2>Final table (mean ± std over seeds)</h2>
@@ -529,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="HTML file (default: RUN_DIR/report.html for one run, report.html otherwise)")
     p.add_argument("--no-samples", action="store_true", help="leave out the sample predictions (no data needed)")
     p.add_argument("--png", action="store_true", help="also write each figure as PNG (needs Chromium)")
+    p.add_argument("--shared-plotlyjs", action="store_true",
+                   help="load plotly.js from one file beside the page (shared by the reports of a folder) "
+                        "instead of embedding it (3.5 MB)")
     p.add_argument("--label", default=MEAN_LABEL,
                    help="class or region whose Dice the figures show (default: the mean over them)")
     args = p.parse_args(argv)
@@ -536,7 +588,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else (runs[0] / "report.html" if len(runs) == 1 else Path("report.html"))
 
     def body() -> int:
-        path = write_report(runs, out, samples=not args.no_samples, png=args.png, label=args.label)
+        js = shared_plotlyjs(out.resolve().parent.parent if len(runs) == 1 and args.out is None else out.parent) \
+            if args.shared_plotlyjs else None
+        path = write_report(runs, out, samples=not args.no_samples, png=args.png, label=args.label, plotlyjs=js)
         print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
         return 0
 

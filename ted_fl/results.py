@@ -22,18 +22,43 @@ import json
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ted_fl.config import ExperimentConfig, dump_toml, from_dict, to_dict
 from ted_fl.data.spec import MEAN_LABEL  # the mean over a set's classes and regions: what R, Avg, BWT use
 from ted_fl.errors import TedFlError
 from ted_fl.files import atomic_torch_save, atomic_write_bytes  # noqa: F401 (re-exported)
 
+if TYPE_CHECKING:  # pandas and torch load on first use: the command lines answer before importing them
+    import pandas as pd
+
 METRIC_COLUMNS = ["approach", "seed", "stage", "stage_site", "round", "site", "split", "label", "metric", "value"]
 SCORE_SPLITS = frozenset({"test", "val", "test_round", "val_stage"})  # rows that carry scores per label
+
+
+# Summary columns that cannot always be computed, and the words shown instead of NaN.
+MISSING = {"ravg": "needs joint"}  # rAvg divides by the joint run's scores: add --approach joint
+
+
+def missing_reason(column: str, value: object) -> str:
+    """'needs joint' (etc.) where `value` is NaN because something is missing, '' for a number.
+    Per-label columns (`ravg[LV]`) share their base column's reason; other NaNs read 'n/a'."""
+    try:
+        is_nan = value != value  # NaN is the one value unequal to itself
+    except Exception:
+        return ""
+    if not is_nan:
+        return ""
+    return MISSING.get(column.split("[", 1)[0], "n/a")
+
+
+def format_cell(column: str, value: object) -> str:
+    """One cell of a printed summary: MB for bytes, 3 decimals, words where a number is missing."""
+    if column.startswith("bytes") and isinstance(value, int | float):
+        return f"{value / 1e6:.1f} MB"
+    if isinstance(value, float):
+        return missing_reason(column, value) or f"{value:.3f}"
+    return str(value)
 
 
 def label_metric(key: str, split: str) -> tuple[str, str]:
@@ -101,6 +126,8 @@ class RunDir:
 
     # ----------------------------------------------------------------- metrics
     def write_metrics(self, rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+        import pandas as pd
+
         df = pd.DataFrame(list(rows), columns=METRIC_COLUMNS)
         atomic_write_bytes(self.path / "metrics.csv", df.to_csv(index=False).encode())
         try:
@@ -114,6 +141,8 @@ class RunDir:
 
     def metrics(self) -> pd.DataFrame:
         """metrics.csv; runs written before the label column read as label "mean" on scored rows."""
+        import pandas as pd
+
         p = self.path / "metrics.csv"
         if not p.is_file():
             return pd.DataFrame(columns=METRIC_COLUMNS)
@@ -127,6 +156,8 @@ class RunDir:
         atomic_write_bytes(self.path / "summary.csv", df.to_csv(index=False).encode())
 
     def summary(self) -> pd.DataFrame:
+        import pandas as pd
+
         return pd.read_csv(self.path / "summary.csv")
 
     # ------------------------------------------------------------- checkpoints
@@ -142,6 +173,8 @@ class RunDir:
         p = self.ckpt_dir(approach, seed) / f"{name}.pt"
         if not p.is_file():
             return None
+        import torch
+
         return torch.load(p, map_location="cpu", weights_only=False)
 
     # --------------------------------------------------------------------- log

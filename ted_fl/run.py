@@ -11,21 +11,23 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from ted_fl.config import ExperimentConfig
 from ted_fl.files import atomic_write_text
 from ted_fl.results import RunDir
 
+if TYPE_CHECKING:
+    import pandas as pd
 
-def start_run(cfg: ExperimentConfig, mode: str, argv: list[str]) -> RunDir:
+
+def start_run(cfg: ExperimentConfig, mode: str, argv: list[str], command: list[str] | None = None) -> RunDir:
     """A new run directory with the config, the exact command and the machine it runs on."""
     run = RunDir.create(cfg.out, f"{cfg.name}-{mode}")
     run.write_config(cfg)
     # The exact command, so reports and docs can say how the numbers were made.
-    atomic_write_text(run.path / "command.txt", shlex.join(["python", "-m", f"ted_fl.{mode}", *argv]) + "\n")
+    words = command if command is not None else ["python", "-m", f"ted_fl.{mode}", *argv]
+    atomic_write_text(run.path / "command.txt", shlex.join(words) + "\n")
     run.write_json("machine.json", machine_info())
     return run
 
@@ -33,10 +35,16 @@ def start_run(cfg: ExperimentConfig, mode: str, argv: list[str]) -> RunDir:
 class Progress:
     """Stage, round, site, loss and time left, on a rich progress bar (or plain lines)."""
 
-    def __init__(self, total_rounds: int, quiet: bool = False):
+    def __init__(self, total_rounds: int, quiet: bool = False, lines: bool | None = None):
+        """`lines`: one printed line per round instead of a bar (default: when stdout is no terminal,
+        e.g. the log stream of `flwr run`, where a bar would only appear at the end)."""
+        import time
+
         self.quiet = quiet
         self.bar: Any = None
-        if not quiet:
+        self.total, self.done, self.t0 = total_rounds, 0, time.monotonic()
+        self.lines = (not sys.stdout.isatty()) if lines is None else lines
+        if not quiet and not self.lines:
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -56,13 +64,19 @@ class Progress:
             self.bar.start()
 
     def __call__(self, info: dict[str, Any]) -> None:
-        if self.bar is None:
-            return
+        import time
+
+        self.done += 1
         desc = (
             f"{info['approach']} s{info['seed']} | stage {info['stage'] + 1}/{info['stages']} "
             f"{info['site']} | round {info['round'] + 1}/{info['rounds']} | loss {info['loss']:.3f}"
         )
-        self.bar.update(self.task, advance=1, description=desc)
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, description=desc)
+        elif self.lines and not self.quiet:
+            spent = time.monotonic() - self.t0
+            left = spent / self.done * max(self.total - self.done, 0)
+            print(f"progress: {self.done}/{self.total} | {desc} | {spent:.0f} s, ~{left:.0f} s left", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -142,11 +156,11 @@ def discard_if_empty(run: RunDir) -> None:
 
 def write_report_if_available(run: RunDir) -> Path | None:
     try:
-        from ted_fl.report import write_report
+        from ted_fl.report import shared_plotlyjs, write_report
     except ImportError:
         return None
-    try:
-        return write_report([run.path], run.path / "report.html")
+    try:  # plotly.js once per output folder, beside the run directories
+        return write_report([run.path], run.path / "report.html", plotlyjs=shared_plotlyjs(run.path.parent))
     except Exception as exc:  # the run is already written: a report failure must not lose it
         msg = f"report not written ({type(exc).__name__}: {exc}); retry with python -m ted_fl.report {run.path}"
         print(f"warning: {msg}", file=sys.stderr)
@@ -154,13 +168,27 @@ def write_report_if_available(run: RunDir) -> Path | None:
         return None
 
 
-def load_and_record_sites(cfg: ExperimentConfig, run: RunDir) -> list:
-    """Load (or generate) the sites once, record the splits and warnings with the run."""
+_CHECKED: dict[str, list] = {}  # the sites `check_data` loaded, so a run does not load them twice
+
+
+def check_data(cfg: ExperimentConfig) -> list:
+    """Load (or generate) the sites and check the splits a run needs: the data half of validation,
+    shared by every entry point (before a run directory, torch, Flower or Ray)."""
     from ted_fl.data import check_splits, load_sites
 
-    sites = load_sites(cfg.data, cfg.data.split_seed)
-    # Before Ray or any training starts: a split a run needs but a site lacks is one clear error.
-    check_splits(sites, need_val=cfg.train.select_best or cfg.train.eval_val_all)
+    key = repr((cfg.data, cfg.train.select_best, cfg.train.eval_val_all))
+    if key not in _CHECKED:
+        sites = load_sites(cfg.data, cfg.data.split_seed)
+        # Before Ray or any training starts: a split a run needs but a site lacks is one clear error.
+        check_splits(sites, need_val=cfg.train.select_best or cfg.train.eval_val_all)
+        _CHECKED.clear()  # one entry: the arrays are not kept beyond the run they were checked for
+        _CHECKED[key] = sites
+    return _CHECKED[key]
+
+
+def load_and_record_sites(cfg: ExperimentConfig, run: RunDir) -> list:
+    """Load (or generate) the sites once, record the splits and warnings with the run."""
+    sites = check_data(cfg)
     run.write_json("splits.json", {s.name: s.manifest for s in sites})
     for s in sites:
         for w in s.warnings:
@@ -182,3 +210,33 @@ def execute_centralized(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict
     finally:
         progress.close()
     return {}
+
+
+def prune_run(cfg: ExperimentConfig, run: RunDir) -> None:
+    """Keep what `output.checkpoints` asks for once the run has ended (see OutputConfig): the slim
+    resume file (its rows and counters, no weights), the stage models, and no client state."""
+    import shutil
+
+    policy = cfg.output.checkpoints
+    if policy == "all":
+        return
+    shutil.rmtree(run.client_state_dir, ignore_errors=True)  # optimizer moments: only a resume needs them
+    for approach in cfg.approaches:
+        for seed in cfg.seeds:
+            st = run.load_checkpoint(approach, seed, "last")
+            if not st or not st.get("done"):
+                continue
+            if st.get("weights") is not None:
+                st.update(weights=None, teacher=None, best_weights=None, aux={})
+                run.save_checkpoint(approach, seed, "last", st)
+            if policy == "resume":
+                stages = sorted(run.ckpt_dir(approach, seed).glob("stage*.pt"), key=lambda p: int(p.stem[5:]))
+                for p in stages[:-1]:  # the final model stays
+                    p.unlink()
+
+
+def disk_use(path: Path) -> str:
+    """The run directory's size, in words ('12.3 MB in 25 files')."""
+    files = [p for p in Path(path).rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    return f"{size / 1e6:.1f} MB in {len(files)} files"

@@ -42,6 +42,9 @@ def data_root(cfg: DataConfig, spec: SiteSetSpec, seed: int) -> tuple[Path, bool
     if not cfg.data_dir:
         return ensure_twin(spec, seed, cfg.cache_dir, cfg.synthetic_volumes), True
     root = Path(cfg.data_dir).expanduser()
+    if root.exists() and not root.is_dir():
+        raise TedFlError(f"data folder '{root}' is a file, not a folder; point data.data_dir / --data-dir at "
+                         "the folder that holds the site folders (leave it empty for the synthetic twin)")
     if not root.is_dir():
         raise TedFlError(f"data folder '{root}' does not exist; fix data.data_dir / --data-dir "
                          "(leave it empty for the synthetic twin)")

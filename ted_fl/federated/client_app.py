@@ -165,6 +165,13 @@ app = ClientApp(mods=[audit_mod])
 def hello(msg: Message, context: Context) -> Message:
     """Tell the server which site this node serves and how many examples it has (counts only)."""
     cfg = _config(context, msg.content)
+    node = context.node_config
+    if "site" not in node:
+        from ted_fl.data import site_order
+
+        if int(node["partition-id"]) >= len(site_order(cfg.data)) * cfg.federated.clients_per_site:
+            # a simulated federation larger than the experiment: this node stays idle
+            return Message(RecordDict({M.IDENTITY: ConfigRecord({"site": "", "client": -1})}), reply_to=msg)
     site, client = identity(context, cfg)
     data, train = site_data(cfg, site, client)
     ident = {

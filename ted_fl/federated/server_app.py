@@ -18,7 +18,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from ted_fl.config import ExperimentConfig, dump_toml, from_run_config, to_dict
+from ted_fl.config import ExperimentConfig, dump_toml, to_dict
 from ted_fl.continual.probes import make_probes
 from ted_fl.engine import TrainResult, TrainTask, Weights, run_schedule
 from ted_fl.errors import TedFlError
@@ -33,6 +33,13 @@ def short_reason(reason: str) -> str:
     return (lines[-1] if lines else text).strip("'>\" ")
 
 
+def simulated_federation() -> bool:
+    """Whether this ServerApp runs inside Flower's simulation (all nodes exist from the start)."""
+    import os
+
+    return os.path.basename(sys.argv[0]).startswith("flwr-simulation")
+
+
 class ClientFailure(TedFlError):
     """A client that raised or did not answer, after the configured retries."""
 
@@ -40,12 +47,14 @@ class ClientFailure(TedFlError):
 class FlowerExecutor:
     """Runs the schedule's rounds on Flower clients through a Grid."""
 
-    def __init__(self, grid: Grid, cfg: ExperimentConfig, run: RunDir | None = None) -> None:
+    def __init__(self, grid: Grid, cfg: ExperimentConfig, run: RunDir | None = None,
+                 simulated: bool | None = None) -> None:
         self.grid, self.cfg, self.run = grid, cfg, run
+        self.simulated = simulated_federation() if simulated is None else simulated
         self.experiment_toml = dump_toml(to_dict(cfg))
         self.bytes_sent = self.bytes_received = 0
         self.bytes_by_kind: dict[str, int] = {}
-        self.faults: list[dict[str, Any]] = []
+        self.faults: list[dict[str, Any]] = []  # one entry per failed attempt (see fault_counts)
         self.teacher_sent: dict[int, str] = {}
         self._teacher: tuple[Weights, dict] | None = None  # this round's teacher, for retries
         self._discover()
@@ -55,19 +64,37 @@ class FlowerExecutor:
         from ted_fl.data import site_order
 
         order = site_order(self.cfg.data)
-        expected = len(order) * self.cfg.federated.clients_per_site
-        deadline = time.monotonic() + max(self.cfg.federated.timeout, self.cfg.federated.connect_timeout)
+        k = self.cfg.federated.clients_per_site
+        expected = len(order) * k
+        wait = max(self.cfg.federated.timeout, self.cfg.federated.connect_timeout)
+        simulated = self.simulated
+        deadline = time.monotonic() + wait
         node_ids: list[int] = []
+        seen, stable_since = -1, time.monotonic()
         while time.monotonic() < deadline:
+            from ted_fl.processes import STOP, Terminated
+
+            if STOP.is_set():
+                raise Terminated("stopped")
             node_ids = list(self.grid.get_node_ids())
             if len(node_ids) >= expected:
                 break
+            if len(node_ids) != seen:
+                seen, stable_since = len(node_ids), time.monotonic()
+            # A simulated federation registers all its nodes at once: no more will come.
+            if simulated and node_ids and time.monotonic() - stable_since > 3.0:
+                break
             time.sleep(0.5)
         if len(node_ids) < expected:
+            need = f"this experiment needs {expected} SuperNodes ({len(order)} sites x {k} client(s) per site)"
+            if simulated:
+                raise TedFlError(f"{need}, the federation simulates {len(node_ids)}; run "
+                                 f"`flwr run . --stream --federation-config num-supernodes={expected}`")
             raise TedFlError(
-                f"only {len(node_ids)} of {expected} client nodes connected within "
-                f"{max(self.cfg.federated.timeout, self.cfg.federated.connect_timeout):.0f} s; start one SuperNode per site and client"
+                f"{need}; only {len(node_ids)} connected within {wait:.0f} s; start one SuperNode per site and client"
             )
+        self._say(f"federation: {expected} SuperNodes serve {len(order)} sites x {k} client(s)"
+                  + (f"; {len(node_ids) - expected} more stay idle" if len(node_ids) > expected else ""))
         content = {n: RecordDict({M.CONFIG: ConfigRecord({"experiment_toml": self.experiment_toml})})
                    for n in node_ids}
         replies = self._exchange(content, "query", "hello", {n: f"node {n}" for n in node_ids})
@@ -77,6 +104,8 @@ class FlowerExecutor:
         for node, reply in replies.items():
             ident = reply.content[M.IDENTITY]
             site = str(ident["site"])
+            if not site:  # an idle node of a larger simulated federation
+                continue
             if site not in self.nodes:
                 raise TedFlError(f"node {node} serves unknown site '{site}'; sites: {', '.join(order)}")
             self.nodes[site].append((node, int(ident["client"]), int(ident["n_train"])))
@@ -130,8 +159,13 @@ class FlowerExecutor:
                     self._count(action if action != "default" else category, M.record_bytes(reply.content), up=True)
                     got[node] = reply
             for node in failed:
-                text = f"{labels[node]} failed {where}({mtype}, attempt {attempt + 1}/{attempts}): {reasons[node]}"
+                retry = attempt + 1 < attempts
+                text = (f"{labels[node]} failed {where}({mtype}, attempt {attempt + 1}/{attempts}): {reasons[node]}"
+                        + ("; retrying" if retry else ""))
                 self._note(text)
+                self.faults.append(dict(site=self._site(node), node=node, label=labels[node], where=where.strip(),
+                                        type=mtype, attempt=attempt + 1, reason=reasons[node],
+                                        outcome="retried" if retry else "unrecovered"))
             pending = failed
             if not pending:
                 break
@@ -142,16 +176,23 @@ class FlowerExecutor:
                     content[M.TEACHER] = M.to_record(self._teacher[0])
                     content[M.AUX] = M.to_record(self._teacher[1])
         for node in pending:
-            self.faults.append(dict(node=node, label=labels[node], where=where, type=mtype, reason=reasons[node]))
             if fed.on_failure == "abort" or (fed.on_failure != "skip" and len(pending) == len(contents)):
                 raise ClientFailure(f"{labels[node]} failed {where}({mtype}) after {attempts} attempt(s): "
                                     f"{reasons[node]}; see federated.retries, federated.on_failure")
         return got
 
+    def _say(self, text: str) -> None:
+        print(text, flush=True)
+        if self.run is not None:
+            self.run.log(text)
+
     def _note(self, text: str) -> None:
         print(f"warning: {text}", file=sys.stderr)
         if self.run is not None:
             self.run.log(f"warning: {text}")
+
+    def _site(self, node: int) -> str:
+        return self.site_of[node][0] if hasattr(self, "site_of") and node in self.site_of else f"node {node}"
 
     def _label(self, node: int) -> str:
         site, client = self.site_of[node]
@@ -259,17 +300,33 @@ class FlowerExecutor:
         self.teacher_sent = {}
 
 
-def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, progress: Any = None) -> dict:
+def fault_counts(faults: list[dict[str, Any]], sites: list[str]) -> dict[str, int]:
+    """summary.csv's fault columns: failed attempts seen, retried, and messages never answered
+    (unrecovered), in all and per site (`faults_seen[BMC]`, ...)."""
+    out: dict[str, int] = {}
+    for scope in [None, *sites]:
+        mine = [f for f in faults if scope is None or f.get("site") == scope]
+        tag = "" if scope is None else f"[{scope}]"
+        out[f"faults_seen{tag}"] = len(mine)
+        out[f"faults_retried{tag}"] = sum(f.get("outcome") == "retried" for f in mine)
+        out[f"faults_unrecovered{tag}"] = sum(f.get("outcome", "unrecovered") == "unrecovered" for f in mine)
+    return out
+
+
+def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, progress: Any = None, simulated: bool | None = None) -> dict:
     """The server's main loop: every approach and seed in turn, over one set of nodes."""
     from ted_fl.data import resolve_out_channels
 
     resolve_out_channels(cfg)  # before the hello carries the config to the clients (TOML only, no data)
-    executor = FlowerExecutor(grid, cfg, run)
+    executor = FlowerExecutor(grid, cfg, run, simulated)
     extras: dict[tuple[str, int], dict[str, Any]] = {}
     for approach in cfg.approaches:
         for seed in cfg.seeds:
+            record = getattr(run, "record", None)  # processes.ProcessRecord: Ray's processes are up now
+            if record is not None:
+                record.update(f"{approach} seed {seed}")
             st = run_schedule(cfg, approach, seed, executor, run, progress)
-            extras[(approach, seed)] = {"faults": len(st.executor.get("faults", []))}
+            extras[(approach, seed)] = fault_counts(st.executor.get("faults", []), executor.sites)
     return extras
 
 
@@ -280,15 +337,6 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run an experiment from the app's run config (pyproject.toml [tool.flwr.app.config])."""
-    from ted_fl.run import finish_run
+    from ted_fl.federated.flwr_app import run_app
 
-    cfg = from_run_config(dict(context.run_config))
-    from ted_fl.data import resolve_out_channels
-
-    resolve_out_channels(cfg)  # the network's outputs follow the site set's classes (read from TOML only)
-    run = RunDir.create(cfg.out, f"{cfg.name}-flwr")
-    run.write_config(cfg)
-    extras = serve(grid, cfg, run)
-    summary = finish_run(cfg, run, extras)
-    print(summary.to_string(index=False))
-    print(f"run directory: {run.path}")
+    run_app(grid, context)

@@ -108,6 +108,40 @@ def fast_grid(grid: Any) -> None:
     grid._ted_fl = True
 
 
+def _client_error(record: Any) -> bool:
+    """A record Flower logs when a ClientApp call fails (its message and its traceback): the
+    server already prints one warning line for it and retries, skips or aborts as configured."""
+    import logging
+
+    path = record.pathname.replace("\\", "/")
+    return record.levelno >= logging.ERROR and (
+        (path.endswith("fleet/vce/vce_api.py") and record.funcName == "worker") or "/ray_transport/" in path)
+
+
+@contextlib.contextmanager
+def client_errors_to_log(run: RunDir | None) -> Iterator[None]:
+    """Route Flower's own logging of a failing client (a 75-line traceback) to `run.log`, off the
+    terminal; every other Flower record (and a crash of the runtime itself) still shows."""
+    import logging
+
+    from flwr.common.logger import FLOWER_LOGGER
+
+    class Divert(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if not _client_error(record):
+                return True
+            if run is not None:
+                run.log(f"flower: {record.getMessage()}")
+            return False
+
+    divert = Divert()
+    FLOWER_LOGGER.addFilter(divert)
+    try:
+        yield
+    finally:
+        FLOWER_LOGGER.removeFilter(divert)
+
+
 def load_app(reference: str) -> Any:
     """The object named by 'module:attribute' (Flower's own way of naming an app)."""
     import importlib
@@ -147,18 +181,35 @@ def simulate_groups(
     def _main(grid: Grid, context: Any) -> None:
         if fast["on"]:
             fast_grid(grid)
+        stoppable_grid(grid)
         try:
             for cfg, run in groups:
-                extras.append(serve(grid, cfg, run, progress))
+                extras.append(serve(grid, cfg, run, progress, simulated=True))
         except BaseException as exc:  # surfaced after the simulation shuts down
             error.append(exc)
 
-    with fast_message_polling(groups[0][0].federated.fast_polling) as fast["on"]:
+    with fast_message_polling(groups[0][0].federated.fast_polling) as fast["on"], \
+            client_errors_to_log(groups[0][1]):
         run_simulation(server_app=server, client_app=load_app(groups[0][0].federated.client_app), num_supernodes=num_nodes,
                        backend_config=backend_config(groups[0][0]))  # type: ignore[arg-type]
     if error:
         raise error[0]
     return extras
+
+
+def stoppable_grid(grid: Any) -> None:
+    """Make the ServerApp thread give up waiting for replies once a signal set `processes.STOP`
+    (else Python waits for it at exit, up to federated.timeout, with Ray already gone)."""
+    from ted_fl.processes import STOP, Terminated
+
+    pull = grid.pull_messages
+
+    def pull_messages(*args: Any, **kwargs: Any) -> Any:
+        if STOP.is_set():
+            raise Terminated("stopped")
+        return pull(*args, **kwargs)
+
+    grid.pull_messages = pull_messages
 
 
 def execute_federated(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[tuple[str, int], dict[str, Any]]:

@@ -1,0 +1,123 @@
+"""`flwr run .`: the same run as `python -m ted_fl.simulate`, submitted through Flower's CLI.
+
+The ServerApp's main (`ted_fl.federated.server_app:app`) calls `run_app`. It checks the run
+config and the data exactly as the command line does (an error is one line in the stream and
+no run directory), writes the same run directory (config.toml, command.txt, machine.json,
+splits.json, run.log, metrics, summary, report.html), prints a progress line per round (the
+stream is no terminal), says how many SuperNodes the experiment uses (and fails at once, naming
+the fix, when a simulated federation is too small), routes Flower's tracebacks of a recovered
+client fault to run.log, and, when `flwr run` started a local SuperLink for it, starts
+`ted_fl.federated.reaper` so that SuperLink does not outlive the command.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from ted_fl.errors import TedFlError
+
+
+def command_of(run_config: dict[str, Any]) -> list[str]:
+    """A `flwr run` command that reproduces this run (Flower does not tell the app its own)."""
+    pairs = " ".join(f"{k}={_toml_value(v)}" for k, v in sorted(run_config.items()))
+    return ["flwr", "run", ".", "--stream", "--run-config", pairs]
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def run_app(grid: Any, context: Any) -> None:
+    """The whole `flwr run` job; an input error is one `error:` line, never a traceback."""
+    from ted_fl.processes import ProcessRecord
+
+    run_config = dict(context.run_config)
+    keep = str(run_config.pop("keep_superlink", False)).lower() in ("1", "true", "yes")
+    if not keep:
+        from ted_fl.federated.reaper import start
+
+        try:
+            start(os.getpid())
+        except Exception as exc:  # never let the clean-up helper stop a run
+            print(f"warning: the SuperLink will not be stopped after this run ({exc})", file=sys.stderr)
+    run = None
+    record = None
+    try:
+        cfg, sites = validate(run_config)
+        from ted_fl.processes import reap_folder
+        from ted_fl.run import start_run
+
+        reaped = reap_folder(cfg.out)
+        run = start_run(cfg, "flwr", [], command=command_of(run_config))
+        if reaped:
+            run.log(f"note: ended {reaped} process(es) left by a killed run")
+        record = ProcessRecord(run.path)
+        record.update("starting")
+        run.record = record  # type: ignore[attr-defined]
+        _run(grid, cfg, run, sites)
+    except TedFlError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        if run is not None:
+            run.log(f"error: {exc}")
+            from ted_fl.run import discard_if_empty
+
+            discard_if_empty(run)
+    finally:
+        if record is not None:
+            record.close()
+
+
+def validate(run_config: dict[str, Any]) -> tuple[Any, list]:
+    """The run config through the schema, then the data: the command line's checks, in its order."""
+    from ted_fl.config import from_run_config
+    from ted_fl.data import resolve_out_channels
+    from ted_fl.run import check_data
+
+    cfg = from_run_config(run_config)
+    resolve_out_channels(cfg)  # the network's outputs follow the site set's classes (read from TOML only)
+    return cfg, check_data(cfg)
+
+
+def _run(grid: Any, cfg: Any, run: Any, sites: list) -> None:
+    import time
+
+    from ted_fl.federated.server_app import serve
+    from ted_fl.federated.simulation import client_errors_to_log, stoppable_grid
+    from ted_fl.run import (
+        Progress,
+        disk_use,
+        finish_run,
+        load_and_record_sites,
+        prune_run,
+        total_rounds,
+        write_report_if_available,
+    )
+
+    load_and_record_sites(cfg, run)
+    print(f"run directory: {run.path.resolve()} (started)", flush=True)
+    run.log(f"flwr run: approaches {cfg.approaches}, seeds {cfg.seeds}, sites {cfg.data.sites}")
+    t0 = time.perf_counter()
+    progress = Progress(total_rounds(cfg, len(sites)), quiet=False, lines=True)
+    stoppable_grid(grid)
+    with client_errors_to_log(run):
+        extras = serve(grid, cfg, run, progress)
+    summary = finish_run(cfg, run, extras)
+    run.log(f"done in {time.perf_counter() - t0:.1f} s")
+    from ted_fl.results import format_cell
+
+    cols = [c for c in ("approach", "seed", "avg", "ravg", "bwt", "forgetting", "faults_seen", "faults_retried",
+                        "faults_unrecovered", "wall_s") if c in summary.columns]
+    print("  ".join(cols))
+    for _, row in summary.iterrows():
+        print("  ".join(format_cell(c, row[c]) for c in cols))
+    report = write_report_if_available(run)
+    if report:
+        print(f"report: {report.resolve()}")
+    prune_run(cfg, run)
+    print(f"run directory: {run.path.resolve()} ({disk_use(run.path)})", flush=True)
