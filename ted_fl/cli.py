@@ -7,6 +7,7 @@ print the same summary; only the executor differs (Flower + Ray, or in-process).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -160,8 +161,11 @@ def run_command(mode: str, argv: list[str] | None = None) -> int:
 
             discard_if_empty(run)
         return 2
-    except KeyboardInterrupt as exc:
-        why = "terminated" if str(exc).startswith("SIG") else "interrupted"
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # ray.init replaces the SIGTERM handler with sys.exit(15): the same signal, the same answer.
+        if isinstance(exc, SystemExit) and exc.code != signal.SIGTERM:
+            raise
+        why = "interrupted" if type(exc) is KeyboardInterrupt else "terminated"
         if run is not None:
             run.log(f"{why} ({exc or 'SIGINT'})")
         print(f"{why}; resume with --resume {run.path}" if run is not None else why, file=sys.stderr)
@@ -171,7 +175,11 @@ def run_command(mode: str, argv: list[str] | None = None) -> int:
 
 
 def _shutdown(record: object) -> None:
-    """Whatever happened: Ray shut down, and no process this run started left running."""
+    """Whatever happened: the ServerApp thread stops waiting, Ray shut down, and no process this run
+    started left running."""
+    from ted_fl.processes import STOP
+
+    STOP.set()
     if "ray" in sys.modules:
         import contextlib
 

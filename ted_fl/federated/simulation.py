@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import warnings
 from collections.abc import Iterator
@@ -188,6 +189,9 @@ def simulate_groups(
         except BaseException as exc:  # surfaced after the simulation shuts down
             error.append(exc)
 
+    # Ray's driver would install absl's failure handler for SIGTERM (abort, exit -6, nothing cleaned
+    # up) over ted_fl.processes.graceful_signals; without it SIGTERM shuts Ray down cleanly.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     with fast_message_polling(groups[0][0].federated.fast_polling) as fast["on"], \
             client_errors_to_log(groups[0][1]):
         run_simulation(server_app=server, client_app=load_app(groups[0][0].federated.client_app), num_supernodes=num_nodes,
