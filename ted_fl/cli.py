@@ -177,9 +177,9 @@ def run_command(mode: str, argv: list[str] | None = None) -> int:
 def _shutdown(record: object) -> None:
     """Whatever happened: the ServerApp thread stops waiting, Ray shut down, and no process this run
     started left running."""
-    from ted_fl.processes import STOP
+    from ted_fl.processes import stop_waiting
 
-    STOP.set()
+    stop_waiting()
     if "ray" in sys.modules:
         import contextlib
 

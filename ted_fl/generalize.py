@@ -102,8 +102,9 @@ def summary_table(rows: list[dict]):  # noqa: ANN201 - a pandas frame
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ted_fl.continual.gkd import GKD_APPROACHES
+    from ted_fl.config import GKDApproachName, choices
 
+    GKD_APPROACHES = choices(GKDApproachName)  # noqa: N806 (ted_fl.continual.gkd builds these; no torch to parse)
     p = argparse.ArgumentParser(prog="python -m ted_fl.generalize", description=__doc__.splitlines()[0])
     p.add_argument("--sites", default="retina", help="site set (sites/<name>.toml or a path)")
     p.add_argument("--data-dir", default="", help="the set's data folder (empty: its synthetic twin)")

@@ -32,6 +32,14 @@ RECORD = "processes.json"
 STOP = threading.Event()  # set on SIGINT / SIGTERM: the ServerApp thread stops waiting for replies
 
 
+def stop_waiting() -> None:
+    """Tell the run's threads to stop (sets `STOP`), and give the next run in this process a fresh
+    event: threads of the ended run hold the old, set one."""
+    global STOP
+    STOP.set()
+    STOP = threading.Event()
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGHUP: handled like Ctrl-C (exit 130 after cleaning up, resumable)."""
 
@@ -42,7 +50,6 @@ def graceful_signals() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    STOP.clear()
 
     def on_term(signum: int, _frame: Any) -> None:
         STOP.set()

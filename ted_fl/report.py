@@ -24,14 +24,41 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import plotly.graph_objects as go
-from plotly.subplots import make_subplots
-
-from ted_fl.continual.metrics import curves, r_matrix
 from ted_fl.errors import TedFlError, exit_code
-from ted_fl.results import MEAN_LABEL, RunDir, labels_of, missing_reason, select_label
+from ted_fl.results import MEAN_LABEL, RunDir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ted_fl.report", description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories to compare")
+    p.add_argument("--out", help="HTML file (default: RUN_DIR/report.html for one run, report.html otherwise)")
+    p.add_argument("--no-samples", action="store_true", help="leave out the sample predictions (no data needed)")
+    p.add_argument("--png", action="store_true", help="also write each figure as PNG (needs Chromium)")
+    p.add_argument("--shared-plotlyjs", action="store_true",
+                   help="load plotly.js from one file beside the page (shared by the reports of a folder) "
+                        "instead of embedding it (4.8 MB)")
+    p.add_argument("--label", default=MEAN_LABEL,
+                   help="class or region whose Dice the figures show (default: the mean over them)")
+    return p
+
+
+def check_runs(runs: list[Path]) -> None:
+    """Every argument is a run directory: one line naming the one that is not."""
+    for r in runs:
+        RunDir.open(r)
+
+
+if __name__ == "__main__":  # --help and a wrong folder answer before numpy, pandas, plotly and torch load
+    if exit_code(lambda: check_runs([Path(r) for r in build_parser().parse_args().runs])):
+        sys.exit(2)
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import plotly.graph_objects as go  # noqa: E402
+from plotly.subplots import make_subplots  # noqa: E402
+
+from ted_fl.continual.metrics import curves, r_matrix  # noqa: E402
+from ted_fl.results import labels_of, missing_reason, select_label  # noqa: E402
 
 # Summary columns of the final table, with their headers (in this order).
 TABLE_COLUMNS = {
@@ -573,21 +600,12 @@ def write_report(run_dirs: list[Path], out: Path, *, samples: bool = True, png: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ted_fl.report", description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories to compare")
-    p.add_argument("--out", help="HTML file (default: RUN_DIR/report.html for one run, report.html otherwise)")
-    p.add_argument("--no-samples", action="store_true", help="leave out the sample predictions (no data needed)")
-    p.add_argument("--png", action="store_true", help="also write each figure as PNG (needs Chromium)")
-    p.add_argument("--shared-plotlyjs", action="store_true",
-                   help="load plotly.js from one file beside the page (shared by the reports of a folder) "
-                        "instead of embedding it (3.5 MB)")
-    p.add_argument("--label", default=MEAN_LABEL,
-                   help="class or region whose Dice the figures show (default: the mean over them)")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     runs = [Path(r) for r in args.runs]
     out = Path(args.out) if args.out else (runs[0] / "report.html" if len(runs) == 1 else Path("report.html"))
 
     def body() -> int:
+        check_runs(runs)
         js = shared_plotlyjs(out.resolve().parent.parent if len(runs) == 1 and args.out is None else out.parent) \
             if args.shared_plotlyjs else None
         path = write_report(runs, out, samples=not args.no_samples, png=args.png, label=args.label, plotlyjs=js)

@@ -37,9 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from ted_fl.config import ExperimentConfig, load_experiment, parse_override, set_key
-    from ted_fl.sweeps import parse_grid, sweep
 
     args = build_parser().parse_args(argv)
+    from ted_fl.sweeps import parse_grid, sweep  # after parsing: --help answers before torch
+
     try:
         cfg = load_experiment(args.config) if args.config else ExperimentConfig()
         for item in args.set:

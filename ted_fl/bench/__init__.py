@@ -1,6 +1,6 @@
 """Benchmarks: accuracy on real data, and what the federation costs (`python -m ted_fl.bench`).
 
-Subcommands: accuracy, sweep, overhead, scaling, probes, step, gpu, protocol. Each prints a short table and ends with one
+Subcommands: accuracy, sweep, overhead, scaling, probes, step, gpu, protocol, cli. Each prints a short table and ends with one
 headline line; without --quick (or with --doc PATH) it rewrites its own section of
 docs/benchmarks.md from the run outputs.
 """
@@ -15,11 +15,11 @@ from ted_fl.errors import exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ted_fl.bench import accuracy, gpu, overhead, probes, protocol, scaling, step, sweep
+    from ted_fl.bench import accuracy, cli, gpu, overhead, probes, protocol, scaling, step, sweep
 
     p = argparse.ArgumentParser(prog="python -m ted_fl.bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    for mod in (accuracy, sweep, overhead, scaling, probes, step, gpu, protocol):
+    for mod in (accuracy, sweep, overhead, scaling, probes, step, gpu, protocol, cli):
         mod.add_parser(sub)
     return p
 

@@ -171,7 +171,8 @@ def hello(msg: Message, context: Context) -> Message:
 
         if int(node["partition-id"]) >= len(site_order(cfg.data)) * cfg.federated.clients_per_site:
             # a simulated federation larger than the experiment: this node stays idle
-            return Message(RecordDict({M.IDENTITY: ConfigRecord({"site": "", "client": -1})}), reply_to=msg)
+            idle = {"site": "", "client": -1, "image_shape": [0, 0]}
+            return Message(RecordDict({M.IDENTITY: ConfigRecord(idle)}), reply_to=msg)
     site, client = identity(context, cfg)
     data, train = site_data(cfg, site, client)
     ident = {

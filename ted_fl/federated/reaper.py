@@ -96,16 +96,32 @@ def main(argv: list[str]) -> int:
         time.sleep(0.5)
     else:
         return 0
-    try:
-        tree = superlink.children(recursive=True)
+    import os
+
+    try:  # this process may still hang below the run it watched: never end itself first
+        tree = [p for p in superlink.children(recursive=True) if p.pid != os.getpid()]
         others = [p for p in tree if "flwr-simulation" in " ".join(p.cmdline()[:2])
                   and (run is None or p.pid != run.pid)]
     except psutil.Error:
         return 0
     if others:  # another run still uses this SuperLink: leave it
+        _log(superlink, f"left the SuperLink {superlink.pid} running: {len(others)} other run(s) use it")
         return 0
+    _log(superlink, f"stopping the SuperLink {superlink.pid} and {len(tree)} process(es) under it")
     terminate([*tree, superlink])
     return 0
+
+
+def _log(superlink: Any, text: str) -> None:
+    """One line beside the SuperLink's own log ($FLWR_HOME/local-superlink/ted-fl-reaper.log)."""
+    import contextlib
+    from pathlib import Path
+
+    with contextlib.suppress(Exception):
+        cmd = superlink.cmdline()
+        folder = Path(cmd[cmd.index("--log-file") + 1]).parent
+        with open(folder / "ted-fl-reaper.log", "a") as fh:
+            fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ class ClientFailure(TedFlError):
 class FlowerExecutor:
     """Runs the schedule's rounds on Flower clients through a Grid."""
 
+    SETTLE_S = 3.0  # a simulated federation whose node count held this long is complete
+
     def __init__(self, grid: Grid, cfg: ExperimentConfig, run: RunDir | None = None,
                  simulated: bool | None = None) -> None:
         self.grid, self.cfg, self.run = grid, cfg, run
@@ -71,18 +73,19 @@ class FlowerExecutor:
         deadline = time.monotonic() + wait
         node_ids: list[int] = []
         seen, stable_since = -1, time.monotonic()
-        while time.monotonic() < deadline:
-            from ted_fl.processes import STOP, Terminated
+        from ted_fl import processes
 
-            if STOP.is_set():
-                raise Terminated("stopped")
+        stop = processes.STOP
+        while time.monotonic() < deadline:
+            if stop.is_set():
+                raise processes.Terminated("stopped")
             node_ids = list(self.grid.get_node_ids())
             if len(node_ids) >= expected:
                 break
             if len(node_ids) != seen:
                 seen, stable_since = len(node_ids), time.monotonic()
             # A simulated federation registers all its nodes at once: no more will come.
-            if simulated and node_ids and time.monotonic() - stable_since > 3.0:
+            if simulated and node_ids and time.monotonic() - stable_since > self.SETTLE_S:
                 break
             time.sleep(0.5)
         if len(node_ids) < expected:

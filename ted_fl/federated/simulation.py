@@ -204,12 +204,14 @@ def simulate_groups(
 def stoppable_grid(grid: Any) -> None:
     """Make the ServerApp thread give up waiting for replies once a signal set `processes.STOP`
     (else Python waits for it at exit, up to federated.timeout, with Ray already gone)."""
-    from ted_fl.processes import STOP, Terminated
+    from ted_fl import processes
+    from ted_fl.processes import Terminated
 
+    stop = processes.STOP  # this run's event (the next run in this process gets a fresh one)
     pull = grid.pull_messages
 
     def pull_messages(*args: Any, **kwargs: Any) -> Any:
-        if STOP.is_set():
+        if stop.is_set():
             raise Terminated("stopped")
         return pull(*args, **kwargs)
 

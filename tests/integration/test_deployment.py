@@ -118,7 +118,67 @@ def test_deployment_engine_matches_the_simulation(tmp_path: Path) -> None:
             f"flwr run rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{logs(log_dir)}")
     for p in procs:
         assert p.poll() is not None, f"{p.args[0]} still running"
+    # Parity with python -m ted_fl.simulate: the same run directory, progress in the stream.
+    for name in ("report.html", "run.log", "splits.json", "command.txt", "machine.json", "summary.csv"):
+        assert (finished[0] / name).is_file(), name
+    assert not (finished[0] / "processes.json").exists()
+    stream = proc.stdout + proc.stderr
+    assert "federation: 3 SuperNodes serve 3 sites x 1 client(s)" in stream, stream[-3000:]
+    assert stream.count("progress: ") == 3 * 2, stream[-3000:]  # 3 stages x 2 rounds of seq
     deployed = run_dir_of(f"run directory: {finished[0]}")
     a, b = dice_rows(run_dir_of(sim.stdout), "seq"), dice_rows(deployed, "seq")
     assert len(a) == len(b) == 4 * 3  # the untrained model, then after each of the 3 stages, on 3 sites
     np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), atol=1e-5)
+
+
+def flwr_processes(home: Path) -> list:
+    """Processes of the local SuperLink `flwr run` starts under FLWR_HOME=home, and those below it."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if str(home) in cmd and ("flower-superlink" in cmd or "flower-superexec" in cmd):
+            found.append(p)
+            found += p.children(recursive=True)
+    return found
+
+
+def test_flwr_run_local_simulation_parity_and_no_process_left(tmp_path: Path) -> None:
+    """`flwr run . --stream` on Flower's local simulation: the simulate command's run directory and
+    stream, the federation size said (an extra node idle), and no SuperLink / SuperExec left after."""
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", 39093)) == 0:
+            pytest.skip("a local SuperLink already runs on Flower's fixed port: not ours to stop")
+    cfg_path = write_config(tmp_path)
+    home, out = tmp_path / "flwr-home", tmp_path / "runs"
+    home.mkdir()
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "FLWR_HOME": str(home), "PYTHONPATH": path,
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    flwr = str(Path(sys.executable).parent / "flwr")
+    try:
+        proc = subprocess.run(
+            [flwr, "run", str(REPO), "--stream", "--federation-config", "num-supernodes=4",
+             "--run-config", f'experiment="{cfg_path}" approaches="seq" seeds="0" out="{out}"'],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=3600,
+        )
+        stream = proc.stdout + proc.stderr
+        assert proc.returncode == 0, stream[-3000:]
+        (run,) = [p for p in out.glob("*-flwr-*") if (p / "summary.csv").is_file()]
+        for name in ("report.html", "run.log", "splits.json", "command.txt", "machine.json", "metrics.csv"):
+            assert (run / name).is_file(), name
+        assert "federation: 3 SuperNodes serve 3 sites x 1 client(s); 1 more stay idle" in stream, stream[-3000:]
+        assert stream.count("progress: ") == 3 * 2, stream[-3000:]
+        assert f"run directory: {run.resolve()}" in stream
+        assert "Traceback" not in stream, stream[-3000:]
+        # The SuperLink `flwr run` started is stopped once the command has ended (by ted_fl.federated.reaper).
+        deadline = time.monotonic() + 600  # a hang guard, not a timing: the reaper acts within seconds
+        while flwr_processes(home) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not flwr_processes(home), [" ".join(p.cmdline())[:120] for p in flwr_processes(home)]
+        assert "stopping the SuperLink" in (home / "local-superlink" / "ted-fl-reaper.log").read_text()
+    finally:
+        for p in flwr_processes(home):
+            with contextlib.suppress(Exception):
+                p.kill()

@@ -83,15 +83,19 @@ def test_resume_of_a_finished_run_says_so(tmp_path: Path, capsys: pytest.Capture
 
 
 def test_check_validates_and_stops(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--check loads the data as a run would, says what would run, and writes nothing."""
     from ted_fl.cli import run_command
-    from ted_fl.config import dump_toml, to_dict
+    from tests.unit.test_site_layouts import N, write_small
 
-    cfg = tiny_config(tmp_path)
-    (tmp_path / "e.toml").write_text(dump_toml(to_dict(cfg)))
-    assert run_command("simulate", ["--config", str(tmp_path / "e.toml"), "--check"]) == 0
+    toml, data = write_small(tmp_path)
+    out = tmp_path / "runs"
+    argv = ["--sites", str(toml), "--data-dir", str(data), "--set", f"data.size={N}", "--out", str(out), "--check"]
+    assert run_command("simulate", [*argv, "--set", "train.select_best=false"]) == 0
     line = capsys.readouterr().out
-    assert "ok:" in line and "RUNMC -> BMC -> I2CVB" in line and "3 Flower client node(s)" in line
-    assert not Path(cfg.out).exists()  # nothing written
+    assert "ok:" in line and "H1 -> H2" in line and "2 Flower client node(s)" in line
+    assert run_command("simulate", argv) == 2  # the sites have no validation split: the run's own error
+    assert "val split is empty" in capsys.readouterr().err
+    assert not out.exists()  # nothing written
 
 
 def test_missing_numbers_are_words() -> None:
@@ -197,3 +201,31 @@ def test_progress_prints_lines_when_not_on_a_terminal(capsys: pytest.CaptureFixt
     p.close()
     out = capsys.readouterr().out
     assert out.startswith("progress: 1/4 | seq s0 | stage 1/2 A | round 1/2 | loss 0.500")
+
+
+class FakeGrid:
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+def test_a_too_small_simulated_federation_fails_at_once_naming_the_fix(tmp_path: Path) -> None:
+    """`flwr run` simulates 2 SuperNodes by default: 3 sites need 3, said at once (not after the
+    connect timeout) with the --federation-config to use."""
+    from ted_fl.errors import TedFlError
+    from ted_fl.federated.server_app import FlowerExecutor
+
+    cfg = tiny_config(tmp_path)
+    cfg.federated.connect_timeout = 3600.0
+
+    class Quick(FlowerExecutor):
+        SETTLE_S = 0.0
+
+    with pytest.raises(TedFlError, match=r"needs 3 SuperNodes \(3 sites x 1 client\(s\) per site\), the federation "
+                                         r"simulates 2; run `flwr run \. --stream --federation-config num-supernodes=3`"):
+        Quick(FakeGrid([11, 12]), cfg, None, simulated=True)
+    cfg.federated.connect_timeout = cfg.federated.timeout = 0.01
+    with pytest.raises(TedFlError, match="only 2 connected within 0 s; start one SuperNode per site"):
+        Quick(FakeGrid([11, 12]), cfg, None, simulated=False)  # a deployment: nodes may still come

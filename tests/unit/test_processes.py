@@ -19,7 +19,6 @@ from ted_fl.federated.reaper import is_flwr_run, is_managed_superlink
 from ted_fl.federated.reaper import main as reaper_main
 from ted_fl.processes import (
     RECORD,
-    STOP,
     ProcessRecord,
     Terminated,
     graceful_signals,
@@ -124,6 +123,8 @@ def test_record_lists_and_ends_only_what_the_run_started(tmp_path: Path) -> None
 
 
 def test_sigterm_becomes_an_exception_that_runs_finally_blocks() -> None:
+    import ted_fl.processes as P
+
     cleaned = []
     with pytest.raises(Terminated, match="SIGTERM"), graceful_signals():
         try:
@@ -131,7 +132,9 @@ def test_sigterm_becomes_an_exception_that_runs_finally_blocks() -> None:
             time.sleep(5)  # the handler interrupts this
         finally:
             cleaned.append(True)
-    assert cleaned and STOP.is_set()
+    assert cleaned and P.STOP.is_set()
+    P.stop_waiting()
+    assert not P.STOP.is_set()  # the next run in this process starts with a fresh event
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
 
 
