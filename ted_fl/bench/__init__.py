@@ -13,20 +13,39 @@ import warnings
 
 from ted_fl.errors import exit_code
 
+# Subcommand -> its one-line help; the module ted_fl.bench.<name> adds its options. Only the chosen
+# subcommand's module is imported (several import torch): `--help` answers before torch loads.
+COMMANDS = {
+    "accuracy": "tuned accuracy of seq/kd/ted/ted_gugf/joint (real retina + prostate twin)",
+    "sweep": "a grid in parallel on Ray vs its cells one after another",
+    "overhead": "simulator vs centralized run: wall time end to end, per round, memory",
+    "scaling": "3..48 synthetic sites: time per stage and peak memory",
+    "probes": "SKA probes as pixels vs as a seed: bytes and time per round",
+    "step": "per-approach step time against a seq step and the TED floor",
+    "gpu": "GPU path per approach: step time, images/s, peak memory, clients per GPU",
+    "protocol": "estimate the wall time and memory of a full protocol from measured steps",
+    "cli": "time to --help and to a bad-input error, per entry point",
+}
 
-def build_parser() -> argparse.ArgumentParser:
-    from ted_fl.bench import accuracy, cli, gpu, overhead, probes, protocol, scaling, step, sweep
+
+def build_parser(only: str | None = "") -> argparse.ArgumentParser:
+    """The parser; `only` names the one subcommand whose module is loaded (None: none, "": all)."""
+    import importlib
 
     p = argparse.ArgumentParser(prog="python -m ted_fl.bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    for mod in (accuracy, sweep, overhead, scaling, probes, step, gpu, protocol, cli):
-        mod.add_parser(sub)
+    for name, text in COMMANDS.items():
+        if only == "" or only == name:
+            importlib.import_module(f"ted_fl.bench.{name}").add_parser(sub)
+        else:
+            sub.add_parser(name, help=text)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(chosen if chosen in COMMANDS else None).parse_args(argv)
     # Undefined ratios (rBWT with a zero diagonal, rAvg without a joint run) are NaN by design.
     warnings.filterwarnings("ignore", category=RuntimeWarning, message="invalid value encountered")
     return exit_code(lambda: args.func(args, argv))
