@@ -382,6 +382,9 @@ def _words(text: str) -> Any:
     return text.replace(",", " ").split()
 
 
+LAUNCH_KEYS = ("keep_superlink",)  # run-config keys about the launch (ted_fl.federated.flwr_app), not the experiment
+
+
 def from_run_config(run_config: dict[str, Any], source: str = "run config") -> ExperimentConfig:
     """The experiment of `flwr run`: `experiment` (a file), then schema keys, then `set`.
 
@@ -391,7 +394,7 @@ def from_run_config(run_config: dict[str, Any], source: str = "run config") -> E
     """
     import shlex
 
-    rc = dict(run_config)
+    rc = {k: v for k, v in run_config.items() if k not in LAUNCH_KEYS}
     cfg = load_experiment(str(rc.pop("experiment"))) if rc.get("experiment") else ExperimentConfig()
     extra = str(rc.pop("set", "") or "")
     apply_overrides(cfg, rc, source)

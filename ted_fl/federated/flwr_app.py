@@ -1,6 +1,7 @@
 """`flwr run .`: the same run as `python -m ted_fl.simulate`, submitted through Flower's CLI.
 
-The ServerApp's main (`ted_fl.federated.server_app:app`) calls `run_app`. It checks the run
+`app` is the ServerApp pyproject.toml names (`[tool.flwr.app.components]`); its main calls
+`run_app`. It checks the run
 config and the data exactly as the command line does (an error is one line in the stream and
 no run directory), writes the same run directory (config.toml, command.txt, machine.json,
 splits.json, run.log, metrics, summary, report.html), prints a progress line per round (the
@@ -121,3 +122,19 @@ def _run(grid: Any, cfg: Any, run: Any, sites: list) -> None:
         print(f"report: {report.resolve()}")
     prune_run(cfg, run)
     print(f"run directory: {run.path.resolve()} ({disk_use(run.path)})", flush=True)
+
+
+def _server_app() -> Any:
+    from flwr.serverapp import Grid, ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Any) -> None:
+        """Run an experiment from the app's run config (pyproject.toml [tool.flwr.app.config])."""
+        run_app(grid, context)
+
+    return app
+
+
+app = _server_app()

@@ -15,8 +15,8 @@ import time
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.serverapp import Grid, ServerApp
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
 
 from ted_fl.config import ExperimentConfig, dump_toml, to_dict
 from ted_fl.continual.probes import make_probes
@@ -331,15 +331,3 @@ def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, progress: Any = None, 
             st = run_schedule(cfg, approach, seed, executor, run, progress)
             extras[(approach, seed)] = fault_counts(st.executor.get("faults", []), executor.sites)
     return extras
-
-
-# ------------------------------------------------------- `flwr run .` entry point
-app = ServerApp()
-
-
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Run an experiment from the app's run config (pyproject.toml [tool.flwr.app.config])."""
-    from ted_fl.federated.flwr_app import run_app
-
-    run_app(grid, context)
