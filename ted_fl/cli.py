@@ -217,5 +217,6 @@ def _execute(mode: str, cfg: ExperimentConfig, run: RunDir, args: argparse.Names
     if report:
         print(f"report: {report}")
     prune_run(cfg, run)
-    print(f"run directory: {run.path} ({disk_use(run.path)})")
+    print(f"disk use: {disk_use(run.path)} (output.checkpoints = {cfg.output.checkpoints})")
+    print(f"run directory: {run.path}")
     return 0

@@ -101,7 +101,7 @@ def _run(grid: Any, cfg: Any, run: Any, sites: list) -> None:
     )
 
     load_and_record_sites(cfg, run)
-    print(f"run directory: {run.path.resolve()} (started)", flush=True)
+    print(f"writing to {run.path.resolve()}", flush=True)
     run.log(f"flwr run: approaches {cfg.approaches}, seeds {cfg.seeds}, sites {cfg.data.sites}")
     t0 = time.perf_counter()
     progress = Progress(total_rounds(cfg, len(sites)), quiet=False, lines=True)
@@ -121,7 +121,8 @@ def _run(grid: Any, cfg: Any, run: Any, sites: list) -> None:
     if report:
         print(f"report: {report.resolve()}")
     prune_run(cfg, run)
-    print(f"run directory: {run.path.resolve()} ({disk_use(run.path)})", flush=True)
+    print(f"disk use: {disk_use(run.path)} (output.checkpoints = {cfg.output.checkpoints})")
+    print(f"run directory: {run.path.resolve()}", flush=True)
 
 
 def _server_app() -> Any:
