@@ -41,6 +41,12 @@ call("bad approach", cen, ["--approach", "sq"])
 call("bad config", sim, ["--config", "nope"])
 call("data-dir is a file", sim, ["--data-dir", sys.argv[1]])
 call("resume finished", sim, ["--resume", sys.argv[2]])
+from ted_fl.bench import main as bench
+from ted_fl.generalize import main as gen
+from ted_fl.sweep import main as sweep
+call("bench --help", bench, ["--help"])
+call("generalize --help", gen, ["--help"])
+call("sweep --help", sweep, ["--help"])
 out["heavy"] = sorted(m for m in HEAVY if m in sys.modules)
 print(json.dumps(out))
 """
@@ -62,12 +68,24 @@ def test_parse_and_input_errors_import_no_torch_flower_or_ray(tmp_path: Path) ->
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out.pop("heavy") == [], "imported before the input was checked"
-    for name in ("simulate --help", "centralized --help", "sites --help", "resume finished"):
+    for name in ("simulate --help", "centralized --help", "sites --help", "resume finished", "bench --help",
+                 "generalize --help", "sweep --help"):
         assert out[name][0] == 0, (name, out[name])
     for name in ("bad --set", "bad value", "bad approach", "bad config", "data-dir is a file"):
         assert out[name][0] == 2, (name, out[name])
     assert "is a file, not a folder" in out["data-dir is a file"][1][0]
     assert not list(tmp_path.glob("runs/*")), "an input error left a run directory"
+
+
+def test_bench_subcommands_match_their_modules() -> None:
+    """The static list `python -m ted_fl.bench --help` shows is what the modules register."""
+    import re
+
+    from ted_fl.bench import COMMANDS
+
+    for name in COMMANDS:  # read, not imported (several import torch)
+        text = (REPO / "ted_fl" / "bench" / f"{name}.py").read_text()
+        assert re.findall(r'sub\.add_parser\(\s*"([a-z_]+)"', text) == [name], name
 
 
 def test_resume_of_a_finished_run_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
