@@ -171,7 +171,7 @@ def hello(msg: Message, context: Context) -> Message:
 
         if int(node["partition-id"]) >= len(site_order(cfg.data)) * cfg.federated.clients_per_site:
             # a simulated federation larger than the experiment: this node stays idle
-            idle = {"site": "", "client": -1, "image_shape": [0, 0]}
+            idle = {"idle": True, "site": "(idle)", "client": -1, "image_shape": [0, 0]}  # no '' (Flower's count_bytes)
             return Message(RecordDict({M.IDENTITY: ConfigRecord(idle)}), reply_to=msg)
     site, client = identity(context, cfg)
     data, train = site_data(cfg, site, client)

@@ -19,6 +19,11 @@ from typing import Any
 
 from ted_fl.errors import TedFlError
 
+# Loaded with the ServerApp, before Flower starts the simulated clients: importing torch and MONAI
+# here, not in the ServerApp thread while the ClientApp loads them in another, avoids MONAI's
+# partially-initialised-module error.
+from ted_fl.federated.server_app import serve  # noqa: E402
+
 
 def command_of(run_config: dict[str, Any]) -> list[str]:
     """A `flwr run` command that reproduces this run (Flower does not tell the app its own)."""
@@ -88,7 +93,6 @@ def validate(run_config: dict[str, Any]) -> tuple[Any, list]:
 def _run(grid: Any, cfg: Any, run: Any, sites: list) -> None:
     import time
 
-    from ted_fl.federated.server_app import serve
     from ted_fl.federated.simulation import client_errors_to_log, stoppable_grid
     from ted_fl.run import (
         Progress,

@@ -107,7 +107,7 @@ class FlowerExecutor:
         for node, reply in replies.items():
             ident = reply.content[M.IDENTITY]
             site = str(ident["site"])
-            if not site:  # an idle node of a larger simulated federation
+            if bool(ident.get("idle", False)):  # an idle node of a larger simulated federation
                 continue
             if site not in self.nodes:
                 raise TedFlError(f"node {node} serves unknown site '{site}'; sites: {', '.join(order)}")

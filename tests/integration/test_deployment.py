@@ -165,7 +165,9 @@ def test_flwr_run_local_simulation_parity_and_no_process_left(tmp_path: Path) ->
         )
         stream = proc.stdout + proc.stderr
         assert proc.returncode == 0, stream[-3000:]
-        (run,) = [p for p in out.glob("*-flwr-*") if (p / "summary.csv").is_file()]
+        runs = [p for p in out.glob("*-flwr-*") if (p / "summary.csv").is_file()]
+        assert len(runs) == 1, stream[-4000:]
+        run = runs[0]
         for name in ("report.html", "run.log", "splits.json", "command.txt", "machine.json", "metrics.csv"):
             assert (run / name).is_file(), name
         assert "federation: 3 SuperNodes serve 3 sites x 1 client(s); 1 more stay idle" in stream, stream[-3000:]
