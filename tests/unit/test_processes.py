@@ -123,8 +123,12 @@ def test_record_lists_and_ends_only_what_the_run_started(tmp_path: Path) -> None
 
 
 def test_sigterm_becomes_an_exception_that_runs_finally_blocks() -> None:
+    import threading
+
     import ted_fl.processes as P
 
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be installed in the main thread")
     cleaned = []
     with pytest.raises(Terminated, match="SIGTERM"), graceful_signals():
         try:
