@@ -5,7 +5,7 @@ exit 0 or with exit 2 and exactly one `error:` line: never a traceback, never an
 Everything runs in-process through `ted_fl.simulate.main(argv)` with `--check` (validation only:
 no run directory, no Ray, no Flower). For the option and TOML fuzz the data half of the check is
 replaced by a stub (the data is fuzzed on its own below, with the real check). The number of
-examples per test is `TED_FL_FUZZ_EXAMPLES` (default 30); `pytest --hypothesis-show-statistics`
+examples per test is `TED_FL_FUZZ_EXAMPLES` (default 20); `pytest --hypothesis-show-statistics`
 prints how many cases ran.
 """
 
@@ -28,7 +28,7 @@ from ted_fl.config import ExperimentConfig
 from ted_fl.simulate import main
 from tests.unit.test_site_layouts import N, write_small
 
-EXAMPLES = int(os.environ.get("TED_FL_FUZZ_EXAMPLES", "30"))
+EXAMPLES = int(os.environ.get("TED_FL_FUZZ_EXAMPLES", "20"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
