@@ -46,7 +46,7 @@ rc = run_command("centralized", [
     "--set", 'data.order=["RUNMC","BMC","I2CVB"]',
 ])
 assert rc == 0, f"the run failed (exit {rc})"
-run_dir = max(set(OUT.glob("*")) - before, key=lambda p: p.stat().st_mtime)
+run_dir = max({p for p in OUT.glob("*") if p.is_dir()} - before, key=lambda p: p.stat().st_mtime)
 display(run_dir)
 
 # %% [markdown]

@@ -32,7 +32,7 @@ def generalize(tmp: Path, *extra: str) -> subprocess.CompletedProcess:
 def test_generalize_end_to_end(tmp_path: Path) -> None:
     proc = generalize(tmp_path, "--approach", "student", "kd", "gkd", "--seed", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (run,) = (tmp_path / "runs").iterdir()
+    (run,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     df = pd.read_csv(run / "metrics.csv")
     from ted_fl.results import METRIC_COLUMNS
 

@@ -38,7 +38,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     config.write_text(dump_toml(to_dict(cfg)))
     out = tmp / "runs"
     assert run_command("centralized", ["--config", str(config), "--quiet", "--out", str(out)]) == 0
-    (run,) = out.iterdir()
+    (run,) = [p for p in out.iterdir() if p.is_dir()]  # beside it: the shared plotly-*.min.js
     return config, run
 
 
@@ -51,7 +51,8 @@ def test_run_writes_report(tiny: tuple[Path, Path]) -> None:
     page = (run / "report.html").read_text()
     assert figure_ids(page) == FIGURES
     assert page.count("<script") >= len(FIGURES)
-    assert "src=\"https://cdn" not in page  # plotly.js is inline: the page works offline
+    assert "src=\"https://cdn" not in page  # plotly.js is local: the page works offline
+    assert '<script src="../plotly-' in page and list(run.parent.glob("plotly-*.min.js"))  # one per folder
     assert "±" in page  # two seeds: mean ± std in the final table
     for approach in APPROACHES:
         assert f"R matrix: {approach}" in page
@@ -186,7 +187,7 @@ def test_notebook_compare_approaches(tiny: tuple[Path, Path], tmp_path: Path,
         "TED_FL_CONFIG": str(config), "TED_FL_APPROACHES": "seq kd", "TED_FL_SEEDS": "0",
         "TED_FL_OUT": str(out),
     }, monkeypatch)
-    (run,) = out.iterdir()
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
     assert (run / "summary.csv").is_file() and (run / "report.html").is_file()
 
 

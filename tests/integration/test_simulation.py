@@ -245,5 +245,5 @@ def test_sigterm_leaves_no_process_behind(tmp_path: Path) -> None:
     assert "terminated; resume with --resume" in err
     left = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not left, [" ".join(c.cmdline())[:120] for c in left]
-    (run_path,) = list((tmp_path / "runs").iterdir())
+    (run_path,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     assert not (run_path / "processes.json").exists()
