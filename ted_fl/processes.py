@@ -23,7 +23,6 @@ import json
 import os
 import signal
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -196,16 +195,3 @@ def reap_folder(out: str | Path) -> int:
         with contextlib.suppress(TedFlError):  # still running: another live run, leave it alone
             total += reap_stale(record.parent)
     return total
-
-
-def wait_gone(pids: Iterable[int], timeout: float = 30.0) -> list[int]:
-    """The pids still alive after waiting up to `timeout` s (for tests and the reaper)."""
-    import psutil
-
-    deadline = time.monotonic() + timeout
-    left = list(pids)
-    while left and time.monotonic() < deadline:
-        left = [p for p in left if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        if left:
-            time.sleep(0.2)
-    return left
