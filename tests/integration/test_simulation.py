@@ -116,7 +116,10 @@ def test_matches_centralized(fed: tuple[Path, RunDir], tmp_path: Path) -> None:
 
 
 def test_resume_after_kill(fed: tuple[Path, RunDir], tmp_path: Path) -> None:
-    """Kill a real run half-way through; --resume ends with the uninterrupted run's numbers."""
+    """SIGKILL a real run's driver half-way through; --resume ends what it left (Ray's processes,
+    named in processes.json) and ends with the uninterrupted run's numbers."""
+    import psutil
+
     cfg_path, full = fed
     proc = subprocess.Popen(
         [sys.executable, "-m", "ted_fl.simulate", "--quiet", "--config", str(cfg_path), "--out", str(tmp_path)],
@@ -132,7 +135,8 @@ def test_resume_after_kill(fed: tuple[Path, RunDir], tmp_path: Path) -> None:
             except Exception:  # being replaced right now
                 continue
             if st["stage"] >= 1 and not st["done"]:
-                os.killpg(proc.pid, signal.SIGKILL)
+                children = psutil.Process(proc.pid).children(recursive=True)
+                os.kill(proc.pid, signal.SIGKILL)  # the driver only, as `kill -9 PID` does
                 killed = True
                 break
         if killed:
@@ -142,8 +146,12 @@ def test_resume_after_kill(fed: tuple[Path, RunDir], tmp_path: Path) -> None:
     assert killed, f"the run ended before it could be killed (exit {proc.returncode}): {proc.stderr.read()[-2000:]}"
     (run_path,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert not (run_path / "summary.csv").exists()
+    assert (run_path / "processes.json").is_file()  # what the killed run left, for the next one
     resumed = simulate("--resume", str(run_path))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    left = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert not left, [" ".join(c.cmdline())[:120] for c in left]
+    assert not (run_path / "processes.json").exists()
     a, b = dice_rows(full), dice_rows(RunDir(run_path))
     np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), atol=1e-5)
 
