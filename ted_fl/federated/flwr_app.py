@@ -25,10 +25,10 @@ from ted_fl.errors import TedFlError
 from ted_fl.federated.server_app import serve  # noqa: E402
 
 
-def command_of(run_config: dict[str, Any]) -> list[str]:
+def command_of(run_config: dict[str, Any], nodes: int) -> list[str]:
     """A `flwr run` command that reproduces this run (Flower does not tell the app its own)."""
     pairs = " ".join(f"{k}={_toml_value(v)}" for k, v in sorted(run_config.items()))
-    return ["flwr", "run", ".", "--stream", "--run-config", pairs]
+    return ["flwr", "run", ".", "--stream", "--federation-config", f"num-supernodes={nodes}", "--run-config", pairs]
 
 
 def _toml_value(v: Any) -> str:
@@ -60,7 +60,8 @@ def run_app(grid: Any, context: Any) -> None:
         from ted_fl.run import start_run
 
         reaped = reap_folder(cfg.out)
-        run = start_run(cfg, "flwr", [], command=command_of(run_config))
+        nodes = len(sites) * cfg.federated.clients_per_site
+        run = start_run(cfg, "flwr", [], command=command_of(run_config, nodes))
         if reaped:
             run.log(f"note: ended {reaped} process(es) left by a killed run")
         record = ProcessRecord(run.path)
