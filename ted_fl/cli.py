@@ -109,6 +109,23 @@ def _finished(run: RunDir) -> bool:
 def run_command(mode: str, argv: list[str] | None = None) -> int:
     """Entry point of both command lines; every TedFlError becomes one line on stderr, exit 2.
 
+    Interrupted (Ctrl-C, SIGTERM) as the program itself (`argv` None), it ends with `os._exit`
+    once Ray is down and every process of the run has ended: a Flower worker thread caught in a
+    `ray.get` of the shut-down Ray would otherwise hold the interpreter's exit forever.
+    """
+    code = _run_command(mode, argv)
+    if code == 130 and argv is None:
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run_command(mode: str, argv: list[str] | None = None) -> int:
+    """The body of `run_command`.
+
     Order matters for the first answer: parse, read the config, check the data, and only then
     import torch, Flower and Ray (`--help` and every input error come back in well under a second).
     """
