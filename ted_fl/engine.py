@@ -26,6 +26,7 @@ from ted_fl.continual.metrics import continual_summary, r_matrix
 from ted_fl.continual.networks import build_model
 from ted_fl.continual.weights import Weights, load_weights, model_weights  # noqa: F401 (re-exported)
 from ted_fl.results import MEAN_LABEL, RunDir, label_metric, labels_of, select_label
+from ted_fl.worker import WORK_KEYS
 
 
 def derive_seed(*parts: int) -> int:
@@ -270,7 +271,11 @@ class Schedule:
         st.weights = fedavg([(r.weights, r.num_examples) for r in results])
         split_clients = len({r.site for r in results}) < len(results)
         for r in results:
-            self.rows(stage, rnd, "train", {f"{r.site}/{r.client}" if split_clients else r.site: r.metrics})
+            key = f"{r.site}/{r.client}" if split_clients else r.site
+            work = {k: r.metrics.pop(k) for k in WORK_KEYS if k in r.metrics}  # a client's own work: time rows
+            self.rows(stage, rnd, "train", {key: r.metrics})
+            if work:
+                self.rows(stage, rnd, "time", {key: work})
         if cfg.train.select_best:
             self.select(stage, rnd, site, results)
         if cfg.train.eval_every_round:

@@ -6,6 +6,7 @@ in-process and the Flower ClientApp calls it inside a Ray actor, so both do the 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,11 @@ from ted_fl.continual.networks import build_model
 from ted_fl.continual.probes import make_probes
 from ted_fl.continual.weights import Weights, to_tensors
 from ted_fl.data.types import Split
+
+# Timing keys a client adds to its round's metrics: the wall and CPU (this thread's) seconds of its
+# own work (train_round: load, steps, validation). The schedule moves them to its "time" rows, where
+# the simulator's per-round overhead is read as round_s - work_s (see `python -m ted_fl.bench gpu`).
+WORK_KEYS = ("work_s", "work_cpu_s")
 
 
 @dataclass
@@ -81,6 +87,7 @@ class SiteWorker:
         per_volume: bool,
         labels: Labels | None = None,
     ) -> RoundOutput:
+        t0, c0 = time.perf_counter(), time.thread_time()
         appr = get_approach(approach, self.cfg.loss)
         fixed = self.fixed_teacher()
         if fixed is not None:
@@ -100,6 +107,9 @@ class SiteWorker:
         out = {k: v.detach().cpu().numpy().copy() for k, v in self.student.state_dict().items()}
         scores = (evaluate(self.student, val, per_volume=per_volume, labels=labels, **eval_options(self.cfg))
                   if val is not None else None)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        metrics = {**metrics, "work_s": time.perf_counter() - t0, "work_cpu_s": time.thread_time() - c0}
         return RoundOutput(out, len(data), metrics, scores, opt_state)
 
     def evaluate(self, weights: Weights, split: Split, per_volume: bool,

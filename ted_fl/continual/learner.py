@@ -206,6 +206,12 @@ def on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor
 
 
+def on_device_cached(array: np.ndarray, device: torch.device) -> bool:
+    """Whether `on_device` holds `array` on `device` (the GPU path's check that a split stayed there)."""
+    hit = _DEVICE_CACHE.get((id(array), str(device)))
+    return hit is not None and hit[0]() is array
+
+
 @contextlib.contextmanager
 def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode, except batch norm normalises with each forward's own statistics.
