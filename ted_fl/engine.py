@@ -159,6 +159,28 @@ class StagePlan:
     probe_count: int
 
 
+def plan_stage(cfg: ExperimentConfig, approach: Approach, one_run: bool, order: list[str],
+               sizes: dict[str, int], stage: int) -> StagePlan:
+    """Stage `stage`'s plan: who trains, how many rounds of how many steps, how many probes."""
+    site = order[stage]
+    sites = list(order) if one_run else active_sites(order, stage, cfg.federated.retention, approach.joint)
+    n_rounds = cfg.train.rounds
+    if approach.joint:
+        n_rounds = max(1, round(cfg.train.rounds * cfg.train.joint_rounds_factor))
+    steps = steps_for(cfg, sum(sizes[s] for s in sites) if approach.joint else sizes[site])
+    probe_count = (cfg.loss.ska_count or cfg.train.batch_size) * steps
+    return StagePlan(stage, site, sites, n_rounds, steps, probe_count)
+
+
+def plan_stages(cfg: ExperimentConfig, approach_name: str, order: list[str],
+                sizes: dict[str, int]) -> list[StagePlan]:
+    """Every stage the schedule runs for one approach (one stage over all sites for a one-run joint,
+    protocol "reference"): what `bench protocol` counts without running it."""
+    approach = get_approach(approach_name, cfg.loss)
+    one_run = approach.joint and cfg.protocol == "reference"
+    return [plan_stage(cfg, approach, one_run, order, sizes, k) for k in range(1 if one_run else len(order))]
+
+
 class Schedule:
     """One approach and seed through the site sequence: stages of rounds, checkpointed every round.
 
@@ -223,16 +245,7 @@ class Schedule:
         self.run_dir.save_checkpoint(self.name, self.seed, "last", st.__dict__)
 
     def plan(self, stage: int) -> StagePlan:
-        cfg, approach, sizes = self.cfg, self.approach, self.executor.train_sizes
-        site = self.order[stage]
-        sites = list(self.order) if self.one_run else active_sites(
-            self.order, stage, cfg.federated.retention, approach.joint)
-        n_rounds = cfg.train.rounds
-        if approach.joint:
-            n_rounds = max(1, round(cfg.train.rounds * cfg.train.joint_rounds_factor))
-        steps = steps_for(cfg, sum(sizes[s] for s in sites) if approach.joint else sizes[site])
-        probe_count = (cfg.loss.ska_count or cfg.train.batch_size) * steps
-        return StagePlan(stage, site, sites, n_rounds, steps, probe_count)
+        return plan_stage(self.cfg, self.approach, self.one_run, self.order, self.executor.train_sizes, stage)
 
     def run_stage(self, plan: StagePlan) -> None:
         st = self.st
