@@ -157,6 +157,16 @@ def tiny(cfg: ExperimentConfig, order: list[str] | None = None, rounds: int | No
     return cfg
 
 
+def workload(args: Any, one_seed: bool = True, **quick: Any) -> ExperimentConfig:
+    """The experiment file of --config (its first seed only), made `tiny(**quick)` with --quick."""
+    from ted_fl.config import load_experiment
+
+    cfg = load_experiment(args.config)
+    if one_seed:
+        cfg.seeds = cfg.seeds[:1]
+    return tiny(cfg, **quick) if args.quick else cfg
+
+
 def time_rows(run: RunDir) -> pd.DataFrame:
     """The per-round and per-stage wall times the schedule writes (split "time")."""
     m = run.metrics()

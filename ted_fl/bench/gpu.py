@@ -47,7 +47,7 @@ import pandas as pd
 import torch
 
 from ted_fl.bench import common as C
-from ted_fl.config import ExperimentConfig, load_experiment
+from ted_fl.config import ExperimentConfig
 
 CUDA_CONTEXT_MIB = 500.0  # what a process's CUDA context and allocator reserve besides tensors (typical)
 
@@ -64,11 +64,7 @@ def add_parser(sub: Any) -> None:
 
 
 def workload(args: argparse.Namespace) -> ExperimentConfig:
-    cfg = load_experiment(args.config)
-    cfg.seeds = cfg.seeds[:1]
-    if args.quick:
-        C.tiny(cfg, ["RUNMC", "BMC"], rounds=2, steps=3, batch=4)
-    return cfg
+    return C.workload(args, order=["RUNMC", "BMC"], rounds=2, steps=3, batch=4)
 
 
 def device_name(device: torch.device) -> str:
