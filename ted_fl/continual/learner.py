@@ -65,7 +65,7 @@ def eval_options(cfg: ExperimentConfig) -> dict[str, object]:
             "hd95": "pooled" if ref else "slice_max"}
 
 
-def _batch_indices(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+def batch_indices(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
     """`steps` batches, epoch by epoch: a fresh permutation per pass, the last batch partial."""
     done = 0
     while done < steps:
@@ -136,7 +136,7 @@ def local_train(
     sums: dict[str, float] = defaultdict(float)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for i, idx in enumerate(_batch_indices(n, batch_size, steps, rng)):
+        for i, idx in enumerate(batch_indices(n, batch_size, steps, rng)):
             if on_gpu:
                 sel = torch.as_tensor(idx, device=device)
                 x = images_d[sel].float().contiguous(memory_format=torch.channels_last)

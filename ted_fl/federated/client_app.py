@@ -59,6 +59,14 @@ def identity(context: Context, cfg: ExperimentConfig) -> tuple[str, int]:
     return order[pid // k], pid % k
 
 
+def node_task(msg: Message, context: Context) -> tuple[ExperimentConfig, dict[str, Any], str, int]:
+    """What a handler starts from: the experiment config, the message's config record and this node's
+    (site, client). Shared by this ClientApp and `gkd_client`'s."""
+    cfg = _config(context, msg.content)
+    site, client = identity(context, cfg)
+    return cfg, dict(msg.content[M.CONFIG]), site, client
+
+
 def partition_split(split: Split, k: int, index: int, seed: int) -> Split:
     """Client `index` of `k`: a seeded, volume-wise share of the site's split."""
     if k == 1:
@@ -212,9 +220,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on this site's own split; only metrics go back."""
-    cfg = _config(context, msg.content)
-    c = dict(msg.content[M.CONFIG])
-    site, client = identity(context, cfg)
+    cfg, c, site, client = node_task(msg, context)
     data, _ = site_data(cfg, site, client)
     split = data.splits[str(c["split"])]
     scores = worker(cfg).evaluate(M.from_record(msg.content[M.WEIGHTS]), split, data.per_volume,
@@ -226,9 +232,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query("importance")
 def importance(msg: Message, context: Context) -> Message:
     """Parameter importances (EWC's Fisher, MAS) on this site's data: arrays shaped like the model."""
-    cfg = _config(context, msg.content)
-    c = dict(msg.content[M.CONFIG])
-    site, client = identity(context, cfg)
+    cfg, c, site, client = node_task(msg, context)
     _, share = site_data(cfg, site, client)
     state = worker(cfg).importance(str(c["approach"]), M.from_record(msg.content[M.WEIGHTS]), share)
     return Message(RecordDict({M.AUX: M.to_record(state),
