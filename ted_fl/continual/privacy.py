@@ -28,6 +28,7 @@ What DP-SGD covers and what it does not:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -40,6 +41,7 @@ from torch import nn
 ACCOUNTANT = "rdp"  # Opacus' RDP accountant (Mironov 2017; the sampled Gaussian of Mironov et al. 2019)
 
 
+@functools.lru_cache(maxsize=256)
 def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """sigma such that `steps` sampled Gaussian steps at rate q spend `epsilon` at `delta` (RDP).
 
@@ -136,7 +138,9 @@ class SampleDP:
             with self.public():
                 g_pub = torch.autograd.grad(public, params, allow_unused=True)
         if private is not None and private.requires_grad:
-            private.backward()
+            with warnings.catch_warnings():  # torch's note that the input images need no gradient
+                warnings.simplefilter("ignore", UserWarning)
+                private.backward()
         else:  # an empty Poisson batch: no sample, the step is noise only (as the analysis assumes)
             for p in params:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
@@ -173,6 +177,16 @@ def compatibility_errors(model: nn.Module) -> list[str]:
     return [str(e).splitlines()[0] for e in ModuleValidator.validate(model, strict=False)]
 
 
+def sample_dp_args(privacy: Any, n: int, batch_size: int, steps: int, stage_rounds: int) -> dict[str, float] | None:
+    """DP-SGD's arguments for one round of a site (None unless privacy.dp = "sample"): sigma calibrated to
+    spend privacy.epsilon over the stage's stage_rounds x steps Poisson steps at q = 1 / ceil(n / batch_size)."""
+    if privacy.dp != "sample":
+        return None
+    q = 1.0 / math.ceil(n / batch_size)
+    sigma = noise_multiplier_for(float(privacy.epsilon), float(privacy.delta), q, max(1, stage_rounds) * steps)
+    return {"noise_multiplier": sigma, "max_grad_norm": float(privacy.max_grad_norm)}
+
+
 def stage_dp_metrics(dp: Any) -> dict[str, float]:
     """The round's accounting inputs, reported as train metrics (composed by the server per stage)."""
     hist = dp.history()
@@ -180,3 +194,70 @@ def stage_dp_metrics(dp: Any) -> dict[str, float]:
         return {}
     sigma, q, steps = hist[0]
     return {"dp_noise_multiplier": sigma, "dp_sample_rate": q, "dp_steps": float(steps)}
+
+
+# --------------------------------------------------------------------------- run-start checks
+SECAGG_UNSUPPORTED = (
+    "privacy.secagg = true: Flower 1.41's SecAgg+ runs only on the legacy path (SecAggPlusWorkflow needs a "
+    "LegacyContext with a legacy Strategy's configure_fit / aggregate_fit, and secaggplus_mod reads the legacy "
+    "'fitres.*' records), not with the Message-API ServerApp and strategies ted-fl uses; see docs/privacy.md; "
+    "set privacy.secagg = false"
+)
+
+
+def prepare_privacy(cfg: Any) -> list[str]:
+    """Check the [privacy] keys against the rest of the experiment and make the network compatible.
+
+    Called at run start, before anything builds a network (like `resolve_out_channels`). Returns
+    the notes for run.log; an impossible combination is a one-line TedFlError naming the key.
+    Under any DP level, batch norm becomes group norm (model.norm = "group"): Opacus cannot
+    compute per-sample gradients through batch statistics, and for client-level DP the running
+    statistics are data-dependent buffers outside the clipped parameters (the integer batch counter
+    cannot take Gaussian noise at all). Networks that ignore model.norm are checked with Opacus'
+    ModuleValidator and refused when they still hold batch norm.
+    """
+    from ted_fl.continual.approaches import get_approach
+    from ted_fl.continual.networks import build_model
+    from ted_fl.errors import TedFlError
+
+    p, notes = cfg.privacy, []
+    if p.secagg:
+        raise TedFlError(SECAGG_UNSUPPORTED)
+    if p.dp == "off":
+        return notes
+    where = f"privacy.dp = '{p.dp}'"
+    for name in cfg.approaches:
+        appr = get_approach(name, cfg.loss)
+        if appr.importance:
+            raise TedFlError(f"{where}: approach '{name}' sends parameter importances computed on a site's "
+                             f"images outside any DP mechanism; remove '{name}' from approaches or set privacy.dp = 'off'")
+        if p.dp == "sample" and appr.uses_gugf and cfg.loss.gugf != "sample":
+            raise TedFlError(f"{where}: loss.gugf = '{cfg.loss.gugf}' mixes the images of a batch, so a per-sample "
+                             f"gradient is not one image's; set loss.gugf = 'sample'")
+        if p.dp == "sample" and name == "plop" and cfg.loss.baseline_variant == "reference":
+            raise TedFlError(f"{where}: PLOP's reference variant takes one Dice over the whole batch; "
+                             f"set loss.baseline_variant = 'paper'")
+    if p.dp == "client" and p.noise == "client" and p.clipping == "adaptive":
+        raise TedFlError("privacy.clipping = 'adaptive' needs privacy.noise = 'server' (Flower's LocalDpMod clips "
+                         "at a fixed norm); set privacy.clipping = 'fixed'")
+    if cfg.model.norm == "batch":
+        cfg.model.norm = "group"
+        notes.append(f"privacy: {where}: model.norm 'batch' -> 'group' (GroupNorm: Opacus computes no per-sample "
+                     "gradient through batch statistics, and running statistics are unclipped data-dependent buffers)")
+    errors = compatibility_errors(build_model(cfg.model))
+    if errors:
+        raise TedFlError(f"{where}: model.name = '{cfg.model.name}' is not DP-compatible ({errors[0]}); "
+                         f"use model.name = 'monai_unet' or 'reference_unet' with model.norm = 'group'")
+    if math.isinf(p.epsilon):
+        notes.append(f"privacy: {where} with epsilon = inf: clipping only, no noise (no privacy guarantee)")
+    if p.dp == "sample":
+        notes.append(f"privacy: DP-SGD (Opacus, Poisson sampling, RDP accountant): target epsilon {p.epsilon:g} per "
+                     f"site and stage at delta {p.delta:g}, per-sample clipping at {p.max_grad_norm:g}")
+    else:
+        side = "central DP, Flower's DifferentialPrivacy" + (
+            f"{'ClientSide' if p.clip_on == 'client' else 'ServerSide'}{p.clipping.capitalize()}Clipping"
+            if p.noise == "server" else "") if p.noise == "server" else "local DP, Flower's LocalDpMod"
+        notes.append(f"privacy: client-level DP ({side}): target epsilon {p.epsilon:g} per client and stage at "
+                     f"delta {p.delta:g}, updates clipped at {p.clip_norm:g}" + (" (initial, adaptive)"
+                                                                                  if p.clipping == "adaptive" else ""))
+    return notes
