@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import opacus  # noqa: F401  (imported at collection: its import is no test's time)
 import pytest
 import torch
 
