@@ -56,11 +56,12 @@ class StageFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """The executor's messages, with what the DP wrapper put in `config` (the clipping norm)."""
+        """Put what the DP wrapper added to `config` (the clipping norm) into the executor's messages, which
+        the executor sends itself (with its retries and byte counts): nothing to return."""
         for content in self.contents.values():
             for key, value in config.items():
                 content[M.CONFIG][key] = value
-        return [Message(c, dst_node_id=node, message_type="train") for node, c in self.contents.items()]
+        return []
 
 
 def make_strategy(privacy: PrivacyConfig, n_clients: int, stage_rounds: int) -> tuple[Strategy | None, float]:
@@ -104,8 +105,13 @@ def client_mod(privacy: PrivacyConfig, msg: Message, ctx: Context, call_next: An
     """Run Flower's client-side DP mod on the train message's weights (see the module docstring)."""
     from flwr.clientapp.mod import LocalDpMod, adaptiveclipping_mod, fixedclipping_mod
 
-    view = Message(RecordDict({M.WEIGHTS: msg.content[M.WEIGHTS], M.CONFIG: msg.content[M.CONFIG]}),
-                   dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
+    full = msg.content
+    view = RecordDict({M.WEIGHTS: full[M.WEIGHTS], M.CONFIG: full[M.CONFIG]})
+
+    def app(m: Message, c: Context) -> Message:  # the mod has read the weights it clips against: run the app
+        m.content = full
+        return call_next(m, c)
+
     if privacy.noise == "client":
         # Gaussian noise of std sensitivity * sqrt(2 ln(1.25 / delta)) / eps: with sensitivity 2 * clip (any
         # change of the client's data moves its clipped update by <= 2 clip) and eps chosen so that the std
@@ -119,7 +125,11 @@ def client_mod(privacy: PrivacyConfig, msg: Message, ctx: Context, call_next: An
         return call_next(msg, ctx)  # the server's wrapper clips
     else:
         mod = adaptiveclipping_mod if privacy.clipping == "adaptive" else fixedclipping_mod
-    out = mod(view, ctx, lambda _view, c: call_next(msg, c))
+    msg.content = view  # the mod sees one ArrayRecord and one ConfigRecord (a Message needs a run to be built)
+    try:
+        out = mod(msg, ctx, app)
+    finally:
+        msg.content = full
     if out.has_error():
         raise RuntimeError(out.error.reason)
     return out
