@@ -48,7 +48,11 @@ class FlowerExecutor:
         self.faults: list[dict[str, Any]] = []
         self.teacher_sent: dict[int, str] = {}
         self._teacher: tuple[Weights, dict] | None = None  # this round's teacher, for retries
-        self._dp: dict[tuple[str, int, int], tuple[Any, float]] = {}  # client-level DP: strategy, sigma per stage
+        self._dp: Any = None  # client-level DP: the stage's strategy (ted_fl.federated.dp.StageDP)
+        if cfg.privacy.dp == "client":
+            from ted_fl.federated.dp import StageDP
+
+            self._dp = StageDP(cfg.privacy)
         self._aggregated: Weights | None = None
         self._discover()
 
@@ -204,10 +208,8 @@ class FlowerExecutor:
         if client_dp:
             from ted_fl.federated import dp
 
-            key = (task.approach, task.seed, task.stage)
-            if key not in self._dp:
-                self._dp = {key: dp.make_strategy(self.cfg.privacy, len(trainers), task.stage_rounds)}
-            strategy, sigma = self._dp[key]
+            stage_dp = self._dp.stage(task.approach, task.seed, task.stage, len(trainers), task.stage_rounds)
+            strategy, sigma = stage_dp.strategy, stage_dp.sigma
             dp.configure(strategy, task.round + 1, weights, contents, sigma)
         replies = self._exchange_train(contents, task)
         results = []
@@ -281,11 +283,14 @@ class FlowerExecutor:
         return fedavg(parts) if parts else {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"faults": list(self.faults), "bytes_by_kind": dict(self.bytes_by_kind)}
+        return {"faults": list(self.faults), "bytes_by_kind": dict(self.bytes_by_kind),
+                "dp": self._dp.state_dict() if self._dp else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.faults = list(state.get("faults", []))
         self.bytes_by_kind = dict(state.get("bytes_by_kind", {}))
+        if self._dp:
+            self._dp.load_state_dict(state.get("dp", {}))  # the adaptive clip norm a resumed stage goes on from
         self.teacher_sent = {}
 
 
