@@ -74,7 +74,7 @@ class LocalExecutor:
 
                 weights, bit = self.dp.release(task.weights, out.weights)
                 self._released.append((weights, bit))
-                metrics.update(reply_metrics(self.dp.sigma))
+                metrics.update(reply_metrics(self.dp.accounted_sigma()))
             results.append(TrainResult(site, 0, weights, out.num_examples, metrics, out.val))
         return results
 

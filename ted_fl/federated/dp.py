@@ -111,6 +111,19 @@ class StageDP:
             self.strategy, self.sigma = make_strategy(self.privacy, n_clients, stage_rounds, self.saved.get(key))
         return self
 
+    def accounted_sigma(self) -> float:
+        """The noise multiplier the mechanism runs at, read back from it (the accountant composes this, so
+        a mechanism without noise reports epsilon inf). Local DP: the sigma client_mod sets LocalDpMod's
+        std from. Adaptive clipping: Flower raises the update's multiplier to z = (sigma^-2 - (2 c)^-2)^-1/2
+        for the clipped count's std c; together they are one Gaussian release at sigma = (z^-2 + (2 c)^-2)^-1/2."""
+        s = self.strategy
+        if s is None:
+            return self.sigma
+        z = float(s.noise_multiplier)  # type: ignore[attr-defined]
+        if self.privacy.clipping == "adaptive" and z > 0:
+            return float((z**-2 + (2 * float(s.clipped_count_stddev)) ** -2) ** -0.5)  # type: ignore[attr-defined]
+        return z
+
     def state_dict(self) -> dict[str, float]:
         norm = getattr(self.strategy, "clipping_norm", None)
         return {self.key: float(norm)} if self.key and self.privacy.clipping == "adaptive" and norm else {}

@@ -221,7 +221,7 @@ class FlowerExecutor:
             n = int(metrics.pop("num_examples"))
             val = dict(r[M.VAL]) if M.VAL in r else None
             if client_dp:
-                metrics.update(dp.reply_metrics(sigma))
+                metrics.update(dp.reply_metrics(stage_dp.accounted_sigma()))
             results.append(TrainResult(site, client, M.from_record(r[M.WEIGHTS]), n,
                                        {k: float(v) for k, v in metrics.items()}, val))
         if not results:

@@ -112,3 +112,16 @@ def test_adaptive_clipping_with_too_few_clients_is_a_clear_error() -> None:
 
     with pytest.raises(TedFlError, match="privacy.clipping = 'adaptive' with 1 client"):
         dp.StageDP(PrivacyConfig(dp="client", epsilon=4.0, clipping="adaptive")).stage("seq", 0, 0, 1, 2)
+
+
+@pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
+def test_accounting_reads_the_mechanisms_own_noise_multiplier(clipping: str) -> None:
+    """The accountant's sigma is read back from Flower's strategy; for adaptive clipping Flower's split
+    (update z, count c) recombines to the target: epsilon 40 over 1 release is spent, not less."""
+    from ted_fl.continual.privacy import epsilon_spent
+
+    sd = dp.StageDP(PrivacyConfig(dp="client", epsilon=40.0, clipping=clipping)).stage("seq", 0, 0, len(NORMS), 1)
+    if clipping == "adaptive":
+        assert sd.strategy.noise_multiplier > sd.sigma  # Flower raised the update's multiplier
+    assert sd.accounted_sigma() == pytest.approx(sd.sigma, rel=1e-9)
+    assert epsilon_spent([(sd.accounted_sigma(), 1.0, 1)], 1e-5) == pytest.approx(40.0, abs=0.5)
