@@ -11,6 +11,7 @@ that name the key and the fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import field
 from pathlib import Path
@@ -38,6 +39,9 @@ TeacherMode = Literal["eval", "train"]
 GugfMode = Literal["batch", "normalized", "sample"]
 ProbeTransport = Literal["pixels", "seed"]  # pixels: the server sends the noise; seed: clients regenerate it
 OnFailure = Literal["retry", "skip", "abort"]
+DPLevel = Literal["off", "sample", "client"]  # sample: Opacus DP-SGD in a site; client: Flower DP on what leaves it
+Clipping = Literal["fixed", "adaptive"]
+NoiseSide = Literal["server", "client"]
 Positive = Annotated[int, Field(ge=1)]
 
 
@@ -217,6 +221,32 @@ class EvalConfig:
 
 
 @dataclass(config=SCHEMA)
+class PrivacyConfig:
+    """Differential privacy and secure aggregation (docs/privacy.md says what each level protects).
+
+    dp = "sample": DP-SGD inside every site (Opacus: per-sample clipping at max_grad_norm,
+    Gaussian noise, Poisson sampling), protecting each patient image of a site; the noise is
+    calibrated with Opacus' RDP accountant so that one site's training in one stage spends
+    `epsilon` at `delta`. dp = "client": what leaves a site (its weight update) is clipped at
+    clip_norm and noised with Flower's DP strategies and mods, protecting a whole client (a
+    site, or one department of it); `epsilon` is spent over the stage's rounds. noise = "server":
+    central DP (Flower's DifferentialPrivacy*Clipping strategies add noise to the aggregate;
+    clip_on says where updates are clipped); noise = "client": local DP (Flower's LocalDpMod
+    adds the noise before the update leaves the site). epsilon = inf: clipping only, no noise.
+    """
+
+    dp: DPLevel = "off"
+    epsilon: Annotated[float, Field(gt=0)] = math.inf  # target epsilon per site (client) and stage
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0  # sample level: per-sample gradient clipping bound
+    clip_norm: Annotated[float, Field(gt=0)] = 1.0  # client level: update clipping bound (initial one if adaptive)
+    clipping: Clipping = "fixed"  # client level: fixed | adaptive (Andrew et al., Flower's adaptive wrappers)
+    noise: NoiseSide = "server"  # client level: server (central DP) | client (local DP, Flower's LocalDpMod)
+    clip_on: NoiseSide = "client"  # client level, central DP: where updates are clipped (Flower's mods or the server)
+    secagg: bool = False  # SecAgg+ where a stage aggregates several clients (refused on Flower 1.41: docs/privacy.md)
+
+
+@dataclass(config=SCHEMA)
 class ExperimentConfig:
     """A whole experiment: what `simulations/*.toml` holds and `config.toml` records."""
 
@@ -235,6 +265,7 @@ class ExperimentConfig:
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     gkd: GKDConfig = field(default_factory=GKDConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 def _describe(err: dict[str, Any], where: str) -> str:
