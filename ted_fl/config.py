@@ -38,6 +38,7 @@ TeacherMode = Literal["eval", "train"]
 GugfMode = Literal["batch", "normalized", "sample"]
 ProbeTransport = Literal["pixels", "seed"]  # pixels: the server sends the noise; seed: clients regenerate it
 OnFailure = Literal["retry", "skip", "abort"]
+TeacherPlace = Literal["server", "site"]  # where the frozen teacher lives (privacy.teacher)
 Positive = Annotated[int, Field(ge=1)]
 
 
@@ -217,6 +218,31 @@ class EvalConfig:
 
 
 @dataclass(config=SCHEMA)
+class PrivacyConfig:
+    """Privacy policies, each a study axis (`python -m ted_fl.study privacy`; docs in README).
+
+    teacher: "server" (default) keeps the frozen teacher and the SKA probes at the server: it
+    sends the teacher to every node that trains in a stage (once per node and stage) and the
+    probes every round (pixels or seed, federated.probes). "site": the teacher is handed only
+    to the arriving site: its nodes freeze the stage's first weights they receive (bitwise the
+    server's teacher, so no separate teacher payload travels) and draw their SKA probes
+    themselves from a seed of their own (no probes travel); retained earlier sites train
+    without a teacher. replay = N: an earlier site that keeps training (federated.retention)
+    trains on a seeded buffer of at most N of its own training images (0: all of them).
+    mia: run the membership-inference attack (ted_fl.privacy.mia) on every site at the end.
+    The DP keys (dp, epsilon, delta) follow the session contract; the DP mechanisms land with
+    issue 13 part A, until then only dp = "off" (epsilon = inf) runs.
+    """
+
+    dp: Literal["off", "sample", "client"] = "off"  # sample: DP-SGD inside each site; client: DP on what leaves a site
+    epsilon: float = float("inf")  # target epsilon per site and stage (inf: no DP noise)
+    delta: float = 1e-5
+    teacher: TeacherPlace = "server"  # server | site: where the frozen teacher lives
+    replay: Annotated[int, Field(ge=0)] = 0  # images an earlier site keeps for its retention rounds (0: all)
+    mia: bool = True  # membership-inference attack on every site's final model (metrics.csv split "privacy")
+
+
+@dataclass(config=SCHEMA)
 class ExperimentConfig:
     """A whole experiment: what `simulations/*.toml` holds and `config.toml` records."""
 
@@ -235,6 +261,7 @@ class ExperimentConfig:
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     gkd: GKDConfig = field(default_factory=GKDConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 def _describe(err: dict[str, Any], where: str) -> str:
