@@ -11,6 +11,7 @@ that name the key and the fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import field
 from pathlib import Path
@@ -38,6 +39,9 @@ TeacherMode = Literal["eval", "train"]
 GugfMode = Literal["batch", "normalized", "sample"]
 ProbeTransport = Literal["pixels", "seed"]  # pixels: the server sends the noise; seed: clients regenerate it
 OnFailure = Literal["retry", "skip", "abort"]
+DPLevel = Literal["off", "sample", "client"]  # sample: Opacus DP-SGD in a site; client: Flower DP on what leaves it
+Clipping = Literal["fixed", "adaptive"]
+NoiseSide = Literal["server", "client"]
 TeacherPlace = Literal["server", "site"]  # where the frozen teacher lives (privacy.teacher)
 Positive = Annotated[int, Field(ge=1)]
 
@@ -219,7 +223,18 @@ class EvalConfig:
 
 @dataclass(config=SCHEMA)
 class PrivacyConfig:
-    """Privacy policies, each a study axis (`python -m ted_fl.study privacy`; docs in README).
+    """Differential privacy, secure aggregation and the privacy policies (docs/privacy.md says
+    what each DP level protects; every key is a study axis of `python -m ted_fl.study privacy`).
+
+    dp = "sample": DP-SGD inside every site (Opacus: per-sample clipping at max_grad_norm,
+    Gaussian noise, Poisson sampling), protecting each patient image of a site; the noise is
+    calibrated with Opacus' RDP accountant so that one site's training in one stage spends
+    `epsilon` at `delta`. dp = "client": what leaves a site (its weight update) is clipped at
+    clip_norm and noised with Flower's DP strategies and mods, protecting a whole client (a
+    site, or one department of it); `epsilon` is spent over the stage's rounds. noise = "server":
+    central DP (Flower's DifferentialPrivacy*Clipping strategies add noise to the aggregate;
+    clip_on says where updates are clipped); noise = "client": local DP (Flower's LocalDpMod
+    adds the noise before the update leaves the site). epsilon = inf: clipping only, no noise.
 
     teacher: "server" (default) keeps the frozen teacher and the SKA probes at the server: it
     sends the teacher to every node that trains in a stage (once per node and stage) and the
@@ -230,13 +245,17 @@ class PrivacyConfig:
     without a teacher. replay = N: an earlier site that keeps training (federated.retention)
     trains on a seeded buffer of at most N of its own training images (0: all of them).
     mia: run the membership-inference attack (ted_fl.privacy.mia) on every site at the end.
-    The DP keys (dp, epsilon, delta) follow the session contract; the DP mechanisms land with
-    issue 13 part A, until then only dp = "off" (epsilon = inf) runs.
     """
 
-    dp: Literal["off", "sample", "client"] = "off"  # sample: DP-SGD inside each site; client: DP on what leaves a site
-    epsilon: float = float("inf")  # target epsilon per site and stage (inf: no DP noise)
-    delta: float = 1e-5
+    dp: DPLevel = "off"
+    epsilon: Annotated[float, Field(gt=0)] = math.inf  # target epsilon per site (client) and stage
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0  # sample level: per-sample gradient clipping bound
+    clip_norm: Annotated[float, Field(gt=0)] = 1.0  # client level: update clipping bound (initial one if adaptive)
+    clipping: Clipping = "fixed"  # client level: fixed | adaptive (Andrew et al., Flower's adaptive wrappers)
+    noise: NoiseSide = "server"  # client level: server (central DP) | client (local DP, Flower's LocalDpMod)
+    clip_on: NoiseSide = "client"  # client level, central DP: where updates are clipped (Flower's mods or the server)
+    secagg: bool = False  # SecAgg+ where a stage aggregates several clients (refused on Flower 1.41: docs/privacy.md)
     teacher: TeacherPlace = "server"  # server | site: where the frozen teacher lives
     replay: Annotated[int, Field(ge=0)] = 0  # images an earlier site keeps for its retention rounds (0: all)
     mia: bool = True  # membership-inference attack on every site's final model (metrics.csv split "privacy")

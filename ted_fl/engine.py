@@ -68,6 +68,7 @@ class TrainTask:
     probe_count: int
     probe_shape: tuple[int, ...]
     want_val: bool  # ask the (single) trainer to report validation metrics of its result
+    stage_rounds: int = 1  # rounds of this stage (DP calibrates its noise over the whole stage)
 
 
 @dataclass
@@ -288,12 +289,14 @@ class Schedule:
             probe_seed=derive_seed(self.seed, stage, rnd, 0x5CA) if uses_probes else None,
             probe_count=plan.probe_count if uses_probes else 0,
             probe_shape=tuple(executor.image_shape), want_val=cfg.train.select_best,
+            stage_rounds=plan.n_rounds,
         )
         t0 = time.perf_counter()
         sent0, recv0 = executor.bytes_sent, executor.bytes_received
         results = executor.train(task)
         train_s = time.perf_counter() - t0
-        st.weights = fedavg([(r.weights, r.num_examples) for r in results])
+        aggregate = getattr(executor, "aggregate", None)  # client-level DP: Flower's DP strategy aggregates
+        st.weights = aggregate(task, results) if aggregate else fedavg([(r.weights, r.num_examples) for r in results])
         split_clients = len({r.site for r in results}) < len(results)
         for r in results:
             self.rows(stage, rnd, "train", {f"{r.site}/{r.client}" if split_clients else r.site: r.metrics})
@@ -345,12 +348,61 @@ class Schedule:
         # Stage times (a resumed stage counts from the resume): its test evaluation and all of it.
         self.rows(stage, last, "time", {site: {"eval_s": time.perf_counter() - t_eval,
                                                 "stage_s": time.perf_counter() - t_stage}})
+        self.account(stage)
         if cfg.train.eval_val_all:  # validation R matrix, for tuning on val rather than on test
             self.rows(stage, last, "val_stage", executor.evaluate(st.weights, "val", self.order))
         self.run_dir.save_checkpoint(self.name, self.seed, f"stage{stage}", {"weights": st.weights, "site": site})
         st.stage, st.round = stage + 1, 0
         st.teacher, st.best_score, st.best_weights = None, -math.inf, None
         self.checkpoint()
+
+
+    def account(self, stage: int) -> None:
+        """Differential privacy spent per site (or client) in this stage and in total so far (split "privacy").
+
+        The trainers report each round's (noise multiplier, sample rate, steps) as train metrics:
+        DP-SGD's per site, or one release per round at rate 1 for client-level DP. Opacus' RDP accountant
+        composes them: "epsilon" over this stage's rounds, "epsilon_total" over every stage the site
+        trained in (retention), both at privacy.delta.
+        """
+        from ted_fl.continual.privacy import epsilon_spent
+
+        p = self.cfg.privacy
+        if p.dp == "off":
+            return
+        hist: dict[str, dict[int, dict[int, dict[str, float]]]] = {}
+        for r in self.st.rows:
+            if r["split"] == "train" and r["metric"] in ("dp_noise_multiplier", "dp_sample_rate", "dp_steps"):
+                hist.setdefault(r["site"], {}).setdefault(r["stage"], {}).setdefault(r["round"], {})[r["metric"]] = r["value"]
+
+        def events(rounds: dict[int, dict[str, float]]) -> list[tuple[float, float, int]]:
+            return [(m["dp_noise_multiplier"], m["dp_sample_rate"], int(m["dp_steps"])) for m in rounds.values()
+                    if len(m) == 3]
+
+        for site, by_stage in hist.items():
+            if stage not in by_stage:
+                continue
+            here = events(by_stage[stage])
+            everything = [e for st in sorted(by_stage) if st <= stage for e in events(by_stage[st])]
+            eps, total = epsilon_spent(here, p.delta), epsilon_spent(everything, p.delta)
+            self.rows(stage, -1, "privacy", {site: {"epsilon": eps, "epsilon_total": total, "delta": p.delta,
+                                                     "noise_multiplier": here[0][0] if here else 0.0,
+                                                     "steps": float(sum(n for _, _, n in here))}})
+            self.run_dir.log(f"privacy: {self.name} seed {self.seed} stage {stage} {site}: epsilon {eps:.4g} "
+                             f"(total {total:.4g}) at delta {p.delta:g}, dp = {p.dp}, noise multiplier "
+                             f"{here[0][0] if here else 0.0:.4g}, {sum(n for _, _, n in here)} steps")
+
+
+def privacy_columns(metrics: pd.DataFrame, approach: str, seed: int) -> dict[str, float]:
+    """summary.csv's `epsilon` / `delta`: the largest total epsilon any site (client) spent, at delta;
+    inf and empty without DP (no split "privacy" rows)."""
+    if "split" not in metrics.columns:
+        return {"epsilon": math.inf, "delta": math.nan}
+    rows = metrics[(metrics["split"] == "privacy") & (metrics["approach"] == approach) & (metrics["seed"] == seed)]
+    tot, delta = rows[rows["metric"] == "epsilon_total"]["value"], rows[rows["metric"] == "delta"]["value"]
+    if tot.empty:
+        return {"epsilon": math.inf, "delta": math.nan}
+    return {"epsilon": float(tot.max()), "delta": float(delta.max())}
 
 
 LABEL_COLUMNS = ("avg", "bwt", "forgetting", "plasticity")  # per-label columns of summary.csv
@@ -386,6 +438,7 @@ def summarize(metrics: pd.DataFrame, extras: dict[tuple[str, int], dict[str, Any
                 sl = continual_summary(r_matrix(all_trained[(all_trained["approach"] == approach)
                                                             & (all_trained["seed"] == seed)], "dice", label=lab))
                 row.update({f"{k}[{lab}]": float(sl[k]) for k in LABEL_COLUMNS})
+        row.update(privacy_columns(metrics, approach, seed))
         row.update(leakage_columns(metrics, approach, int(seed)))
         row.update(extras.get((approach, int(seed)), {}))
         rows.append(row)

@@ -22,6 +22,14 @@ class LocalExecutor:
         from ted_fl.data import set_out_channels
 
         set_out_channels(cfg, sites[0].labels, cfg.data.sites)  # the network follows the sites' classes
+        if cfg.privacy.dp == "client":
+            from ted_fl.errors import TedFlError
+
+            raise TedFlError("privacy.dp = 'client' runs in Flower's DP strategies and mods: use the federated "
+                             "simulation (python -m ted_fl.simulate), or privacy.dp = 'sample' here")
+        from ted_fl.continual.privacy import prepare_privacy
+
+        prepare_privacy(cfg)  # idempotent: the runners call it at run start (model.norm, checks)
         self.cfg = cfg
         self.data = {s.name: s for s in sites}
         self.sites = [s.name for s in sites]
@@ -59,6 +67,7 @@ class LocalExecutor:
                 probes=site_probes if holds else None, optimizer_state=opt_state,
                 val=self.data[site].val if task.want_val and len(groups) == 1 else None,
                 per_volume=self.data[site].per_volume, labels=self.data[site].labels.labels(),
+                stage_rounds=task.stage_rounds,
             )
             self.optim[key] = (task.stage, out.optimizer_state)
             results.append(TrainResult(site, 0, out.weights, out.num_examples, out.metrics, out.val))

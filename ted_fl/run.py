@@ -22,8 +22,14 @@ from ted_fl.results import RunDir
 
 def start_run(cfg: ExperimentConfig, mode: str, argv: list[str]) -> RunDir:
     """A new run directory with the config, the exact command and the machine it runs on."""
+    from ted_fl.continual.privacy import prepare_privacy
+
+    notes = prepare_privacy(cfg)  # [privacy]: checks, and model.norm under DP, before config.toml is written
     run = RunDir.create(cfg.out, f"{cfg.name}-{mode}")
     run.write_config(cfg)
+    for note in notes:
+        print(note, file=sys.stderr)
+        run.log(note)
     # The exact command, so reports and docs can say how the numbers were made.
     atomic_write_text(run.path / "command.txt", shlex.join(["python", "-m", f"ted_fl.{mode}", *argv]) + "\n")
     run.write_json("machine.json", machine_info())

@@ -20,6 +20,7 @@ over seeds).
 
 from __future__ import annotations
 
+import copy
 import html
 import math
 from pathlib import Path
@@ -60,6 +61,7 @@ def privacy_cells(base: ExperimentConfig, epsilons: list[float], dp: str = "samp
                   grid: dict[str, list[Any]] | None = None, approaches: list[str] | None = None,
                   seeds: list[int] | None = None) -> list[Cell]:
     """Every cell of epsilons x policy grid x approaches x seeds, each checked before anything runs."""
+    from ted_fl.continual.privacy import prepare_privacy
     from ted_fl.privacy.policies import check_privacy
 
     if dp not in DP_LEVELS:
@@ -70,10 +72,16 @@ def privacy_cells(base: ExperimentConfig, epsilons: list[float], dp: str = "samp
     if EPS_KEY in grid or "privacy.dp" in grid:
         raise TedFlError("give epsilons with --epsilon and the DP level with --dp, not in --grid")
     cells = expand(base, {EPS_KEY: list(epsilons), **grid}, approaches, seeds)
+    any_dp = any(math.isfinite(e) for e in epsilons)
     for c in cells:
         c.cfg.privacy.dp = dp if math.isfinite(c.cfg.privacy.epsilon) else "off"  # type: ignore[assignment]
         c.cfg.privacy.mia = True
+        if any_dp and c.cfg.model.norm == "batch":
+            # DP swaps batch norm for group norm (ted_fl.continual.privacy); the epsilon = inf cells
+            # use the same network, so the curve compares privacy, not two architectures
+            c.cfg.model.norm = "group"
         check_privacy(c.cfg)
+        prepare_privacy(copy.deepcopy(c.cfg))  # impossible DP combinations: one line before anything runs
         c.key = config_hash(c.cfg)  # the DP level is part of the cell's identity
     return cells
 
@@ -241,7 +249,7 @@ def write_report(cells: list[Cell], folder: Path, command: str = "", title: str 
         f"approaches {sorted({c.approach for c in cells})}, seeds {sorted({c.seed for c in cells})}, target epsilons "
         f"{[eps_text(e) for e in sorted({c.cfg.privacy.epsilon for c in cells})]} (DP level {dp_levels}, "
         f"delta {cfg.privacy.delta:g}), axes {({k: sorted({str(c.point[k]) for c in cells}) for k in axes}) or '-'}; "
-        f"{cfg.data.size} px, {cfg.train.rounds} rounds x {cfg.train.steps_per_round} steps a site.",
+        f"{cfg.data.size} px, model.norm = {cfg.model.norm}, {cfg.train.rounds} rounds x {cfg.train.steps_per_round} steps a site.",
         "",
         "Avg = mean final test Dice over all sites; BWT = mean change on earlier sites since each was learnt. "
         "Attack AUC: membership inference on each site's training (members) against its test images "

@@ -6,6 +6,7 @@ in-process and the Flower ClientApp calls it inside a Ray actor, so both do the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ from ted_fl.config import ExperimentConfig
 from ted_fl.continual.approaches import get_approach
 from ted_fl.continual.learner import Labels, eval_options, evaluate, gpu_setup, local_train, set_determinism
 from ted_fl.continual.networks import build_model
+from ted_fl.continual.privacy import sample_dp_args
 from ted_fl.continual.probes import make_probes
 from ted_fl.continual.weights import Weights, to_tensors
 from ted_fl.data.types import Split
@@ -80,7 +82,9 @@ class SiteWorker:
         val: Split | None,
         per_volume: bool,
         labels: Labels | None = None,
+        stage_rounds: int = 1,
     ) -> RoundOutput:
+        """One round of local training (`stage_rounds`: the stage's rounds, for DP-SGD's calibration)."""
         appr = get_approach(approach, self.cfg.loss)
         fixed = self.fixed_teacher()
         if fixed is not None:
@@ -96,6 +100,8 @@ class SiteWorker:
             optimizer_state=optimizer_state, seed=seed, probes=probes,
             aux={k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in aux.items()} or None,
             loss_cfg=self.cfg.loss, amp=self.cfg.train.amp,
+            dp=sample_dp_args(self.cfg.privacy, len(data), self.cfg.train.batch_size,
+                              steps or math.ceil(len(data) / self.cfg.train.batch_size), stage_rounds),
         )
         out = {k: v.detach().cpu().numpy().copy() for k, v in self.student.state_dict().items()}
         scores = (evaluate(self.student, val, per_volume=per_volume, labels=labels, **eval_options(self.cfg))

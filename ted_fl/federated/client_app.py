@@ -165,7 +165,19 @@ def _teacher(context: Context, content: RecordDict, key: str) -> tuple[M.Weights
     return M.from_record(context.state["teacher"]), M.from_record(context.state["aux"])
 
 
-app = ClientApp(mods=[audit_mod])
+def privacy_mod(msg: Message, context: Context, call_next: Any) -> Message:
+    """privacy.dp = "client": Flower's client-side DP mod on the train reply (ted_fl.federated.dp)."""
+    if msg.metadata.message_type != "train":
+        return call_next(msg, context)
+    cfg = _config(context, msg.content)
+    if cfg.privacy.dp != "client":
+        return call_next(msg, context)
+    from ted_fl.federated.dp import client_mod
+
+    return client_mod(cfg.privacy, msg, context, call_next)
+
+
+app = ClientApp(mods=[audit_mod, privacy_mod])  # the audit sees what leaves, after clipping and noise
 
 
 @app.query("hello")
@@ -214,6 +226,7 @@ def train(msg: Message, context: Context) -> Message:
         seed=derive_seed(int(c["seed"]), int(c["stage"]), int(c["round"]), site_index, client),
         probes=probes, optimizer_state=_load_optimizer(context, c, site, client),
         val=data.val if c.get("want_val") else None, per_volume=data.per_volume, labels=data.labels.labels(),
+        stage_rounds=int(c.get("stage_rounds", 1)),
     )
     _save_optimizer(context, c, site, client, out.optimizer_state)
     content = RecordDict({

@@ -54,6 +54,8 @@ class FlowerExecutor:
         self.audit_hello: dict[str, dict[str, Any]] = {}
         self.site_of: dict[int, tuple[str, int]] = {}
         self._teacher: tuple[Weights, dict] | None = None  # this round's teacher, for retries
+        self._dp: dict[tuple[str, int, int], tuple[Any, float]] = {}  # client-level DP: strategy, sigma per stage
+        self._aggregated: Weights | None = None
         self._discover()
 
     # ------------------------------------------------------------------ nodes
@@ -180,11 +182,14 @@ class FlowerExecutor:
         weights = M.to_record(task.weights)
         trainers = [(s, node, client) for s in task.sites for node, client, _ in self.nodes[s]]
         single = len(trainers) == 1
+        client_dp = self.cfg.privacy.dp == "client"
         teacher_key = f"{task.approach}|{task.seed}|{task.stage}" if task.teacher is not None else ""
         teacher_rec = aux_rec = probes_rec = None
         base: dict[str, Any] = dict(
             approach=task.approach, seed=task.seed, stage=task.stage, round=task.round,
-            steps=task.steps, lr=task.lr, want_val=bool(task.want_val and single),
+            steps=task.steps, lr=task.lr, stage_rounds=task.stage_rounds,
+            # client-level DP: the released (noised) model is scored by the server's evaluate, not the raw local one
+            want_val=bool(task.want_val and single and not client_dp),
             client_state_dir=str(self.run.client_state_dir) if self.run else "",
         )
         site_held = self.cfg.privacy.teacher == "site"
@@ -227,6 +232,14 @@ class FlowerExecutor:
                     key = f"train_down.{part}"
                     self.bytes_by_kind[key] = self.bytes_by_kind.get(key, 0) + content[part].count_bytes()
         self._teacher = (task.teacher, task.aux) if teacher_key else None
+        if client_dp:
+            from ted_fl.federated import dp
+
+            key = (task.approach, task.seed, task.stage)
+            if key not in self._dp:
+                self._dp = {key: dp.make_strategy(self.cfg.privacy, len(trainers), task.stage_rounds)}
+            strategy, sigma = self._dp[key]
+            dp.configure(strategy, task.round + 1, weights, contents, sigma)
         replies = self._exchange_train(contents, task)
         results = []
         for site, node, client in trainers:
@@ -236,11 +249,28 @@ class FlowerExecutor:
             metrics = dict(r[M.METRICS])
             n = int(metrics.pop("num_examples"))
             val = dict(r[M.VAL]) if M.VAL in r else None
+            if client_dp:
+                metrics.update(dp.reply_metrics(sigma))
             results.append(TrainResult(site, client, M.from_record(r[M.WEIGHTS]), n,
                                        {k: float(v) for k, v in metrics.items()}, val))
         if not results:
             raise ClientFailure(f"no training site answered in stage {task.stage} round {task.round}")
+        if client_dp:
+            if len(replies) != len(contents):
+                raise ClientFailure(f"client-level DP needs every client's update in stage {task.stage} round "
+                                    f"{task.round} (the noise is calibrated to {len(contents)} clients); "
+                                    "see federated.on_failure")
+            self._aggregated = M.from_record(dp.aggregate(strategy, task.round + 1, [replies[n] for n in contents]))
         return results
+
+    def aggregate(self, task: TrainTask, results: list[TrainResult]) -> Weights:
+        """The round's global model: Flower's DP strategy's noised mean under client-level DP, else FedAvg."""
+        if self.cfg.privacy.dp == "client" and self._aggregated is not None:
+            out, self._aggregated = self._aggregated, None
+            return out
+        from ted_fl.engine import fedavg
+
+        return fedavg([(r.weights, r.num_examples) for r in results])
 
     def _exchange_train(self, contents: dict[int, RecordDict], task: TrainTask) -> dict[int, Message]:
         where = f"in stage {task.stage} round {task.round} "
@@ -311,9 +341,11 @@ class FlowerExecutor:
 
 def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, progress: Any = None) -> dict:
     """The server's main loop: every approach and seed in turn, over one set of nodes."""
+    from ted_fl.continual.privacy import prepare_privacy
     from ted_fl.data import resolve_out_channels
 
     resolve_out_channels(cfg)  # before the hello carries the config to the clients (TOML only, no data)
+    prepare_privacy(cfg)  # model.norm under DP, impossible combinations (idempotent; logged at run start)
     executor = FlowerExecutor(grid, cfg, run)
     extras: dict[tuple[str, int], dict[str, Any]] = {}
     for approach in cfg.approaches:
@@ -336,8 +368,13 @@ def main(grid: Grid, context: Context) -> None:
     from ted_fl.data import resolve_out_channels
 
     resolve_out_channels(cfg)  # the network's outputs follow the site set's classes (read from TOML only)
+    from ted_fl.continual.privacy import prepare_privacy
+
+    notes = prepare_privacy(cfg)
     run = RunDir.create(cfg.out, f"{cfg.name}-flwr")
     run.write_config(cfg)
+    for note in notes:
+        run.log(note)
     extras = serve(grid, cfg, run)
     summary = finish_run(cfg, run, extras)
     print(summary.to_string(index=False))

@@ -21,14 +21,12 @@ REPLAY_TAG = 0xB0F  # mixed into a site's replay-buffer seed
 
 
 def check_privacy(cfg: ExperimentConfig) -> None:
-    """Refuse impossible combinations of `[privacy]` with the rest, one line each, before a run."""
+    """Refuse impossible combinations of the policy keys, one line each, before a run (the DP keys
+    are checked by ted_fl.continual.privacy.prepare_privacy)."""
     p = cfg.privacy
     if p.dp == "off" and math.isfinite(p.epsilon):
         raise TedFlError(f"privacy.epsilon = {p.epsilon:g} needs privacy.dp = 'sample' or 'client' "
                          "(dp = 'off' adds no noise); set privacy.dp or privacy.epsilon = inf")
-    if p.dp != "off":
-        raise TedFlError(f"privacy.dp = '{p.dp}' is not available in this build (the DP mechanisms come with "
-                         "issue 13 part A); use privacy.dp = 'off'")
     if p.replay > 0 and cfg.federated.retention == 0:
         raise TedFlError(f"privacy.replay = {p.replay} keeps images for retention rounds, but "
                          "federated.retention = 0 has none; set federated.retention = k (or -1) or replay = 0")
