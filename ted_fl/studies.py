@@ -26,6 +26,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ted_fl.config import ExperimentConfig
@@ -197,7 +198,12 @@ def figures(mean: pd.DataFrame, axes: list[str]) -> dict[str, Any]:
 
 
 def _pm(mean: pd.DataFrame, m: str) -> pd.Series:
-    return mean.apply(lambda r: "–" if pd.isna(r[m]) else f"{r[m]:.3f} ± {r[f'{m}_std']:.3f}", axis=1)
+    def one(r: pd.Series) -> str:
+        if pd.isna(r[m]):
+            return "–"
+        return "inf" if np.isinf(r[m]) else f"{r[m]:.3f} ± {r[f'{m}_std']:.3f}"
+
+    return mean.apply(one, axis=1)
 
 
 def display_table(mean: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
