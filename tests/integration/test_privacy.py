@@ -16,6 +16,7 @@ pytestmark = pytest.mark.slow
 def test_dp_client_and_sample_reach_summary(tmp_path: Path) -> None:
     for level, extra in (("client", ["--set", "federated.clients_per_site=2", "--set", "train.rounds=2"]),
                          ("sample", ["--set", "train.rounds=1", "--set", 'loss.gugf="sample"'])):
+        (tmp_path / level).mkdir()
         cfg_path = write_config(tmp_path / level)
         proc = simulate("--config", str(cfg_path), "--approach", "ted_gugf", "--set", f'privacy.dp="{level}"',
                         "--set", "privacy.epsilon=8", *extra)
