@@ -445,16 +445,17 @@ def summarize(metrics: pd.DataFrame, extras: dict[tuple[str, int], dict[str, Any
     return pd.DataFrame(rows)
 
 
-MIA_COLUMNS = ("mia_auc", "mia_auc_cal", "mia_adv")  # means over sites; per site as mia_auc@SITE
+MIA_COLUMNS = ("mia_auc", "mia_auc_cal", "mia_adv")  # means over sites; per site as mia_auc@SITE, mia_auc_cal@SITE
 
 
 def leakage_columns(metrics: pd.DataFrame, approach: str, seed: int) -> dict[str, float]:
     """The membership-inference scores (split "privacy") of one approach and seed: each metric's
-    mean over sites, and the loss-threshold AUC per site (`mia_auc@SITE`); {} without an attack."""
+    mean over sites, and both attacks' AUC per site (`mia_auc@SITE`, `mia_auc_cal@SITE`); {} without one."""
     p = metrics[(metrics["split"] == "privacy") & (metrics["approach"] == approach) & (metrics["seed"] == seed)]
     if p.empty:
         return {}
     out = {m: float(p[p["metric"] == m]["value"].mean()) for m in MIA_COLUMNS if (p["metric"] == m).any()}
-    for site, v in p[p["metric"] == "mia_auc"].set_index("site")["value"].items():
-        out[f"mia_auc@{site}"] = float(v)
+    for metric in ("mia_auc", "mia_auc_cal"):
+        for site, v in p[p["metric"] == metric].set_index("site")["value"].items():
+            out[f"{metric}@{site}"] = float(v)
     return out

@@ -128,14 +128,14 @@ def tidy(cells: list[Cell], folder: Path) -> pd.DataFrame:
     keys = list(cells[0].point)
     lead = ["approach", "seed", *keys]
     rest = [m for m in METRICS if m in summary.columns]
-    sites = [c for c in summary.columns if c.startswith("mia_auc@")]
+    sites = [c for c in summary.columns if c.startswith(("mia_auc@", "mia_auc_cal@"))]
     out = summary[lead + rest + sites + ["cell"]].copy()
     return out.rename(columns={EPS_KEY: "target_epsilon"})
 
 
 def means(table: pd.DataFrame) -> pd.DataFrame:
     """Mean, std (ddof 1; 0 for one seed) and seeds per approach and grid point."""
-    by = [c for c in table.columns if c not in METRICS and c not in ("seed", "cell") and not c.startswith("mia_auc@")]
+    by = [c for c in table.columns if c not in METRICS and c not in ("seed", "cell") and "@" not in c]
     vals = [m for m in METRICS if m in table.columns]
     rows = []
     for point, g in table.groupby(by, sort=False, dropna=False):
@@ -218,16 +218,59 @@ def display_table(mean: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     return out
 
 
+BYTE_COLUMNS = {  # (kind, direction, record) -> column of the bytes table; None: any record of that kind
+    "train down: weights": ("train", "down", "weights"),
+    "train down: teacher": ("train", "down", "teacher"),
+    "train down: probes": ("train", "down", "probes"),
+    "train up: weights": ("train", "up", "weights"),
+    "evaluate": ("evaluate", None, None),
+    "leakage (attack)": ("leakage", None, None),
+}
+
+
 def bytes_table(audit: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
-    """Payload bytes per approach (and policy point), kind, direction and record, summed over sites
-    and averaged over seeds and epsilons; one row per record that travelled."""
+    """MB per run by approach (and policy point): the training messages' records, evaluation, the
+    attack's measurement, and the totals per direction; summed over sites, mean over seeds and epsilons."""
     if audit.empty:
         return audit
     by = ["approach", *axes]
-    per = audit.groupby([*by, "seed", "cell", "kind", "direction", "record"], sort=False, dropna=False)[
-        ["messages", "bytes"]].sum().reset_index()
-    out = per.groupby([*by, "kind", "direction", "record"], sort=False, dropna=False)[["messages", "bytes"]].mean()
-    return out.reset_index()
+    rows = []
+    for point, g in audit.groupby(by, sort=False, dropna=False):
+        row = dict(zip(by, point if isinstance(point, tuple) else (point,), strict=True))
+        runs = g.groupby(["cell", "seed"]).ngroups or 1
+        for col, (kind, direction, record) in BYTE_COLUMNS.items():
+            sel = g["kind"] == kind
+            if direction:
+                sel &= (g["direction"] == direction) & (g["record"] == record)
+            row[col] = float(g[sel]["bytes"].sum()) / runs / 1e6
+        for direction in ("down", "up"):
+            row[f"total {direction}"] = float(g[g["direction"] == direction]["bytes"].sum()) / runs / 1e6
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def probe_findings(bt: pd.DataFrame, mean: pd.DataFrame, axes: list[str]) -> list[str]:
+    """What TED's server-side teacher and probes cost (bytes) and leak (attack AUC) next to KD, per
+    policy point: computed from the tables, never typed."""
+    if bt.empty or not {"kd", "ted_gugf"} <= set(bt["approach"]):
+        return []
+    out = []
+    for point, g in bt.groupby(axes, sort=False, dropna=False) if axes else [((), bt)]:
+        point = point if isinstance(point, tuple) else (point,)
+        where = ", ".join(f"{a.split('.')[-1]} = {v}" for a, v in zip(axes, point, strict=True))
+        kd, ted = (g[g["approach"] == a].iloc[0] for a in ("kd", "ted_gugf"))
+        m = mean
+        for a, v in zip(axes, point, strict=True):
+            m = m[m[a] == v]
+        auc = {a: m[m["approach"] == a]["mia_auc_cal"].mean() for a in ("kd", "ted_gugf")}
+        out.append(
+            f"- {where or 'this run'}: ted_gugf sends {ted['train down: probes']:.2f} MB of probes and "
+            f"{ted['train down: teacher']:.2f} MB of teacher per run (kd: {kd['train down: probes']:.2f} and "
+            f"{kd['train down: teacher']:.2f} MB), total down {ted['total down']:.2f} vs {kd['total down']:.2f} MB "
+            f"({(ted['total down'] / kd['total down'] - 1) * 100:+.0f} %); what leaves the sites is the same "
+            f"({ted['total up']:.2f} vs {kd['total up']:.2f} MB). Calibrated attack AUC ted_gugf "
+            f"{auc['ted_gugf']:.3f} vs kd {auc['kd']:.3f} (mean over epsilons and seeds).")
+    return out
 
 
 def write_report(cells: list[Cell], folder: Path, command: str = "", title: str = "privacy study") -> dict[str, Any]:
@@ -267,21 +310,24 @@ def write_report(cells: list[Cell], folder: Path, command: str = "", title: str 
         md_table(shown),
         "",
     ]
-    site_cols = [c for c in table.columns if c.startswith("mia_auc@")]
-    if site_cols:
-        per_site = table.groupby(["approach", "target_epsilon", *axes], sort=False, dropna=False)[site_cols].mean()
-        per_site = per_site.reset_index().rename(columns={c: c.split("@", 1)[1] for c in site_cols})
-        per_site["target_epsilon"] = per_site["target_epsilon"].map(eps_text)
-        lines += ["Loss-threshold attack AUC per site (mean over seeds):", "", md_table(per_site), ""]
+    for prefix, what in (("mia_auc@", "Loss-threshold"), ("mia_auc_cal@", "Calibrated")):
+        site_cols = [c for c in table.columns if c.startswith(prefix)]
+        if site_cols:
+            per_site = table.groupby(["approach", "target_epsilon", *axes], sort=False, dropna=False)[site_cols].mean()
+            per_site = per_site.reset_index().rename(columns={c: c.split("@", 1)[1] for c in site_cols})
+            per_site["target_epsilon"] = per_site["target_epsilon"].map(eps_text)
+            lines += [f"{what} attack AUC per site (mean over seeds):", "", md_table(per_site), ""]
     if not audit.empty:
         bt = bytes_table(audit, axes)
         bad = leaks(audit)
         lines += [
-            "What travelled (the server's audit of every message, `audit.csv`; bytes per run summed over "
-            "sites, mean over seeds and epsilons; up = from a site):", "", md_table(bt, digits=0), "",
+            "What travelled, from the server's audit of every message (`audit.csv`): MB per run, summed over "
+            "sites, mean over seeds and epsilons. Down = to the sites, up = from them; `leakage` is the "
+            "attack's own measurement (two models down, scores up), not part of training.", "",
+            md_table(bt), "", *probe_findings(bt, mean, axes), "",
             (f"**{len(bad)} image- or mask-shaped array(s) left a site.**" if len(bad) else
              f"No image- or mask-shaped array left any site ({int((audit['direction'] == 'up').sum())} "
-             "audited upward records, every array's trailing shape checked against the images')."), "",
+             "audited upward records; every array's trailing shape checked against the images')."), "",
         ]
     lines += ["Per cell: `study.csv`; mean and std: `study_mean.csv`; each cell's run directory under `cells/`.", ""]
     text = "\n".join(lines)

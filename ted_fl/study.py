@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--federated", action="store_true",
                    help="run the cells in one Flower simulation (audited bytes per kind) instead of Ray tasks")
     q.add_argument("--out", help="study folder (default runs/study-privacy-SITES); the same folder reuses cells")
-    q.add_argument("--doc", metavar="FILE", help="also write the report as section privacy-<sites> of FILE")
+    q.add_argument("--doc", metavar="FILE", help="also write the report as a marked section of FILE (e.g. docs/results.md)")
+    q.add_argument("--section", help="that section's name (default privacy-<sites>)")
     q.add_argument("--serial", action="store_true", help="centralized cells one after another in this process")
     q.add_argument("--cpus", type=int, help="CPUs of the local Ray instance (default: all)")
     q.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -79,7 +80,7 @@ def _privacy(args: argparse.Namespace, argv: list[str]) -> int:
     print(out["shown"].to_string(index=False))
     print(f"{len(out['cells'])} cells ({out['ran']} run, {out['reused']} reused)")
     if args.doc:
-        name = f"privacy-{Path(cfg.data.sites).stem}"
+        name = args.section or f"privacy-{Path(cfg.data.sites).stem}"
         body = out["markdown"].replace("# privacy study", "## Privacy study", 1)
         write_section(Path(args.doc), name, body)
         print(f"wrote section {name} of {args.doc}")
