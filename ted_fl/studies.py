@@ -273,6 +273,38 @@ def probe_findings(bt: pd.DataFrame, mean: pd.DataFrame, axes: list[str]) -> lis
     return out
 
 
+def utility_findings(mean: pd.DataFrame, table: pd.DataFrame, axes: list[str]) -> list[str]:
+    """Per approach (and policy point), what the strongest privacy cost in Avg, BWT and attack AUC,
+    against epsilon = inf; and sites where the loss-threshold attack is below chance. Computed."""
+    out = []
+    for point, g in mean.groupby(["approach", *axes], sort=False, dropna=False):
+        point = point if isinstance(point, tuple) else (point,)
+        name = point[0] + (" (" + ", ".join(f"{a.split('.')[-1]} = {v}" for a, v in zip(axes, point[1:], strict=True))
+                           + ")" if axes else "")
+        g = g.set_index("target_epsilon").sort_index()
+        if len(g) < 2 or not np.isinf(g.index[-1]):
+            continue
+        free, tight = g.iloc[-1], g.iloc[0]
+        seeds = int(g["seeds"].min())
+        noise = " (one seed: no spread to compare against)" if seeds < 2 else ""
+        out.append(
+            f"- {name}: at epsilon {eps_text(g.index[0])} Avg {tight['avg']:.3f} vs {free['avg']:.3f} without DP "
+            f"({tight['avg'] - free['avg']:+.3f}), BWT {tight['bwt']:+.3f} vs {free['bwt']:+.3f}, calibrated attack "
+            f"AUC {tight['mia_auc_cal']:.3f} vs {free['mia_auc_cal']:.3f}, loss-threshold {tight['mia_auc']:.3f} vs "
+            f"{free['mia_auc']:.3f}{noise}.")
+    low = []
+    for c in (c for c in table.columns if c.startswith("mia_auc@")):
+        v = table[c].mean()
+        if v < 0.4:
+            low.append(f"{c.split('@', 1)[1]} ({v:.3f})")
+    if low:
+        out.append(f"- Below chance, loss threshold: {', '.join(low)}: these sites' training images have a higher "
+                   "loss than their test images under every model, so they differ from them (the attack assumes one "
+                   "distribution); the calibrated attack subtracts each image's loss under the model before the site "
+                   "arrived and is the one to read there.")
+    return out
+
+
 def write_report(cells: list[Cell], folder: Path, command: str = "", title: str = "privacy study") -> dict[str, Any]:
     """study.csv, study_mean.csv, audit.csv (federated cells), report.md and report.html."""
     from ted_fl.markdown import md_table
@@ -308,6 +340,8 @@ def write_report(cells: list[Cell], folder: Path, command: str = "", title: str 
         + (" (one seed: std 0)." if table["seed"].nunique() == 1 else "."),
         "",
         md_table(shown),
+        "",
+        *utility_findings(mean, table, axes),
         "",
     ]
     for prefix, what in (("mia_auc@", "Loss-threshold"), ("mia_auc_cal@", "Calibrated")):
