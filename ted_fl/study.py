@@ -81,7 +81,8 @@ def _privacy(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"{len(out['cells'])} cells ({out['ran']} run, {out['reused']} reused)")
     if args.doc:
         name = args.section or f"privacy-{Path(cfg.data.sites).stem}"
-        body = out["markdown"].replace("# privacy study", "## Privacy study", 1)
+        first, rest = out["markdown"].split("\n", 1)
+        body = f"## Privacy study `{name}`: {first.split(': ', 1)[-1]}\n{rest}"
         write_section(Path(args.doc), name, body)
         print(f"wrote section {name} of {args.doc}")
     print(f"report: {out['report']}")
