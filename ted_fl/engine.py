@@ -365,32 +365,47 @@ class Schedule:
         composes them: "epsilon" over this stage's rounds, "epsilon_total" over every stage the site
         trained in (retention), both at privacy.delta.
         """
-        from ted_fl.continual.privacy import epsilon_spent
-
         p = self.cfg.privacy
         if p.dp == "off":
             return
-        hist: dict[str, dict[int, dict[int, dict[str, float]]]] = {}
-        for r in self.st.rows:
-            if r["split"] == "train" and r["metric"] in ("dp_noise_multiplier", "dp_sample_rate", "dp_steps"):
-                hist.setdefault(r["site"], {}).setdefault(r["stage"], {}).setdefault(r["round"], {})[r["metric"]] = r["value"]
+        for site, acc in stage_privacy(self.st.rows, stage, p.delta).items():
+            self.rows(stage, -1, "privacy", {site: {**acc, "delta": p.delta}})
+            self.run_dir.log(f"privacy: {self.name} seed {self.seed} stage {stage} {site}: epsilon {acc['epsilon']:.4g} "
+                             f"(total {acc['epsilon_total']:.4g}) at delta {p.delta:g}, dp = {p.dp}, noise multiplier "
+                             f"{acc['noise_multiplier']:.4g}, {acc['steps']:.0f} steps")
 
-        def events(rounds: dict[int, dict[str, float]]) -> list[tuple[float, float, int]]:
-            return [(m["dp_noise_multiplier"], m["dp_sample_rate"], int(m["dp_steps"])) for m in rounds.values()
-                    if len(m) == 3]
 
-        for site, by_stage in hist.items():
-            if stage not in by_stage:
-                continue
-            here = events(by_stage[stage])
-            everything = [e for st in sorted(by_stage) if st <= stage for e in events(by_stage[st])]
-            eps, total = epsilon_spent(here, p.delta), epsilon_spent(everything, p.delta)
-            self.rows(stage, -1, "privacy", {site: {"epsilon": eps, "epsilon_total": total, "delta": p.delta,
-                                                     "noise_multiplier": here[0][0] if here else 0.0,
-                                                     "steps": float(sum(n for _, _, n in here))}})
-            self.run_dir.log(f"privacy: {self.name} seed {self.seed} stage {stage} {site}: epsilon {eps:.4g} "
-                             f"(total {total:.4g}) at delta {p.delta:g}, dp = {p.dp}, noise multiplier "
-                             f"{here[0][0] if here else 0.0:.4g}, {sum(n for _, _, n in here)} steps")
+DP_KEYS = ("dp_noise_multiplier", "dp_sample_rate", "dp_steps")  # a round's accounting inputs (train metrics)
+
+
+def stage_privacy(rows: list[dict[str, Any]], stage: int, delta: float) -> dict[str, dict[str, float]]:
+    """Per site (or client) that trained in `stage`: epsilon over this stage's rounds, epsilon_total over
+    every stage up to it it trained in, the noise multiplier and the steps, from one schedule's train rows.
+
+    One event per (stage, round) and site: a round's metrics are recorded once, whatever the retries,
+    and nothing outside these rows (another approach, seed or process) enters. A round with partial
+    accounting inputs counts as unbounded (inf): an unknown spend is no guarantee.
+    """
+    from ted_fl.continual.privacy import epsilon_spent
+
+    hist: dict[str, dict[int, dict[int, dict[str, float]]]] = {}
+    for r in rows:
+        if r["split"] == "train" and r["metric"] in DP_KEYS:
+            hist.setdefault(r["site"], {}).setdefault(r["stage"], {}).setdefault(r["round"], {})[r["metric"]] = r["value"]
+
+    def events(rounds: dict[int, dict[str, float]]) -> list[tuple[float, float, int]]:
+        return [(m["dp_noise_multiplier"], m["dp_sample_rate"], int(m["dp_steps"])) if len(m) == len(DP_KEYS)
+                else (0.0, 1.0, 1) for m in rounds.values()]  # sigma 0: epsilon inf
+
+    out = {}
+    for site, by_stage in hist.items():
+        if stage not in by_stage:
+            continue
+        here = events(by_stage[stage])
+        everything = [e for st in sorted(by_stage) if st <= stage for e in events(by_stage[st])]
+        out[site] = {"epsilon": epsilon_spent(here, delta), "epsilon_total": epsilon_spent(everything, delta),
+                     "noise_multiplier": here[0][0] if here else 0.0, "steps": float(sum(n for _, _, n in here))}
+    return out
 
 
 def privacy_columns(metrics: pd.DataFrame, approach: str, seed: int) -> dict[str, float]:

@@ -22,11 +22,6 @@ class LocalExecutor:
         from ted_fl.data import set_out_channels
 
         set_out_channels(cfg, sites[0].labels, cfg.data.sites)  # the network follows the sites' classes
-        if cfg.privacy.dp == "client":
-            from ted_fl.errors import TedFlError
-
-            raise TedFlError("privacy.dp = 'client' runs in Flower's DP strategies and mods: use the federated "
-                             "simulation (python -m ted_fl.simulate), or privacy.dp = 'sample' here")
         from ted_fl.continual.privacy import prepare_privacy
 
         prepare_privacy(cfg)  # idempotent: the runners call it at run start (model.norm, checks)
@@ -38,6 +33,14 @@ class LocalExecutor:
         self.worker = SiteWorker(cfg)
         self.optim: dict[str, tuple[int, dict[str, Any]]] = {}
         self.bytes_sent = self.bytes_received = 0
+        # privacy.dp = "client": every site (joint group) is one client; what it releases is clipped and noised
+        # as Flower's DP strategy and mods do in the federated run (ted_fl.federated.dp.StageDP)
+        self.dp: Any = None
+        if cfg.privacy.dp == "client":
+            from ted_fl.federated.dp import StageDP
+
+            self.dp = StageDP(cfg.privacy)
+        self._released: list[tuple[Weights, bool]] = []
 
     def train(self, task: TrainTask) -> list[TrainResult]:
         appr = get_approach(task.approach, self.cfg.loss)
@@ -46,6 +49,9 @@ class LocalExecutor:
         probes = probes_for(cfg, task.probe_seed, task.probe_count, task.probe_shape)
         groups = [task.sites] if appr.joint else [[s] for s in task.sites]
         results = []
+        if self.dp is not None:
+            self.dp.stage(task.approach, task.seed, task.stage, len(groups), task.stage_rounds)
+            self._released = []
         for group in groups:
             site = group[-1]
             index = self.sites.index(site)
@@ -65,12 +71,20 @@ class LocalExecutor:
                 steps=task.steps, lr=task.lr,
                 seed=derive_seed(task.seed, task.stage, task.round, index, 0),
                 probes=site_probes if holds else None, optimizer_state=opt_state,
-                val=self.data[site].val if task.want_val and len(groups) == 1 else None,
+                # client-level DP: the released (noised) model is scored by evaluate, not the raw local one
+                val=self.data[site].val if task.want_val and len(groups) == 1 and self.dp is None else None,
                 per_volume=self.data[site].per_volume, labels=self.data[site].labels.labels(),
                 stage_rounds=task.stage_rounds,
             )
             self.optim[key] = (task.stage, out.optimizer_state)
-            results.append(TrainResult(site, 0, out.weights, out.num_examples, out.metrics, out.val))
+            weights, metrics = out.weights, dict(out.metrics)
+            if self.dp is not None:
+                from ted_fl.federated.dp import reply_metrics
+
+                weights, bit = self.dp.release(task.weights, out.weights)
+                self._released.append((weights, bit))
+                metrics.update(reply_metrics(self.dp.accounted_sigma()))
+            results.append(TrainResult(site, 0, weights, out.num_examples, metrics, out.val))
         return results
 
     def _train_split(self, site: str, task: TrainTask) -> Split:
@@ -79,6 +93,14 @@ class LocalExecutor:
         if not uses_replay(self.cfg, index, task.stage):
             return self.data[site].train
         return replay_buffer(self.data[site].train, self.cfg.privacy.replay, derive_seed(task.seed, index, REPLAY_TAG, 0))
+
+    def aggregate(self, task: TrainTask, results: list[TrainResult]) -> Weights:
+        """The round's global model: client-level DP's noised uniform mean of the released weights, else FedAvg."""
+        if self.dp is not None:
+            return self.dp.aggregate_weights(task.weights, self._released)
+        from ted_fl.engine import fedavg
+
+        return fedavg([(r.weights, r.num_examples) for r in results])
 
     def evaluate(self, weights: Weights, split: str, sites: list[str]) -> dict[str, dict[str, float]]:
         return {
@@ -96,7 +118,9 @@ class LocalExecutor:
         return self.worker.importance(approach, weights, self.data[site].train)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optim": self.optim}
+        return {"optim": self.optim, "dp": self.dp.state_dict() if self.dp is not None else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optim = dict(state.get("optim", {}))
+        if self.dp is not None:
+            self.dp.load_state_dict(state.get("dp", {}))  # the adaptive clip norm a resumed stage goes on from

@@ -154,7 +154,8 @@ class SampleDP:
 
     def history(self) -> list[tuple[float, float, int]]:
         """What the accountant composes for this round: [(sigma, q, steps)]."""
-        return [(self.noise_multiplier, self.sample_rate, self.steps)] if self.steps else []
+        sigma = float(self.optimizer.noise_multiplier)  # what the optimizer noised with, not the request
+        return [(sigma, self.sample_rate, self.steps)] if self.steps else []
 
     def close(self) -> None:
         self.gsm.remove_hooks()

@@ -54,7 +54,11 @@ class FlowerExecutor:
         self.audit_hello: dict[str, dict[str, Any]] = {}
         self.site_of: dict[int, tuple[str, int]] = {}
         self._teacher: tuple[Weights, dict] | None = None  # this round's teacher, for retries
-        self._dp: dict[tuple[str, int, int], tuple[Any, float]] = {}  # client-level DP: strategy, sigma per stage
+        self._dp: Any = None  # client-level DP: the stage's strategy (ted_fl.federated.dp.StageDP)
+        if cfg.privacy.dp == "client":
+            from ted_fl.federated.dp import StageDP
+
+            self._dp = StageDP(cfg.privacy)
         self._aggregated: Weights | None = None
         self._discover()
 
@@ -235,10 +239,8 @@ class FlowerExecutor:
         if client_dp:
             from ted_fl.federated import dp
 
-            key = (task.approach, task.seed, task.stage)
-            if key not in self._dp:
-                self._dp = {key: dp.make_strategy(self.cfg.privacy, len(trainers), task.stage_rounds)}
-            strategy, sigma = self._dp[key]
+            stage_dp = self._dp.stage(task.approach, task.seed, task.stage, len(trainers), task.stage_rounds)
+            strategy, sigma = stage_dp.strategy, stage_dp.sigma
             dp.configure(strategy, task.round + 1, weights, contents, sigma)
         replies = self._exchange_train(contents, task)
         results = []
@@ -250,7 +252,7 @@ class FlowerExecutor:
             n = int(metrics.pop("num_examples"))
             val = dict(r[M.VAL]) if M.VAL in r else None
             if client_dp:
-                metrics.update(dp.reply_metrics(sigma))
+                metrics.update(dp.reply_metrics(stage_dp.accounted_sigma()))
             results.append(TrainResult(site, client, M.from_record(r[M.WEIGHTS]), n,
                                        {k: float(v) for k, v in metrics.items()}, val))
         if not results:
@@ -330,12 +332,15 @@ class FlowerExecutor:
 
     def state_dict(self) -> dict[str, Any]:
         return {"faults": list(self.faults), "bytes_by_kind": dict(self.bytes_by_kind),
-                "audit": copy.deepcopy(self.audit), "audit_hello": copy.deepcopy(self.audit_hello)}
+                "audit": copy.deepcopy(self.audit), "audit_hello": copy.deepcopy(self.audit_hello),
+                "dp": self._dp.state_dict() if self._dp else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.faults = list(state.get("faults", []))
         self.bytes_by_kind = dict(state.get("bytes_by_kind", {}))
         self.audit = copy.deepcopy(state.get("audit", {}))
+        if self._dp:
+            self._dp.load_state_dict(state.get("dp", {}))  # the adaptive clip norm a resumed stage goes on from
         self.teacher_sent = {}
 
 

@@ -107,3 +107,31 @@ def test_client_level_epsilon_is_the_rdp_of_the_gaussian_mechanism() -> None:
     assert epsilon_spent([(sigma, 1.0, rounds)], delta) == pytest.approx(2.0, abs=0.02)
     assert client_noise_multiplier(math.inf, delta, rounds) == 0.0
     assert epsilon_spent([(0.0, 1.0, rounds)], delta) == math.inf
+
+
+def _rows(stage: int, site: str, rounds: int, sigma: float, approach: str = "ted_gugf") -> list[dict]:
+    return [dict(approach=approach, seed=0, stage=stage, round=r, site=site, split="train", label="", metric=k,
+                 value=v) for r in range(rounds)
+            for k, v in (("dp_noise_multiplier", sigma), ("dp_sample_rate", 1.0), ("dp_steps", 1.0), ("total", 0.3))]
+
+
+def test_stage_accounting_composes_a_clients_own_rounds_only() -> None:
+    """Two clients of one site, 2 rounds each at the sigma calibrated for 2 releases: each spends the target
+    (not 4 releases' worth); a retained site composes its stages in epsilon_total only; a partial round is inf."""
+    from ted_fl.engine import stage_privacy
+
+    delta, sigma = 1e-5, client_noise_multiplier(8.0, 1e-5, 2)
+    rows = _rows(0, "A/0", 2, sigma) + _rows(0, "A/1", 2, sigma) + _rows(0, "B", 2, 5.0)
+    acc = stage_privacy(rows, 0, delta)
+    assert set(acc) == {"A/0", "A/1", "B"}
+    for c in ("A/0", "A/1"):
+        assert acc[c]["epsilon"] == pytest.approx(8.0, abs=0.02) and acc[c]["steps"] == 2
+        assert acc[c]["epsilon_total"] == acc[c]["epsilon"] and acc[c]["noise_multiplier"] == sigma
+    assert acc["B"]["epsilon"] < 2.0
+    rows += _rows(1, "A/0", 2, sigma) + _rows(1, "C", 2, sigma)
+    later = stage_privacy(rows, 1, delta)
+    assert set(later) == {"A/0", "C"} and later["C"]["epsilon_total"] == pytest.approx(8.0, abs=0.02)
+    assert later["A/0"]["epsilon"] == pytest.approx(8.0, abs=0.02)
+    assert later["A/0"]["epsilon_total"] == pytest.approx(epsilon_spent([(sigma, 1.0, 4)], delta))
+    partial = [r for r in _rows(0, "D", 2, sigma) if not (r["round"] == 1 and r["metric"] == "dp_steps")]
+    assert stage_privacy(partial, 0, delta)["D"]["epsilon"] == math.inf
