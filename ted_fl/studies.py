@@ -266,7 +266,7 @@ def probe_findings(bt: pd.DataFrame, mean: pd.DataFrame, axes: list[str]) -> lis
         out.append(
             f"- {where or 'this run'}: ted_gugf sends {ted['train down: probes']:.2f} MB of probes and "
             f"{ted['train down: teacher']:.2f} MB of teacher per run (kd: {kd['train down: probes']:.2f} and "
-            f"{kd['train down: teacher']:.2f} MB), total down {ted['total down']:.2f} vs {kd['total down']:.2f} MB "
+            f"{kd['train down: teacher']:.2f} MB), total down (every kind) {ted['total down']:.2f} vs {kd['total down']:.2f} MB "
             f"({(ted['total down'] / kd['total down'] - 1) * 100:+.0f} %); what leaves the sites is the same "
             f"({ted['total up']:.2f} vs {kd['total up']:.2f} MB). Calibrated attack AUC ted_gugf "
             f"{auc['ted_gugf']:.3f} vs kd {auc['kd']:.3f} (mean over epsilons and seeds).")
