@@ -343,7 +343,9 @@ def write_report(cells: list[Cell], folder: Path, command: str = "", title: str 
         "Attack AUC: membership inference on each site's training (members) against its test images "
         "(non-members), balanced and seeded, against the final model, averaged over sites "
         "(`ted_fl/privacy/mia.py`): loss threshold, and calibrated by the model before the site arrived. "
-        "0.5 = no leakage this attack can measure. Mean ± std over seeds"
+        "0.5 = no leakage this attack can measure; a loss-threshold AUC away from 0.5 for a model that "
+        "learnt little (e.g. under strong DP) reflects a difference between a site's training and test "
+        "images, not membership, which the calibrated attack removes. Mean ± std over seeds"
         + (" (one seed: std 0)." if table["seed"].nunique() == 1 else "."),
         "",
         md_table(shown),
