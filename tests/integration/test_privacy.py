@@ -1,5 +1,6 @@
 """End to end: client-level DP (Flower's DP strategy and clipping mod, TED's teacher and probes in the
-same train message) and sample-level DP-SGD (Opacus in the Flower clients) reach summary.csv."""
+same train message) and sample-level DP-SGD (Opacus in the Flower clients) reach summary.csv; the
+centralized runner's client-level DP (in-process, no Ray) composes a retained site's stages."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from ted_fl.cli import run_command
+from ted_fl.continual.privacy import client_noise_multiplier, epsilon_spent
+from ted_fl.results import RunDir
 from tests.integration.test_simulation import run_dir_of, simulate, write_config
 
 pytestmark = pytest.mark.slow
@@ -35,3 +39,17 @@ def test_dp_client_and_sample_reach_summary(tmp_path: Path) -> None:
         log = (run.path / "run.log").read_text()
         assert "model.norm 'batch' -> 'group'" in log and "privacy: ted_gugf seed 0 stage 2" in log
         assert 'norm = "group"' in (run.path / "config.toml").read_text()
+
+    # centralized, retention 1, one round: a retained site releases in two stages (2 x sigma calibrated for 1)
+    (tmp_path / "central").mkdir()
+    cfg_path = write_config(tmp_path / "central", federated__retention=1)
+    assert run_command("centralized", ["--config", str(cfg_path), "--approach", "seq", "--quiet", "--set",
+                                       'privacy.dp="client"', "--set", "privacy.epsilon=8", "--set",
+                                       "train.rounds=1"]) == 0
+    run = RunDir(next(p for p in (tmp_path / "central" / "runs").iterdir() if p.is_dir()))
+    m = run.metrics()
+    priv = m[m["split"] == "privacy"].pivot_table(index=["stage", "site"], columns="metric", values="value")
+    assert len(priv) == 5 and priv["epsilon"].between(7.5, 8.1).all()  # 3 arrivals + 2 retained sites
+    two = epsilon_spent([(client_noise_multiplier(8.0, 1e-5, 1), 1.0, 2)], 1e-5)
+    assert priv.loc[(1, "RUNMC"), "epsilon_total"] == pytest.approx(two)
+    assert float(run.summary()["epsilon"].iloc[0]) == pytest.approx(two)
