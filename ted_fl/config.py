@@ -42,6 +42,7 @@ OnFailure = Literal["retry", "skip", "abort"]
 DPLevel = Literal["off", "sample", "client"]  # sample: Opacus DP-SGD in a site; client: Flower DP on what leaves it
 Clipping = Literal["fixed", "adaptive"]
 NoiseSide = Literal["server", "client"]
+TeacherPlace = Literal["server", "site"]  # where the frozen teacher lives (privacy.teacher)
 Positive = Annotated[int, Field(ge=1)]
 
 
@@ -222,7 +223,8 @@ class EvalConfig:
 
 @dataclass(config=SCHEMA)
 class PrivacyConfig:
-    """Differential privacy and secure aggregation (docs/privacy.md says what each level protects).
+    """Differential privacy, secure aggregation and the privacy policies (docs/privacy.md says
+    what each DP level protects; every key is a study axis of `python -m ted_fl.study privacy`).
 
     dp = "sample": DP-SGD inside every site (Opacus: per-sample clipping at max_grad_norm,
     Gaussian noise, Poisson sampling), protecting each patient image of a site; the noise is
@@ -233,6 +235,16 @@ class PrivacyConfig:
     central DP (Flower's DifferentialPrivacy*Clipping strategies add noise to the aggregate;
     clip_on says where updates are clipped); noise = "client": local DP (Flower's LocalDpMod
     adds the noise before the update leaves the site). epsilon = inf: clipping only, no noise.
+
+    teacher: "server" (default) keeps the frozen teacher and the SKA probes at the server: it
+    sends the teacher to every node that trains in a stage (once per node and stage) and the
+    probes every round (pixels or seed, federated.probes). "site": the teacher is handed only
+    to the arriving site: its nodes freeze the stage's first weights they receive (bitwise the
+    server's teacher, so no separate teacher payload travels) and draw their SKA probes
+    themselves from a seed of their own (no probes travel); retained earlier sites train
+    without a teacher. replay = N: an earlier site that keeps training (federated.retention)
+    trains on a seeded buffer of at most N of its own training images (0: all of them).
+    mia: run the membership-inference attack (ted_fl.privacy.mia) on every site at the end.
     """
 
     dp: DPLevel = "off"
@@ -244,6 +256,9 @@ class PrivacyConfig:
     noise: NoiseSide = "server"  # client level: server (central DP) | client (local DP, Flower's LocalDpMod)
     clip_on: NoiseSide = "client"  # client level, central DP: where updates are clipped (Flower's mods or the server)
     secagg: bool = False  # SecAgg+ where a stage aggregates several clients (refused on Flower 1.41: docs/privacy.md)
+    teacher: TeacherPlace = "server"  # server | site: where the frozen teacher lives
+    replay: Annotated[int, Field(ge=0)] = 0  # images an earlier site keeps for its retention rounds (0: all)
+    mia: bool = True  # membership-inference attack on every site's final model (metrics.csv split "privacy")
 
 
 @dataclass(config=SCHEMA)

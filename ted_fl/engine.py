@@ -97,6 +97,11 @@ class Executor(Protocol):
 
     def importance(self, approach: str, weights: Weights, site: str) -> dict[str, np.ndarray]: ...
 
+    def leakage(self, weights: Weights, references: dict[str, Weights], seed: int) -> dict[str, dict[str, float]]:
+        """Membership-inference scores of `weights` per site (ted_fl.privacy.mia), each site against
+        its reference model (one that never saw it); every site computes its own, metrics only."""
+        ...
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -192,6 +197,9 @@ class Schedule:
 
     def __init__(self, cfg: ExperimentConfig, approach_name: str, seed: int, executor: Executor,
                  run: RunDir, progress: ProgressFn | None = None) -> None:
+        from ted_fl.privacy.policies import check_privacy
+
+        check_privacy(cfg)  # impossible [privacy] combinations stop here, before any round
         self.cfg, self.name, self.seed, self.executor, self.run_dir = cfg, approach_name, seed, executor, run
         self.progress = progress
         self.approach: Approach = get_approach(approach_name, cfg.loss)
@@ -226,9 +234,27 @@ class Schedule:
             self.checkpoint()
         while st.stage < (1 if self.one_run else len(self.order)):
             self.run_stage(self.plan(st.stage))
+        if self.cfg.privacy.mia:
+            self.leakage()
         st.done = True
         self.checkpoint()
         return st
+
+    def leakage(self, seed_tag: int = 0x31A) -> None:
+        """The membership-inference attack on the final model (split "privacy" rows, per site).
+
+        Site i's reference model is the one kept after stage i - 1 (it never saw site i; the
+        untrained model for the first site, and for every site of the one-run joint).
+        """
+        st, last = self.st, len(self.order) - 1
+        torch.manual_seed(self.seed)
+        initial = model_weights(build_model(self.cfg.model))
+        refs: dict[str, Weights] = {}
+        for i, site in enumerate(self.order):
+            kept = self.run_dir.load_checkpoint(self.name, self.seed, f"stage{i - 1}") if i and not self.one_run else None
+            refs[site] = kept["weights"] if kept else initial
+        scores = self.executor.leakage(st.weights, refs, derive_seed(self.seed, seed_tag))
+        self.rows(last, -1, "privacy", scores)
 
     def rows(self, stage: int, rnd: int, split: str, scores: dict[str, dict[str, float]]) -> None:
         stage_site = self.order[stage] if stage >= 0 else "init"
@@ -446,6 +472,23 @@ def summarize(metrics: pd.DataFrame, extras: dict[tuple[str, int], dict[str, Any
                                                             & (all_trained["seed"] == seed)], "dice", label=lab))
                 row.update({f"{k}[{lab}]": float(sl[k]) for k in LABEL_COLUMNS})
         row.update(privacy_columns(metrics, approach, seed))
+        row.update(leakage_columns(metrics, approach, int(seed)))
         row.update(extras.get((approach, int(seed)), {}))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+MIA_COLUMNS = ("mia_auc", "mia_auc_cal", "mia_adv")  # means over sites; per site as mia_auc@SITE, mia_auc_cal@SITE
+
+
+def leakage_columns(metrics: pd.DataFrame, approach: str, seed: int) -> dict[str, float]:
+    """The membership-inference scores (split "privacy") of one approach and seed: each metric's
+    mean over sites, and both attacks' AUC per site (`mia_auc@SITE`, `mia_auc_cal@SITE`); {} without one."""
+    p = metrics[(metrics["split"] == "privacy") & (metrics["approach"] == approach) & (metrics["seed"] == seed)]
+    if p.empty:
+        return {}
+    out = {m: float(p[p["metric"] == m]["value"].mean()) for m in MIA_COLUMNS if (p["metric"] == m).any()}
+    for metric in ("mia_auc", "mia_auc_cal"):
+        for site, v in p[p["metric"] == metric].set_index("site")["value"].items():
+            out[f"{metric}@{site}"] = float(v)
+    return out

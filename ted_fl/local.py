@@ -11,6 +11,7 @@ from ted_fl.config import ExperimentConfig
 from ted_fl.continual.approaches import get_approach
 from ted_fl.data.types import SiteData, Split
 from ted_fl.engine import TrainResult, TrainTask, Weights, derive_seed
+from ted_fl.privacy.policies import PROBE_SITE_TAG, REPLAY_TAG, gets_teacher, replay_buffer, uses_replay
 from ted_fl.worker import SiteWorker, probes_for
 
 
@@ -43,8 +44,9 @@ class LocalExecutor:
 
     def train(self, task: TrainTask) -> list[TrainResult]:
         appr = get_approach(task.approach, self.cfg.loss)
+        cfg = self.cfg
         teacher = self.worker.set_teacher((task.approach, task.seed, task.stage), task.teacher)
-        probes = probes_for(self.cfg, task.probe_seed, task.probe_count, task.probe_shape)
+        probes = probes_for(cfg, task.probe_seed, task.probe_count, task.probe_shape)
         groups = [task.sites] if appr.joint else [[s] for s in task.sites]
         results = []
         if self.dp is not None:
@@ -52,16 +54,23 @@ class LocalExecutor:
             self._released = []
         for group in groups:
             site = group[-1]
+            index = self.sites.index(site)
             key = "+".join(group)
             stage_opt = self.optim.get(key)
             opt_state = stage_opt[1] if stage_opt and stage_opt[0] == task.stage else None
+            # The policies of [privacy], as the Flower client applies them (ted_fl.privacy.policies).
+            holds = teacher is not None and (appr.joint or gets_teacher(cfg, index, task.stage))
+            site_probes = probes
+            if holds and cfg.privacy.teacher == "site" and task.probe_count:
+                site_probes = probes_for(cfg, derive_seed(task.seed, task.stage, task.round, index, 0, PROBE_SITE_TAG),
+                                         task.probe_count, task.probe_shape)
             out = self.worker.train_round(
                 approach=task.approach,
-                data=Split.concat([self.data[s].train for s in group]),
-                weights=task.weights, teacher=teacher, aux=task.aux,
+                data=Split.concat([self._train_split(s, task) for s in group]),
+                weights=task.weights, teacher=teacher if holds else None, aux=task.aux,
                 steps=task.steps, lr=task.lr,
-                seed=derive_seed(task.seed, task.stage, task.round, self.sites.index(site), 0),
-                probes=probes, optimizer_state=opt_state,
+                seed=derive_seed(task.seed, task.stage, task.round, index, 0),
+                probes=site_probes if holds else None, optimizer_state=opt_state,
                 # client-level DP: the released (noised) model is scored by evaluate, not the raw local one
                 val=self.data[site].val if task.want_val and len(groups) == 1 and self.dp is None else None,
                 per_volume=self.data[site].per_volume, labels=self.data[site].labels.labels(),
@@ -78,6 +87,13 @@ class LocalExecutor:
             results.append(TrainResult(site, 0, weights, out.num_examples, metrics, out.val))
         return results
 
+    def _train_split(self, site: str, task: TrainTask) -> Split:
+        """The site's training split, or its replay buffer when it trains after its own stage."""
+        index = self.sites.index(site)
+        if not uses_replay(self.cfg, index, task.stage):
+            return self.data[site].train
+        return replay_buffer(self.data[site].train, self.cfg.privacy.replay, derive_seed(task.seed, index, REPLAY_TAG, 0))
+
     def aggregate(self, task: TrainTask, results: list[TrainResult]) -> Weights:
         """The round's global model: client-level DP's noised uniform mean of the released weights, else FedAvg."""
         if self.dp is not None:
@@ -92,6 +108,11 @@ class LocalExecutor:
                                     self.data[s].labels.labels())
             for s in sites
         }
+
+    def leakage(self, weights: Weights, references: dict[str, Weights], seed: int) -> dict[str, dict[str, float]]:
+        return {s: self.worker.leakage(weights, references[s], self.data[s].train, self.data[s].test,
+                                       derive_seed(seed, i))
+                for i, s in enumerate(self.sites)}
 
     def importance(self, approach: str, weights: Weights, site: str) -> dict[str, np.ndarray]:
         return self.worker.importance(approach, weights, self.data[site].train)

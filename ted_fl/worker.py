@@ -124,6 +124,19 @@ class SiteWorker:
         self.student.load_state_dict(to_tensors(weights))
         return evaluate(self.student, split, per_volume=per_volume, labels=labels, **eval_options(self.cfg))
 
+    def leakage(self, weights: Weights, reference: Weights, members: Split, nonmembers: Split,
+                seed: int) -> dict[str, float]:
+        """Membership-inference scores of `weights` on one site (ted_fl.privacy.mia.attack);
+        the reference model is loaded into the teacher's module (forgotten: the next stage reloads)."""
+        from ted_fl.privacy.mia import attack
+
+        self.student.load_state_dict(to_tensors(weights))
+        self.teacher.load_state_dict(to_tensors(reference))
+        self._teacher_key = None
+        opts = eval_options(self.cfg)
+        return attack(self.student, members, nonmembers, seed, reference=self.teacher,
+                      bn=str(opts["bn"]), batch_size=int(opts["batch_size"]))  # type: ignore[call-overload]
+
     def importance(self, approach: str, weights: Weights, split: Split) -> dict[str, np.ndarray]:
         appr = get_approach(approach, self.cfg.loss)
         self.student.load_state_dict(to_tensors(weights))

@@ -26,6 +26,7 @@ from ted_fl.engine import derive_seed
 from ted_fl.federated import messages as M
 from ted_fl.federated.audit import audit_mod
 from ted_fl.files import atomic_torch_save
+from ted_fl.privacy.policies import PROBE_SITE_TAG, REPLAY_TAG, replay_buffer, replay_share, uses_replay
 from ted_fl.worker import SiteWorker, probes_for
 
 _CACHE: dict[Any, Any] = {}  # per process: parsed configs, loaded site data, workers
@@ -155,6 +156,12 @@ def _save_optimizer(context: Context, c: dict, site: str, client: int, state: di
             old.unlink(missing_ok=True)
 
 
+def _keep_teacher(context: Context, weights: ArrayRecord, aux: Any, key: str) -> None:
+    context.state["teacher"] = weights
+    context.state["aux"] = aux if isinstance(aux, ArrayRecord) else ArrayRecord()
+    context.state["teacher_meta"] = ConfigRecord({"key": key})
+
+
 def _teacher(context: Context, content: RecordDict, key: str) -> tuple[M.Weights | None, M.Weights]:
     """The stage's teacher and importances: taken from the message once, then from context.state."""
     if M.TEACHER in content:
@@ -203,15 +210,24 @@ def train(msg: Message, context: Context) -> Message:
     data, share = site_data(cfg, site, client)
     w = worker(cfg)
     teacher_mod, aux = None, {}
+    site_index = int(c["site_index"])
     if c.get("teacher_key"):
+        if c.get("teacher_from_weights") and M.TEACHER not in msg.content:
+            # privacy.teacher = "site": this round's weights are the stage's teacher; keep them as such.
+            _keep_teacher(context, msg.content[M.WEIGHTS], msg.content.get(M.AUX), str(c["teacher_key"]))
         teacher, aux = _teacher(context, msg.content, str(c["teacher_key"]))
         teacher_mod = w.set_teacher(str(c["teacher_key"]), teacher)
     if M.PROBES in msg.content:
         probes = torch.from_numpy(msg.content[M.PROBES]["probes"].numpy())
+    elif c.get("probe_local"):  # the site draws its own probes (privacy.teacher = "site")
+        own = derive_seed(int(c["seed"]), int(c["stage"]), int(c["round"]), site_index, client, PROBE_SITE_TAG)
+        probes = probes_for(cfg, own, int(c["probe_count"]), tuple(c["probe_shape"]))
     else:
         probes = probes_for(cfg, c.get("probe_seed"), int(c.get("probe_count", 0)),
                             tuple(c.get("probe_shape", [])))
-    site_index = int(c["site_index"])
+    if uses_replay(cfg, site_index, int(c["stage"])):  # an earlier site keeps only its replay buffer
+        n = replay_share(cfg.privacy.replay, cfg.federated.clients_per_site)
+        share = replay_buffer(share, n, derive_seed(int(c["seed"]), site_index, REPLAY_TAG, client))
     out = w.train_round(
         approach=str(c["approach"]), data=share, weights=M.from_record(msg.content[M.WEIGHTS]),
         teacher=teacher_mod, aux=aux, steps=int(c["steps"]), lr=float(c["lr"]),
@@ -240,6 +256,17 @@ def evaluate(msg: Message, context: Context) -> Message:
                                   data.labels.labels())
     return Message(RecordDict({M.METRICS: M.metric_record({**scores, "num_examples": len(split)})}),
                    reply_to=msg)
+
+
+@app.query("leakage")
+def leakage(msg: Message, context: Context) -> Message:
+    """Membership inference on this site's own images (ted_fl.privacy.mia): only the scores go back."""
+    cfg = _config(context, msg.content)
+    site, client = identity(context, cfg)
+    data, _ = site_data(cfg, site, client)
+    scores = worker(cfg).leakage(M.from_record(msg.content[M.WEIGHTS]), M.from_record(msg.content[M.REFERENCE]),
+                                 data.train, data.test, int(msg.content[M.CONFIG]["seed"]))
+    return Message(RecordDict({M.METRICS: M.metric_record(scores)}), reply_to=msg)
 
 
 @app.query("importance")
