@@ -71,7 +71,7 @@ def print_summary(summary: pd.DataFrame, run: RunDir) -> None:
     from ted_fl.results import format_cell
 
     cols = [c for c in ("approach", "seed", "avg", "ravg", "bwt", "fwt", "forgetting", "plasticity",
-                        "hd95", "bytes_sent", "bytes_received", "wall_s") if c in summary.columns]
+                        "hd95", "epsilon", "bytes_sent", "bytes_received", "wall_s") if c in summary.columns]
     cols[3:3] = [c for c in summary.columns if c.startswith("avg[")]  # per class / region, when several
     if "faults_seen" in summary.columns and summary["faults_seen"].fillna(0).sum() > 0:
         cols += ["faults_seen", "faults_retried", "faults_unrecovered"]
@@ -86,9 +86,12 @@ def print_summary(summary: pd.DataFrame, run: RunDir) -> None:
 def check_inputs(cfg: ExperimentConfig) -> list:
     """Everything a run checks before it starts (the data loads, the splits it needs exist): the
     same validation for `--check`, a run, `--resume` and `flwr run`."""
+    from ted_fl.continual.privacy import prepare_privacy
     from ted_fl.run import check_data
 
-    return check_data(cfg)
+    sites = check_data(cfg)
+    prepare_privacy(cfg)  # [privacy]: impossible combinations (idempotent; start_run logs its notes)
+    return sites
 
 
 def describe(cfg: ExperimentConfig, sites: list, mode: str) -> str:

@@ -86,9 +86,13 @@ def validate(run_config: dict[str, Any]) -> tuple[Any, list]:
     from ted_fl.data import resolve_out_channels
     from ted_fl.run import check_data
 
+    from ted_fl.continual.privacy import prepare_privacy
+
     cfg = from_run_config(run_config)
     resolve_out_channels(cfg)  # the network's outputs follow the site set's classes (read from TOML only)
-    return cfg, check_data(cfg)
+    sites = check_data(cfg)
+    prepare_privacy(cfg)  # [privacy]: impossible combinations (start_run logs its notes)
+    return cfg, sites
 
 
 def _run(grid: Any, cfg: Any, run: Any, sites: list) -> None:

@@ -6,11 +6,14 @@ import contextlib
 import os
 import threading
 import warnings
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from ted_fl.config import ExperimentConfig
+from ted_fl.errors import TedFlError
 from ted_fl.results import RunDir
+
+T = TypeVar("T")
 
 
 def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -157,6 +160,43 @@ def load_app(reference: str) -> Any:
                          "name a ClientApp as module:attribute") from None
 
 
+def launch(cfg: ExperimentConfig, client_app: Any, num_nodes: int, serve: Callable[[Any], T],
+           run: RunDir | None = None) -> T:
+    """Run `serve(grid)` as the ServerApp of one Flower simulation on Ray (Ray starts once), with
+    `client_app` on `num_nodes` nodes and the config's resources and polling; an error raised in
+    `serve` is raised here, after the simulation has shut down. Flower's record of a failing
+    client goes to `run`'s run.log (client_errors_to_log); a signal stops the ServerApp's waits."""
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    out: list[T] = []
+    error: list[BaseException] = []
+    server = ServerApp()
+    fast = {"on": False}
+
+    @server.main()
+    def _main(grid: Grid, context: Any) -> None:
+        if fast["on"]:
+            fast_grid(grid)
+        stoppable_grid(grid)
+        try:
+            out.append(serve(grid))
+        except BaseException as exc:  # surfaced after the simulation shuts down
+            error.append(exc)
+
+    # Ray's driver would install absl's failure handler for SIGTERM (abort, exit -6, nothing cleaned
+    # up) over ted_fl.processes.graceful_signals; without it SIGTERM shuts Ray down cleanly.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    with fast_message_polling(cfg.federated.fast_polling) as fast["on"], client_errors_to_log(run):
+        run_simulation(server_app=server, client_app=client_app, num_supernodes=num_nodes,
+                       backend_config=backend_config(cfg))  # type: ignore[arg-type]
+    if error:
+        raise error[0]
+    if not out:
+        raise TedFlError("the Flower simulation ended before its ServerApp returned")
+    return out[0]
+
+
 def simulate_groups(
     groups: list[tuple[ExperimentConfig, RunDir]],
     num_nodes: int,
@@ -167,38 +207,12 @@ def simulate_groups(
     Every configuration must use the same client nodes (same sites and clients per site); each
     gets its own FlowerExecutor, whose hello carries that configuration to the clients.
     """
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.simulation import run_simulation
-
     from ted_fl.federated.server_app import serve
 
-    extras: list[dict[tuple[str, int], dict[str, Any]]] = []
-    error: list[BaseException] = []
-    server = ServerApp()
-
-    fast = {"on": False}
-
-    @server.main()
-    def _main(grid: Grid, context: Any) -> None:
-        if fast["on"]:
-            fast_grid(grid)
-        stoppable_grid(grid)
-        try:
-            for cfg, run in groups:
-                extras.append(serve(grid, cfg, run, progress, simulated=True))
-        except BaseException as exc:  # surfaced after the simulation shuts down
-            error.append(exc)
-
-    # Ray's driver would install absl's failure handler for SIGTERM (abort, exit -6, nothing cleaned
-    # up) over ted_fl.processes.graceful_signals; without it SIGTERM shuts Ray down cleanly.
-    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
-    with fast_message_polling(groups[0][0].federated.fast_polling) as fast["on"], \
-            client_errors_to_log(groups[0][1]):
-        run_simulation(server_app=server, client_app=load_app(groups[0][0].federated.client_app), num_supernodes=num_nodes,
-                       backend_config=backend_config(groups[0][0]))  # type: ignore[arg-type]
-    if error:
-        raise error[0]
-    return extras
+    first = groups[0][0]
+    return launch(first, load_app(first.federated.client_app), num_nodes,
+                  lambda grid: [serve(grid, cfg, run, progress, simulated=True) for cfg, run in groups],
+                  run=groups[0][1])
 
 
 def stoppable_grid(grid: Any) -> None:
