@@ -83,10 +83,9 @@ def run_app(grid: Any, context: Any) -> None:
 def validate(run_config: dict[str, Any]) -> tuple[Any, list]:
     """The run config through the schema, then the data: the command line's checks, in its order."""
     from ted_fl.config import from_run_config
+    from ted_fl.continual.privacy import prepare_privacy
     from ted_fl.data import resolve_out_channels
     from ted_fl.run import check_data
-
-    from ted_fl.continual.privacy import prepare_privacy
 
     cfg = from_run_config(run_config)
     resolve_out_channels(cfg)  # the network's outputs follow the site set's classes (read from TOML only)
