@@ -86,10 +86,11 @@ def print_summary(summary: pd.DataFrame, run: RunDir) -> None:
 def check_inputs(cfg: ExperimentConfig) -> list:
     """Everything a run checks before it starts (the data loads, the splits it needs exist): the
     same validation for `--check`, a run, `--resume` and `flwr run`."""
-    from ted_fl.continual.privacy import prepare_privacy
     from ted_fl.run import check_data
 
     sites = check_data(cfg)
+    from ted_fl.continual.privacy import prepare_privacy  # imports torch: after the cheaper checks
+
     prepare_privacy(cfg)  # [privacy]: impossible combinations (idempotent; start_run logs its notes)
     return sites
 
