@@ -111,6 +111,7 @@ class ProcessRecord:
         self.path = Path(run_path) / RECORD
         self.me = psutil.Process()
         self.before = {p.pid for p in self.me.children(recursive=True)}  # not ours: started earlier
+        self.known: dict[int, dict[str, Any]] = {}  # every process recorded so far (pid -> identity)
 
     def children(self) -> list[Any]:
         import psutil
@@ -129,18 +130,22 @@ class ProcessRecord:
 
         from ted_fl.files import atomic_write_text
 
-        entries = []
         for p in self.children():
             with contextlib.suppress(psutil.Error):
-                entries.append(_identity(p))
+                self.known[p.pid] = _identity(p)
+        entries = list(self.known.values())  # also those already orphaned (a worker whose raylet ended)
         data = {"driver": _identity(self.me), "processes": entries, "note": note,
                 "ray_session": _ray_session()}
         atomic_write_text(self.path, json.dumps(data, indent=1))
 
     def close(self) -> int:
         """The run ended (cleanly, by a signal or an error): end what it left, drop the record."""
-        left = [p for p in self.children() if p.is_running()]
-        n = terminate(left) if left else 0
+        left = {p.pid: p for p in self.children() if p.is_running()}
+        for entry in self.known.values():  # reparented away from this process, e.g. a Ray worker
+            proc = _alive(entry)
+            if proc is not None:
+                left.setdefault(proc.pid, proc)
+        n = terminate(left.values()) if left else 0
         self.path.unlink(missing_ok=True)
         return n
 

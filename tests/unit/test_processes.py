@@ -122,6 +122,22 @@ def test_record_lists_and_ends_only_what_the_run_started(tmp_path: Path) -> None
         before.wait()
 
 
+def test_record_ends_a_recorded_process_that_was_reparented(tmp_path: Path) -> None:
+    """A Ray worker whose raylet ended is no longer this process's descendant: the record, which
+    listed it earlier, still ends it. (Stand-in: a process outside `children()`, recorded by hand.)"""
+    outside = sleeper()  # started before the record: never one of its children()
+    try:
+        record = ProcessRecord(tmp_path)
+        assert outside.pid not in {p.pid for p in record.children()}
+        record.known[outside.pid] = ident(outside)  # what update() wrote while it was a descendant
+        assert record.close() == 1
+        assert gone(outside)
+    finally:
+        if outside.poll() is None:
+            outside.kill()
+            outside.wait()
+
+
 def test_sigterm_becomes_an_exception_that_runs_finally_blocks() -> None:
     import threading
 
