@@ -240,8 +240,15 @@ def execute_federated(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[t
     # sees the arrays (each client loads its own site).
     sites = load_and_record_sites(cfg, run)
     progress = Progress(total_rounds(cfg, len(sites)), quiet)
+    record = getattr(run, "record", None)  # ted_fl.processes.ProcessRecord, when a command line runs this
+
+    def on_round(info: dict[str, Any]) -> None:
+        progress(info)
+        if record is not None:  # Ray may have started workers since: keep processes.json current
+            record.update(f"{info['approach']} seed {info['seed']} stage {info['stage']} round {info['round']}")
+
     try:
-        (extras,) = simulate_groups([(cfg, run)], len(sites) * cfg.federated.clients_per_site, progress)
+        (extras,) = simulate_groups([(cfg, run)], len(sites) * cfg.federated.clients_per_site, on_round)
     finally:
         progress.close()
     return extras
