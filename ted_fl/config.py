@@ -131,7 +131,14 @@ class LossConfig:
     ska_std: float = 1.0
     ska_count: int = 0  # noise images per step (0: the batch size)
     probe_bn_update: bool = False  # let SKA probes update the student's BN running stats (reference)
-    teacher_mode: TeacherMode = "eval"  # train: the reference code's batch statistics
+    # train (default, the reference's): the teacher normalises each batch with the batch's own
+    # statistics, as eval.bn = "batch" scores every model; eval: its running statistics, which
+    # follow the teacher's own (previous) site. The teacher should be normalised the way the model
+    # is evaluated: with eval.bn = "running" set teacher_mode = "eval" too. Under eval.bn = "batch"
+    # an "eval" teacher is another function than the model R[t-1] scores (on the twin, RUNMC's model
+    # scores Dice 0.39 on BMC's images with its running statistics, 0.63 with batch statistics), and
+    # AKT + GUGF distil it hard (docs/results.md, "GUGF strength").
+    teacher_mode: TeacherMode = "train"
     gugf: GugfMode = "batch"  # batch: the reference's broadcasting (see ted_fl.continual.terms.GUGF)
     temperature: float = 2.0  # LwF
     ewc_lambda: float = 100.0
