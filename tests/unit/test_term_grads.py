@@ -38,7 +38,7 @@ def test_batch_gugf_doubles_with_a_doubled_batch_sample_gugf_does_not() -> None:
     assert one["akt_mask_frac"] > 0
     # the same images twice: batch statistics, L_seg and KD are unchanged; AKT's sum and its
     # denominator sum(M) + 1 both about double; GUGF's batch-summed uncertainty doubles
-    assert two["kd"] == pytest.approx(one["kd"], rel=1e-4)
+    assert two["kd"] == pytest.approx(one["kd"], rel=1e-3)
     assert two["akt_gugf_sample"] == pytest.approx(one["akt_gugf_sample"], rel=0.02)
     assert two["akt_gugf_batch"] == pytest.approx(2 * one["akt_gugf_batch"], rel=0.02)
     # lambda_d scales every ratio
