@@ -86,7 +86,7 @@ class TrainConfig:
     """The schedule: rounds per stage (an epoch in the reference), steps per round, Adam + StepLR.
 
     The defaults are CPU-sized so that the bare `python -m ted_fl.simulate --sites prostate`
-    (3 approaches x 3 seeds) costs about ten CPU-minutes and still shows forgetting on the twin,
+    (3 approaches x 3 seeds) takes about 5 minutes on 2 cores and still shows forgetting on the twin,
     whose last site (HK) shifts the model: 4 rounds x 20 steps a site
     at batch 8 with rates 1e-3 / 5e-4 (at the reference's 2e-4 / 1e-4 a few hundred steps
     barely learn the first site). The reference schedule (50 epochs of one pass each, batch 4,
