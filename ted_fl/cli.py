@@ -71,7 +71,7 @@ def print_summary(summary: pd.DataFrame, run: RunDir) -> None:
     from rich.table import Table
 
     cols = [c for c in ("approach", "seed", "avg", "ravg", "bwt", "fwt", "forgetting", "plasticity",
-                        "hd95", "bytes_sent", "bytes_received", "wall_s") if c in summary.columns]
+                        "hd95", "epsilon", "bytes_sent", "bytes_received", "wall_s") if c in summary.columns]
     cols[3:3] = [c for c in summary.columns if c.startswith("avg[")]  # per class / region, when several
     table = Table(title=f"summary ({run.path / 'summary.csv'})")
     for c in cols:

@@ -11,6 +11,7 @@ that name the key and the fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import field
 from pathlib import Path
@@ -38,6 +39,10 @@ TeacherMode = Literal["eval", "train"]
 GugfMode = Literal["batch", "normalized", "sample"]
 ProbeTransport = Literal["pixels", "seed"]  # pixels: the server sends the noise; seed: clients regenerate it
 OnFailure = Literal["retry", "skip", "abort"]
+DPLevel = Literal["off", "sample", "client"]  # sample: Opacus DP-SGD in a site; client: Flower DP on what leaves it
+Clipping = Literal["fixed", "adaptive"]
+NoiseSide = Literal["server", "client"]
+TeacherPlace = Literal["server", "site"]  # where the frozen teacher lives (privacy.teacher)
 Positive = Annotated[int, Field(ge=1)]
 
 
@@ -228,6 +233,46 @@ class EvalConfig:
 
 
 @dataclass(config=SCHEMA)
+class PrivacyConfig:
+    """Differential privacy, secure aggregation and the privacy policies (docs/privacy.md says
+    what each DP level protects; every key is a study axis of `python -m ted_fl.study privacy`).
+
+    dp = "sample": DP-SGD inside every site (Opacus: per-sample clipping at max_grad_norm,
+    Gaussian noise, Poisson sampling), protecting each patient image of a site; the noise is
+    calibrated with Opacus' RDP accountant so that one site's training in one stage spends
+    `epsilon` at `delta`. dp = "client": what leaves a site (its weight update) is clipped at
+    clip_norm and noised with Flower's DP strategies and mods, protecting a whole client (a
+    site, or one department of it); `epsilon` is spent over the stage's rounds. noise = "server":
+    central DP (Flower's DifferentialPrivacy*Clipping strategies add noise to the aggregate;
+    clip_on says where updates are clipped); noise = "client": local DP (Flower's LocalDpMod
+    adds the noise before the update leaves the site). epsilon = inf: clipping only, no noise.
+
+    teacher: "server" (default) keeps the frozen teacher and the SKA probes at the server: it
+    sends the teacher to every node that trains in a stage (once per node and stage) and the
+    probes every round (pixels or seed, federated.probes). "site": the teacher is handed only
+    to the arriving site: its nodes freeze the stage's first weights they receive (bitwise the
+    server's teacher, so no separate teacher payload travels) and draw their SKA probes
+    themselves from a seed of their own (no probes travel); retained earlier sites train
+    without a teacher. replay = N: an earlier site that keeps training (federated.retention)
+    trains on a seeded buffer of at most N of its own training images (0: all of them).
+    mia: run the membership-inference attack (ted_fl.privacy.mia) on every site at the end.
+    """
+
+    dp: DPLevel = "off"
+    epsilon: Annotated[float, Field(gt=0)] = math.inf  # target epsilon per site (client) and stage
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0  # sample level: per-sample gradient clipping bound
+    clip_norm: Annotated[float, Field(gt=0)] = 1.0  # client level: update clipping bound (initial one if adaptive)
+    clipping: Clipping = "fixed"  # client level: fixed | adaptive (Andrew et al., Flower's adaptive wrappers)
+    noise: NoiseSide = "server"  # client level: server (central DP) | client (local DP, Flower's LocalDpMod)
+    clip_on: NoiseSide = "client"  # client level, central DP: where updates are clipped (Flower's mods or the server)
+    secagg: bool = False  # SecAgg+ where a stage aggregates several clients (refused on Flower 1.41: docs/privacy.md)
+    teacher: TeacherPlace = "server"  # server | site: where the frozen teacher lives
+    replay: Annotated[int, Field(ge=0)] = 0  # images an earlier site keeps for its retention rounds (0: all)
+    mia: bool = True  # membership-inference attack on every site's final model (metrics.csv split "privacy")
+
+
+@dataclass(config=SCHEMA)
 class ExperimentConfig:
     """A whole experiment: what `simulations/*.toml` holds and `config.toml` records."""
 
@@ -246,6 +291,7 @@ class ExperimentConfig:
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     gkd: GKDConfig = field(default_factory=GKDConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 def _describe(err: dict[str, Any], where: str) -> str:

@@ -26,6 +26,7 @@ from ted_fl.continual.metrics import continual_summary, r_matrix
 from ted_fl.continual.networks import build_model
 from ted_fl.continual.weights import Weights, load_weights, model_weights  # noqa: F401 (re-exported)
 from ted_fl.results import MEAN_LABEL, RunDir, label_metric, labels_of, select_label
+from ted_fl.worker import WORK_KEYS
 
 
 def derive_seed(*parts: int) -> int:
@@ -68,6 +69,7 @@ class TrainTask:
     probe_count: int
     probe_shape: tuple[int, ...]
     want_val: bool  # ask the (single) trainer to report validation metrics of its result
+    stage_rounds: int = 1  # rounds of this stage (DP calibrates its noise over the whole stage)
 
 
 @dataclass
@@ -94,6 +96,11 @@ class Executor(Protocol):
     def evaluate(self, weights: Weights, split: str, sites: list[str]) -> dict[str, dict[str, float]]: ...
 
     def importance(self, approach: str, weights: Weights, site: str) -> dict[str, np.ndarray]: ...
+
+    def leakage(self, weights: Weights, references: dict[str, Weights], seed: int) -> dict[str, dict[str, float]]:
+        """Membership-inference scores of `weights` per site (ted_fl.privacy.mia), each site against
+        its reference model (one that never saw it); every site computes its own, metrics only."""
+        ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -158,6 +165,28 @@ class StagePlan:
     probe_count: int
 
 
+def plan_stage(cfg: ExperimentConfig, approach: Approach, one_run: bool, order: list[str],
+               sizes: dict[str, int], stage: int) -> StagePlan:
+    """Stage `stage`'s plan: who trains, how many rounds of how many steps, how many probes."""
+    site = order[stage]
+    sites = list(order) if one_run else active_sites(order, stage, cfg.federated.retention, approach.joint)
+    n_rounds = cfg.train.rounds
+    if approach.joint:
+        n_rounds = max(1, round(cfg.train.rounds * cfg.train.joint_rounds_factor))
+    steps = steps_for(cfg, sum(sizes[s] for s in sites) if approach.joint else sizes[site])
+    probe_count = (cfg.loss.ska_count or cfg.train.batch_size) * steps
+    return StagePlan(stage, site, sites, n_rounds, steps, probe_count)
+
+
+def plan_stages(cfg: ExperimentConfig, approach_name: str, order: list[str],
+                sizes: dict[str, int]) -> list[StagePlan]:
+    """Every stage the schedule runs for one approach (one stage over all sites for a one-run joint,
+    protocol "reference"): what `bench protocol` counts without running it."""
+    approach = get_approach(approach_name, cfg.loss)
+    one_run = approach.joint and cfg.protocol == "reference"
+    return [plan_stage(cfg, approach, one_run, order, sizes, k) for k in range(1 if one_run else len(order))]
+
+
 class Schedule:
     """One approach and seed through the site sequence: stages of rounds, checkpointed every round.
 
@@ -168,6 +197,9 @@ class Schedule:
 
     def __init__(self, cfg: ExperimentConfig, approach_name: str, seed: int, executor: Executor,
                  run: RunDir, progress: ProgressFn | None = None) -> None:
+        from ted_fl.privacy.policies import check_privacy
+
+        check_privacy(cfg)  # impossible [privacy] combinations stop here, before any round
         self.cfg, self.name, self.seed, self.executor, self.run_dir = cfg, approach_name, seed, executor, run
         self.progress = progress
         self.approach: Approach = get_approach(approach_name, cfg.loss)
@@ -202,9 +234,27 @@ class Schedule:
             self.checkpoint()
         while st.stage < (1 if self.one_run else len(self.order)):
             self.run_stage(self.plan(st.stage))
+        if self.cfg.privacy.mia:
+            self.leakage()
         st.done = True
         self.checkpoint()
         return st
+
+    def leakage(self, seed_tag: int = 0x31A) -> None:
+        """The membership-inference attack on the final model (split "privacy" rows, per site).
+
+        Site i's reference model is the one kept after stage i - 1 (it never saw site i; the
+        untrained model for the first site, and for every site of the one-run joint).
+        """
+        st, last = self.st, len(self.order) - 1
+        torch.manual_seed(self.seed)
+        initial = model_weights(build_model(self.cfg.model))
+        refs: dict[str, Weights] = {}
+        for i, site in enumerate(self.order):
+            kept = self.run_dir.load_checkpoint(self.name, self.seed, f"stage{i - 1}") if i and not self.one_run else None
+            refs[site] = kept["weights"] if kept else initial
+        scores = self.executor.leakage(st.weights, refs, derive_seed(self.seed, seed_tag))
+        self.rows(last, -1, "privacy", scores)
 
     def rows(self, stage: int, rnd: int, split: str, scores: dict[str, dict[str, float]]) -> None:
         stage_site = self.order[stage] if stage >= 0 else "init"
@@ -222,16 +272,7 @@ class Schedule:
         self.run_dir.save_checkpoint(self.name, self.seed, "last", st.__dict__)
 
     def plan(self, stage: int) -> StagePlan:
-        cfg, approach, sizes = self.cfg, self.approach, self.executor.train_sizes
-        site = self.order[stage]
-        sites = list(self.order) if self.one_run else active_sites(
-            self.order, stage, cfg.federated.retention, approach.joint)
-        n_rounds = cfg.train.rounds
-        if approach.joint:
-            n_rounds = max(1, round(cfg.train.rounds * cfg.train.joint_rounds_factor))
-        steps = steps_for(cfg, sum(sizes[s] for s in sites) if approach.joint else sizes[site])
-        probe_count = (cfg.loss.ska_count or cfg.train.batch_size) * steps
-        return StagePlan(stage, site, sites, n_rounds, steps, probe_count)
+        return plan_stage(self.cfg, self.approach, self.one_run, self.order, self.executor.train_sizes, stage)
 
     def run_stage(self, plan: StagePlan) -> None:
         st = self.st
@@ -262,15 +303,21 @@ class Schedule:
             probe_seed=derive_seed(self.seed, stage, rnd, 0x5CA) if uses_probes else None,
             probe_count=plan.probe_count if uses_probes else 0,
             probe_shape=tuple(executor.image_shape), want_val=cfg.train.select_best,
+            stage_rounds=plan.n_rounds,
         )
         t0 = time.perf_counter()
         sent0, recv0 = executor.bytes_sent, executor.bytes_received
         results = executor.train(task)
         train_s = time.perf_counter() - t0
-        st.weights = fedavg([(r.weights, r.num_examples) for r in results])
+        aggregate = getattr(executor, "aggregate", None)  # client-level DP: Flower's DP strategy aggregates
+        st.weights = aggregate(task, results) if aggregate else fedavg([(r.weights, r.num_examples) for r in results])
         split_clients = len({r.site for r in results}) < len(results)
         for r in results:
-            self.rows(stage, rnd, "train", {f"{r.site}/{r.client}" if split_clients else r.site: r.metrics})
+            key = f"{r.site}/{r.client}" if split_clients else r.site
+            work = {k: r.metrics.pop(k) for k in WORK_KEYS if k in r.metrics}  # a client's own work: time rows
+            self.rows(stage, rnd, "train", {key: r.metrics})
+            if work:
+                self.rows(stage, rnd, "time", {key: work})
         if cfg.train.select_best:
             self.select(stage, rnd, site, results)
         if cfg.train.eval_every_round:
@@ -319,12 +366,76 @@ class Schedule:
         # Stage times (a resumed stage counts from the resume): its test evaluation and all of it.
         self.rows(stage, last, "time", {site: {"eval_s": time.perf_counter() - t_eval,
                                                 "stage_s": time.perf_counter() - t_stage}})
+        self.account(stage)
         if cfg.train.eval_val_all:  # validation R matrix, for tuning on val rather than on test
             self.rows(stage, last, "val_stage", executor.evaluate(st.weights, "val", self.order))
         self.run_dir.save_checkpoint(self.name, self.seed, f"stage{stage}", {"weights": st.weights, "site": site})
         st.stage, st.round = stage + 1, 0
         st.teacher, st.best_score, st.best_weights = None, -math.inf, None
         self.checkpoint()
+
+
+    def account(self, stage: int) -> None:
+        """Differential privacy spent per site (or client) in this stage and in total so far (split "privacy").
+
+        The trainers report each round's (noise multiplier, sample rate, steps) as train metrics:
+        DP-SGD's per site, or one release per round at rate 1 for client-level DP. Opacus' RDP accountant
+        composes them: "epsilon" over this stage's rounds, "epsilon_total" over every stage the site
+        trained in (retention), both at privacy.delta.
+        """
+        p = self.cfg.privacy
+        if p.dp == "off":
+            return
+        for site, acc in stage_privacy(self.st.rows, stage, p.delta).items():
+            self.rows(stage, -1, "privacy", {site: {**acc, "delta": p.delta}})
+            self.run_dir.log(f"privacy: {self.name} seed {self.seed} stage {stage} {site}: epsilon {acc['epsilon']:.4g} "
+                             f"(total {acc['epsilon_total']:.4g}) at delta {p.delta:g}, dp = {p.dp}, noise multiplier "
+                             f"{acc['noise_multiplier']:.4g}, {acc['steps']:.0f} steps")
+
+
+DP_KEYS = ("dp_noise_multiplier", "dp_sample_rate", "dp_steps")  # a round's accounting inputs (train metrics)
+
+
+def stage_privacy(rows: list[dict[str, Any]], stage: int, delta: float) -> dict[str, dict[str, float]]:
+    """Per site (or client) that trained in `stage`: epsilon over this stage's rounds, epsilon_total over
+    every stage up to it it trained in, the noise multiplier and the steps, from one schedule's train rows.
+
+    One event per (stage, round) and site: a round's metrics are recorded once, whatever the retries,
+    and nothing outside these rows (another approach, seed or process) enters. A round with partial
+    accounting inputs counts as unbounded (inf): an unknown spend is no guarantee.
+    """
+    from ted_fl.continual.privacy import epsilon_spent
+
+    hist: dict[str, dict[int, dict[int, dict[str, float]]]] = {}
+    for r in rows:
+        if r["split"] == "train" and r["metric"] in DP_KEYS:
+            hist.setdefault(r["site"], {}).setdefault(r["stage"], {}).setdefault(r["round"], {})[r["metric"]] = r["value"]
+
+    def events(rounds: dict[int, dict[str, float]]) -> list[tuple[float, float, int]]:
+        return [(m["dp_noise_multiplier"], m["dp_sample_rate"], int(m["dp_steps"])) if len(m) == len(DP_KEYS)
+                else (0.0, 1.0, 1) for m in rounds.values()]  # sigma 0: epsilon inf
+
+    out = {}
+    for site, by_stage in hist.items():
+        if stage not in by_stage:
+            continue
+        here = events(by_stage[stage])
+        everything = [e for st in sorted(by_stage) if st <= stage for e in events(by_stage[st])]
+        out[site] = {"epsilon": epsilon_spent(here, delta), "epsilon_total": epsilon_spent(everything, delta),
+                     "noise_multiplier": here[0][0] if here else 0.0, "steps": float(sum(n for _, _, n in here))}
+    return out
+
+
+def privacy_columns(metrics: pd.DataFrame, approach: str, seed: int) -> dict[str, float]:
+    """summary.csv's `epsilon` / `delta`: the largest total epsilon any site (client) spent, at delta;
+    inf and empty without DP (no split "privacy" rows)."""
+    if "split" not in metrics.columns:
+        return {"epsilon": math.inf, "delta": math.nan}
+    rows = metrics[(metrics["split"] == "privacy") & (metrics["approach"] == approach) & (metrics["seed"] == seed)]
+    tot, delta = rows[rows["metric"] == "epsilon_total"]["value"], rows[rows["metric"] == "delta"]["value"]
+    if tot.empty:
+        return {"epsilon": math.inf, "delta": math.nan}
+    return {"epsilon": float(tot.max()), "delta": float(delta.max())}
 
 
 LABEL_COLUMNS = ("avg", "bwt", "forgetting", "plasticity")  # per-label columns of summary.csv
@@ -360,6 +471,24 @@ def summarize(metrics: pd.DataFrame, extras: dict[tuple[str, int], dict[str, Any
                 sl = continual_summary(r_matrix(all_trained[(all_trained["approach"] == approach)
                                                             & (all_trained["seed"] == seed)], "dice", label=lab))
                 row.update({f"{k}[{lab}]": float(sl[k]) for k in LABEL_COLUMNS})
+        row.update(privacy_columns(metrics, approach, seed))
+        row.update(leakage_columns(metrics, approach, int(seed)))
         row.update(extras.get((approach, int(seed)), {}))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+MIA_COLUMNS = ("mia_auc", "mia_auc_cal", "mia_adv")  # means over sites; per site as mia_auc@SITE, mia_auc_cal@SITE
+
+
+def leakage_columns(metrics: pd.DataFrame, approach: str, seed: int) -> dict[str, float]:
+    """The membership-inference scores (split "privacy") of one approach and seed: each metric's
+    mean over sites, and both attacks' AUC per site (`mia_auc@SITE`, `mia_auc_cal@SITE`); {} without one."""
+    p = metrics[(metrics["split"] == "privacy") & (metrics["approach"] == approach) & (metrics["seed"] == seed)]
+    if p.empty:
+        return {}
+    out = {m: float(p[p["metric"] == m]["value"].mean()) for m in MIA_COLUMNS if (p["metric"] == m).any()}
+    for metric in ("mia_auc", "mia_auc_cal"):
+        for site, v in p[p["metric"] == metric].set_index("site")["value"].items():
+            out[f"{metric}@{site}"] = float(v)
+    return out

@@ -43,6 +43,9 @@ TABLE_COLUMNS = {
     "forgetting": "forgetting",
     "plasticity": "plasticity",
     "hd95": "HD95",
+    "epsilon": "epsilon",  # the largest epsilon a site spent (inf: no DP)
+    "mia_auc": "attack AUC",  # membership inference, loss threshold, mean over sites (ted_fl.privacy.mia)
+    "mia_auc_cal": "attack AUC (calibrated)",
     "bytes_sent": "sent (MB)",
     "wall_s": "wall (s)",
 }
@@ -443,6 +446,67 @@ def build_figures(report: Report) -> dict[str, go.Figure]:
     return figs
 
 
+def privacy_html(run_dirs: list[Path]) -> str:
+    """Per run with differential privacy: epsilon spent per site and stage (and in total) at delta."""
+    parts = []
+    for p in run_dirs:
+        run = RunDir.open(p)
+        m = run.metrics()
+        rows = m[m["split"] == "privacy"] if "split" in m.columns else m.iloc[0:0]
+        rows = rows[~rows["metric"].astype(str).str.startswith("mia_")]  # the attack's rows: leakage_html
+        if rows.empty:
+            continue
+        t = rows.pivot_table(index=["approach", "seed", "stage", "site"], columns="metric", values="value",
+                             aggfunc="first").reset_index()
+        cols = [c for c in ("approach", "seed", "stage", "site", "epsilon", "epsilon_total", "delta",
+                            "noise_multiplier", "steps") if c in t.columns]
+        cfg = run.read_config().privacy
+        head = (f"dp = {cfg.dp}, target epsilon {cfg.epsilon:g} per site and stage at delta {cfg.delta:g}"
+                + (f", clipping {cfg.clipping}, noise on the {cfg.noise}" if cfg.dp == "client" else ""))
+        parts.append(f"<h3>{html.escape(run.path.name)}</h3><p class='meta'>{html.escape(head)}</p>"
+                     "<div style='overflow-x: auto'>" + t[cols].to_html(index=False, classes="summary", border=0,
+                                                                       float_format=lambda v: f"{v:.4g}") + "</div>")
+    if not parts:
+        return ""
+    return ("<h2>Differential privacy</h2><p class='meta'>Epsilon from Opacus' RDP accountant over each stage's "
+            "rounds (epsilon) and over every stage a site trained in (epsilon_total); docs/privacy.md says what "
+            "each level covers.</p>" + "".join(parts))
+
+
+def leakage_html(run_dirs: list[Path]) -> str:
+    """Per run: the membership-inference attack per site, and the audit of what travelled."""
+    from ted_fl.privacy.audit import by_kind, leaks
+
+    parts = []
+    for p in run_dirs:
+        run = RunDir.open(p)
+        m = run.metrics()
+        rows = m[(m["split"] == "privacy") & m["metric"].astype(str).str.startswith("mia_")] if "split" in m else m.iloc[0:0]
+        if not rows.empty:
+            t = rows.pivot_table(index=["approach", "seed", "site"], columns="metric", values="value",
+                                 aggfunc="first", sort=False).reset_index()
+            parts.append(f"<h3>{html.escape(run.path.name)}: membership inference per site</h3>"
+                         "<div style='overflow-x: auto'>" + t.to_html(index=False, classes="summary", border=0,
+                                                                       float_format=lambda v: f"{v:.3f}") + "</div>")
+        audit_file = run.path / "audit.csv"
+        if audit_file.is_file():
+            audit = pd.read_csv(audit_file)
+            bad = leaks(audit)
+            verdict = (f"{len(bad)} image- or mask-shaped record(s) left a site" if len(bad) else
+                       "no image- or mask-shaped array left any site")
+            parts.append(f"<h3>{html.escape(run.path.name)}: what travelled (audit.csv)</h3><p class='meta'>"
+                         f"Payload bytes per kind, direction and record, summed over sites (mean over seeds); "
+                         f"{html.escape(verdict)}.</p><div style='overflow-x: auto'>"
+                         + by_kind(audit).to_html(index=False, classes="summary", border=0,
+                                                  float_format=lambda v: f"{v:.0f}") + "</div>")
+    if not parts:
+        return ""
+    return ("<h2>Leakage</h2><p class='meta'>Membership inference on each site's training (members) against "
+            "its test images (non-members), balanced and seeded, against the final model (ted_fl/privacy/mia.py): "
+            "mia_auc by loss threshold, mia_auc_cal calibrated by the model before the site arrived; 0.5 = no "
+            "leakage the attack can measure.</p>" + "".join(parts))
+
+
 def label_tables_html(run_dirs: list[Path]) -> str:
     """Per run with several classes / regions: Avg, BWT, forgetting, plasticity of every label."""
     from ted_fl.results_doc import label_table
@@ -503,6 +567,8 @@ def write_report(run_dirs: list[Path], out: Path, *, samples: bool = True, png: 
 <h2>Final table (mean ± std over seeds)</h2>
 {summary_table(report.summary)}
 {label_tables_html(run_dirs)}
+{privacy_html(run_dirs)}
+{leakage_html(run_dirs)}
 <p class="meta">Figures below: Dice of label <b>{html.escape(label)}</b>.</p>
 <h2>Mean Dice over the sites seen so far</h2>
 {fig_html[0]}

@@ -22,8 +22,14 @@ from ted_fl.results import RunDir
 
 def start_run(cfg: ExperimentConfig, mode: str, argv: list[str]) -> RunDir:
     """A new run directory with the config, the exact command and the machine it runs on."""
+    from ted_fl.continual.privacy import prepare_privacy
+
+    notes = prepare_privacy(cfg)  # [privacy]: checks, and model.norm under DP, before config.toml is written
     run = RunDir.create(cfg.out, f"{cfg.name}-{mode}")
     run.write_config(cfg)
+    for note in notes:
+        print(note, file=sys.stderr)
+        run.log(note)
     # The exact command, so reports and docs can say how the numbers were made.
     atomic_write_text(run.path / "command.txt", shlex.join(["python", "-m", f"ted_fl.{mode}", *argv]) + "\n")
     run.write_json("machine.json", machine_info())
@@ -89,14 +95,26 @@ def finish_run(cfg: ExperimentConfig, run: RunDir, extras: dict[tuple[str, int],
     from ted_fl.engine import summarize
 
     rows: list[dict[str, Any]] = []
+    audit_logs: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for approach in cfg.approaches:
         for seed in cfg.seeds:
             st = run.load_checkpoint(approach, seed, "last")
             if st:
                 rows.extend(st["rows"])
+                ex = st.get("executor") or {}
+                if ex.get("audit"):  # a federated run: what travelled, per site and kind
+                    audit_logs[(approach, seed)] = [ex.get("audit_hello", {}), ex["audit"]]
                 extras.setdefault((approach, seed), {}).update(
                     bytes_sent=st["bytes_sent"], bytes_received=st["bytes_received"], wall_s=st["wall"]
                 )
+    if audit_logs:
+        from ted_fl.privacy.audit import audit_frame, leaks
+
+        audit = audit_frame(audit_logs, (cfg.data.size, cfg.data.size))
+        atomic_write_text(run.path / "audit.csv", audit.to_csv(index=False))
+        bad = leaks(audit)
+        if len(bad):  # the audit mod refuses such replies: this would be a bug, said loudly
+            run.log(f"warning: audit: {len(bad)} image-shaped record(s) left a site: {bad.to_dict('records')}")
     metrics = run.write_metrics(rows)
     summary = summarize(metrics, extras)
     run.write_summary(summary)

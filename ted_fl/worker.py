@@ -6,6 +6,8 @@ in-process and the Flower ClientApp calls it inside a Ray actor, so both do the 
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +18,15 @@ from ted_fl.config import ExperimentConfig
 from ted_fl.continual.approaches import get_approach
 from ted_fl.continual.learner import Labels, eval_options, evaluate, gpu_setup, local_train, set_determinism
 from ted_fl.continual.networks import build_model
+from ted_fl.continual.privacy import sample_dp_args
 from ted_fl.continual.probes import make_probes
 from ted_fl.continual.weights import Weights, to_tensors
 from ted_fl.data.types import Split
+
+# Timing keys a client adds to its round's metrics: the wall and CPU (this thread's) seconds of its
+# own work (train_round: load, steps, validation). The schedule moves them to its "time" rows, where
+# the simulator's per-round overhead is read as round_s - work_s (see `python -m ted_fl.bench gpu`).
+WORK_KEYS = ("work_s", "work_cpu_s")
 
 
 @dataclass
@@ -80,7 +88,10 @@ class SiteWorker:
         val: Split | None,
         per_volume: bool,
         labels: Labels | None = None,
+        stage_rounds: int = 1,
     ) -> RoundOutput:
+        """One round of local training (`stage_rounds`: the stage's rounds, for DP-SGD's calibration)."""
+        t0, c0 = time.perf_counter(), time.thread_time()
         appr = get_approach(approach, self.cfg.loss)
         fixed = self.fixed_teacher()
         if fixed is not None:
@@ -96,10 +107,15 @@ class SiteWorker:
             optimizer_state=optimizer_state, seed=seed, probes=probes,
             aux={k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in aux.items()} or None,
             loss_cfg=self.cfg.loss, amp=self.cfg.train.amp,
+            dp=sample_dp_args(self.cfg.privacy, len(data), self.cfg.train.batch_size,
+                              steps or math.ceil(len(data) / self.cfg.train.batch_size), stage_rounds),
         )
         out = {k: v.detach().cpu().numpy().copy() for k, v in self.student.state_dict().items()}
         scores = (evaluate(self.student, val, per_volume=per_volume, labels=labels, **eval_options(self.cfg))
                   if val is not None else None)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        metrics = {**metrics, "work_s": time.perf_counter() - t0, "work_cpu_s": time.thread_time() - c0}
         return RoundOutput(out, len(data), metrics, scores, opt_state)
 
     def evaluate(self, weights: Weights, split: Split, per_volume: bool,
@@ -107,6 +123,19 @@ class SiteWorker:
         """Scores of `weights` on `split`, per evaluation label and their mean (see learner.score)."""
         self.student.load_state_dict(to_tensors(weights))
         return evaluate(self.student, split, per_volume=per_volume, labels=labels, **eval_options(self.cfg))
+
+    def leakage(self, weights: Weights, reference: Weights, members: Split, nonmembers: Split,
+                seed: int) -> dict[str, float]:
+        """Membership-inference scores of `weights` on one site (ted_fl.privacy.mia.attack);
+        the reference model is loaded into the teacher's module (forgotten: the next stage reloads)."""
+        from ted_fl.privacy.mia import attack
+
+        self.student.load_state_dict(to_tensors(weights))
+        self.teacher.load_state_dict(to_tensors(reference))
+        self._teacher_key = None
+        opts = eval_options(self.cfg)
+        return attack(self.student, members, nonmembers, seed, reference=self.teacher,
+                      bn=str(opts["bn"]), batch_size=int(opts["batch_size"]))  # type: ignore[call-overload]
 
     def importance(self, approach: str, weights: Weights, split: Split) -> dict[str, np.ndarray]:
         appr = get_approach(approach, self.cfg.loss)

@@ -56,10 +56,8 @@ def base_config(dataset: str, args: argparse.Namespace) -> ExperimentConfig:
     cfg.model.channels, cfg.model.strides = [8, 16, 32, 64, 128], [2, 2, 2, 2]
     cfg.train.lr_first, cfg.train.lr_later = 1e-3, 5e-4
     if args.quick:
-        cfg.data.sites, cfg.data.order, cfg.data.size = "prostate", ["RUNMC", "BMC", "I2CVB"], 32
-        cfg.data.synthetic_volumes = 4
-        cfg.model.channels, cfg.model.strides = [4, 8, 16], [2, 2]
-        cfg.train.rounds, cfg.train.steps_per_round, cfg.train.batch_size = 2, 10, 4
+        cfg.data.sites = "prostate"
+        C.tiny(cfg, ["RUNMC", "BMC", "I2CVB"], rounds=2, steps=10, batch=4)
     elif dataset == "retina":
         path = Path(args.retina_dir)
         if not path.is_dir():
@@ -318,25 +316,20 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             + ", ".join(f"`{r.path}`" for r in runs)
         )
     line = "accuracy: Avg Dice ratio ted_gugf/kd " + ", ".join(headline)
-    doc = C.doc_target(args)
-    if doc:
-        body = (
-            "## accuracy\n\n"
-            f"Command: `{C.command_line(argv)}` "
-            + (f"(outputs of an earlier invocation reused from `{work}`; " if args.resume else
-               f"({time.perf_counter() - t_all:.0f} s in all; ")
-            + f"{t_sched:.0f} s of schedule wall time, tuning and test runs).\n\n"
-            f"{C.machine_md()}\n\n"
-            "Each distilling approach's weights are *selected* on the validation splits by the "
-            "command itself (grid: lambda_d for kd; lambda_d x w_akt for ted and ted_gugf), using "
-            "the centralized runner, which runs the simulator's schedule, step and evaluation in one "
-            "process (its R matrix equals the simulator's: "
-            "`tests/integration/test_simulation.py::test_matches_centralized`). The test figures "
-            "come from the federated simulator. Avg = mean final test Dice over all sites; BWT, FWT, "
-            "forgetting and plasticity as in `ted_fl.continual.metrics.continual_summary`.\n\n"
-            + "\n\n".join(sections) + f"\n\n`{line}`"
-        )
-        C.write_section("accuracy", body, doc)
-        print(f"wrote the accuracy section of {doc}")
-    print(line)
-    return 0
+    body = (
+        "## accuracy\n\n"
+        f"Command: `{C.command_line(argv)}` "
+        + (f"(outputs of an earlier invocation reused from `{work}`; " if args.resume else
+           f"({time.perf_counter() - t_all:.0f} s in all; ")
+        + f"{t_sched:.0f} s of schedule wall time, tuning and test runs).\n\n"
+        f"{C.machine_md()}\n\n"
+        "Each distilling approach's weights are *selected* on the validation splits by the "
+        "command itself (grid: lambda_d for kd; lambda_d x w_akt for ted and ted_gugf), using "
+        "the centralized runner, which runs the simulator's schedule, step and evaluation in one "
+        "process (its R matrix equals the simulator's: "
+        "`tests/integration/test_simulation.py::test_matches_centralized`). The test figures "
+        "come from the federated simulator. Avg = mean final test Dice over all sites; BWT, FWT, "
+        "forgetting and plasticity as in `ted_fl.continual.metrics.continual_summary`.\n\n"
+        + "\n\n".join(sections) + f"\n\n`{line}`"
+    )
+    return C.finish(args, "accuracy", line, body)

@@ -134,10 +134,57 @@ def run_cli(mode: str, cfg: ExperimentConfig, work: Path, label: str, env: dict[
                     mem.peak_procs)
 
 
+def add_arguments(p: Any, quick: str, config: str = "quick", config_help: str = "workload: an experiment file",
+                  out: str = "folder for the run directories") -> None:
+    """The arguments every subcommand takes: --quick, --config, --out, --doc."""
+    p.add_argument("--quick", action="store_true", help=quick)
+    p.add_argument("--config", default=config, help=f"{config_help} (default {config}.toml)")
+    p.add_argument("--out", default="runs/bench", help=out)
+    p.add_argument("--doc", help="write the section here (default docs/benchmarks.md unless --quick)")
+
+
+def tiny(cfg: ExperimentConfig, order: list[str] | None = None, rounds: int | None = None,
+         steps: int | None = None, batch: int | None = None) -> ExperimentConfig:
+    """The test suite's workload (--quick): 32 px images, 4 synthetic volumes a site, a 3-level U-Net;
+    optionally fewer sites, rounds, steps a round and a smaller batch."""
+    cfg.data.size, cfg.data.synthetic_volumes = 32, 4
+    cfg.model.channels, cfg.model.strides = [4, 8, 16], [2, 2]
+    if order is not None:
+        cfg.data.order = order
+    for key, value in (("rounds", rounds), ("steps_per_round", steps), ("batch_size", batch)):
+        if value is not None:
+            setattr(cfg.train, key, value)
+    return cfg
+
+
+def workload(args: Any, one_seed: bool = True, **quick: Any) -> ExperimentConfig:
+    """The experiment file of --config (its first seed only), made `tiny(**quick)` with --quick."""
+    from ted_fl.config import load_experiment
+
+    cfg = load_experiment(args.config)
+    if one_seed:
+        cfg.seeds = cfg.seeds[:1]
+    return tiny(cfg, **quick) if args.quick else cfg
+
+
 def time_rows(run: RunDir) -> pd.DataFrame:
     """The per-round and per-stage wall times the schedule writes (split "time")."""
     m = run.metrics()
     return m[m["split"] == "time"]
+
+
+def steady_rounds(run: RunDir) -> pd.DataFrame:
+    """Every round but the first of its stage (which pays the stage's teacher and first data load),
+    one row per round: round_s (the schedule's whole round: the training exchange, FedAvg, the
+    best-round selection), work_s and work_cpu_s (the training clients' own `train_round`: wall and
+    CPU seconds, summed over the round's clients) and overhead_s = round_s - work_s."""
+    t = time_rows(run)
+    t = t[t["round"] > 0]
+    keys = ["approach", "seed", "stage", "round"]
+    cols = {k: t[t["metric"] == k].groupby(keys)["value"].sum() for k in ("round_s", "work_s", "work_cpu_s")}
+    df = pd.DataFrame(cols).dropna(subset=["round_s"]).reset_index()
+    df["overhead_s"] = df["round_s"] - df["work_s"]
+    return df
 
 
 def md_table(df: pd.DataFrame) -> str:
@@ -156,6 +203,22 @@ def mib(n: float) -> float:
 
 def command_line(argv: list[str]) -> str:
     return "python -m ted_fl.bench " + shlex.join(argv)
+
+
+def section_head(name: str, argv: list[str], seconds: float | None = None) -> str:
+    """A section's title, the command that wrote it (and how long it took) and the machine."""
+    took = f" ({seconds:.0f} s)" if seconds is not None else ""
+    return f"## {name}\n\nCommand: `{command_line(argv)}`{took}.\n\n{machine_md()}"
+
+
+def finish(args: Any, name: str, line: str, body: str) -> int:
+    """Write this subcommand's section (see `doc_target`) and print its headline line last."""
+    doc = doc_target(args)
+    if doc:
+        write_section(name, body, doc)
+        print(f"wrote the {name} section of {doc}")
+    print(line)
+    return 0
 
 
 def write_section(name: str, body: str, doc: Path = DOC) -> Path:

@@ -6,11 +6,31 @@ the split kept on the device, bf16 autocast (`train.amp = "auto"`), channels-las
 autotuning (`train.cudnn_benchmark`), the teacher under inference mode, one teacher forward
 over batch and probes. Figures are from the second round (the first pays the autotuning and
 the device copies). Clients per GPU: how many such clients fit, by `federated.num_gpus`
-(Ray packs 1/num_gpus clients on a GPU) and by memory (the GPU's memory over the client's peak
-plus a CUDA context). The overhead part runs the same small workload through
-`python -m ted_fl.centralized` (the bare loop) and `python -m ted_fl.simulate` (Flower + Ray, clients
-given `federated.num_gpus`) and compares their median steady round times. Without a GPU the same
-code runs on the CPU and the command says so; the memory columns are then left empty.
+(Ray packs 1/num_gpus clients on a GPU) and by memory (the GPU's memory over the client's peak,
+`torch.cuda.max_memory_allocated`, plus a CUDA context). A table says, switch by switch, whether
+the path was on and what it measured; without a GPU each GPU-only switch says that it is absent
+and why, and the same code runs on the CPU.
+
+Simulator per-round overhead against the bare loop. The same workload (one approach, three
+sites, three rounds a site, one training client a round) runs through `python -m
+ted_fl.centralized` (the bare loop: the shared schedule with an in-process executor) and `python -m
+ted_fl.simulate` (the same schedule, Flower messages to ClientApps on Ray, clients given
+`federated.num_gpus`). Both do the same work per round: `SiteWorker.train_round` (the steps and
+the arriving site's validation), timed by the worker itself (`work_s` wall, `work_cpu_s` CPU of
+its thread) and written next to the schedule's `round_s` in the run's metrics.csv. Ray and
+Flower's start, the first round of each stage and the stage-end test evaluation are excluded
+(steady rounds only). Then, medians over the steady rounds of each run:
+
+    added per round   = (round_s - work_s) of the simulator - (round_s - work_s) of the bare loop
+    overhead ratio    = (W + simulator's round_s - work_s) / (W + bare loop's round_s - work_s),
+                        W = the simulator's work_s: its round over the bare loop's for the same work
+
+Both terms are differences taken inside one run, so the work cancels, and with it the load that
+a shared machine puts on it. Comparing the two runs' round_s directly does not: the runs are
+minutes apart, and on a loaded 2-core machine the CPU share a single-threaded process gets
+changes several-fold between them (that comparison gave a ratio of 0.41, the simulator "faster"
+than the bare loop). The work's CPU seconds per round must agree between the two runs (the same
+arithmetic): the command prints their ratio as the check that both sides did the same work.
 """
 
 from __future__ import annotations
@@ -27,33 +47,24 @@ import pandas as pd
 import torch
 
 from ted_fl.bench import common as C
-from ted_fl.config import ExperimentConfig, load_experiment
+from ted_fl.config import ExperimentConfig
 
 CUDA_CONTEXT_MIB = 500.0  # what a process's CUDA context and allocator reserve besides tensors (typical)
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("gpu", help="GPU path per approach: step time, images/s, peak memory, clients per GPU")
-    p.add_argument("--quick", action="store_true", help="tiny workload (the test suite's; runs on CPU too)")
-    p.add_argument("--config", default="quick", help="workload: an experiment file (default quick.toml)")
+    C.add_arguments(p, quick="tiny workload (the test suite's; runs on CPU too)")
     p.add_argument("--approach", nargs="+", default=["seq", "kd", "ted_gugf"], help="approaches")
     p.add_argument("--steps", type=int, help="steps per measured round (default 50; --quick 3)")
     p.add_argument("--repeats", type=int, help="centralized/simulate pairs for the overhead (default 2; --quick 1)")
     p.add_argument("--num-gpus", type=float, default=0.25,
                    help="federated.num_gpus per client on a GPU (default 0.25: four clients per GPU)")
-    p.add_argument("--out", default="runs/bench", help="folder for the run directories")
-    p.add_argument("--doc", help="write the section here (default docs/benchmarks.md unless --quick)")
     p.set_defaults(func=run)
 
 
 def workload(args: argparse.Namespace) -> ExperimentConfig:
-    cfg = load_experiment(args.config)
-    cfg.seeds = cfg.seeds[:1]
-    if args.quick:
-        cfg.data.order, cfg.data.size, cfg.data.synthetic_volumes = ["RUNMC", "BMC"], 32, 4
-        cfg.model.channels, cfg.model.strides = [4, 8, 16], [2, 2]
-        cfg.train.rounds, cfg.train.steps_per_round, cfg.train.batch_size = 2, 3, 4
-    return cfg
+    return C.workload(args, order=["RUNMC", "BMC"], rounds=2, steps=3, batch=4)
 
 
 def device_name(device: torch.device) -> str:
@@ -63,8 +74,9 @@ def device_name(device: torch.device) -> str:
     return "CPU (no GPU found)"
 
 
-def step_costs(cfg: ExperimentConfig, approaches: list[str], steps: int) -> pd.DataFrame:
-    """Per approach: seconds per step, images/s and peak device memory of a client's round."""
+def step_costs(cfg: ExperimentConfig, approaches: list[str], steps: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per approach: seconds per step, images/s and peak device memory of a client's round; and the
+    GPU path's switches as they were in those rounds (`path_report`)."""
     import psutil
 
     from ted_fl.continual.approaches import get_approach
@@ -104,7 +116,37 @@ def step_costs(cfg: ExperimentConfig, approaches: list[str], steps: int) -> pd.D
                          peak_gpu_mib=peak, rss_mib=psutil.Process().memory_info().rss / 2**20,
                          precision=str(amp).replace("torch.", "") if amp else "float32",
                          first_round_s=times[0]))
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    return df, path_report(cfg, worker, site.train.images, float(df["peak_gpu_mib"].max()))
+
+
+def path_report(cfg: ExperimentConfig, worker: Any, images: Any, peak_mib: float) -> pd.DataFrame:
+    """Each switch of the GPU path, its setting and what it did in the measured rounds (read back
+    from the model, torch's flags and the device cache), or why it is absent on this device."""
+    from ted_fl.continual.learner import amp_dtype_for, on_device_cached
+
+    dev = worker.device
+    gpu = dev.type == "cuda"
+    absent = "absent: no GPU"
+    amp = amp_dtype_for(cfg.train.amp, dev)
+    conv = [p for p in worker.student.parameters() if p.dim() == 4 and p.shape[1] > 1][-1]
+    layout = conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    rows = [
+        ("bf16 autocast", f"train.amp = {cfg.train.amp}",
+         f"on: {str(amp).replace('torch.', '')}" if amp else
+         "off: full precision (auto is bf16 only on a GPU that supports it)"),
+        ("channels-last weights", f"train.cudnn_benchmark = {cfg.train.cudnn_benchmark}",
+         ("on" if layout else "off") if gpu else f"{absent} (a CPU model keeps its layout)"),
+        ("cuDNN autotuning", f"train.cudnn_benchmark = {cfg.train.cudnn_benchmark}",
+         f"torch.backends.cudnn.benchmark = {torch.backends.cudnn.benchmark}" if gpu else absent),
+        ("split kept on the device", "always on a GPU",
+         ("on" if on_device_cached(images, dev) else "off") if gpu else f"{absent} (batches are views of the arrays)"),
+        ("peak memory", "torch.cuda.max_memory_allocated",
+         f"{peak_mib:.0f} MiB" if gpu and math.isfinite(peak_mib) else f"{absent} (process RSS in the table)"),
+        ("clients per GPU", "federated.num_gpus",
+         "by num_gpus and by memory (table)" if gpu else f"{absent}: clients get num_gpus = 0 and run on CPU"),
+    ]
+    return pd.DataFrame(rows, columns=["switch", "setting", "state"])
 
 
 def clients_per_gpu(peak_mib: float, num_gpus: float, device: torch.device) -> tuple[float, float]:
@@ -116,17 +158,38 @@ def clients_per_gpu(peak_mib: float, num_gpus: float, device: torch.device) -> t
     return by_fraction, math.floor(total / (peak_mib + CUDA_CONTEXT_MIB))
 
 
-def overhead(cfg: ExperimentConfig, work: Path, repeats: int) -> dict[str, float]:
-    """Median steady round time of the simulator and of the centralized bare loop, runs alternated
-    (centralized, simulate, centralized, ...) so that a shared machine's load hits both alike."""
-    from ted_fl.bench.overhead import steady_rounds
-
-    rounds: dict[str, list[float]] = {"centralized": [], "simulate": []}
+def overhead_runs(cfg: ExperimentConfig, work: Path, repeats: int) -> pd.DataFrame:
+    """The bare loop and the simulator alternated (centralized, simulate, centralized, ...): their
+    steady rounds (`common.steady_rounds`), one row per round, tagged with the mode and the repeat."""
+    frames = []
     for i in range(repeats):
-        for mode in rounds:
+        for mode in ("centralized", "simulate"):
             m = C.run_cli(mode, cfg, work, f"{mode}-{i}")
-            rounds[mode].extend(steady_rounds(m.run).tolist())
-    return {mode: float(pd.Series(v).median()) for mode, v in rounds.items()}
+            frames.append(C.steady_rounds(m.run).assign(mode=mode, repeat=i, end_to_end_s=m.wall_s))
+    return pd.concat(frames, ignore_index=True)
+
+
+def overhead_summary(rounds: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, float]]:
+    """The comparison table (bare loop, simulator) and the figures defined in the module's doc."""
+    med = rounds.groupby("mode")[["round_s", "work_s", "work_cpu_s", "overhead_s", "end_to_end_s"]].median()
+    bare, sim = med.loc["centralized"], med.loc["simulate"]
+    added = sim["overhead_s"] - bare["overhead_s"]
+    w = sim["work_s"]
+    figures = dict(added_s=float(added), ratio=float((w + sim["overhead_s"]) / (w + bare["overhead_s"])),
+                   work_cpu_ratio=float(sim["work_cpu_s"] / bare["work_cpu_s"]),
+                   raw_ratio=float(sim["round_s"] / bare["round_s"]))
+    rows = [
+        ("round_s: the whole round (median s)", bare["round_s"], sim["round_s"], "wall, each run under its own load"),
+        ("work_s: the client's train_round (median s)", bare["work_s"], sim["work_s"],
+         "wall; steps + validation of the arriving site"),
+        ("work_cpu_s: its CPU time (median s)", bare["work_cpu_s"], sim["work_cpu_s"],
+         f"same work: ratio {figures['work_cpu_ratio']:.2f}"),
+        ("round_s - work_s (median s)", bare["overhead_s"], sim["overhead_s"],
+         f"simulator adds {1000 * added:.0f} ms a round, ratio {figures['ratio']:.2f}"),
+        ("end to end, Ray start included (s)", bare["end_to_end_s"], sim["end_to_end_s"], "not part of the ratio"),
+    ]
+    table = pd.DataFrame(rows, columns=["measure", "bare_loop", "simulator", "note"])
+    return table, figures
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -139,51 +202,53 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if not on_gpu:
         print("no GPU found: running the GPU path's code on the CPU (memory columns empty)", flush=True)
     steps = args.steps or (3 if args.quick else 50)
-    df = step_costs(cfg, list(args.approach), steps)
+    df, path = step_costs(cfg, list(args.approach), steps)
     num_gpus = args.num_gpus if on_gpu else 0.0
     packed = [clients_per_gpu(p, num_gpus, device) for p in df["peak_gpu_mib"]]
     df["clients_per_gpu_by_num_gpus"] = [a for a, _ in packed]
     df["clients_per_gpu_by_memory"] = [b for _, b in packed]
     C.print_table(f"gpu: {device_name(device)}, {cfg.data.size} px, batch {cfg.train.batch_size}, "
-                  f"{steps} steps a round", df)
+                  f"{steps} steps a round, {cfg.train.threads} torch thread(s)", df)
+    C.print_table("gpu path: each switch in the measured rounds", path)
     sim_cfg = copy.deepcopy(cfg)
     sim_cfg.approaches = [a for a in args.approach if a != "joint"][-1:] or ["seq"]
-    sim_cfg.federated.num_gpus = num_gpus
+    sim_cfg.federated.num_gpus, sim_cfg.federated.retention = num_gpus, 0  # one training client a round
     if not args.quick:  # three sites, three rounds: enough steady rounds, a few minutes on a CPU
         from ted_fl.data import site_order
 
         sim_cfg.data.order, sim_cfg.train.rounds = site_order(cfg.data)[:3], 3
     work = Path(args.out) / time.strftime("gpu-%Y%m%d-%H%M%S")
     load = os.getloadavg()[0]
-    rounds = overhead(sim_cfg, work, args.repeats or (1 if args.quick else 2))
-    over_ms = 1000 * (rounds["simulate"] - rounds["centralized"])
-    ratio = rounds["simulate"] / rounds["centralized"]
-    over = (f"simulator per-round overhead ({sim_cfg.approaches[0]}, {sim_cfg.train.steps_per_round} steps a "
-            f"round): {over_ms:.0f} ms ({1000 * rounds['simulate']:.0f} ms a round vs "
-            f"{1000 * rounds['centralized']:.0f} ms for the bare loop, ratio {ratio:.2f}; wall time, load average "
-            f"{load:.1f} when it started)")
+    table, fig = overhead_summary(overhead_runs(sim_cfg, work, args.repeats or (1 if args.quick else 2)))
+    title = (f"simulator vs bare loop ({sim_cfg.approaches[0]}, {len(sim_cfg.data.order or [])} sites x "
+             f"{sim_cfg.train.rounds} rounds x {sim_cfg.train.steps_per_round} steps, steady rounds; "
+             f"load average {load:.1f} at the start)")
+    C.print_table(title, table)
+    over = (f"simulator per-round overhead: {1000 * fig['added_s']:.0f} ms a round, ratio {fig['ratio']:.2f} "
+            f"(work CPU simulator/bare {fig['work_cpu_ratio']:.2f}; raw round_s ratio across the two runs, "
+            f"load-dependent: {fig['raw_ratio']:.2f})")
     print(over)
     t = df.set_index("approach")
     ted = t["images_per_s"].get("ted_gugf", float("nan"))
     line = (f"gpu: {device_name(device)}; " + ", ".join(f"{a} {r.step_ms:.1f} ms/step"
                                                        for a, r in t.iterrows())
-            + f"; ted_gugf {ted:.0f} images/s; simulator round overhead {over_ms:.0f} ms")
-    doc = C.doc_target(args)
-    if doc:
-        note = ("" if on_gpu else "**No GPU was found on this machine**: these figures are the GPU path's code "
-                "running on the CPU (full precision, no cuDNN); rerun the command on a GPU machine for the "
-                "GPU figures. ")
-        body = (
-            "## gpu\n\n"
-            f"Command: `{C.command_line(argv)}` ({time.perf_counter() - t_all:.0f} s).\n\n{C.machine_md()} "
-            f"Device: **{device_name(device)}**.\n\n{note}Workload: `{args.config}` ({cfg.data.size} px, batch "
-            f"{cfg.train.batch_size}, channels {cfg.model.channels}), a client's round of {steps} steps through "
-            f"`SiteWorker.train_round` (amp {cfg.train.amp}, cudnn_benchmark {cfg.train.cudnn_benchmark}); "
-            "figures of the second round (on a CPU: the process's CPU time). Clients per GPU: by `federated.num_gpus` "
-            f"({num_gpus:g} per client here) and by memory (GPU memory / (peak + {CUDA_CONTEXT_MIB:.0f} MiB "
-            f"of CUDA context)).\n\n{C.md_table(df)}\n\nOverhead: {over}; runs in `{work}`.\n\n`{line}`"
-        )
-        C.write_section("gpu", body, doc)
-        print(f"wrote the gpu section of {doc}")
-    print(line)
-    return 0
+            + f"; ted_gugf {ted:.0f} images/s; simulator round overhead {1000 * fig['added_s']:.0f} ms "
+              f"(ratio {fig['ratio']:.2f})")
+    note = ("" if on_gpu else "**No GPU was found on this machine**: these figures are the GPU path's code "
+            "running on the CPU (full precision, no cuDNN); rerun the command on a GPU machine for the "
+            "GPU figures. ")
+    body = (
+        f"{C.section_head('gpu', argv, time.perf_counter() - t_all)} Device: **{device_name(device)}**.\n\n"
+        f"{note}Workload: `{args.config}` ({cfg.data.size} px, batch {cfg.train.batch_size}, channels "
+        f"{cfg.model.channels}, {cfg.train.threads} torch thread(s)), a client's round of {steps} steps through "
+        f"`SiteWorker.train_round` (amp {cfg.train.amp}, cudnn_benchmark {cfg.train.cudnn_benchmark}); "
+        "figures of the second round (on a CPU: the process's CPU time). Clients per GPU: by `federated.num_gpus` "
+        f"({num_gpus:g} per client here) and by memory (GPU memory / (peak + {CUDA_CONTEXT_MIB:.0f} MiB "
+        f"of CUDA context)).\n\n{C.md_table(df)}\n\nThe GPU path, switch by switch:\n\n{C.md_table(path)}\n\n"
+        f"Simulator per-round overhead against the bare loop: {title}. Per run, the median over its steady "
+        "rounds; `round_s - work_s` is what a round costs besides the client's own work (`work_s`, timed by "
+        "the worker in both runs), so the difference between the two runs' is the simulator's overhead "
+        "whatever load each run met; `round_s` itself is not comparable across the runs on a shared "
+        f"machine (see `ted_fl/bench/gpu.py`).\n\n{C.md_table(table)}\n\n{over}; runs in `{work}`.\n\n`{line}`"
+    )
+    return C.finish(args, "gpu", line, body)

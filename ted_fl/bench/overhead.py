@@ -19,28 +19,20 @@ import numpy as np
 import pandas as pd
 
 from ted_fl.bench import common as C
-from ted_fl.config import ExperimentConfig, load_experiment
+from ted_fl.config import ExperimentConfig
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("overhead", help="simulator vs centralized run: wall time end to end, per round, memory")
-    p.add_argument("--quick", action="store_true", help="tiny workload, one pair (the test suite's)")
-    p.add_argument("--config", default="quick", help="workload: an experiment file (default quick.toml)")
+    C.add_arguments(p, quick="tiny workload, one pair (the test suite's)")
     p.add_argument("--repeats", type=int, help="C, F pairs (default 2; --quick 1)")
     p.add_argument("--fast-polling", action="store_true",
                    help="federated.fast_polling = true: the simulator with the latency patch (default: Flower's own path)")
-    p.add_argument("--out", default="runs/bench", help="folder for the run directories")
-    p.add_argument("--doc", help="write the section here (default docs/benchmarks.md unless --quick)")
     p.set_defaults(func=run)
 
 
 def workload(args: argparse.Namespace) -> ExperimentConfig:
-    cfg = load_experiment(args.config)
-    cfg.seeds = cfg.seeds[:1]
-    if args.quick:
-        cfg.data.order, cfg.data.size, cfg.data.synthetic_volumes = ["RUNMC", "BMC", "I2CVB"], 32, 4
-        cfg.model.channels, cfg.model.strides = [4, 8, 16], [2, 2]
-        cfg.train.rounds, cfg.train.steps_per_round, cfg.train.batch_size = 3, 5, 4
+    cfg = C.workload(args, order=["RUNMC", "BMC", "I2CVB"], rounds=3, steps=5, batch=4)
     if args.fast_polling:
         cfg.federated.fast_polling = True
     return cfg
@@ -96,13 +88,6 @@ def message_path(cfg: ExperimentConfig, reps: int = 20) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def steady_rounds(run: C.RunDir) -> pd.Series:
-    """round_s of every round but the first of its stage."""
-    t = C.time_rows(run)
-    t = t[(t["metric"] == "round_s") & (t["round"] > 0)]
-    return t["value"]
-
-
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = workload(args)
     repeats = args.repeats or (1 if args.quick else 2)
@@ -112,10 +97,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         for mode in ("centralized", "simulate"):
             m = C.run_cli(mode, cfg, work, f"{mode}-{i}")
             t = C.time_rows(m.run)
-            rounds = steady_rounds(m.run)
+            steady = C.steady_rounds(m.run)
             rows.append(dict(
                 mode=mode, repeat=i, wall_s=m.wall_s, run_wall_s=float(m.run.summary()["wall_s"].sum()),
-                round_s_median=float(rounds.median()), round_s_first=float(
+                round_s_median=float(steady["round_s"].median()),
+                beside_work_s_median=float(steady["overhead_s"].median()), round_s_first=float(
                     t[(t["metric"] == "round_s") & (t["round"] == 0)]["value"].median()),
                 eval_s_median=float(t[t["metric"] == "eval_s"]["value"].median()),
                 peak_rss_mib=C.mib(m.peak_rss), run_dir=str(m.run.path),
@@ -123,8 +109,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             print(f"  {mode} #{i}: {m.wall_s:.1f} s end to end, steady round {rows[-1]['round_s_median']:.3f} s, "
                   f"peak {rows[-1]['peak_rss_mib']:.0f} MiB", flush=True)
     df = pd.DataFrame(rows)
-    by = df.groupby("mode")[["wall_s", "run_wall_s", "round_s_median", "round_s_first", "eval_s_median",
-                             "peak_rss_mib"]].mean()
+    by = df.groupby("mode")[["wall_s", "run_wall_s", "round_s_median", "beside_work_s_median", "round_s_first",
+                             "eval_s_median", "peak_rss_mib"]].mean()
     fed, cen = by.loc["simulate"], by.loc["centralized"]
     # Ratios per pair (F_i / C_i), averaged: each pair ran back to back under the same load.
     piv = df.pivot(index="repeat", columns="mode")
@@ -138,6 +124,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
              simulator=fed["round_s_median"], ratio=per_round, target="<= 1.05"),
         dict(measure="added per steady round (s)", centralized=0.0,
              simulator=fed["round_s_median"] - cen["round_s_median"], ratio=float("nan"), target=""),
+        dict(measure="round beside the client's own work, median (s)", centralized=cen["beside_work_s_median"],
+             simulator=fed["beside_work_s_median"], ratio=float("nan"), target=""),
         dict(measure="first round of a stage, median (s)", centralized=cen["round_s_first"],
              simulator=fed["round_s_first"], ratio=fed["round_s_first"] / cen["round_s_first"], target=""),
         dict(measure="stage-end test evaluation, median (s)", centralized=cen["eval_s_median"],
@@ -149,29 +137,25 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     path = message_path(cfg)
     C.print_table("message path, each piece timed alone (median ms)", path)
     line = f"overhead: end-to-end ratio {e2e:.2f}, steady-state per-round ratio {per_round:.2f}"
-    doc = C.doc_target(args)
-    if doc:
-        per_run = df.drop(columns=["run_dir"])
-        body = (
-            "## overhead\n\n"
-            f"Command: `{C.command_line(argv)}`.\n\n{C.machine_md()}\n\n"
-            f"Workload: `{args.config}` ({cfg.data.sites}, {cfg.data.size} px, approaches "
-            f"{', '.join(cfg.approaches)}, {cfg.train.rounds} rounds x {cfg.train.steps_per_round} steps "
-            f"per site, seed {cfg.seeds[0]}), run as fresh processes alternated "
-            f"{', '.join(['C, F'] * repeats)} (C = `python -m ted_fl.centralized`, F = `python -m "
-            "ted_fl.simulate`, Ray with one ClientApp actor per core). End to end includes imports, data "
-            "loading and Ray's start; steady-state rounds are every round but a stage's first "
-            "(`round_s` rows of metrics.csv: the training call, FedAvg, the best-round selection); "
-            "ratios are per C/F pair, then averaged. Peak RSS is summed over the whole process tree "
-            "(shared pages counted per process).\n\n"
-            f"{C.md_table(ratios)}\n\nPer run:\n\n{C.md_table(per_run)}\n\n"
-            f"The message path of one round, each piece timed alone on the workload's model "
-            f"(median of 20, ms):\n\n{C.md_table(path)}\n\n`{line}`"
-        )
-        C.write_section("overhead", body + PROFILE_NOTE, doc)
-        print(f"wrote the overhead section of {doc}")
-    print(line)
-    return 0
+    per_run = df.drop(columns=["run_dir"])
+    body = (
+        f"{C.section_head('overhead', argv)}\n\n"
+        f"Workload: `{args.config}` ({cfg.data.sites}, {cfg.data.size} px, approaches "
+        f"{', '.join(cfg.approaches)}, {cfg.train.rounds} rounds x {cfg.train.steps_per_round} steps "
+        f"per site, seed {cfg.seeds[0]}), run as fresh processes alternated "
+        f"{', '.join(['C, F'] * repeats)} (C = `python -m ted_fl.centralized`, F = `python -m "
+        "ted_fl.simulate`, Ray with one ClientApp actor per core). End to end includes imports, data "
+        "loading and Ray's start; steady-state rounds are every round but a stage's first "
+        "(`round_s` rows of metrics.csv: the training call, FedAvg, the best-round selection); "
+        "'beside the client's own work' is round_s - work_s inside each run (work_s: the client's "
+        "`train_round`, timed by the worker), which a change of load between runs does not move; "
+        "ratios are per C/F pair, then averaged. Peak RSS is summed over the whole process tree "
+        "(shared pages counted per process).\n\n"
+        f"{C.md_table(ratios)}\n\nPer run:\n\n{C.md_table(per_run)}\n\n"
+        f"The message path of one round, each piece timed alone on the workload's model "
+        f"(median of 20, ms):\n\n{C.md_table(path)}\n\n`{line}`"
+    )
+    return C.finish(args, "overhead", line, body + PROFILE_NOTE)
 
 
 PROFILE_NOTE = """

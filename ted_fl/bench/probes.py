@@ -20,26 +20,19 @@ import numpy as np
 import pandas as pd
 
 from ted_fl.bench import common as C
-from ted_fl.config import ExperimentConfig, load_experiment
+from ted_fl.config import ExperimentConfig
 from ted_fl.results import RunDir
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("probes", help="SKA probes as pixels vs as a seed: bytes and time per round")
-    p.add_argument("--quick", action="store_true", help="tiny workload (the test suite's)")
-    p.add_argument("--config", default="quick", help="workload: an experiment file (default quick.toml)")
-    p.add_argument("--out", default="runs/bench", help="folder for the run directories")
-    p.add_argument("--doc", help="write the section here (default docs/benchmarks.md unless --quick)")
+    C.add_arguments(p, quick="tiny workload (the test suite's)")
     p.set_defaults(func=run)
 
 
 def workload(args: argparse.Namespace) -> ExperimentConfig:
-    cfg = load_experiment(args.config)
-    cfg.approaches, cfg.seeds = ["ted_gugf"], cfg.seeds[:1]
-    if args.quick:
-        cfg.data.order, cfg.data.size, cfg.data.synthetic_volumes = ["RUNMC", "BMC", "I2CVB"], 32, 4
-        cfg.model.channels, cfg.model.strides = [4, 8, 16], [2, 2]
-        cfg.train.rounds, cfg.train.steps_per_round, cfg.train.batch_size = 3, 5, 4
+    cfg = C.workload(args, order=["RUNMC", "BMC", "I2CVB"], rounds=3, steps=5, batch=4)
+    cfg.approaches = ["ted_gugf"]
     return cfg
 
 
@@ -110,19 +103,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     print(facts)
     line = (f"probes: bytes sent ratio pixels/seed {ratio:.2f}, steady round time ratio {time_ratio:.2f}, "
             f"teacher sent {int(np.round(teacher_sends))}x for {n_stages - 1} stages with a teacher")
-    doc = C.doc_target(args)
-    if doc:
-        body = (
-            "## probes\n\n"
-            f"Command: `{C.command_line(argv)}` ({wall:.0f} s).\n\n{C.machine_md()}\n\n"
-            f"Workload: `{args.config}` with approach ted_gugf ({base.data.size} px, {n_stages} sites, "
-            f"{base.train.rounds} rounds x {base.train.steps_per_round} steps), run with "
-            "`federated.probes = \"pixels\"` then `\"seed\"` in one Flower simulation. Bytes from the "
-            "server's counters (`bytes_by_kind` in checkpoints last.pt, summary bytes_sent); round time = "
-            "median `round_s` of the rounds after a stage's first, in stages with a teacher.\n\n"
-            f"{C.md_table(shown)}\n\n{facts}\n\n`{line}`"
-        )
-        C.write_section("probes", body, doc)
-        print(f"wrote the probes section of {doc}")
-    print(line)
-    return 0
+    body = (
+        f"{C.section_head('probes', argv, wall)}\n\n"
+        f"Workload: `{args.config}` with approach ted_gugf ({base.data.size} px, {n_stages} sites, "
+        f"{base.train.rounds} rounds x {base.train.steps_per_round} steps), run with "
+        "`federated.probes = \"pixels\"` then `\"seed\"` in one Flower simulation. Bytes from the "
+        "server's counters (`bytes_by_kind` in checkpoints last.pt, summary bytes_sent); round time = "
+        "median `round_s` of the rounds after a stage's first, in stages with a teacher.\n\n"
+        f"{C.md_table(shown)}\n\n{facts}\n\n`{line}`"
+    )
+    return C.finish(args, "probes", line, body)

@@ -2,15 +2,17 @@
 
     python -m ted_fl.bench protocol --config simulations/prostate-ted.toml
 
-The protocol's schedule is counted exactly (the engine's own rules: sites in order, rounds a
-stage, steps a round = ceil(train images / batch) when steps_per_round = 0, joint on the union
-of the sites seen for joint_rounds_factor times the rounds, approaches x seeds). The time of
+The protocol's schedule is counted exactly, stage by stage, from the engine's own plan
+(`engine.plan_stages`: sites in order, rounds a stage, steps a round = ceil(train images / batch)
+when steps_per_round = 0, approaches x seeds). Joint follows the config's protocol: under
+protocol = "reference" it is one run over all sites (joint_rounds_factor times the rounds, steps
+over the union of every site), under "ted-fl" a stage per site on the union of the sites seen. The time of
 one training step is *measured* per approach at the protocol's image size, batch, model and
 precision on this machine's device (a teacher-free seq step on the first site, where no
 approach has a teacher yet), and so is the evaluation time per image (forward, Dice, IoU,
 HD95 per volume). The estimate multiplies:
 
-    train = sum over approaches, seeds, stages: rounds x steps x step time (seq's on stage 0)
+    train = sum over approaches, seeds, stages: rounds x steps x step time (seq's where no teacher)
     eval  = images evaluated x eval time per image: the initial test of every site, every
             round's validation of the arriving site (select_best), every stage's test of all
             sites (and the validation of all sites with eval_val_all)
@@ -25,6 +27,7 @@ on an otherwise idle core. The figures are for one process running every cell in
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import time
 from typing import Any
@@ -38,14 +41,12 @@ from ted_fl.config import ExperimentConfig, load_experiment
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("protocol", help="estimate the wall time and memory of a full protocol from measured steps")
-    p.add_argument("--config", default="prostate-ted", help="the protocol: an experiment file (default prostate-ted)")
-    p.add_argument("--quick", action="store_true", help="small images and model, one timed step (the test suite's)")
+    C.add_arguments(p, quick="small images and model, one timed step (the test suite's)", config="prostate-ted",
+                    config_help="the protocol: an experiment file", out="unused (accepted like every subcommand)")
     p.add_argument("--data-dir", help="real data folder (default: the config's, else the synthetic twin's sizes)")
     p.add_argument("--train-per-site", type=int,
                    help="count this many training images a site instead of the loaded data's (val/test scaled alike)")
     p.add_argument("--steps", type=int, help="timed steps per approach (default 5; --quick 1)")
-    p.add_argument("--out", default="runs/bench", help="unused (accepted like every subcommand)")
-    p.add_argument("--doc", help="write the section here (default docs/benchmarks.md unless --quick)")
     p.set_defaults(func=run)
 
 
@@ -54,42 +55,44 @@ def workload(args: argparse.Namespace) -> ExperimentConfig:
     if args.data_dir is not None:
         cfg.data.data_dir = args.data_dir
     if args.quick:
-        cfg.data.size, cfg.data.synthetic_volumes = 32, 4
-        cfg.model.name, cfg.model.channels, cfg.model.strides = "monai_unet", [4, 8, 16], [2, 2]
+        C.tiny(cfg).model.name = "monai_unet"
     return cfg
 
 
+ONE_RUN = "all sites (one run)"  # the stage column of joint under protocol "reference"
+
+
 def schedule(cfg: ExperimentConfig, sizes: dict[str, dict[str, int]]) -> pd.DataFrame:
-    """Per approach, per seed: training steps (with / without teacher), images evaluated, importance passes."""
+    """Per approach and stage (the engine's own `plan_stages`, so a one-run joint under protocol
+    "reference" is one stage over every site): rounds, steps a round, training steps with / without
+    teacher, images evaluated (the untrained model's test counted on the first stage) and importance
+    batches. Per seed."""
     from ted_fl.continual.approaches import get_approach
-    from ted_fl.engine import active_sites, steps_for
+    from ted_fl.engine import plan_stages
 
     order = list(sizes)
+    all_test = sum(s["test"] for s in sizes.values())
     rows = []
     for name in cfg.approaches:
         appr = get_approach(name, cfg.loss)
-        rounds = max(1, round(cfg.train.rounds * cfg.train.joint_rounds_factor)) if appr.joint else cfg.train.rounds
-        plain = taught = evals = imp = 0
-        evals += sum(s["test"] for s in sizes.values())  # the untrained model's test: FWT's baseline
-        for stage, site in enumerate(order):
-            sites = active_sites(order, stage, cfg.federated.retention, appr.joint)
-            n = sum(sizes[s]["train"] for s in sites) if appr.joint else sizes[site]["train"]
-            steps = rounds * steps_for(cfg, n) * (1 if appr.joint else len(sites))
-            if stage > 0 and appr.needs_teacher:
-                taught += steps
-            else:
-                plain += steps
+        plans = plan_stages(cfg, name, order, {k: v["train"] for k, v in sizes.items()})
+        for plan in plans:
+            steps = plan.n_rounds * plan.steps * (1 if appr.joint else len(plan.sites))
+            taught = plan.stage > 0 and appr.needs_teacher
+            evals = all_test if plan.stage == 0 else 0  # the untrained model's test: FWT's baseline
             if cfg.train.select_best:
-                evals += rounds * sizes[site]["val"]
+                evals += plan.n_rounds * sizes[plan.site]["val"]
             if cfg.train.eval_every_round:
-                evals += rounds * sum(s["test"] for s in sizes.values())
-            evals += sum(s["test"] for s in sizes.values())
+                evals += plan.n_rounds * all_test
+            evals += all_test
             if cfg.train.eval_val_all:
                 evals += sum(s["val"] for s in sizes.values())
-            if appr.importance:
-                imp += math.ceil(sizes[site]["train"] / cfg.train.batch_size)
-        rows.append(dict(approach=name, rounds_a_stage=rounds, seq_steps=plain, teacher_steps=taught,
-                         images_evaluated=evals, importance_batches=imp))
+            imp = math.ceil(sizes[plan.site]["train"] / cfg.train.batch_size) if appr.importance else 0
+            rows.append(dict(approach=name, stage=plan.stage,
+                             stage_site=ONE_RUN if len(plans) == 1 and len(order) > 1 else plan.site,
+                             sites=len(plan.sites), rounds=plan.n_rounds, steps_a_round=plan.steps,
+                             seq_steps=0 if taught else steps, teacher_steps=steps if taught else 0,
+                             images_evaluated=evals, importance_batches=imp))
     return pd.DataFrame(rows)
 
 
@@ -134,8 +137,30 @@ def eval_seconds_per_image(cfg: ExperimentConfig, site: Any) -> float:
     return (clock() - t0) / len(site.test)
 
 
+def costs(cfg: ExperimentConfig, sched: pd.DataFrame, step_s: dict[str, float], eval_s: float,
+          seeds: int) -> pd.DataFrame:
+    """Each stage's seconds (all seeds): steps x the measured step time (seq's for an approach's
+    teacher-free steps, its own with a teacher), importance batches at seq's step time, and images
+    evaluated x the measured evaluation time per image."""
+    from ted_fl.continual.approaches import get_approach
+
+    out = sched.copy()
+    plain, taught = [], []
+    for a in out["approach"]:
+        appr = get_approach(a, cfg.loss)
+        plain.append(step_s["seq"] if appr.needs_teacher else step_s[a])
+        taught.append(step_s[a])
+    out["steps"] = out["seq_steps"] + out["teacher_steps"]
+    out["train_s"] = seeds * (out["seq_steps"] * plain + out["teacher_steps"] * taught
+                              + out["importance_batches"] * step_s["seq"])
+    out["eval_s"] = seeds * out["images_evaluated"] * eval_s
+    out["total_s"] = out["train_s"] + out["eval_s"]
+    return out
+
+
 def hours(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 3600 else (f"{s / 60:.1f} min" if s >= 60 else f"{s:.1f} s")
+
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -158,28 +183,27 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     steps = args.steps or (1 if args.quick else 5)
     step_s, peak_mib, peak_kind = measure_steps(cfg, list(cfg.approaches), steps)
     eval_s = eval_seconds_per_image(cfg, sites[0])
-    sched = schedule(cfg, sizes)
     seeds = len(cfg.seeds)
-    rows = []
-    for r in sched.itertuples():
-        appr = get_approach(r.approach, cfg.loss)
-        taught_s = step_s[r.approach] if appr.needs_teacher else step_s["seq"]
-        train = r.seq_steps * (step_s["seq"] if appr.needs_teacher else step_s[r.approach]) \
-            + r.teacher_steps * taught_s + r.importance_batches * step_s["seq"]
-        ev = r.images_evaluated * eval_s
-        rows.append(dict(approach=r.approach, steps=r.seq_steps + r.teacher_steps, step_ms=1000 * step_s[r.approach],
-                         ratio_to_seq=step_s[r.approach] / step_s["seq"], images_evaluated=r.images_evaluated,
-                         train_s=train * seeds, eval_s=ev * seeds, total_s=(train + ev) * seeds))
-    df = pd.DataFrame(rows)
+    stages = costs(cfg, schedule(cfg, sizes), step_s, eval_s, seeds)
+    df = stages.groupby("approach", sort=False).agg(
+        stages=("stage", "count"), steps=("steps", "sum"), images_evaluated=("images_evaluated", "sum"),
+        train_s=("train_s", "sum"), eval_s=("eval_s", "sum"), total_s=("total_s", "sum")).reset_index()
     total = float(df["total_s"].sum())
+    measured = pd.DataFrame([dict(approach=a, step_ms=1000 * step_s[a], ratio_to_seq=step_s[a] / step_s["seq"],
+                                  teacher="yes" if get_approach(a, cfg.loss).needs_teacher else "no")
+                             for a in dict.fromkeys(["seq", *cfg.approaches])])
+    per_stage = stages.pivot_table(index="approach", columns="stage_site", values="total_s", aggfunc="sum",
+                                   sort=False)
+    per_stage = per_stage[[c for c in [*sizes, ONE_RUN] if c in per_stage.columns]]
+    per_stage = per_stage.map(lambda v: hours(v) if pd.notna(v) else "–").reset_index()
+    per_stage.columns.name = None
     device = pick_device(cfg.train.device)
     resolve_out_channels(cfg)
     model_mib = sum(v.nbytes for v in model_weights(build_model(cfg.model)).values()) / 2**20
     ckpt_mib = model_mib * len(cfg.approaches) * seeds * (len(sites) + 4)  # stage<k>.pt + last.pt (3 models)
-    shown = df.copy()
-    for k in ("train_s", "eval_s", "total_s"):
-        shown[k.replace("_s", "")] = [hours(v) for v in df[k]]
-    shown = shown.drop(columns=["train_s", "eval_s", "total_s"])
+    shown = df.drop(columns=["train_s", "eval_s", "total_s"]).assign(
+        train=[hours(v) for v in df["train_s"]], eval=[hours(v) for v in df["eval_s"]],
+        total=[hours(v) for v in df["total_s"]])
     counts = ", ".join(f"{k} {v['train']}/{v['val']}/{v['test']}" for k, v in sizes.items())
     how = (f"Extrapolation: {len(sites)} sites ({counts} "
            f"train/val/test images{', train counts from --train-per-site' if args.train_per_site else ''}), "
@@ -188,29 +212,40 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
               else str(cfg.train.steps_per_round))
            + f", {seeds} seed(s). Step times: mean of {steps} timed step(s) after one warm-up, per approach with "
            f"a teacher and {cfg.loss.ska_count or cfg.train.batch_size} SKA probes, on {device.type} at "
-           f"{cfg.data.size} px, batch {cfg.train.batch_size} (stage 0 and teacher-free steps at seq's time). "
+           f"{cfg.data.size} px, batch {cfg.train.batch_size} (the teacher-free steps of a teacher approach, stage 0, at seq's time). "
            f"Evaluation: {1000 * eval_s:.1f} ms an image measured on {sites[0].name}'s test split, times the "
            f"images the schedule evaluates. train = steps x step time (+ importance passes for ewc/mas); "
            f"total = (train + eval) x seeds.")
+    joint = ""
+    if "joint" in cfg.approaches:
+        j = stages[stages["approach"] == "joint"]
+        other = copy.deepcopy(cfg)
+        other.protocol = "ted-fl" if cfg.protocol == "reference" else "reference"
+        alt = int(schedule(other, sizes).query("approach == 'joint'")[["seq_steps", "teacher_steps"]].sum().sum())
+        kind = ("one run over all sites" if len(j) == 1 and len(sites) > 1 else
+                "a stage per site on the union of the sites seen so far")
+        joint = (f"Joint under protocol \"{cfg.protocol}\" (the engine's `plan_stages`): {kind}, "
+                 + "; ".join(f"{r.rounds} rounds x {r.steps_a_round} steps on {r.sites} site(s)"
+                             for r in j.itertuples())
+                 + f" = {int(j['steps'].sum())} steps (protocol \"{other.protocol}\" would count {alt}).")
     mem = (f"Memory: peak {peak_kind} of a training process {peak_mib:.0f} MiB (with the data of every site "
            f"loaded: {data_mib:.0f} MiB); model {model_mib:.2f} MiB; checkpoints about {ckpt_mib:.0f} MiB on disk.")
+    C.print_table(f"protocol {cfg.name}: measured step times on this {device.type} (ms)", measured)
+    C.print_table(f"protocol {cfg.name}: time per stage (train + eval, {seeds} seed(s))", per_stage)
     C.print_table(f"protocol {cfg.name}: {len(cfg.approaches)} approaches x {seeds} seed(s), one process", shown)
-    print(how)
-    print(mem)
+    for text in (how, joint, mem):
+        if text:
+            print(text)
     line = (f"protocol: {cfg.name} about {hours(total)} in one process on this {device.type} "
             f"(peak {peak_mib:.0f} MiB {peak_kind})")
-    doc = C.doc_target(args)
-    if doc:
-        body = (
-            "## protocol\n\n"
-            f"Command: `{C.command_line(argv)}` ({time.perf_counter() - t_all:.0f} s).\n\n{C.machine_md()}\n\n"
-            f"Protocol `{args.config}`: {len(cfg.approaches)} approaches, seeds {cfg.seeds}, {cfg.data.size} px, "
-            f"U-Net channels {cfg.model.channels} ({cfg.model.norm} norm), batch {cfg.train.batch_size}, "
-            f"{cfg.train.rounds} rounds a site, data: "
-            f"{cfg.data.data_dir or 'the synthetic twin (the real data would change the image counts)'}.\n\n"
-            f"{C.md_table(shown)}\n\n{how}\n\n{mem}\n\n`{line}`"
-        )
-        C.write_section("protocol", body, doc)
-        print(f"wrote the protocol section of {doc}")
-    print(line)
-    return 0
+    body = (
+        f"{C.section_head('protocol', argv, time.perf_counter() - t_all)}\n\n"
+        f"Protocol `{args.config}` (protocol = \"{cfg.protocol}\"): {len(cfg.approaches)} approaches, seeds "
+        f"{cfg.seeds}, {cfg.data.size} px, U-Net channels {cfg.model.channels} ({cfg.model.norm} norm), batch "
+        f"{cfg.train.batch_size}, {cfg.train.rounds} rounds a site, data: "
+        f"{cfg.data.data_dir or 'the synthetic twin (the real data would change the image counts)'}.\n\n"
+        f"Measured step times (ms) on this {device.type}, the basis of the estimate:\n\n{C.md_table(measured)}\n\n"
+        f"Per stage (train + eval, all seeds):\n\n{C.md_table(per_stage)}\n\nPer approach:\n\n"
+        f"{C.md_table(shown)}\n\n{how}\n\n" + (f"{joint}\n\n" if joint else "") + f"{mem}\n\n`{line}`"
+    )
+    return C.finish(args, "protocol", line, body)

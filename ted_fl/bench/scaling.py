@@ -59,10 +59,8 @@ def workload(n: int, work: Path, approach: str) -> ExperimentConfig:
     cfg = ExperimentConfig()
     cfg.name = f"scaling{n}"
     cfg.approaches, cfg.seeds = [approach], [0]
-    cfg.data.sites, cfg.data.size, cfg.data.synthetic_volumes = str(path), 32, 4
-    cfg.data.cache_dir = str(work / "cache")
-    cfg.model.channels, cfg.model.strides = [4, 8, 16], [2, 2]
-    cfg.train.rounds, cfg.train.steps_per_round, cfg.train.batch_size = 2, 5, 4
+    cfg.data.sites, cfg.data.cache_dir = str(path), str(work / "cache")
+    C.tiny(cfg, rounds=2, steps=5, batch=4)
     cfg.train.lr_first, cfg.train.lr_later = 1e-3, 5e-4
     cfg.loss.lambda_d = 1.0
     return cfg
@@ -99,28 +97,22 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     line = (f"scaling: {int(first['sites'])} -> {int(last['sites'])} sites, train time per stage ratio "
             f"{train_ratio:.2f}, eval time per site ratio {last['eval_s_per_site'] / first['eval_s_per_site']:.2f}, "
             f"peak memory ratio {mem_ratio:.2f}")
-    doc = C.doc_target(args)
-    if doc:
-        cfg = workload(counts[0], work, args.approach)
-        body = (
-            "## scaling\n\n"
-            f"Command: `{C.command_line(argv)}`.\n\n{C.machine_md()}\n\n"
-            f"Workload: N synthetic prostate sites (the six twins of `sites/prostate.toml` cycled, each "
-            f"cycle noisier, darker and framed differently; the site-set TOML is generated per N), "
-            f"{cfg.data.size} px, {cfg.data.synthetic_volumes} volumes a site, U-Net channels "
-            f"{cfg.model.channels}, approach {args.approach}, {cfg.train.rounds} rounds x "
-            f"{cfg.train.steps_per_round} steps a stage, one `python -m ted_fl.simulate` per N with "
-            f"{int(first['actors'])} ClientApp actors (cores / federated.num_cpus). Per stage, medians over "
-            "stages 2..N: train = the stage's rounds (`round_s`), eval = the stage-end evaluation of "
-            "every site's test split (`eval_s`), which grows with N by design (the R matrix has N "
-            "columns). Peak RSS: summed over the whole process tree (driver with the server and Flower's "
-            "node contexts, Ray's GCS/raylet, the actors); driver = the launcher process alone.\n\n"
-            f"{C.md_table(df)}\n\n`{line}`"
-        )
-        C.write_section("scaling", body + NOTE, doc)
-        print(f"wrote the scaling section of {doc}")
-    print(line)
-    return 0
+    cfg = workload(counts[0], work, args.approach)
+    body = (
+        f"{C.section_head('scaling', argv)}\n\n"
+        f"Workload: N synthetic prostate sites (the six twins of `sites/prostate.toml` cycled, each "
+        f"cycle noisier, darker and framed differently; the site-set TOML is generated per N), "
+        f"{cfg.data.size} px, {cfg.data.synthetic_volumes} volumes a site, U-Net channels "
+        f"{cfg.model.channels}, approach {args.approach}, {cfg.train.rounds} rounds x "
+        f"{cfg.train.steps_per_round} steps a stage, one `python -m ted_fl.simulate` per N with "
+        f"{int(first['actors'])} ClientApp actors (cores / federated.num_cpus). Per stage, medians over "
+        "stages 2..N: train = the stage's rounds (`round_s`), eval = the stage-end evaluation of "
+        "every site's test split (`eval_s`), which grows with N by design (the R matrix has N "
+        "columns). Peak RSS: summed over the whole process tree (driver with the server and Flower's "
+        "node contexts, Ray's GCS/raylet, the actors); driver = the launcher process alone.\n\n"
+        f"{C.md_table(df)}\n\n`{line}`"
+    )
+    return C.finish(args, "scaling", line, body + NOTE)
 
 
 NOTE = ""

@@ -28,15 +28,14 @@ import pandas as pd
 import torch
 
 from ted_fl.bench import common as C
-from ted_fl.config import ExperimentConfig, load_experiment
+from ted_fl.config import ExperimentConfig
 
 APPROACHES = ["seq", "kd", "ska", "akt", "akt_gugf", "ted", "ted_gugf"]
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("step", help="per-approach step time against a seq step and the TED floor")
-    p.add_argument("--quick", action="store_true", help="tiny model, few steps (the test suite's)")
-    p.add_argument("--config", default="quick", help="workload: an experiment file (default quick.toml)")
+    C.add_arguments(p, quick="tiny model, few steps (the test suite's)", out="unused (accepted like every subcommand)")
     p.add_argument("--approach", nargs="+", help=f"approaches (default {' '.join(APPROACHES)})")
     p.add_argument("--repeats", type=int, help="interleaved repeats (default 15; --quick 2)")
     p.add_argument("--steps", type=int, help="steps per approach and repeat (default 4; --quick 2)")
@@ -44,18 +43,11 @@ def add_parser(sub: Any) -> None:
                    help="one teacher forward per input (batch, probes) instead of one over both")
     p.add_argument("--json", help="also save the measured table here (for a later --before)")
     p.add_argument("--before", help="a --json file of an earlier run: shown as 'before' next to this run")
-    p.add_argument("--out", default="runs/bench", help="unused (accepted like every subcommand)")
-    p.add_argument("--doc", help="write the section here (default docs/benchmarks.md unless --quick)")
     p.set_defaults(func=run)
 
 
 def workload(args: argparse.Namespace) -> ExperimentConfig:
-    cfg = load_experiment(args.config)
-    if args.quick:
-        cfg.data.size = 32
-        cfg.model.channels, cfg.model.strides = [4, 8, 16], [2, 2]
-        cfg.train.batch_size = 4
-    return cfg
+    return C.workload(args, one_seed=False, batch=4)
 
 
 class Bench:
@@ -186,21 +178,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     ted = df.set_index("approach")["ratio_to_seq"].get("ted_gugf", float("nan"))
     line = f"step: ted_gugf/seq {ted:.2f} (floor {floor:.2f}), " + ", ".join(
         f"{r.approach} {r.ratio_to_seq:.2f}" for r in df.itertuples() if r.approach not in ("seq", "ted_gugf"))
-    doc = C.doc_target(args)
-    if doc:
-        body = (
-            "## step\n\n"
-            f"Command: `{C.command_line(argv)}` ({time.perf_counter() - t0:.0f} s).\n\n{C.machine_md()}\n\n"
-            f"Workload: `{args.config}` model (channels {cfg.model.channels}, norm {cfg.model.norm}), "
-            f"{cfg.data.size} px, batch {cfg.train.batch_size}, {count} SKA probes per step, "
-            f"teacher_mode {cfg.loss.teacher_mode}, {cfg.train.threads} torch thread(s), CPU; times are the "
-            f"process's CPU time per step (robust to the shared machine's load). "
-            f"Median over {repeats} interleaved repeats of {steps} steps each. "
-            f"The floor of a TED step is (2 x student fwd+bwd + teacher fwd over batch and probes + Adam) / "
-            f"(student fwd+bwd + Adam), from the pieces timed alone: **{floor:.2f}**.{before_note}\n\n"
-            f"{C.md_table(shown)}\n\nFloor pieces (ms):\n\n{C.md_table(pieces)}\n\n`{line}`"
-        )
-        C.write_section("step", body, doc)
-        print(f"wrote the step section of {doc}")
-    print(line)
-    return 0
+    body = (
+        f"{C.section_head('step', argv, time.perf_counter() - t0)}\n\n"
+        f"Workload: `{args.config}` model (channels {cfg.model.channels}, norm {cfg.model.norm}), "
+        f"{cfg.data.size} px, batch {cfg.train.batch_size}, {count} SKA probes per step, "
+        f"teacher_mode {cfg.loss.teacher_mode}, {cfg.train.threads} torch thread(s), CPU; times are the "
+        f"process's CPU time per step (robust to the shared machine's load). "
+        f"Median over {repeats} interleaved repeats of {steps} steps each. "
+        f"The floor of a TED step is (2 x student fwd+bwd + teacher fwd over batch and probes + Adam) / "
+        f"(student fwd+bwd + Adam), from the pieces timed alone: **{floor:.2f}**.{before_note}\n\n"
+        f"{C.md_table(shown)}\n\nFloor pieces (ms):\n\n{C.md_table(pieces)}\n\n`{line}`"
+    )
+    return C.finish(args, "step", line, body)

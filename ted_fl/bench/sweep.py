@@ -23,11 +23,8 @@ from ted_fl.config import ExperimentConfig, load_experiment
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("sweep", help="a grid in parallel on Ray vs its cells one after another")
-    p.add_argument("--quick", action="store_true", help="two tiny cells (the test suite's)")
-    p.add_argument("--config", default="quick", help="workload: an experiment file (default quick.toml)")
+    C.add_arguments(p, quick="two tiny cells (the test suite's)", out="folder for the sweep folders")
     p.add_argument("--cpus", type=int, help="CPUs of the local Ray instance (default: all cores)")
-    p.add_argument("--out", default="runs/bench", help="folder for the sweep folders")
-    p.add_argument("--doc", help="write the section here (default docs/benchmarks.md unless --quick)")
     p.set_defaults(func=run)
 
 
@@ -37,9 +34,7 @@ def workload(args: argparse.Namespace) -> tuple[ExperimentConfig, dict[str, list
     cfg.data.order = ["RUNMC", "BMC", "I2CVB"]
     cfg.federated.num_cpus, cfg.train.threads = 1.0, 1
     if args.quick:
-        cfg.data.order, cfg.data.size, cfg.data.synthetic_volumes = ["RUNMC", "BMC"], 32, 4
-        cfg.model.channels, cfg.model.strides = [4, 8, 16], [2, 2]
-        cfg.train.rounds, cfg.train.steps_per_round, cfg.train.batch_size = 2, 3, 4
+        C.tiny(cfg, ["RUNMC", "BMC"], rounds=2, steps=3, batch=4)
         return cfg, {"loss.lambda_d": [0.1]}, ["seq", "kd"], [0]
     cfg.train.rounds, cfg.train.steps_per_round = 3, 10
     return cfg, {"loss.lambda_d": [0.01, 0.1]}, ["kd", "ted_gugf"], [0, 1]
@@ -77,26 +72,21 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     cpus = args.cpus or os.cpu_count()
     line = (f"sweep: {len(cells)} cells, parallel {par:.1f} s vs one after another {serial:.1f} s "
             f"(speedup {serial / par:.2f} on {cpus} cores), results identical: {'yes' if identical else 'NO'}")
-    doc = C.doc_target(args)
-    if doc:
-        from ted_fl.data import site_order
+    from ted_fl.data import site_order
 
-        body = (
-            "## sweep\n\n"
-            f"Command: `{C.command_line(argv)}`.\n\n{C.machine_md()}\n\n"
-            f"Grid: approaches {approaches} x seeds {seeds} x {grid} = {len(cells)} cells, each the centralized "
-            f"runner on `{args.config}` ({' -> '.join(site_order(base.data))}, {base.data.size} px, "
-            f"{base.train.rounds} rounds x {base.train.steps_per_round} steps of batch {base.train.batch_size} a "
-            f"site, 1 torch thread). Run one after another in one process, then as Ray tasks of 1 CPU each "
-            f"(`python -m ted_fl.sweep`'s runner, `ted_fl.sweeps.run_cells`; Ray's start-up included), then "
-            f"again on the parallel sweep's folder, where every cell is reused. The cells' own schedule wall "
-            f"times sum to {cell_s:.0f} s in the serial run. The machine is shared with other work (load average "
-            f"{load:.1f} on {cpus} cores when the command started), so the speedup is a lower bound of what "
-            f"{cpus} idle cores give.\n\n"
-            f"{C.md_table(df)}\n\nEvery metric of every cell (wall times aside) is identical between the serial "
-            f"and the parallel runs: **{'yes' if identical else 'no'}**. Folders: `{work}`.\n\n`{line}`"
-        )
-        C.write_section("sweep", body, doc)
-        print(f"wrote the sweep section of {doc}")
-    print(line)
+    body = (
+        f"{C.section_head('sweep', argv)}\n\n"
+        f"Grid: approaches {approaches} x seeds {seeds} x {grid} = {len(cells)} cells, each the centralized "
+        f"runner on `{args.config}` ({' -> '.join(site_order(base.data))}, {base.data.size} px, "
+        f"{base.train.rounds} rounds x {base.train.steps_per_round} steps of batch {base.train.batch_size} a "
+        f"site, 1 torch thread). Run one after another in one process, then as Ray tasks of 1 CPU each "
+        f"(`python -m ted_fl.sweep`'s runner, `ted_fl.sweeps.run_cells`; Ray's start-up included), then "
+        f"again on the parallel sweep's folder, where every cell is reused. The cells' own schedule wall "
+        f"times sum to {cell_s:.0f} s in the serial run. The machine is shared with other work (load average "
+        f"{load:.1f} on {cpus} cores when the command started), so the speedup is a lower bound of what "
+        f"{cpus} idle cores give.\n\n"
+        f"{C.md_table(df)}\n\nEvery metric of every cell (wall times aside) is identical between the serial "
+        f"and the parallel runs: **{'yes' if identical else 'no'}**. Folders: `{work}`.\n\n`{line}`"
+    )
+    C.finish(args, "sweep", line, body)
     return 0 if identical else 1

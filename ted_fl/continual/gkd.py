@@ -29,6 +29,7 @@ from torch import nn
 from ted_fl.config import GKDApproachName, LossConfig
 from ted_fl.continual import terms as T
 from ted_fl.continual.approaches import Approach, WeightedTerm
+from ted_fl.continual.learner import batch_indices
 from ted_fl.errors import TedFlError, unknown
 
 CODE_DIM = 512  # D
@@ -486,22 +487,15 @@ def sample_batches(images: np.ndarray, masks: np.ndarray, steps: int, batch_size
     n = len(images)
     if n == 0:
         raise TedFlError("cannot train on an empty split: the site has no training images")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # one stream: each pass's permutation, then that pass's crops
     h, w = images.shape[-2:]
-    done = 0
-    while done < steps:
-        perm = rng.permutation(n)
-        for i in range(0, n, batch_size):
-            if done == steps:
-                return
-            idx = perm[i : i + batch_size]
-            x, y = images[idx], masks[idx]
-            if 0 < crop < min(h, w):
-                xs, ys = [], []
-                for j in range(len(idx)):
-                    r, c = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
-                    xs.append(x[j, :, r : r + crop, c : c + crop])
-                    ys.append(y[j, r : r + crop, c : c + crop])
-                x, y = np.stack(xs), np.stack(ys)
-            yield torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
-            done += 1
+    for idx in batch_indices(n, batch_size, steps, rng):
+        x, y = images[idx], masks[idx]
+        if 0 < crop < min(h, w):
+            xs, ys = [], []
+            for j in range(len(idx)):
+                r, c = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
+                xs.append(x[j, :, r : r + crop, c : c + crop])
+                ys.append(y[j, r : r + crop, c : c + crop])
+            x, y = np.stack(xs), np.stack(ys)
+        yield torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)

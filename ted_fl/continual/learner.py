@@ -65,7 +65,7 @@ def eval_options(cfg: ExperimentConfig) -> dict[str, object]:
             "hd95": "pooled" if ref else "slice_max"}
 
 
-def _batch_indices(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+def batch_indices(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
     """`steps` batches, epoch by epoch: a fresh permutation per pass, the last batch partial."""
     done = 0
     while done < steps:
@@ -92,6 +92,7 @@ def local_train(
     aux: Mapping[str, torch.Tensor] | None = None,
     loss_cfg: LossConfig,
     amp: str = "off",
+    dp: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, float], dict]:
     """Train `student` for `steps` steps (0: one pass, ceil(N / batch_size)) with Adam.
 
@@ -106,6 +107,11 @@ def local_train(
     from a LossConfig by get_approach); `loss_cfg` sets the probes' count and law. On a GPU
     (see `gpu_setup`) the split and the probes are moved to the device once, not per step,
     and `amp` ("auto", "bf16", "off") picks mixed precision.
+
+    `dp` ({"noise_multiplier", "max_grad_norm"}, privacy.dp = "sample"): DP-SGD through
+    `ted_fl.continual.privacy` (Opacus): Poisson batches at rate 1 / ceil(n / batch_size) instead
+    of the permutations, per-sample clipping and noise in the step; the metrics then carry the
+    round's accounting inputs (dp_noise_multiplier, dp_sample_rate, dp_steps).
     """
     n = len(data)
     if n == 0:
@@ -134,9 +140,16 @@ def local_train(
     probe_gen = torch.Generator().manual_seed(int(seed))
     rng = np.random.default_rng(seed)
     sums: dict[str, float] = defaultdict(float)
-    with torch.random.fork_rng(devices=[]):
+    private = None
+    if dp is not None:
+        from ted_fl.continual.privacy import attach
+
+        private = attach(student, optimizer, n, batch_size, float(dp["noise_multiplier"]),
+                         float(dp["max_grad_norm"]), seed)
+    batches = private.batches(steps) if private is not None else batch_indices(n, batch_size, steps, rng)
+    with torch.random.fork_rng(devices=[]), (contextlib.closing(private) if private else contextlib.nullcontext()):
         torch.manual_seed(seed)
-        for i, idx in enumerate(_batch_indices(n, batch_size, steps, rng)):
+        for i, idx in enumerate(batches):
             if on_gpu:
                 sel = torch.as_tensor(idx, device=device)
                 x = images_d[sel].float().contiguous(memory_format=torch.channels_last)
@@ -153,11 +166,17 @@ def local_train(
                 else:
                     step_probes = probes
                 step_probes = step_probes.to(device=device, dtype=torch.float32)
-            extra = {"amp": amp_dtype} if amp_dtype is not None else {}  # full precision: the plain call
+            extra: dict[str, Any] = {"amp": amp_dtype} if amp_dtype is not None else {}  # full precision: the plain call
+            if private is not None:
+                extra["dp"] = private
             out = train_step(student, teacher, approach, x, y, optimizer, probes=step_probes, aux=aux, **extra)
             for k, v in out.items():
                 sums[k] += v
     metrics = {k: v / steps for k, v in sums.items()}
+    if private is not None:
+        from ted_fl.continual.privacy import stage_dp_metrics
+
+        metrics.update(stage_dp_metrics(private))
     return metrics, copy.deepcopy(optimizer.state_dict())
 
 
@@ -204,6 +223,12 @@ def on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     tensor = torch.as_tensor(array, device=device)
     _DEVICE_CACHE[key] = (weakref.ref(array), tensor)
     return tensor
+
+
+def on_device_cached(array: np.ndarray, device: torch.device) -> bool:
+    """Whether `on_device` holds `array` on `device` (the GPU path's check that a split stayed there)."""
+    hit = _DEVICE_CACHE.get((id(array), str(device)))
+    return hit is not None and hit[0]() is array
 
 
 @contextlib.contextmanager

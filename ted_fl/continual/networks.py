@@ -80,20 +80,27 @@ class SegNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits plus {"enc0", ..., "bottleneck", "decoder"} features of the same pass."""
-        feats: dict[str, torch.Tensor] = {}
-        handles = []
-        for name, mod in self.feature_modules().items():
+        return record_features(self.feature_modules(), lambda: self.unet(x))
 
-            def hook(_m: nn.Module, _i: tuple, o: torch.Tensor, name: str = name) -> None:
-                feats[name] = o
 
-            handles.append(mod.register_forward_hook(hook))
-        try:
-            logits = self.unet(x)
-        finally:
-            for h in handles:
-                h.remove()
-        return logits, feats
+def record_features(modules: dict[str, nn.Module],
+                    forward: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`forward()`'s logits and the outputs of the named `modules` in that same pass, recorded by
+    forward hooks that live for this one call (every network's `forward_features`)."""
+    feats: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, mod in modules.items():
+
+        def hook(_m: nn.Module, _i: tuple, o: torch.Tensor, name: str = name) -> None:
+            feats[name] = o
+
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        logits = forward()
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, feats
 
 
 NETWORKS: dict[str, Callable[[ModelConfig], nn.Module]] = {}

@@ -113,6 +113,7 @@ def train_step(
     fuse_teacher: bool = True,
     amp: torch.dtype | None = None,
     n_anchors: int | None = None,
+    dp: Any = None,
 ) -> dict[str, float]:
     """One optimizer step on (images, masks); returns every term's unweighted value and "total".
 
@@ -124,11 +125,19 @@ def train_step(
     `amp` (e.g. torch.bfloat16) runs the networks' forwards under autocast; their outputs are
     cast back to float32 for the terms (CUDA autocast refuses binary_cross_entropy, and the
     losses' sums want full precision); backward and the optimizer step run outside autocast.
+    `dp` (a `ted_fl.continual.privacy.SampleDP`, privacy.dp = "sample"): the terms on the images
+    get per-sample clipping and noise, the data-independent ones (SKA, EWC/MAS) are added after
+    the noise; an empty (Poisson) batch makes a noise-only step.
     """
+    if dp is not None and images.shape[0] == 0:
+        dp.step(None, None)
+        return {"total": 0.0}
     total, out, s = _forward_terms(student, teacher, approach, images, masks, probes, aux, fuse_teacher, amp,
-                                 n_anchors)
+                                 n_anchors, dp)
     optimizer.zero_grad(set_to_none=True)
-    if total.requires_grad:
+    if dp is not None:
+        dp.step(s.private_total, s.public_total)
+    elif total.requires_grad:
         total.backward()
         optimizer.step()
     out["total"] = float(total.detach())
@@ -157,6 +166,7 @@ def _forward_terms(
     fuse_teacher: bool,
     amp: torch.dtype | None = None,
     n_anchors: int | None = None,
+    dp: Any = None,
 ) -> tuple[torch.Tensor, dict[str, float], T.StepInputs]:
     """The forwards and the weighted sum of the terms (everything of a step before backward)."""
     cfg = approach.loss_cfg
@@ -171,7 +181,7 @@ def _forward_terms(
             logits, feats = student(images), None
     logits, feats = _fp32(logits), _fp32(feats)
     s = T.StepInputs(logits=logits, p=T.probabilities(logits), masks=masks, model=student, aux=aux,
-                     images=images, n_anchors=n_anchors)
+                     images=images, n_anchors=n_anchors, per_sample=dp is not None)
     s.feats = feats
 
     if use_teacher:
@@ -207,11 +217,13 @@ def _forward_terms(
             if approach.needs_probes:
                 s.q_probe = T.probabilities(_fp32(t_probe))
         if approach.needs_probes:
-            with running_stats_frozen(student, not cfg.probe_bn_update), autocast(images.device, amp):
+            public = dp.public() if dp is not None else contextlib.nullcontext()  # probes are not site data
+            with running_stats_frozen(student, not cfg.probe_bn_update), autocast(images.device, amp), public:
                 p_logits = student(probes)
             s.p_probe = T.probabilities(_fp32(p_logits))
 
     total = torch.zeros((), device=logits.device)
+    parts = {False: torch.zeros((), device=logits.device), True: torch.zeros((), device=logits.device)}
     out: dict[str, float] = {}
     for wt in approach.terms:
         value = wt.term.compute(s)
@@ -220,4 +232,7 @@ def _forward_terms(
             continue
         out[wt.name] = float(value.detach())
         total = total + wt.weight * value
+        public = bool(getattr(wt.term, "data_independent", False))
+        parts[public] = parts[public] + wt.weight * value
+    s.private_total, s.public_total = parts[False], parts[True]
     return total, out, s

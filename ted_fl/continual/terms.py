@@ -82,12 +82,17 @@ class StepInputs:
     teacher: nn.Module | None = None  # the frozen teacher of the step, when there is one
     n_anchors: int | None = None  # rows [0, n_anchors) are anchors, the rest their views (GKD's DCGD)
     cache: dict[str, torch.Tensor] = field(default_factory=dict)  # values terms of one step share
+    # DP-SGD (privacy.dp = "sample"): every term on the images must be a mean of per-image losses
+    per_sample: bool = False
+    private_total: torch.Tensor | None = None  # the weighted sum of the terms on the site's images
+    public_total: torch.Tensor | None = None  # ... of the data-independent terms (Term.data_independent)
 
 
 class Term:
     """A named loss term; subclasses set the flags the step uses to compute only what is needed."""
 
     name = "term"
+    data_independent = False  # True: reads no site data given the weights (outside DP-SGD's clipping)
     needs_teacher = False
     needs_probes = False
     needs_features = False
@@ -106,13 +111,18 @@ class SegLoss(Term):
 
     name = "seg"
 
-    def __call__(self, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, p: torch.Tensor, y: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
+        if per_sample:  # DP-SGD: the mean over images of each image's own Dice (no cross-image sums)
+            dims = tuple(range(1, p.dim()))
+            inter = (p * y).sum(dims)
+            dice = (1.0 - (2.0 * inter + 1.0) / (p.sum(dims) + y.sum(dims) + 1.0)).mean()
+            return dice + F.binary_cross_entropy(p, y)
         inter = (p * y).sum()
         dice = 1.0 - (2.0 * inter + 1.0) / (p.sum() + y.sum() + 1.0)
         return dice + F.binary_cross_entropy(p, y)
 
     def compute(self, s: StepInputs) -> torch.Tensor:
-        return self(s.p, one_hot(s.masks, s.p.shape[1]).to(s.p))
+        return self(s.p, one_hot(s.masks, s.p.shape[1]).to(s.p), s.per_sample)
 
 
 class KD(Term):
@@ -145,6 +155,7 @@ class SKA(KD):
     """
 
     name = "ska"
+    data_independent = True  # the probes are noise, the teacher is the frozen previous model
     needs_teacher = True
     needs_probes = True
 
@@ -215,7 +226,7 @@ class AKT(Term):
         self.gugf = gugf
 
     def __call__(
-        self, p: torch.Tensor, q: torch.Tensor, stats: dict[str, float] | None = None
+        self, p: torch.Tensor, q: torch.Tensor, stats: dict[str, float] | None = None, per_sample: bool = False
     ) -> torch.Tensor:
         y_hat = class_argmax(q)
         l_t = torch.log(p.gather(1, y_hat) + 1e-5)  # log(p + 1e-5) at y_hat, on the gathered pixels only
@@ -230,10 +241,12 @@ class AKT(Term):
             if stats is not None:
                 stats["u_mean"] = float(u.mean())
                 stats["u_max"] = float(u.max())
+        if per_sample:  # DP-SGD: each image normalised by its own mask (no cross-image sum)
+            return (-(w * l_t).sum((1, 2, 3)) / (m.sum((1, 2, 3)) + 1.0)).mean()
         return -(w * l_t).sum() / (m.sum() + 1.0)
 
     def compute(self, s: StepInputs) -> torch.Tensor | None:
-        return None if s.q is None else self(s.p, s.q, s.stats)
+        return None if s.q is None else self(s.p, s.q, s.stats, s.per_sample)
 
 
 class LwF(Term):
@@ -432,6 +445,7 @@ class EWC(Term):
     """
 
     name = "ewc"
+    data_independent = True  # a penalty on the weights (its importances are refused under DP)
 
     def compute(self, s: StepInputs) -> torch.Tensor | None:
         pen = _penalty(s.model, s.aux, "fisher")
@@ -448,6 +462,7 @@ class MAS(Term):
     """
 
     name = "mas"
+    data_independent = True
 
     def compute(self, s: StepInputs) -> torch.Tensor | None:
         return _penalty(s.model, s.aux, "importance")

@@ -22,7 +22,7 @@ from monai.networks.nets import BasicUNet, FlexibleUNet
 from torch import nn
 
 from ted_fl.config import ModelConfig
-from ted_fl.continual.networks import SegNet, register_network
+from ted_fl.continual.networks import SegNet, record_features, register_network
 
 BASIC_UNET_FEATURES = (64, 128, 256, 512, 1024, 64)  # spec 1: BasicUNet(2, 1, 2, features=...)
 SMALL_UNET_CHANNELS = [8, 16, 32, 64]
@@ -38,20 +38,7 @@ class HookedFeatures(nn.Module):
         return self.feature_modules()["bottleneck"]
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        feats: dict[str, torch.Tensor] = {}
-        handles = []
-        for name, mod in self.feature_modules().items():
-
-            def hook(_m: nn.Module, _i: tuple, o: torch.Tensor, name: str = name) -> None:
-                feats[name] = o
-
-            handles.append(mod.register_forward_hook(hook))
-        try:
-            logits = self(x)
-        finally:
-            for h in handles:
-                h.remove()
-        return logits, feats
+        return record_features(self.feature_modules(), lambda: self(x))
 
 
 # ----------------------------------------------------------------------------- teacher

@@ -11,7 +11,9 @@ reports the site instead of receiving its data.
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from ted_fl.federated import messages as M
@@ -72,3 +74,22 @@ def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
         return Message(Error(code=AUDIT_ERROR_CODE, reason="privacy audit: " + "; ".join(found)),
                        reply_to=msg)
     return reply
+
+
+def record_message(audit: dict[str, dict[str, Any]], site: str, kind: str, direction: str,
+                   content: RecordDict) -> None:
+    """Add one message to the server's audit log: per (site, kind, direction, record) the number
+    of messages, their payload bytes and every array's name, shape and dtype (config and metric
+    records: their keys). `ted_fl.privacy.audit` turns the log into audit.csv."""
+    for name, rec in content.items():
+        key = f"{site}|{kind}|{direction}|{name}"
+        entry = audit.setdefault(key, {"site": site, "kind": kind, "direction": direction, "record": name,
+                                       "type": type(rec).__name__, "messages": 0, "bytes": 0, "arrays": {}})
+        entry["messages"] += 1
+        entry["bytes"] += int(rec.count_bytes())
+        if isinstance(rec, ArrayRecord):
+            for k, arr in rec.items():
+                entry["arrays"][k] = [list(int(x) for x in arr.shape), str(arr.dtype)]
+        else:
+            for k in rec:
+                entry["arrays"][k] = [[], "scalar"]

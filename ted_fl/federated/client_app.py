@@ -26,6 +26,7 @@ from ted_fl.engine import derive_seed
 from ted_fl.federated import messages as M
 from ted_fl.federated.audit import audit_mod
 from ted_fl.files import atomic_torch_save
+from ted_fl.privacy.policies import PROBE_SITE_TAG, REPLAY_TAG, replay_buffer, replay_share, uses_replay
 from ted_fl.worker import SiteWorker, probes_for
 
 _CACHE: dict[Any, Any] = {}  # per process: parsed configs, loaded site data, workers
@@ -57,6 +58,14 @@ def identity(context: Context, cfg: ExperimentConfig) -> tuple[str, int]:
     if pid >= len(order) * k:
         raise RuntimeError(f"partition {pid} has no site: {len(order)} sites x {k} clients")
     return order[pid // k], pid % k
+
+
+def node_task(msg: Message, context: Context) -> tuple[ExperimentConfig, dict[str, Any], str, int]:
+    """What a handler starts from: the experiment config, the message's config record and this node's
+    (site, client). Shared by this ClientApp and `gkd_client`'s."""
+    cfg = _config(context, msg.content)
+    site, client = identity(context, cfg)
+    return cfg, dict(msg.content[M.CONFIG]), site, client
 
 
 def partition_split(split: Split, k: int, index: int, seed: int) -> Split:
@@ -147,6 +156,12 @@ def _save_optimizer(context: Context, c: dict, site: str, client: int, state: di
             old.unlink(missing_ok=True)
 
 
+def _keep_teacher(context: Context, weights: ArrayRecord, aux: Any, key: str) -> None:
+    context.state["teacher"] = weights
+    context.state["aux"] = aux if isinstance(aux, ArrayRecord) else ArrayRecord()
+    context.state["teacher_meta"] = ConfigRecord({"key": key})
+
+
 def _teacher(context: Context, content: RecordDict, key: str) -> tuple[M.Weights | None, M.Weights]:
     """The stage's teacher and importances: taken from the message once, then from context.state."""
     if M.TEACHER in content:
@@ -158,7 +173,19 @@ def _teacher(context: Context, content: RecordDict, key: str) -> tuple[M.Weights
     return M.from_record(context.state["teacher"]), M.from_record(context.state["aux"])
 
 
-app = ClientApp(mods=[audit_mod])
+def privacy_mod(msg: Message, context: Context, call_next: Any) -> Message:
+    """privacy.dp = "client": Flower's client-side DP mod on the train reply (ted_fl.federated.dp)."""
+    if msg.metadata.message_type != "train":
+        return call_next(msg, context)
+    cfg = _config(context, msg.content)
+    if cfg.privacy.dp != "client":
+        return call_next(msg, context)
+    from ted_fl.federated.dp import client_mod
+
+    return client_mod(cfg.privacy, msg, context, call_next)
+
+
+app = ClientApp(mods=[audit_mod, privacy_mod])  # the audit sees what leaves, after clipping and noise
 
 
 @app.query("hello")
@@ -183,21 +210,31 @@ def train(msg: Message, context: Context) -> Message:
     data, share = site_data(cfg, site, client)
     w = worker(cfg)
     teacher_mod, aux = None, {}
+    site_index = int(c["site_index"])
     if c.get("teacher_key"):
+        if c.get("teacher_from_weights") and M.TEACHER not in msg.content:
+            # privacy.teacher = "site": this round's weights are the stage's teacher; keep them as such.
+            _keep_teacher(context, msg.content[M.WEIGHTS], msg.content.get(M.AUX), str(c["teacher_key"]))
         teacher, aux = _teacher(context, msg.content, str(c["teacher_key"]))
         teacher_mod = w.set_teacher(str(c["teacher_key"]), teacher)
     if M.PROBES in msg.content:
         probes = torch.from_numpy(msg.content[M.PROBES]["probes"].numpy())
+    elif c.get("probe_local"):  # the site draws its own probes (privacy.teacher = "site")
+        own = derive_seed(int(c["seed"]), int(c["stage"]), int(c["round"]), site_index, client, PROBE_SITE_TAG)
+        probes = probes_for(cfg, own, int(c["probe_count"]), tuple(c["probe_shape"]))
     else:
         probes = probes_for(cfg, c.get("probe_seed"), int(c.get("probe_count", 0)),
                             tuple(c.get("probe_shape", [])))
-    site_index = int(c["site_index"])
+    if uses_replay(cfg, site_index, int(c["stage"])):  # an earlier site keeps only its replay buffer
+        n = replay_share(cfg.privacy.replay, cfg.federated.clients_per_site)
+        share = replay_buffer(share, n, derive_seed(int(c["seed"]), site_index, REPLAY_TAG, client))
     out = w.train_round(
         approach=str(c["approach"]), data=share, weights=M.from_record(msg.content[M.WEIGHTS]),
         teacher=teacher_mod, aux=aux, steps=int(c["steps"]), lr=float(c["lr"]),
         seed=derive_seed(int(c["seed"]), int(c["stage"]), int(c["round"]), site_index, client),
         probes=probes, optimizer_state=_load_optimizer(context, c, site, client),
         val=data.val if c.get("want_val") else None, per_volume=data.per_volume, labels=data.labels.labels(),
+        stage_rounds=int(c.get("stage_rounds", 1)),
     )
     _save_optimizer(context, c, site, client, out.optimizer_state)
     content = RecordDict({
@@ -212,9 +249,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on this site's own split; only metrics go back."""
-    cfg = _config(context, msg.content)
-    c = dict(msg.content[M.CONFIG])
-    site, client = identity(context, cfg)
+    cfg, c, site, client = node_task(msg, context)
     data, _ = site_data(cfg, site, client)
     split = data.splits[str(c["split"])]
     scores = worker(cfg).evaluate(M.from_record(msg.content[M.WEIGHTS]), split, data.per_volume,
@@ -223,12 +258,21 @@ def evaluate(msg: Message, context: Context) -> Message:
                    reply_to=msg)
 
 
+@app.query("leakage")
+def leakage(msg: Message, context: Context) -> Message:
+    """Membership inference on this site's own images (ted_fl.privacy.mia): only the scores go back."""
+    cfg = _config(context, msg.content)
+    site, client = identity(context, cfg)
+    data, _ = site_data(cfg, site, client)
+    scores = worker(cfg).leakage(M.from_record(msg.content[M.WEIGHTS]), M.from_record(msg.content[M.REFERENCE]),
+                                 data.train, data.test, int(msg.content[M.CONFIG]["seed"]))
+    return Message(RecordDict({M.METRICS: M.metric_record(scores)}), reply_to=msg)
+
+
 @app.query("importance")
 def importance(msg: Message, context: Context) -> Message:
     """Parameter importances (EWC's Fisher, MAS) on this site's data: arrays shaped like the model."""
-    cfg = _config(context, msg.content)
-    c = dict(msg.content[M.CONFIG])
-    site, client = identity(context, cfg)
+    cfg, c, site, client = node_task(msg, context)
     _, share = site_data(cfg, site, client)
     state = worker(cfg).importance(str(c["approach"]), M.from_record(msg.content[M.WEIGHTS]), share)
     return Message(RecordDict({M.AUX: M.to_record(state),

@@ -28,7 +28,7 @@ from ted_fl.continual.scores import split_scores
 from ted_fl.engine import derive_seed, load_weights, model_weights
 from ted_fl.federated import messages as M
 from ted_fl.federated.audit import audit_mod
-from ted_fl.federated.client_app import _config, identity, site_data
+from ted_fl.federated.client_app import hello, node_task, site_data
 
 FROZEN = ("teacher", "scratch", "psae", "tan", "san")  # record names of the frozen parts: "frozen.<name>"
 _OPT: dict[Any, Any] = {}  # per process: optimizer state of a stage between its rounds
@@ -82,16 +82,7 @@ def _frozen(context: Context, content: RecordDict, key: str, names: list[str], g
 app = ClientApp(mods=[audit_mod])
 
 
-@app.query("hello")
-def hello(msg: Message, context: Context) -> Message:
-    """Which site this node serves and how many images it has (counts only)."""
-    cfg = _config(context, msg.content)
-    site, client = identity(context, cfg)
-    data, train = site_data(cfg, site, client)
-    ident = {"site": site, "client": client, "partition": int(context.node_config.get("partition-id", -1)),
-             "n_train": len(train), "n_val": len(data.val), "n_test": len(data.test),
-             "image_shape": [int(x) for x in data.train.images.shape[1:]]}
-    return Message(RecordDict({M.IDENTITY: ConfigRecord(ident)}), reply_to=msg)
+app.query("hello")(hello)  # the same hello as the continual ClientApp: site, client and counts only
 
 
 def run_stage(cfg: ExperimentConfig, task: str, approach: str, weights: M.Weights, frozen: dict[str, nn.Module],
@@ -120,9 +111,7 @@ def run_stage(cfg: ExperimentConfig, task: str, approach: str, weights: M.Weight
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg = _config(context, msg.content)
-    c = dict(msg.content[M.CONFIG])
-    site, client = identity(context, cfg)
+    cfg, c, site, client = node_task(msg, context)
     _, share = site_data(cfg, site, client)
     set_determinism(int(c["seed"]), cfg.train.threads)
     shape = tuple(int(x) for x in share.images.shape[1:])
@@ -143,9 +132,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score a model (teacher or student) on this site's split; with its MSAN, the sums of its codes."""
-    cfg = _config(context, msg.content)
-    c = dict(msg.content[M.CONFIG])
-    site, client = identity(context, cfg)
+    cfg, c, site, client = node_task(msg, context)
     data, _ = site_data(cfg, site, client)
     split = data.splits[str(c.get("split", "test"))]
     set_determinism(0, cfg.train.threads)

@@ -205,34 +205,13 @@ def simulate_generalize(cfg: ExperimentConfig, run: RunDir, num_nodes: int, quie
     import logging
     import warnings
 
-    from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
-
     from ted_fl.federated.gkd_client import app as client_app
-    from ted_fl.federated.simulation import backend_config, fast_grid, fast_message_polling
-
-    out: list[list[dict]] = []
-    error: list[BaseException] = []
-    server = ServerApp()
-    fast = {"on": False}
-
-    @server.main()
-    def _main(grid: Grid, context: Any) -> None:
-        if fast["on"]:
-            fast_grid(grid)
-        try:
-            out.append(serve_generalize(grid, cfg, run, quiet))
-        except BaseException as exc:  # surfaced after the simulation shuts down
-            error.append(exc)
+    from ted_fl.federated.simulation import launch
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), fast_message_polling(cfg.federated.fast_polling) as fast["on"]:
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run_simulation(server_app=server, client_app=client_app, num_supernodes=num_nodes,
-                       backend_config=backend_config(cfg))  # type: ignore[arg-type]
-    if error:
-        raise error[0]
-    return out[0]
+        return launch(cfg, client_app, num_nodes, lambda grid: serve_generalize(grid, cfg, run, quiet))
 
 
 __all__ = ["FROZEN", "GKDExecutor", "serve_generalize", "simulate_generalize"]

@@ -21,6 +21,7 @@ CONFIG = "config"
 METRICS = "metrics"
 VAL = "val"
 IDENTITY = "identity"
+REFERENCE = "reference"  # the membership-inference reference model (ted_fl.privacy.mia), down only
 STATS = "stats"  # summed statistics (FSD's n, sum z, sum z z^T as 1-D arrays): never a per-image vector
 
 # Keys a client may put in the identity ConfigRecord of its hello reply: counts and names, no data.

@@ -10,6 +10,7 @@ configured, and counts the payload bytes of every message in both directions.
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from typing import Any
@@ -20,9 +21,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from ted_fl.config import ExperimentConfig, dump_toml, from_run_config, to_dict
 from ted_fl.continual.probes import make_probes
-from ted_fl.engine import TrainResult, TrainTask, Weights, run_schedule
+from ted_fl.engine import TrainResult, TrainTask, Weights, derive_seed, run_schedule
 from ted_fl.errors import TedFlError
 from ted_fl.federated import messages as M
+from ted_fl.federated.audit import record_message
+from ted_fl.privacy.policies import gets_teacher
 from ted_fl.results import RunDir
 
 
@@ -47,7 +50,16 @@ class FlowerExecutor:
         self.bytes_by_kind: dict[str, int] = {}
         self.faults: list[dict[str, Any]] = []
         self.teacher_sent: dict[int, str] = {}
+        self.audit: dict[str, dict[str, Any]] = {}  # what travelled, per site, kind, direction and record
+        self.audit_hello: dict[str, dict[str, Any]] = {}
+        self.site_of: dict[int, tuple[str, int]] = {}
         self._teacher: tuple[Weights, dict] | None = None  # this round's teacher, for retries
+        self._dp: Any = None  # client-level DP: the stage's strategy (ted_fl.federated.dp.StageDP)
+        if cfg.privacy.dp == "client":
+            from ted_fl.federated.dp import StageDP
+
+            self._dp = StageDP(cfg.privacy)
+        self._aggregated: Weights | None = None
         self._discover()
 
     # ------------------------------------------------------------------ nodes
@@ -71,6 +83,10 @@ class FlowerExecutor:
         content = {n: RecordDict({M.CONFIG: ConfigRecord({"experiment_toml": self.experiment_toml})})
                    for n in node_ids}
         replies = self._exchange(content, "query", "hello", {n: f"node {n}" for n in node_ids})
+        hello_sites = {n: str(r.content[M.IDENTITY]["site"]) for n, r in replies.items()}
+        for n, r in replies.items():
+            record_message(self.audit_hello, hello_sites[n], "hello", "down", content[n])
+            record_message(self.audit_hello, hello_sites[n], "hello", "up", r.content)
         self.nodes: dict[str, list[tuple[int, int, int]]] = {s: [] for s in order}
         self.sizes: dict[str, tuple[int, int, int]] = {}
         shape: tuple[int, ...] | None = None
@@ -113,8 +129,11 @@ class FlowerExecutor:
         timeout = max(fed.timeout, fed.connect_timeout) if action == "hello" else fed.timeout
         for attempt in range(attempts):
             msgs = [Message(content, dst_node_id=node, message_type=mtype) for node, content in pending.items()]
-            for content in pending.values():
-                self._count(action if action != "default" else category, M.record_bytes(content), up=False)
+            kind = action if action != "default" else category
+            for node, content in pending.items():
+                self._count(kind, M.record_bytes(content), up=False)
+                if node in self.site_of:
+                    record_message(self.audit, self.site_of[node][0], kind, "down", content)
             replies = list(self.grid.send_and_receive(msgs, timeout=timeout))
             by_node = {r.metadata.src_node_id: r for r in replies}
             failed: dict[int, RecordDict] = {}
@@ -127,7 +146,9 @@ class FlowerExecutor:
                     reasons[node] = short_reason(reply.error.reason)
                     failed[node] = content
                 else:
-                    self._count(action if action != "default" else category, M.record_bytes(reply.content), up=True)
+                    self._count(kind, M.record_bytes(reply.content), up=True)
+                    if node in self.site_of:
+                        record_message(self.audit, self.site_of[node][0], kind, "up", reply.content)
                     got[node] = reply
             for node in failed:
                 text = f"{labels[node]} failed {where}({mtype}, attempt {attempt + 1}/{attempts}): {reasons[node]}"
@@ -138,7 +159,9 @@ class FlowerExecutor:
             # A node that lost the stage's teacher (a restarted client) gets it again on the retry.
             for node, content in pending.items():
                 self.teacher_sent.pop(node, None)
-                if category == "train" and self._teacher and M.TEACHER not in content:
+                wants = M.CONFIG in content and content[M.CONFIG].get("teacher_key") \
+                    and not content[M.CONFIG].get("teacher_from_weights")
+                if category == "train" and self._teacher and wants and M.TEACHER not in content:
                     content[M.TEACHER] = M.to_record(self._teacher[0])
                     content[M.AUX] = M.to_record(self._teacher[1])
         for node in pending:
@@ -163,15 +186,18 @@ class FlowerExecutor:
         weights = M.to_record(task.weights)
         trainers = [(s, node, client) for s in task.sites for node, client, _ in self.nodes[s]]
         single = len(trainers) == 1
+        client_dp = self.cfg.privacy.dp == "client"
         teacher_key = f"{task.approach}|{task.seed}|{task.stage}" if task.teacher is not None else ""
         teacher_rec = aux_rec = probes_rec = None
         base: dict[str, Any] = dict(
             approach=task.approach, seed=task.seed, stage=task.stage, round=task.round,
-            steps=task.steps, lr=task.lr, want_val=bool(task.want_val and single),
-            teacher_key=teacher_key,
+            steps=task.steps, lr=task.lr, stage_rounds=task.stage_rounds,
+            # client-level DP: the released (noised) model is scored by the server's evaluate, not the raw local one
+            want_val=bool(task.want_val and single and not client_dp),
             client_state_dir=str(self.run.client_state_dir) if self.run else "",
         )
-        if task.probe_seed is not None:
+        site_held = self.cfg.privacy.teacher == "site"
+        if task.probe_seed is not None and not site_held:
             if fed.probes == "pixels":
                 probes = make_probes(task.probe_seed, task.probe_count, task.probe_shape, self.cfg.loss)
                 probes_rec = ArrayRecord({"probes": Array(probes.numpy())})
@@ -180,15 +206,29 @@ class FlowerExecutor:
                             probe_shape=list(task.probe_shape))
         contents: dict[int, RecordDict] = {}
         for site, node, _client in trainers:
-            content = RecordDict({M.WEIGHTS: weights,
-                                  M.CONFIG: M.config_record({**base, "site_index": self.sites.index(site)})})
-            if teacher_key and self.teacher_sent.get(node) != teacher_key:
-                teacher_rec = teacher_rec or M.to_record(task.teacher)  # type: ignore[arg-type]
-                aux_rec = aux_rec or M.to_record(task.aux)
-                content[M.TEACHER] = teacher_rec
-                content[M.AUX] = aux_rec
+            index = self.sites.index(site)
+            # privacy.teacher = "site": only the arriving site holds the teacher (ted_fl.privacy.policies)
+            holds = bool(teacher_key) and gets_teacher(self.cfg, index, task.stage)
+            node_cfg: dict[str, Any] = {**base, "site_index": index, "teacher_key": teacher_key if holds else ""}
+            content = RecordDict({M.WEIGHTS: weights})
+            if holds and self.teacher_sent.get(node) != teacher_key:
+                if site_held and task.round == 0:
+                    # The round's weights are the stage's teacher: the site freezes them itself.
+                    node_cfg["teacher_from_weights"] = True
+                    if task.aux:
+                        aux_rec = aux_rec or M.to_record(task.aux)
+                        content[M.AUX] = aux_rec
+                else:
+                    teacher_rec = teacher_rec or M.to_record(task.teacher)  # type: ignore[arg-type]
+                    aux_rec = aux_rec or M.to_record(task.aux)
+                    content[M.TEACHER] = teacher_rec
+                    content[M.AUX] = aux_rec
+            if site_held and holds and task.probe_seed is not None:
+                # The site draws its own probes from its own seed: neither pixels nor a seed travel.
+                node_cfg.update(probe_local=True, probe_count=task.probe_count, probe_shape=list(task.probe_shape))
             if probes_rec is not None:
                 content[M.PROBES] = probes_rec
+            content[M.CONFIG] = M.config_record(node_cfg)
             contents[node] = content
             # Breakdown of train_down (already counted there): what the teacher and the probes cost.
             for part in (M.TEACHER, M.PROBES):
@@ -196,6 +236,12 @@ class FlowerExecutor:
                     key = f"train_down.{part}"
                     self.bytes_by_kind[key] = self.bytes_by_kind.get(key, 0) + content[part].count_bytes()
         self._teacher = (task.teacher, task.aux) if teacher_key else None
+        if client_dp:
+            from ted_fl.federated import dp
+
+            stage_dp = self._dp.stage(task.approach, task.seed, task.stage, len(trainers), task.stage_rounds)
+            strategy, sigma = stage_dp.strategy, stage_dp.sigma
+            dp.configure(strategy, task.round + 1, weights, contents, sigma)
         replies = self._exchange_train(contents, task)
         results = []
         for site, node, client in trainers:
@@ -205,11 +251,28 @@ class FlowerExecutor:
             metrics = dict(r[M.METRICS])
             n = int(metrics.pop("num_examples"))
             val = dict(r[M.VAL]) if M.VAL in r else None
+            if client_dp:
+                metrics.update(dp.reply_metrics(stage_dp.accounted_sigma()))
             results.append(TrainResult(site, client, M.from_record(r[M.WEIGHTS]), n,
                                        {k: float(v) for k, v in metrics.items()}, val))
         if not results:
             raise ClientFailure(f"no training site answered in stage {task.stage} round {task.round}")
+        if client_dp:
+            if len(replies) != len(contents):
+                raise ClientFailure(f"client-level DP needs every client's update in stage {task.stage} round "
+                                    f"{task.round} (the noise is calibrated to {len(contents)} clients); "
+                                    "see federated.on_failure")
+            self._aggregated = M.from_record(dp.aggregate(strategy, task.round + 1, [replies[n] for n in contents]))
         return results
+
+    def aggregate(self, task: TrainTask, results: list[TrainResult]) -> Weights:
+        """The round's global model: Flower's DP strategy's noised mean under client-level DP, else FedAvg."""
+        if self.cfg.privacy.dp == "client" and self._aggregated is not None:
+            out, self._aggregated = self._aggregated, None
+            return out
+        from ted_fl.engine import fedavg
+
+        return fedavg([(r.weights, r.num_examples) for r in results])
 
     def _exchange_train(self, contents: dict[int, RecordDict], task: TrainTask) -> dict[int, Message]:
         where = f"in stage {task.stage} round {task.round} "
@@ -250,20 +313,44 @@ class FlowerExecutor:
 
         return fedavg(parts) if parts else {}
 
+    def leakage(self, weights: Weights, references: dict[str, Weights], seed: int) -> dict[str, dict[str, float]]:
+        """Each site's first node attacks the model on its own images; only the scores come back."""
+        rec = M.to_record(weights)
+        nodes = {self.nodes[s][0][0]: s for s in self.sites}
+        contents = {n: RecordDict({M.WEIGHTS: rec, M.REFERENCE: M.to_record(references[s]),
+                                   M.CONFIG: ConfigRecord({"seed": derive_seed(seed, self.sites.index(s))})})
+                    for n, s in nodes.items()}
+        replies = self._exchange(contents, "query", "leakage", {n: self._label(n) for n in nodes},
+                                 "measuring leakage ")
+        out: dict[str, dict[str, float]] = {}
+        for node, site in nodes.items():
+            if node in replies:
+                out[site] = {k: float(v) for k, v in dict(replies[node].content[M.METRICS]).items()}
+            else:
+                out[site] = {"mia_auc": float("nan")}
+        return out
+
     def state_dict(self) -> dict[str, Any]:
-        return {"faults": list(self.faults), "bytes_by_kind": dict(self.bytes_by_kind)}
+        return {"faults": list(self.faults), "bytes_by_kind": dict(self.bytes_by_kind),
+                "audit": copy.deepcopy(self.audit), "audit_hello": copy.deepcopy(self.audit_hello),
+                "dp": self._dp.state_dict() if self._dp else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.faults = list(state.get("faults", []))
         self.bytes_by_kind = dict(state.get("bytes_by_kind", {}))
+        self.audit = copy.deepcopy(state.get("audit", {}))
+        if self._dp:
+            self._dp.load_state_dict(state.get("dp", {}))  # the adaptive clip norm a resumed stage goes on from
         self.teacher_sent = {}
 
 
 def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, progress: Any = None) -> dict:
     """The server's main loop: every approach and seed in turn, over one set of nodes."""
+    from ted_fl.continual.privacy import prepare_privacy
     from ted_fl.data import resolve_out_channels
 
     resolve_out_channels(cfg)  # before the hello carries the config to the clients (TOML only, no data)
+    prepare_privacy(cfg)  # model.norm under DP, impossible combinations (idempotent; logged at run start)
     executor = FlowerExecutor(grid, cfg, run)
     extras: dict[tuple[str, int], dict[str, Any]] = {}
     for approach in cfg.approaches:
@@ -286,8 +373,13 @@ def main(grid: Grid, context: Context) -> None:
     from ted_fl.data import resolve_out_channels
 
     resolve_out_channels(cfg)  # the network's outputs follow the site set's classes (read from TOML only)
+    from ted_fl.continual.privacy import prepare_privacy
+
+    notes = prepare_privacy(cfg)
     run = RunDir.create(cfg.out, f"{cfg.name}-flwr")
     run.write_config(cfg)
+    for note in notes:
+        run.log(note)
     extras = serve(grid, cfg, run)
     summary = finish_run(cfg, run, extras)
     print(summary.to_string(index=False))

@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from ted_fl.config import ExperimentConfig
+from ted_fl.errors import TedFlError
 from ted_fl.results import RunDir
+
+T = TypeVar("T")
 
 
 def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -122,6 +125,37 @@ def load_app(reference: str) -> Any:
                          "name a ClientApp as module:attribute") from None
 
 
+def launch(cfg: ExperimentConfig, client_app: Any, num_nodes: int, serve: Callable[[Any], T]) -> T:
+    """Run `serve(grid)` as the ServerApp of one Flower simulation on Ray (Ray starts once), with
+    `client_app` on `num_nodes` nodes and the config's resources and polling; an error raised in
+    `serve` is raised here, after the simulation has shut down."""
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    out: list[T] = []
+    error: list[BaseException] = []
+    server = ServerApp()
+    fast = {"on": False}
+
+    @server.main()
+    def _main(grid: Grid, context: Any) -> None:
+        if fast["on"]:
+            fast_grid(grid)
+        try:
+            out.append(serve(grid))
+        except BaseException as exc:  # surfaced after the simulation shuts down
+            error.append(exc)
+
+    with fast_message_polling(cfg.federated.fast_polling) as fast["on"]:
+        run_simulation(server_app=server, client_app=client_app, num_supernodes=num_nodes,
+                       backend_config=backend_config(cfg))  # type: ignore[arg-type]
+    if error:
+        raise error[0]
+    if not out:
+        raise TedFlError("the Flower simulation ended before its ServerApp returned")
+    return out[0]
+
+
 def simulate_groups(
     groups: list[tuple[ExperimentConfig, RunDir]],
     num_nodes: int,
@@ -132,33 +166,11 @@ def simulate_groups(
     Every configuration must use the same client nodes (same sites and clients per site); each
     gets its own FlowerExecutor, whose hello carries that configuration to the clients.
     """
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.simulation import run_simulation
-
     from ted_fl.federated.server_app import serve
 
-    extras: list[dict[tuple[str, int], dict[str, Any]]] = []
-    error: list[BaseException] = []
-    server = ServerApp()
-
-    fast = {"on": False}
-
-    @server.main()
-    def _main(grid: Grid, context: Any) -> None:
-        if fast["on"]:
-            fast_grid(grid)
-        try:
-            for cfg, run in groups:
-                extras.append(serve(grid, cfg, run, progress))
-        except BaseException as exc:  # surfaced after the simulation shuts down
-            error.append(exc)
-
-    with fast_message_polling(groups[0][0].federated.fast_polling) as fast["on"]:
-        run_simulation(server_app=server, client_app=load_app(groups[0][0].federated.client_app), num_supernodes=num_nodes,
-                       backend_config=backend_config(groups[0][0]))  # type: ignore[arg-type]
-    if error:
-        raise error[0]
-    return extras
+    first = groups[0][0]
+    return launch(first, load_app(first.federated.client_app), num_nodes,
+                  lambda grid: [serve(grid, cfg, run, progress) for cfg, run in groups])
 
 
 def execute_federated(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[tuple[str, int], dict[str, Any]]:

@@ -61,6 +61,7 @@ def test_gpu_quick_says_when_there_is_no_gpu(tmp_path: Path) -> None:
     proc = bench("gpu", "--approach", "seq", "ted_gugf", "--doc", str(doc), tmp=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "no GPU found" in proc.stdout and "No GPU was found" in doc.read_text()
+    assert "absent: no GPU" in proc.stdout and "simulator per-round overhead" in proc.stdout
     assert "ted_gugf" in proc.stdout.strip().splitlines()[-1]
 
 
@@ -71,3 +72,4 @@ def test_protocol_explains_its_extrapolation(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Extrapolation: 6 sites" in proc.stdout and "RUNMC 100/" in proc.stdout
     assert "ceil(train images / 4)" in proc.stdout
+    assert 'Joint under protocol "reference"' in proc.stdout and "one run over all sites" in proc.stdout

@@ -20,7 +20,7 @@ from ted_fl.results import RunDir, labels_of
 from ted_fl.results_doc import main as doc_main
 from tests.conftest import tiny_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_multiclass")]
 
 
 def _run(tmp: Path, sites: str, order: list[str], approaches: list[str]) -> RunDir:

@@ -22,7 +22,7 @@ from ted_fl.results import RunDir
 from ted_fl.run import write_report_if_available
 from tests.conftest import REPO, tiny_config
 
-pytestmark = pytest.mark.slow  # a real centralized run, notebooks and a browser
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_report")]  # a real centralized run, notebooks and a browser
 
 APPROACHES = ["seq", "ted_gugf"]
 FIGURES = ["fig-avg", "fig-bwt", "fig-sites", "fig-r-0", "fig-r-1"]

@@ -22,7 +22,7 @@ from ted_fl.config import dump_toml, to_dict
 from ted_fl.results import RunDir
 from tests.conftest import REPO, tiny_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_simulation")]
 
 APPROACHES = ["seq", "ted_gugf", "ewc"]
 

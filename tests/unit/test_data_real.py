@@ -14,7 +14,7 @@ DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 RETINA = DATA / "retinal_vessels"
 SLICES = DATA / "prostate_slices"
 
-pytestmark = pytest.mark.realdata
+pytestmark = [pytest.mark.realdata, pytest.mark.xdist_group("test_data_real")]
 
 
 def test_site_sets_declared_in_order() -> None:

@@ -236,6 +236,7 @@ def _schedule(tmp: Path, approach: str, protocol: str = "ted-fl") -> tuple[Scrip
     cfg.train.rounds = 4
     cfg.train.joint_rounds_factor = 1.0
     cfg.train.steps_per_round = 1
+    cfg.privacy.mia = False  # scripted weights are no network to attack
     ex = ScriptedExecutor(["A", "B", "C"])
     run = RunDir.create(tmp, "scripted")
     import ted_fl.engine as engine

@@ -12,6 +12,8 @@ from ted_fl.results import RunDir
 from ted_fl.results_doc import main
 from tests.conftest import tiny_config
 
+pytestmark = pytest.mark.xdist_group("test_results_doc")  # one shared run per module under -n
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> RunDir:

@@ -1,0 +1,264 @@
+"""Sample-level differential privacy inside a site (DP-SGD with Opacus) and the RDP accounting of both
+DP levels. Plain PyTorch + Opacus: no Flower here (the client-level mechanisms are Flower's own
+strategies and mods, wired in `ted_fl.federated`; only their accounting lives here).
+
+DP-SGD (Abadi et al. 2016) as a plugin of the one training step (`step.train_step(..., dp=...)`):
+Opacus' hooks record per-sample gradients of the loss terms computed on the site's images; the
+DPOptimizer clips each to `max_grad_norm`, sums them, adds N(0, sigma^2 max_grad_norm^2) and divides by
+the expected batch size. Batches are Poisson samples (Opacus' DPDataLoader, sample rate
+q = 1 / ceil(n / batch_size)), the sampling the RDP analysis assumes, not the project's permutation
+batches. sigma is chosen per site and stage with Opacus' `get_noise_multiplier` (RDP accountant) so
+that the stage's rounds x steps spend the target epsilon at delta: what `make_private_with_epsilon`
+does, which only takes whole epochs while a stage is rounds x steps_per_round steps.
+
+What DP-SGD covers and what it does not:
+- covered: every term computed from the site's images (segmentation, KD, AKT/GUGF, LwF, MiB,
+  PLOP, POD). Such terms must be sums of per-image losses: under dp = "sample" the batch-level
+  Dice of L_seg and AKT's batch normaliser become per-image (StepInputs.per_sample), and
+  cross-sample terms (GUGF "batch"/"normalized", PLOP's reference variant) are refused.
+- outside the mechanism and free of privacy cost: terms that do not read the site's data given
+  the current weights (`Term.data_independent`): SKA on the server's noise probes, the EWC / MAS
+  penalties. Their gradient is computed with Opacus' hooks off and added after the noise
+  (post-processing of the private gradient).
+- NOT covered: what a site computes from its data outside the training step: EWC/MAS importances
+  (refused with dp != "off"), validation scores used to select the best round, and train metrics
+  (loss values) reported to the server. docs/privacy.md lists them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+ACCOUNTANT = "rdp"  # Opacus' RDP accountant (Mironov 2017; the sampled Gaussian of Mironov et al. 2019)
+
+
+@functools.lru_cache(maxsize=256)
+def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """sigma such that `steps` sampled Gaussian steps at rate q spend `epsilon` at `delta` (RDP).
+
+    epsilon = inf: 0 (clipping only). Opacus' own search (`get_noise_multiplier`), tolerance 0.01.
+    """
+    if math.isinf(epsilon):
+        return 0.0
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(target_epsilon=float(epsilon), target_delta=float(delta),
+                                      sample_rate=float(sample_rate), steps=int(steps), accountant=ACCOUNTANT))
+
+
+def epsilon_spent(history: Sequence[tuple[float, float, int]], delta: float) -> float:
+    """epsilon at `delta` of composed (noise multiplier, sample rate, steps) mechanisms, by Opacus' RDP
+    accountant; a step without noise (sigma = 0) makes it inf, no step at all makes it 0."""
+    if not history:
+        return 0.0
+    if any(sigma <= 0 for sigma, _, _ in history):
+        return math.inf
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return float(acc.get_epsilon(delta=float(delta)))
+
+
+def client_noise_multiplier(epsilon: float, delta: float, releases: int) -> float:
+    """Client-level DP: sigma (Flower's noise_multiplier) for `releases` aggregates of a stage.
+
+    Every client of a stage takes part in every round (no sampling, q = 1), so the stage is the
+    `releases`-fold composition of the Gaussian mechanism with sensitivity clip_norm (one client
+    added or removed) and std sigma * clip_norm (the sum; Flower divides both by the client count).
+    """
+    return noise_multiplier_for(epsilon, delta, 1.0, releases)
+
+
+# ------------------------------------------------------------------------------- DP-SGD plugin
+class SampleDP:
+    """DP-SGD for one round of one site: Opacus' GradSampleModule, DPOptimizer and Poisson loader.
+
+    Made by `attach` around the plain student and its Adam; `batches` yields the round's Poisson
+    batches (index arrays, possibly empty); `train_step(..., dp=self)` runs the forwards as usual,
+    `public()` switches the hooks off for data-independent forwards, and `step` does backward,
+    clipping, noise and the optimizer step. `close` removes every hook (the worker reuses the student).
+    """
+
+    def __init__(self, student: nn.Module, optimizer: torch.optim.Optimizer, n: int, batch_size: int,
+                 noise_multiplier: float, max_grad_norm: float, seed: int) -> None:
+        from opacus import GradSampleModule
+        from opacus.data_loader import DPDataLoader
+        from opacus.optimizers import DPOptimizer
+        from torch.utils.data import DataLoader, TensorDataset
+
+        self.n, self.noise_multiplier, self.max_grad_norm = n, float(noise_multiplier), float(max_grad_norm)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Opacus' notes on secure RNG and functorch fall-backs
+            self.gsm = GradSampleModule(student, batch_first=True, loss_reduction="mean")
+        self.student = student
+        plain = DataLoader(TensorDataset(torch.arange(n)), batch_size=batch_size)
+        self.sample_rate = 1.0 / len(plain)  # Opacus' rate for a loader of this batch size
+        self.loader = DPDataLoader.from_data_loader(plain, generator=torch.Generator().manual_seed(int(seed)))
+        self.optimizer = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
+                                     max_grad_norm=self.max_grad_norm,
+                                     expected_batch_size=max(1, round(n * self.sample_rate)),
+                                     loss_reduction="mean",
+                                     generator=torch.Generator().manual_seed(int(seed) ^ 0x5EED))
+        self.steps = 0
+
+    def batches(self, steps: int) -> Iterator[np.ndarray]:
+        """`steps` Poisson batches of indices (each image in with probability q, independently)."""
+        done = 0
+        while done < steps:
+            for (idx,) in self.loader:
+                if done == steps:
+                    return
+                yield idx.numpy()
+                done += 1
+
+    @contextlib.contextmanager
+    def public(self) -> Iterator[None]:
+        """Forwards / backwards whose inputs are not the site's data: no per-sample gradients."""
+        self.gsm.disable_hooks()
+        try:
+            yield
+        finally:
+            self.gsm.enable_hooks()
+
+    def step(self, private: torch.Tensor | None, public: torch.Tensor | None) -> None:
+        """Backward, clip per sample, add noise, add the public terms' gradient, optimizer step."""
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        g_pub: Sequence[torch.Tensor | None] = [None] * len(params)
+        if public is not None and public.requires_grad:
+            with self.public():
+                g_pub = torch.autograd.grad(public, params, allow_unused=True)
+        if private is not None and private.requires_grad:
+            with warnings.catch_warnings():  # torch's note that the input images need no gradient
+                warnings.simplefilter("ignore", UserWarning)
+                private.backward()
+        else:  # an empty Poisson batch: no sample, the step is noise only (as the analysis assumes)
+            for p in params:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        if self.optimizer.pre_step():  # clip, sum, noise, divide by the expected batch size
+            for p, g in zip(params, g_pub, strict=True):
+                if g is not None:
+                    p.grad.add_(g)
+            self.optimizer.original_optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+
+    def history(self) -> list[tuple[float, float, int]]:
+        """What the accountant composes for this round: [(sigma, q, steps)]."""
+        sigma = float(self.optimizer.noise_multiplier)  # what the optimizer noised with, not the request
+        return [(sigma, self.sample_rate, self.steps)] if self.steps else []
+
+    def close(self) -> None:
+        self.gsm.remove_hooks()
+        for p in self.student.parameters():
+            for attr in ("grad_sample", "_current_grad_sample", "summed_grad"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+
+
+def attach(student: nn.Module, optimizer: torch.optim.Optimizer, n: int, batch_size: int,
+           noise_multiplier: float, max_grad_norm: float, seed: int) -> SampleDP:
+    """Make one round of `student`'s training DP-SGD (see SampleDP)."""
+    return SampleDP(student, optimizer, n, batch_size, noise_multiplier, max_grad_norm, seed)
+
+
+def compatibility_errors(model: nn.Module) -> list[str]:
+    """What Opacus cannot compute per-sample gradients through (ModuleValidator), one line each."""
+    from opacus.validators import ModuleValidator
+
+    return [str(e).splitlines()[0] for e in ModuleValidator.validate(model, strict=False)]
+
+
+def sample_dp_args(privacy: Any, n: int, batch_size: int, steps: int, stage_rounds: int) -> dict[str, float] | None:
+    """DP-SGD's arguments for one round of a site (None unless privacy.dp = "sample"): sigma calibrated to
+    spend privacy.epsilon over the stage's stage_rounds x steps Poisson steps at q = 1 / ceil(n / batch_size)."""
+    if privacy.dp != "sample":
+        return None
+    q = 1.0 / math.ceil(n / batch_size)
+    sigma = noise_multiplier_for(float(privacy.epsilon), float(privacy.delta), q, max(1, stage_rounds) * steps)
+    return {"noise_multiplier": sigma, "max_grad_norm": float(privacy.max_grad_norm)}
+
+
+def stage_dp_metrics(dp: Any) -> dict[str, float]:
+    """The round's accounting inputs, reported as train metrics (composed by the server per stage)."""
+    hist = dp.history()
+    if not hist:
+        return {}
+    sigma, q, steps = hist[0]
+    return {"dp_noise_multiplier": sigma, "dp_sample_rate": q, "dp_steps": float(steps)}
+
+
+# --------------------------------------------------------------------------- run-start checks
+SECAGG_UNSUPPORTED = (
+    "privacy.secagg = true: Flower 1.41's SecAgg+ runs only on the legacy path (SecAggPlusWorkflow needs a "
+    "LegacyContext with a legacy Strategy's configure_fit / aggregate_fit, and secaggplus_mod reads the legacy "
+    "'fitres.*' records), not with the Message-API ServerApp and strategies ted-fl uses; see docs/privacy.md; "
+    "set privacy.secagg = false"
+)
+
+
+def prepare_privacy(cfg: Any) -> list[str]:
+    """Check the [privacy] keys against the rest of the experiment and make the network compatible.
+
+    Called at run start, before anything builds a network (like `resolve_out_channels`). Returns
+    the notes for run.log; an impossible combination is a one-line TedFlError naming the key.
+    Under any DP level, batch norm becomes group norm (model.norm = "group"): Opacus cannot
+    compute per-sample gradients through batch statistics, and for client-level DP the running
+    statistics are data-dependent buffers outside the clipped parameters (the integer batch counter
+    cannot take Gaussian noise at all). Networks that ignore model.norm are checked with Opacus'
+    ModuleValidator and refused when they still hold batch norm.
+    """
+    from ted_fl.continual.approaches import get_approach
+    from ted_fl.continual.networks import build_model
+    from ted_fl.errors import TedFlError
+
+    p, notes = cfg.privacy, []
+    if p.secagg:
+        raise TedFlError(SECAGG_UNSUPPORTED)
+    if p.dp == "off":
+        return notes
+    where = f"privacy.dp = '{p.dp}'"
+    for name in cfg.approaches:
+        appr = get_approach(name, cfg.loss)
+        if appr.importance:
+            raise TedFlError(f"{where}: approach '{name}' sends parameter importances computed on a site's "
+                             f"images outside any DP mechanism; remove '{name}' from approaches or set privacy.dp = 'off'")
+        if p.dp == "sample" and appr.uses_gugf and cfg.loss.gugf != "sample":
+            raise TedFlError(f"{where}: loss.gugf = '{cfg.loss.gugf}' mixes the images of a batch, so a per-sample "
+                             f"gradient is not one image's; set loss.gugf = 'sample'")
+        if p.dp == "sample" and name == "plop" and cfg.loss.baseline_variant == "reference":
+            raise TedFlError(f"{where}: PLOP's reference variant takes one Dice over the whole batch; "
+                             f"set loss.baseline_variant = 'paper'")
+    if p.dp == "client" and p.noise == "client" and p.clipping == "adaptive":
+        raise TedFlError("privacy.clipping = 'adaptive' needs privacy.noise = 'server' (Flower's LocalDpMod clips "
+                         "at a fixed norm); set privacy.clipping = 'fixed'")
+    if cfg.model.norm == "batch":
+        cfg.model.norm = "group"
+        notes.append(f"privacy: {where}: model.norm 'batch' -> 'group' (GroupNorm: Opacus computes no per-sample "
+                     "gradient through batch statistics, and running statistics are unclipped data-dependent buffers)")
+    errors = compatibility_errors(build_model(cfg.model))
+    if errors:
+        raise TedFlError(f"{where}: model.name = '{cfg.model.name}' is not DP-compatible ({errors[0]}); "
+                         f"use model.name = 'monai_unet' or 'reference_unet' with model.norm = 'group'")
+    if math.isinf(p.epsilon):
+        notes.append(f"privacy: {where} with epsilon = inf: clipping only, no noise (no privacy guarantee)")
+    if p.dp == "sample":
+        notes.append(f"privacy: DP-SGD (Opacus, Poisson sampling, RDP accountant): target epsilon {p.epsilon:g} per "
+                     f"site and stage at delta {p.delta:g}, per-sample clipping at {p.max_grad_norm:g}")
+    else:
+        side = "central DP, Flower's DifferentialPrivacy" + (
+            f"{'ClientSide' if p.clip_on == 'client' else 'ServerSide'}{p.clipping.capitalize()}Clipping"
+            if p.noise == "server" else "") if p.noise == "server" else "local DP, Flower's LocalDpMod"
+        notes.append(f"privacy: client-level DP ({side}): target epsilon {p.epsilon:g} per client and stage at "
+                     f"delta {p.delta:g}, updates clipped at {p.clip_norm:g}" + (" (initial, adaptive)"
+                                                                                  if p.clipping == "adaptive" else ""))
+    return notes

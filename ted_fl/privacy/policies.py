@@ -1,0 +1,55 @@
+"""The privacy policies of `[privacy]` that change what a site trains on or what travels.
+
+`privacy.teacher` ("server" | "site") decides where the frozen teacher lives and who draws the
+SKA probes; `privacy.replay` bounds what an earlier site keeps for its retention rounds. The
+Flower layer (`ted_fl.federated`) and the in-process executor (`ted_fl.local`) both call these
+helpers, so a policy gives the same numbers in the simulator and in the centralized run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ted_fl.config import ExperimentConfig
+from ted_fl.data.types import Split
+from ted_fl.errors import TedFlError
+
+PROBE_SITE_TAG = 0x517E  # mixed into a site's own probe seed (privacy.teacher = "site")
+REPLAY_TAG = 0xB0F  # mixed into a site's replay-buffer seed
+
+
+def check_privacy(cfg: ExperimentConfig) -> None:
+    """Refuse impossible combinations of the policy keys, one line each, before a run (the DP keys
+    are checked by ted_fl.continual.privacy.prepare_privacy)."""
+    p = cfg.privacy
+    if p.dp == "off" and math.isfinite(p.epsilon):
+        raise TedFlError(f"privacy.epsilon = {p.epsilon:g} needs privacy.dp = 'sample' or 'client' "
+                         "(dp = 'off' adds no noise); set privacy.dp or privacy.epsilon = inf")
+    if p.replay > 0 and cfg.federated.retention == 0:
+        raise TedFlError(f"privacy.replay = {p.replay} keeps images for retention rounds, but "
+                         "federated.retention = 0 has none; set federated.retention = k (or -1) or replay = 0")
+
+
+def uses_replay(cfg: ExperimentConfig, site_index: int, stage: int) -> bool:
+    """Whether a site trains on its replay buffer: an earlier site training in a later stage."""
+    return cfg.privacy.replay > 0 and site_index < stage
+
+
+def replay_buffer(split: Split, n: int, seed: int) -> Split:
+    """At most `n` of the split's images, drawn without replacement by `seed` (kept in order)."""
+    if n <= 0 or len(split) <= n:
+        return split
+    idx = np.sort(np.random.default_rng(seed).permutation(len(split))[:n])
+    return split.take(idx)
+
+
+def replay_share(n: int, clients_per_site: int) -> int:
+    """Each of a site's clients keeps at most n // k images (at least 1): at most n per site."""
+    return max(1, n // max(1, clients_per_site))
+
+
+def gets_teacher(cfg: ExperimentConfig, site_index: int, stage: int) -> bool:
+    """Under privacy.teacher = "site" only the arriving site holds the teacher."""
+    return cfg.privacy.teacher == "server" or site_index == stage
