@@ -1,4 +1,6 @@
-"""How much does the evaluation's batch norm decide? `python -m ted_fl.diagnose eval-bn RUN_DIR [--approach A]`.
+"""Diagnostics on a run's checkpoints: `python -m ted_fl.diagnose eval-bn | term-grads RUN_DIR`.
+
+eval-bn: how much does the evaluation's batch norm decide? `python -m ted_fl.diagnose eval-bn RUN_DIR [--approach A]`.
 
 Rescores every stage checkpoint of one approach and seed on every site's test split under both
 `eval.bn` modes: "running" (model.eval(): the running statistics, which follow the newest site)
@@ -7,18 +9,31 @@ run's own protocol options (rescale, HD95) are kept; only eval.bn changes. Print
 Dice per site and the Avg / BWT / forgetting of each mode's R matrix. Reads the run directory
 (config, stage checkpoints) and the researcher's copy of the data; writes
 `diagnostics/eval_bn-<approach>-seed<k>.csv` (mode, stage, site, dice) there.
+
+term-grads: how strong is each distillation term against the segmentation loss?
+`python -m ted_fl.diagnose term-grads RUN_DIR [--approach seq] [--stage K]`. The teacher is the
+stage-K checkpoint, the student the stage-(K+1) one (the end of the next site's stage), the
+batches come from site K+1's training split; for each term, lambda_d * |grad| / |grad L_seg|
+over the student's parameters (the run's lambda_d, its batch size), with the teacher in both
+`loss.teacher_mode`s, averaged over `--batches` batches. Prints a table; writes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import torch
 
-from ted_fl.continual.learner import eval_options, evaluate
+from ted_fl.config import LossConfig
+from ted_fl.continual import terms as T
+from ted_fl.continual.learner import dice, eval_options, evaluate
 from ted_fl.continual.metrics import continual_summary, r_matrix
 from ted_fl.continual.networks import build_model
+from ted_fl.continual.step import freeze, running_stats_frozen, teacher_mode
 from ted_fl.continual.weights import load_weights
 from ted_fl.data import load_sites
 from ted_fl.errors import TedFlError, exit_code
@@ -58,6 +73,79 @@ def summarize_modes(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+GRAD_TERMS = ("kd", "ska", "akt", "akt_gugf_batch", "akt_gugf_sample")
+
+
+def term_grad_ratios(student: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     probes: torch.Tensor, loss: LossConfig) -> dict[str, float]:
+    """lambda_d * |grad term| / |grad L_seg| over the student's parameters, for each TED term.
+
+    The student forwards in train mode without touching its running statistics; the teacher as
+    `loss.teacher_mode` says. Also: the AKT disagreement fraction, the mean GUGF uncertainty and
+    the teacher's foreground Dice on (x, y) (how good the targets it distils are).
+    """
+    freeze(teacher)
+    with teacher_mode(teacher, loss.teacher_mode), torch.no_grad():
+        q, q_n = T.probabilities(teacher(x)), T.probabilities(teacher(probes))
+    params = [p for p in student.parameters() if p.requires_grad]
+    was = student.training
+    student.train()
+    with running_stats_frozen(student):
+        p = T.probabilities(student(x))
+        p_n = T.probabilities(student(probes))
+    values = {
+        "seg": T.SegLoss()(p, T.one_hot(y, p.shape[1]).to(p)),
+        "kd": T.KD()(p, q),
+        "ska": T.SKA()(p_n, q_n),
+        "akt": T.AKT()(p, q),
+        "akt_gugf_batch": T.AKT(T.GUGF("batch"))(p, q),
+        "akt_gugf_sample": T.AKT(T.GUGF("sample"))(p, q),
+    }
+    norms = {}
+    for name, v in values.items():
+        g = torch.autograd.grad(v, params, retain_graph=True, allow_unused=True)
+        norms[name] = float(torch.sqrt(sum((gg.double() ** 2).sum() for gg in g if gg is not None)))
+    student.train(was)
+    out = {name: loss.lambda_d * norms[name] / max(norms["seg"], 1e-30) for name in GRAD_TERMS}
+    out["akt_mask_frac"] = float((T.class_argmax(p.detach()) != T.class_argmax(q)).float().mean())
+    out["u_mean"] = float(T.GUGF.uncertainty(p, q).mean())
+    out["teacher_dice"] = dice(q.argmax(dim=1) > 0, y > 0)
+    return out
+
+
+def term_grads(run: RunDir, approach: str, seed: int, stage: int, batches: int) -> pd.DataFrame:
+    """Rows (teacher_mode, quantity, mean over batches) for teacher = stage `stage`, student = stage + 1."""
+    cfg = run.read_config()
+    sites = load_sites(cfg.data, cfg.data.split_seed)
+    if not 0 <= stage < len(sites) - 1:
+        raise TedFlError(f"--stage must be in 0..{len(sites) - 2} (the teacher's stage; the student is the next)")
+    nets = []
+    for k in (stage, stage + 1):
+        ckpt = run.load_checkpoint(approach, seed, f"stage{k}")
+        if ckpt is None:
+            raise TedFlError(f"{run.path}: no stage{k} checkpoint for {approach} seed {seed}; "
+                             f"pick one of: {', '.join(cfg.approaches)}")
+        nets.append(load_weights(build_model(cfg.model), ckpt["weights"]))
+    teacher, student = nets
+    train = sites[stage + 1].train
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    bs = min(cfg.train.batch_size, len(train))
+    rows = []
+    for mode in ("train", "eval"):
+        loss = dataclasses.replace(cfg.loss, teacher_mode=mode)
+        acc: dict[str, list[float]] = {}
+        for _ in range(batches):
+            idx = rng.choice(len(train), bs, replace=False)
+            x = torch.as_tensor(train.images[idx], dtype=torch.float32)
+            y = torch.as_tensor(train.masks[idx], dtype=torch.long)
+            probes = cfg.loss.ska_mean + cfg.loss.ska_std * torch.randn(x.shape, generator=gen)
+            for k, v in term_grad_ratios(student, teacher, x, y, probes, loss).items():
+                acc.setdefault(k, []).append(v)
+        rows += [{"teacher_mode": mode, "quantity": k, "value": float(np.mean(v))} for k, v in acc.items()]
+    return pd.DataFrame(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ted_fl.diagnose", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -65,8 +153,30 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("run", metavar="RUN_DIR")
     b.add_argument("--approach", default="seq")
     b.add_argument("--seed", type=int, default=None, help="default: the run's first seed")
+    g = sub.add_parser("term-grads", help="each TED term's gradient norm against the segmentation loss's")
+    g.add_argument("run", metavar="RUN_DIR")
+    g.add_argument("--approach", default="seq", help="whose stage checkpoints (default seq)")
+    g.add_argument("--seed", type=int, default=None, help="default: the run's first seed")
+    g.add_argument("--stage", type=int, default=0, help="the teacher's stage; the student is the next (default 0)")
+    g.add_argument("--batches", type=int, default=6)
     args = p.parse_args(argv)
+    if args.cmd == "term-grads":
+        return exit_code(lambda: _term_grads_command(args))
     return exit_code(lambda: _eval_bn_command(args))
+
+
+def _term_grads_command(args: argparse.Namespace) -> int:
+    run = RunDir.open(args.run)
+    cfg = run.read_config()
+    seed = args.seed if args.seed is not None else cfg.seeds[0]
+    df = term_grads(run, args.approach, seed, args.stage, args.batches)
+    table = df.pivot(index="quantity", columns="teacher_mode", values="value")
+    table = table.reindex(df["quantity"].drop_duplicates())[["train", "eval"]].reset_index()
+    print(md_table(table))
+    print(f"term-grads: {args.approach} seed {seed}, teacher stage {args.stage}, student stage {args.stage + 1}, "
+          f"lambda_d {cfg.loss.lambda_d}, batch {cfg.train.batch_size} (rows kd..akt_gugf_sample: "
+          f"lambda_d * |grad| / |grad L_seg|)")
+    return 0
 
 
 def _eval_bn_command(args: argparse.Namespace) -> int:

@@ -2,8 +2,8 @@
 
 Teacher handling: the teacher's parameters get requires_grad False and every teacher
 forward runs under torch.no_grad, so gradients reach only the student and the teacher's
-weights never change. teacher_mode "eval" (default) uses the running statistics;
-"train" reproduces the reference code (which never calls .eval() on the old model): batch
+weights never change. teacher_mode "eval" uses the running statistics; "train" (default)
+reproduces the reference code (which never calls .eval() on the old model): batch
 norm uses the *batch's* statistics, but we switch off running-stat tracking for that forward
 so the teacher's buffers are not mutated either, and dropout stays off.
 

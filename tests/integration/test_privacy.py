@@ -48,7 +48,8 @@ def test_dp_client_and_sample_reach_summary(tmp_path: Path) -> None:
                                        "train.rounds=1"]) == 0
     run = RunDir(next(p for p in (tmp_path / "central" / "runs").iterdir() if p.is_dir()))
     m = run.metrics()
-    priv = m[m["split"] == "privacy"].pivot_table(index=["stage", "site"], columns="metric", values="value")
+    accounting = m["metric"].isin(["epsilon", "epsilon_total", "delta", "noise_multiplier", "steps"])
+    priv = m[(m["split"] == "privacy") & accounting].pivot_table(index=["stage", "site"], columns="metric", values="value")
     assert len(priv) == 5 and priv["epsilon"].between(7.5, 8.1).all()  # 3 arrivals + 2 retained sites
     two = epsilon_spent([(client_noise_multiplier(8.0, 1e-5, 1), 1.0, 2)], 1e-5)
     assert priv.loc[(1, "RUNMC"), "epsilon_total"] == pytest.approx(two)

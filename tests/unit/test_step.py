@@ -124,6 +124,29 @@ def test_total_is_the_weighted_sum_and_gugf_stats_reported() -> None:
     assert out["ska"] > 0
 
 
+def test_default_teacher_is_normalised_like_the_evaluated_model() -> None:
+    """The default teacher uses batch statistics (the reference's old model, and how eval.bn =
+    "batch" scores every model): a student equal to its teacher then has nothing to distil on the
+    first step, and the teacher's running statistics are never read. A teacher in "eval" mode is
+    another function (its running statistics) and AKT finds disagreeing pixels at once."""
+    student = pretrained()
+    teacher = copy.deepcopy(student)
+    probes = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.SGD(student.parameters(), lr=0.0)
+    assert LossConfig().teacher_mode == "train"
+    approach = get_approach("ted_gugf", LossConfig(lambda_d=1.0))
+    out = train_step(student, teacher, approach, *batch(), opt, probes=probes)
+    assert out["akt"] == 0.0 and out["akt_mask_frac"] == 0.0
+    with torch.no_grad():
+        for name, buf in teacher.named_buffers():
+            if "running_mean" in name:
+                buf.add_(5.0)
+    again = train_step(student, teacher, approach, *batch(), opt, probes=probes)
+    assert again["kd"] == out["kd"] and again["ska"] == out["ska"] and again["akt"] == 0.0
+    stale = get_approach("ted_gugf", LossConfig(lambda_d=1.0, teacher_mode="eval"))
+    assert train_step(student, teacher, stale, *batch(), opt, probes=probes)["akt_mask_frac"] > 0
+
+
 def test_ewc_and_mas_aux_state_round_trip() -> None:
     model = pretrained()
     split = small_split()
