@@ -86,8 +86,10 @@ def print_summary(summary: pd.DataFrame, run: RunDir) -> None:
 def check_inputs(cfg: ExperimentConfig) -> list:
     """Everything a run checks before it starts (the data loads, the splits it needs exist): the
     same validation for `--check`, a run, `--resume` and `flwr run`."""
+    from ted_fl.config import privacy_conflicts
     from ted_fl.run import check_data
 
+    privacy_conflicts(cfg)  # [privacy] combinations the configuration alone shows: before torch loads
     sites = check_data(cfg)
     from ted_fl.continual.privacy import prepare_privacy  # imports torch: after the cheaper checks
 

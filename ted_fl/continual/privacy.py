@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ted_fl.config import privacy_conflicts
+
 ACCOUNTANT = "rdp"  # Opacus' RDP accountant (Mironov 2017; the sampled Gaussian of Mironov et al. 2019)
 
 
@@ -198,14 +200,6 @@ def stage_dp_metrics(dp: Any) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- run-start checks
-SECAGG_UNSUPPORTED = (
-    "privacy.secagg = true: Flower 1.41's SecAgg+ runs only on the legacy path (SecAggPlusWorkflow needs a "
-    "LegacyContext with a legacy Strategy's configure_fit / aggregate_fit, and secaggplus_mod reads the legacy "
-    "'fitres.*' records), not with the Message-API ServerApp and strategies ted-fl uses; see docs/privacy.md; "
-    "set privacy.secagg = false"
-)
-
-
 def prepare_privacy(cfg: Any) -> list[str]:
     """Check the [privacy] keys against the rest of the experiment and make the network compatible.
 
@@ -217,30 +211,14 @@ def prepare_privacy(cfg: Any) -> list[str]:
     cannot take Gaussian noise at all). Networks that ignore model.norm are checked with Opacus'
     ModuleValidator and refused when they still hold batch norm.
     """
-    from ted_fl.continual.approaches import get_approach
     from ted_fl.continual.networks import build_model
     from ted_fl.errors import TedFlError
 
+    privacy_conflicts(cfg)  # the combinations that need no torch (also checked before any heavy import)
     p, notes = cfg.privacy, []
-    if p.secagg:
-        raise TedFlError(SECAGG_UNSUPPORTED)
     if p.dp == "off":
         return notes
     where = f"privacy.dp = '{p.dp}'"
-    for name in cfg.approaches:
-        appr = get_approach(name, cfg.loss)
-        if appr.importance:
-            raise TedFlError(f"{where}: approach '{name}' sends parameter importances computed on a site's "
-                             f"images outside any DP mechanism; remove '{name}' from approaches or set privacy.dp = 'off'")
-        if p.dp == "sample" and appr.uses_gugf and cfg.loss.gugf != "sample":
-            raise TedFlError(f"{where}: loss.gugf = '{cfg.loss.gugf}' mixes the images of a batch, so a per-sample "
-                             f"gradient is not one image's; set loss.gugf = 'sample'")
-        if p.dp == "sample" and name == "plop" and cfg.loss.baseline_variant == "reference":
-            raise TedFlError(f"{where}: PLOP's reference variant takes one Dice over the whole batch; "
-                             f"set loss.baseline_variant = 'paper'")
-    if p.dp == "client" and p.noise == "client" and p.clipping == "adaptive":
-        raise TedFlError("privacy.clipping = 'adaptive' needs privacy.noise = 'server' (Flower's LocalDpMod clips "
-                         "at a fixed norm); set privacy.clipping = 'fixed'")
     if cfg.model.norm == "batch":
         cfg.model.norm = "group"
         notes.append(f"privacy: {where}: model.norm 'batch' -> 'group' (GroupNorm: Opacus computes no per-sample "

@@ -41,6 +41,8 @@ call("bad approach", cen, ["--approach", "sq"])
 call("bad config", sim, ["--config", "nope"])
 call("data-dir is a file", sim, ["--data-dir", sys.argv[1]])
 call("resume finished", sim, ["--resume", sys.argv[2]])
+call("privacy secagg", sim, ["--set", "privacy.secagg=true"])
+call("privacy ewc", cen, ["--approach", "ewc", "--set", 'privacy.dp="sample"'])
 from ted_fl.bench import main as bench
 from ted_fl.generalize import main as gen
 from ted_fl.sweep import main as sweep
@@ -71,9 +73,11 @@ def test_parse_and_input_errors_import_no_torch_flower_or_ray(tmp_path: Path) ->
     for name in ("simulate --help", "centralized --help", "sites --help", "resume finished", "bench --help",
                  "generalize --help", "sweep --help"):
         assert out[name][0] == 0, (name, out[name])
-    for name in ("bad --set", "bad value", "bad approach", "bad config", "data-dir is a file"):
+    for name in ("bad --set", "bad value", "bad approach", "bad config", "data-dir is a file", "privacy secagg",
+                 "privacy ewc"):
         assert out[name][0] == 2, (name, out[name])
     assert "is a file, not a folder" in out["data-dir is a file"][1][0]
+    assert "privacy.secagg" in out["privacy secagg"][1][0] and "'ewc'" in out["privacy ewc"][1][0]
     assert not list(tmp_path.glob("runs/*")), "an input error left a run directory"
 
 

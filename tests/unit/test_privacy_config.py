@@ -7,8 +7,8 @@ import math
 import opacus  # noqa: F401  (imported at collection: its ~3 s import is no test's time)
 import pytest
 
-from ted_fl.config import ExperimentConfig, set_key
-from ted_fl.continual.privacy import SECAGG_UNSUPPORTED, prepare_privacy
+from ted_fl.config import SECAGG_UNSUPPORTED, ExperimentConfig, set_key
+from ted_fl.continual.privacy import prepare_privacy
 from ted_fl.errors import TedFlError
 
 
@@ -68,3 +68,16 @@ def test_impossible_combinations_are_refused(privacy: dict, other: dict, words: 
 
 def test_secagg_error_says_why() -> None:
     assert "LegacyContext" in SECAGG_UNSUPPORTED and "Message-API" in SECAGG_UNSUPPORTED
+
+
+def test_torch_free_privacy_check_knows_the_approaches() -> None:
+    """config.privacy_conflicts runs before torch loads, so it names the approaches by their
+    properties; they must be the approaches' own."""
+    from typing import get_args
+
+    from ted_fl.config import GUGF_APPROACHES, IMPORTANCE_APPROACHES, ApproachName, LossConfig
+    from ted_fl.continual.approaches import get_approach
+
+    names = get_args(ApproachName)
+    assert {n for n in names if get_approach(n, LossConfig()).importance} == IMPORTANCE_APPROACHES
+    assert {n for n in names if get_approach(n, LossConfig()).uses_gugf} == GUGF_APPROACHES
