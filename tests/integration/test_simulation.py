@@ -226,9 +226,10 @@ def test_teacher_travels_once_per_stage(fed: tuple[Path, RunDir]) -> None:
         assert extra == pytest.approx(model_bytes, rel=0.05), (stage, extra, model_bytes)
 
 
-def test_sigterm_leaves_no_process_behind(tmp_path: Path) -> None:
-    """SIGTERM to a running simulation: it exits 130 (resumable) and every process it started (Ray's
-    GCS, raylet, dashboard and runtime-env agents, the client workers) is gone."""
+@pytest.mark.parametrize(("sig", "word"), [(signal.SIGTERM, "terminated"), (signal.SIGINT, "interrupted")])
+def test_signal_leaves_no_process_behind(tmp_path: Path, sig: signal.Signals, word: str) -> None:
+    """SIGTERM or SIGINT (Ctrl-C) to a running simulation: it exits 130 (resumable) and every process
+    it started (Ray's GCS, raylet, dashboard and runtime-env agents, the client workers) is gone."""
     import psutil
 
     cfg_path = write_config(tmp_path, train__rounds=20)
@@ -244,13 +245,13 @@ def test_sigterm_leaves_no_process_behind(tmp_path: Path) -> None:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         children = psutil.Process(proc.pid).children(recursive=True)
         assert any("raylet" in " ".join(c.cmdline()) for c in children if c.is_running())
-        proc.send_signal(signal.SIGTERM)  # the driver only: its own clean-up must end the rest
+        proc.send_signal(sig)  # the driver only: its own clean-up must end the rest
         _, err = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err[-3000:]
-    assert "terminated; resume with --resume" in err
+    assert f"{word}; resume with --resume" in err
     left = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not left, [" ".join(c.cmdline())[:120] for c in left]
     (run_path,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
