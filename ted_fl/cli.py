@@ -7,6 +7,7 @@ print the same summary; only the executor differs (Flower + Ray, or in-process).
 from __future__ import annotations
 
 import argparse
+import copy
 import signal
 import sys
 import time
@@ -93,7 +94,9 @@ def check_inputs(cfg: ExperimentConfig) -> list:
     sites = check_data(cfg)
     from ted_fl.continual.privacy import prepare_privacy  # imports torch: after the cheaper checks
 
-    prepare_privacy(cfg)  # [privacy]: impossible combinations (idempotent; start_run logs its notes)
+    # [privacy]: the network's DP compatibility, on a copy: a check changes nothing (start_run converts
+    # the network and logs the conversion)
+    prepare_privacy(copy.deepcopy(cfg))
     return sites
 
 

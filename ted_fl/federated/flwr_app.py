@@ -82,6 +82,8 @@ def run_app(grid: Any, context: Any) -> None:
 
 def validate(run_config: dict[str, Any]) -> tuple[Any, list]:
     """The run config through the schema, then the data: the command line's checks, in its order."""
+    import copy
+
     from ted_fl.config import from_run_config
     from ted_fl.continual.privacy import prepare_privacy
     from ted_fl.data import resolve_out_channels
@@ -90,7 +92,7 @@ def validate(run_config: dict[str, Any]) -> tuple[Any, list]:
     cfg = from_run_config(run_config)
     resolve_out_channels(cfg)  # the network's outputs follow the site set's classes (read from TOML only)
     sites = check_data(cfg)
-    prepare_privacy(cfg)  # [privacy]: impossible combinations (start_run logs its notes)
+    prepare_privacy(copy.deepcopy(cfg))  # [privacy]: a check on a copy (start_run converts the network, logs it)
     return cfg, sites
 
 
