@@ -41,8 +41,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--lambdas", type=float, nargs="+", help="lambda_d grid (default 0.01 0.1 1)")
     p.add_argument("--w-akt", type=float, nargs="+", help="w_akt grid for ted/ted_gugf (default 1 0.1)")
     p.add_argument("--approaches", nargs="+", choices=APPROACHES, help=f"default: {' '.join(APPROACHES)}")
-    p.add_argument("--retina-size", type=int, default=96, help="retina image size in px (default 96)")
-    p.add_argument("--retina-steps", type=int, default=50, help="retina steps per round, 6 rounds (default 50)")
+    p.add_argument("--retina-size", type=int, default=0,
+                   help="retina image size in px (default 0: each site at half its camera's resolution, "
+                        "sites/retina.toml; a common size removes the resolution shift and seq does not forget)")
+    p.add_argument("--retina-steps", type=int, default=50, help="retina steps per round, 8 rounds (default 50)")
     p.add_argument("--out", default="runs/bench", help="folder for the run directories")
     p.add_argument("--resume", metavar="DIR", help="an earlier accuracy folder: reuse its finished runs")
     p.add_argument("--doc", help="write the section here (default docs/benchmarks.md unless --quick)")
@@ -64,7 +66,9 @@ def base_config(dataset: str, args: argparse.Namespace) -> ExperimentConfig:
             raise TedFlError(f"--retina-dir {path} not found; pass the folder holding DRIVE/STARE/CHASEDB1 "
                              "or --datasets prostate")
         cfg.data.sites, cfg.data.data_dir, cfg.data.size = "retina", str(path.resolve()), args.retina_size
-        cfg.train.rounds, cfg.train.steps_per_round, cfg.train.batch_size = 6, args.retina_steps, 4
+        # simulations/retina.toml's schedule: 8 rounds, batch 4, rates 3e-3 / 2e-3
+        cfg.train.rounds, cfg.train.steps_per_round, cfg.train.batch_size = 8, args.retina_steps, 4
+        cfg.train.lr_first, cfg.train.lr_later = 3e-3, 2e-3
     else:  # the quick.toml workload: 6 synthetic prostate sites, 64 px, 100 steps a site
         cfg.data.sites, cfg.data.size = "prostate", 64
         cfg.train.rounds, cfg.train.steps_per_round, cfg.train.batch_size = 4, 25, 8
@@ -301,7 +305,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         from ted_fl.data import site_order
 
         settings = (f"sites {base.data.sites} ({' -> '.join(site_order(base.data))}), "
-                    f"{base.data.size} px, U-Net channels {base.model.channels}, {base.train.rounds} rounds x "
+                    f"{f'{base.data.size} px' if base.data.size else 'per-site sizes'}, U-Net channels {base.model.channels}, {base.train.rounds} rounds x "
                     f"{base.train.steps_per_round} steps of batch {base.train.batch_size} per site "
                     f"(joint x{base.train.joint_rounds_factor:g}), lr {base.train.lr_first:g} then "
                     f"{base.train.lr_later:g}, select_best on the arriving site's val split")

@@ -37,11 +37,32 @@ class Split:
 
     @classmethod
     def concat(cls, splits: list[Split]) -> Split:
-        """The union of several splits (the centralized joint upper bound pools sites)."""
+        """The union of several splits (the joint upper bound pools sites).
+
+        Sites of different image sizes (a site set with per-site `preprocess.size`, data.size = 0)
+        are zero-padded at the bottom and right to the largest height and width: the pad is
+        background in the mask and outside the field of view, so joint training sees each image
+        at its own scale, as the sequential stages do.
+        """
         if len(splits) == 1:
             return splits[0]
-        fov = np.concatenate([s.fov for s in splits]) if all(s.fov is not None for s in splits) else None
-        return cls(np.concatenate([s.images for s in splits]), np.concatenate([s.masks for s in splits]),
+        h = max(s.images.shape[-2] for s in splits)
+        w = max(s.images.shape[-1] for s in splits)
+
+        def pad(a: np.ndarray | None, fill: float | bool = 0) -> np.ndarray | None:
+            if a is None or a.shape[-2:] == (h, w):
+                return a
+            widths = [(0, 0)] * (a.ndim - 2) + [(0, h - a.shape[-2]), (0, w - a.shape[-1])]
+            return np.pad(a, widths, constant_values=fill)
+
+        fovs = [pad(s.fov, False) if s.fov is not None else None for s in splits]
+        if all(f is not None for f in fovs):
+            fov = np.concatenate(fovs)
+        elif any(s.images.shape[-2:] != (h, w) for s in splits):  # no FOV: the pad must not be scored
+            fov = np.concatenate([pad(np.ones((len(s), *s.images.shape[-2:]), bool), False) for s in splits])
+        else:
+            fov = None
+        return cls(np.concatenate([pad(s.images) for s in splits]), np.concatenate([pad(s.masks) for s in splits]),
                    np.concatenate([s.volumes for s in splits]), fov)
 
 
