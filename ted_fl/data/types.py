@@ -55,13 +55,11 @@ class Split:
             widths = [(0, 0)] * (a.ndim - 2) + [(0, h - a.shape[-2]), (0, w - a.shape[-1])]
             return np.pad(a, widths, constant_values=fill)
 
-        fovs = [pad(s.fov, False) if s.fov is not None else None for s in splits]
-        if all(f is not None for f in fovs):
-            fov = np.concatenate(fovs)
-        elif any(s.images.shape[-2:] != (h, w) for s in splits):  # no FOV: the pad must not be scored
-            fov = np.concatenate([pad(np.ones((len(s), *s.images.shape[-2:]), bool), False) for s in splits])
-        else:
-            fov = None
+        if all(s.images.shape[-2:] == (h, w) for s in splits):
+            fov = np.concatenate([s.fov for s in splits]) if all(s.fov is not None for s in splits) else None
+        else:  # a site without a FOV counts whole; the pad is never in the field of view
+            fov = np.concatenate([pad(np.ones((len(s), *s.images.shape[-2:]), bool) if s.fov is None else s.fov,
+                                      False) for s in splits])
         return cls(np.concatenate([pad(s.images) for s in splits]), np.concatenate([pad(s.masks) for s in splits]),
                    np.concatenate([s.volumes for s in splits]), fov)
 
