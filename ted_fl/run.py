@@ -266,8 +266,14 @@ def execute_centralized(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict
         run.log(f"{len(jobs)} cells, {slots} at once (train.cells_in_parallel = {cfg.train.cells_in_parallel})")
     record = getattr(run, "record", None)  # ted_fl.processes.ProcessRecord: Ray's processes, once it runs
     progress = Progress(total_rounds(cfg, len(sites)), quiet, done=run_rounds_done(cfg, run, len(sites)))
+
+    def on_round(info: dict[str, Any]) -> None:
+        progress(info)
+        if record is not None and slots > 1:  # Ray's workers start with the cells: keep processes.json current
+            record.update(f"{info['approach']} seed {info['seed']} stage {info['stage']} round {info['round']}")
+
     try:
-        _, failures = run_jobs(jobs, slots, progress, resources=cell_resources(cfg),
+        _, failures = run_jobs(jobs, slots, on_round, resources=cell_resources(cfg),
                                ray_address=cfg.federated.ray_address,
                                on_start=(lambda: record.update("cells on Ray")) if record is not None else None)
     finally:
