@@ -118,3 +118,14 @@ def test_a_killed_concurrent_run_resumes_every_cell(cfg_path: Path, tmp_path: Pa
     assert "resumed at stage" in (run_path / "run.log").read_text()
     assert (run_path / "summary.csv").is_file()
     same(run_dir_of(whole.stdout), run_dir_of(resumed.stdout))
+
+
+def test_bench_cells_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m ted_fl.bench cells --quick`: both runs, their wall times, and numbers identical."""
+    from ted_fl.bench import main
+
+    rc = main(["cells", "--quick", "--mode", "centralized", "--cells", "2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-2000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("cells: centralized ") and "2 at once" in last and "numbers identical: yes" in last, last
