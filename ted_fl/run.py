@@ -139,6 +139,7 @@ def machine_info() -> dict[str, Any]:
     """Where a run ran (CPU, cores, OS, library versions): wall times mean little without it."""
     import os
     import platform
+
     import psutil
     import torch
 
