@@ -9,7 +9,17 @@ the device copies). Clients per GPU: how many such clients fit, by `federated.nu
 (Ray packs 1/num_gpus clients on a GPU) and by memory (the GPU's memory over the client's peak,
 `torch.cuda.max_memory_allocated`, plus a CUDA context). A table says, switch by switch, whether
 the path was on and what it measured; without a GPU each GPU-only switch says that it is absent
-and why, and the same code runs on the CPU.
+and why, and the same code runs on the CPU. The switches are read from what the steps used (the
+worker's `trace`): "split kept on the device" is on when every measured round drew its batches from
+one device tensor (it read "off" on the H200 because it looked the split up under "cuda" while the
+cache held it under "cuda:0"); channels-last is read on a kernel wider than 1 x 1 (a 1 x 1 head's
+layout is ambiguous, which made reference_unet read "off") and on the step's input batch.
+
+Per approach the step is timed eager and with `train.compile = on` (`--compiled`; the compiled first
+round pays the compilation), and evaluation under eval.bn = "batch" one slice a forward against
+batches of eval.batch_size (eval.slices), with the largest logit difference and the share of equal
+labels between the two. One vs N concurrent cells is the concurrent runner's benchmark (issue 22
+item 1); this command says whether it is there.
 
 Simulator per-round overhead against the bare loop. The same workload (one approach, three
 sites, three rounds a site, one training client a round) runs through `python -m
