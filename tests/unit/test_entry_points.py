@@ -43,6 +43,9 @@ call("data-dir is a file", sim, ["--data-dir", sys.argv[1]])
 call("resume finished", sim, ["--resume", sys.argv[2]])
 call("privacy secagg", sim, ["--set", "privacy.secagg=true"])
 call("privacy ewc", cen, ["--approach", "ewc", "--set", 'privacy.dp="sample"'])
+call("nan lambda_d", sim, ["--set", "loss.lambda_d=nan", "--check"])
+call("out under a file", sim, ["--out", sys.argv[1] + "/runs", "--check"])
+call("out in /proc", cen, ["--out", "/proc/ted-fl-x/runs", "--check"])
 from ted_fl.bench import main as bench
 from ted_fl.generalize import main as gen
 from ted_fl.sweep import main as sweep
@@ -74,8 +77,12 @@ def test_parse_and_input_errors_import_no_torch_flower_or_ray(tmp_path: Path) ->
                  "generalize --help", "sweep --help"):
         assert out[name][0] == 0, (name, out[name])
     for name in ("bad --set", "bad value", "bad approach", "bad config", "data-dir is a file", "privacy secagg",
-                 "privacy ewc"):
+                 "privacy ewc", "nan lambda_d", "out under a file", "out in /proc"):
         assert out[name][0] == 2, (name, out[name])
+    assert out["nan lambda_d"][1] == ["error: --set: loss.lambda_d: input should be a finite number, got nan"]
+    assert out["out under a file"][1] == [f"error: output folder '{a_file}/runs' cannot be created: '{a_file}' is "
+                                          "a file, not a folder; choose another folder (--out / out)"]
+    assert out["out in /proc"][1][0].startswith("error: output folder '/proc/ted-fl-x/runs' cannot be created")
     assert "is a file, not a folder" in out["data-dir is a file"][1][0]
     assert "privacy.secagg" in out["privacy secagg"][1][0] and "'ewc'" in out["privacy ewc"][1][0]
     assert not list(tmp_path.glob("runs/*")), "an input error left a run directory"
