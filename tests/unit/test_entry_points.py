@@ -258,3 +258,57 @@ def test_a_too_small_simulated_federation_fails_at_once_naming_the_fix(tmp_path:
     cfg.federated.connect_timeout = cfg.federated.timeout = 0.01
     with pytest.raises(TedFlError, match="only 2 connected within 0 s; start one SuperNode per site"):
         Quick(FakeGrid([11, 12]), cfg, None, simulated=False)  # a deployment: nodes may still come
+
+
+def test_check_shows_the_data_warnings_the_run_shows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--check prints every warning the run would (an image without its mask), and a note when
+    data.size replaces the sizes the site set declares; `sites check` prints the same."""
+    from ted_fl.cli import run_command
+    from ted_fl.config import DataConfig, ExperimentConfig
+    from ted_fl.data import load_sites
+    from ted_fl.run import data_warnings
+    from ted_fl.sites import main as sites_main
+    from tests.unit.test_site_layouts import N, write_small
+
+    toml, data = write_small(tmp_path, n_train=4)
+    (data / "H1" / "train" / "masks" / "train1.png").unlink()
+    argv = ["--sites", str(toml), "--data-dir", str(data), "--out", str(tmp_path / "runs"), "--check"]
+    assert run_command("centralized", [*argv, "--set", f"data.size={N}"]) == 0
+    out, err = capsys.readouterr()
+    missing = "warning: H1: " + str(data / "H1" / "train") + ": skipped 1 image(s) without a mask"
+    assert missing in err
+    assert (f"note: data.size = {N} replaces the preprocess.size of site set 'small' (H1 64, H2 64 px): every site "
+            f"is resampled to {N} x {N}; data.size = 0 keeps each site's own size") in err
+    assert out.startswith("ok:") and out.rstrip().endswith("2 data warning(s)/note(s) above")
+    cfg = ExperimentConfig()
+    cfg.data = DataConfig(sites=str(toml), data_dir=str(data), size=N)
+    assert [ln for ln in err.splitlines() if ln.startswith(("warning", "note"))] == \
+        data_warnings(cfg, load_sites(cfg.data, cfg.data.split_seed))  # the run's own lines
+    assert run_command("centralized", [*argv, "--set", "data.size=64"]) == 0
+    assert "note:" not in capsys.readouterr().err  # the declared size: nothing replaced
+    assert sites_main(["check", str(toml), "--data-dir", str(data), "--size", str(N)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "skipped 1 image(s) without a mask" in text and f"note: --size = {N} replaces the preprocess.size" in text
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sites_tables_are_whole_when_piped(capsys: pytest.CaptureFixture[str]) -> None:
+    """Piped (no terminal), `sites list` / `sites check` do not cut names to 80 columns ('Domai…')."""
+    from ted_fl.sites import main as sites_main
+
+    assert sites_main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out
+    assert any("RUNMC -> BMC -> I2CVB -> UCL -> BIDMC -> HK" in ln and "prostate_nifti" in ln for ln in out.splitlines())
+
+
+def test_summary_shows_lower_case_label_columns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`avg[cup]` is a column name, not rich markup (unescaped, every label column read "avg")."""
+    from ted_fl.cli import print_summary
+    from ted_fl.results import RunDir
+
+    summary = pd.DataFrame([{"approach": "seq", "seed": 0, "avg": 0.5, "avg[cup]": 0.25, "avg[disc]": 0.75,
+                             "bwt": -0.1}])
+    print_summary(summary, RunDir(tmp_path / "run[x]"))
+    out = capsys.readouterr().out
+    assert "avg[cup]" in out and "avg[disc]" in out and "run[x]" in out
