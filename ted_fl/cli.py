@@ -53,11 +53,12 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
     """Experiment file, then the dedicated options, then --set overrides: one schema for all."""
     cfg = load_experiment(args.config) if args.config else ExperimentConfig()
-    options = {"data.sites": args.sites or None, "data.data_dir": args.data_dir, "approaches": args.approach,
-               "train.rounds": args.rounds, "seeds": args.seed, "out": args.out or None}
-    for key, value in options.items():
+    options = {"data.sites": ("--sites", args.sites or None), "data.data_dir": ("--data-dir", args.data_dir),
+               "approaches": ("--approach", args.approach), "train.rounds": ("--rounds", args.rounds),
+               "seeds": ("--seed", args.seed), "out": ("--out", args.out or None)}
+    for key, (flag, value) in options.items():
         if value is not None:
-            set_key(cfg, key, value, f"--{key.rsplit('.', 1)[-1].replace('_', '-')}")
+            set_key(cfg, key, value, flag)
     for item in args.set:
         key, value = parse_override(item)
         set_key(cfg, key, value)
