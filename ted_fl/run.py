@@ -219,10 +219,14 @@ def load_and_record_sites(cfg: ExperimentConfig, run: RunDir) -> list:
     sites = check_data(cfg)
     run.write_json("splits.json", {s.name: s.manifest for s in sites})
     for line in data_warnings(cfg, sites):
-        print(line, file=sys.stderr)
+        if not (line.startswith("note:") and line in _NOTED):  # a study's cells share one note
+            print(line, file=sys.stderr)
+        _NOTED.add(line)
         run.log(line)
     return sites
 
+
+_NOTED: set[str] = set()  # the notes this process has printed
 
 def execute_centralized(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[tuple[str, int], dict[str, Any]]:
     from ted_fl.engine import run_schedule
