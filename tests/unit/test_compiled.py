@@ -78,3 +78,16 @@ def test_the_setting_is_checked() -> None:
     assert TrainConfig().compile == "off"
     with pytest.raises(TedFlError, match="train.compile"):
         C.compiled(build_model(tiny_model_config()), "fast")
+
+
+def test_weights_of_a_compiled_module_load_into_the_plain_one() -> None:
+    from ted_fl.continual.weights import load_weights, model_weights
+
+    torch.manual_seed(0)
+    plain = build_model(tiny_model_config())
+    wrapped = torch.compile(build_model(tiny_model_config()))  # never called: no compilation
+    assert any(k.startswith("_orig_mod.") for k in wrapped.state_dict())
+    w = model_weights(wrapped)
+    assert set(w) == set(plain.state_dict())
+    load_weights(plain, w)
+    assert all(np.array_equal(v.numpy(), w[k]) for k, v in plain.state_dict().items())
