@@ -41,9 +41,9 @@ def network(name: str, norm: str = "batch") -> nn.Module:
     return model
 
 
-def images(n: int = 5, size: int = 64) -> torch.Tensor:
+def images(n: int = 5, size: int = 64, width: int | None = None) -> torch.Tensor:
     g = torch.Generator().manual_seed(2)
-    x = torch.rand(n, 1, size, size, generator=g)
+    x = torch.rand(n, 1, size, width or size, generator=g)
     return x * torch.linspace(0.5, 3.0, n).view(n, 1, 1, 1) + torch.linspace(-1, 1, n).view(n, 1, 1, 1)
 
 
@@ -68,7 +68,8 @@ def test_batched_equals_one_slice_at_a_time_on_every_network(name: str, norm: st
     model = network(name, norm)
     model.train(name != "monai_unet")  # the modes are restored whichever the model was in
     before, modes = state(model), flags(model)
-    x = images(2, 32 if name in ("monai_unet", "small_unet", "reference_unet", "erfnet") else 64)
+    small = name in ("monai_unet", "small_unet", "reference_unet", "erfnet")
+    x = images(2, 32 if small else 64, 32)  # the deep ones: 64 x 32, so that the bottleneck has 2 pixels
     assert per_slice_batchable(model), f"{name}: the batched path should hold"
     with torch.no_grad():
         with batch_statistics(model) as batched:  # the reference's loop
