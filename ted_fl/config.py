@@ -28,7 +28,7 @@ SCHEMA = ConfigDict(extra="forbid", validate_assignment=True)
 
 # Every allowed value, once. A registry keyed on one of these checks it covers exactly these names.
 ApproachName = Literal[
-    "seq", "joint", "kd", "ska", "akt", "akt_gugf", "ted", "ted_gugf", "ewc", "mas", "mib", "plop", "lwf"
+    "seq", "joint", "kd", "kd_ref", "ska", "akt", "akt_gugf", "ted", "ted_gugf", "ewc", "mas", "mib", "plop", "lwf"
 ]
 # The student rows of `python -m ted_fl.generalize` (ted_fl.continual.gkd.gkd_approach builds them).
 GKDApproachName = Literal["student", "student_aug", "kd", "at", "skd", "gkd", "intra", "inter", "cross", "intra_inter"]
