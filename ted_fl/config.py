@@ -31,7 +31,7 @@ ApproachName = Literal[
     "seq", "joint", "kd", "kd_ref", "ska", "akt", "akt_gugf", "ted", "ted_gugf", "ewc", "mas", "mib", "plop", "lwf"
 ]
 # The student rows of `python -m ted_fl.generalize` (ted_fl.continual.gkd.gkd_approach builds them).
-GKDApproachName = Literal["student", "student_aug", "kd", "at", "skd", "gkd", "intra", "inter", "cross", "intra_inter"]
+GKDApproachName = Literal["student", "student_aug", "kd", "kd_aug", "at", "skd", "gkd", "intra", "inter", "cross", "intra_inter"]
 Norm = Literal["batch", "instance", "group"]
 Device = Literal["auto", "cpu", "cuda"]
 Distribution = Literal["normal", "uniform"]
@@ -201,6 +201,7 @@ class GKDConfig:
     lr: float = 1e-3  # Adam
     views: int = 4  # K augmented views per anchor (DCGD)
     augment: Literal["spec", "mild"] = "spec"  # spec (gamma, contrast, blur, noise, flips) | mild (no blur, narrower): gkd.AUGMENT
+    seg_on_views: bool = False  # true: the old rule, L_seg also on the views in gkd / intra / inter / cross (spec 2.5 now: anchors only)
     tau: float = 0.1
     w_intra: float = 1.0
     w_inter: float = 1.0
