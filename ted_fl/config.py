@@ -287,6 +287,19 @@ class OutputConfig:
 
 
 @dataclass(config=SCHEMA)
+class DiagnosticsConfig:
+    """What a run measures besides its scores (costs training time; off by default).
+
+    term_grads: at every training step, each term's weighted gradient norm over the student's
+    parameters divided by the segmentation loss's (one extra backward per term), written to
+    metrics.csv as train rows grad_ratio_<term> (and grad_seg), the mean over each round's steps;
+    `python -m ted_fl.diagnose term-grads` reports their mean over a stage. Not under DP-SGD.
+    """
+
+    term_grads: bool = False
+
+
+@dataclass(config=SCHEMA)
 class ExperimentConfig:
     """A whole experiment: what `simulations/*.toml` holds and `config.toml` records."""
 
@@ -307,6 +320,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
 
 SECAGG_UNSUPPORTED = (
@@ -332,6 +346,9 @@ def privacy_conflicts(cfg: ExperimentConfig) -> None:
     if p.dp == "off":
         return
     where = f"privacy.dp = '{p.dp}'"
+    if p.dp == "sample" and cfg.diagnostics.term_grads:
+        raise TedFlError(f"{where}: diagnostics.term_grads measures non-private gradients of a site's images; "
+                         "set diagnostics.term_grads = false")
     for name in cfg.approaches:
         if name in IMPORTANCE_APPROACHES:
             raise TedFlError(f"{where}: approach '{name}' sends parameter importances computed on a site's "

@@ -41,6 +41,7 @@ class Approach:
     terms: list[WeightedTerm]
     joint: bool = False  # the runner trains on the union of the sites seen so far
     importance: str = ""  # "" | "fisher" (EWC) | "importance" (MAS)
+    term_grads: bool = False  # record each term's gradient-norm ratio at every step (diagnostics.term_grads)
 
     @property
     def needs_teacher(self) -> bool:
