@@ -165,6 +165,10 @@ def _run_command(mode: str, argv: list[str] | None = None) -> int:
                 check_inputs(cfg)
             else:
                 cfg = resolve_config(args)
+                if mode == "simulate":
+                    from ted_fl.config import federated_split_seed
+
+                    federated_split_seed(cfg)
                 sites = check_inputs(cfg)
                 if args.check:
                     print(describe(cfg, sites, mode))

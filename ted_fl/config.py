@@ -63,7 +63,9 @@ class DataConfig:
     max_train: int = 0  # cap on training images per site (0: all), for quick runs
     cache_dir: str = ""  # where the synthetic twin is written (default ~/.cache/ted-fl)
     synthetic_volumes: int = 0  # volumes per synthetic site (0: the set's default)
-    split_seed: int = 42  # seeds the train/val/test split and the synthetic twin (the reference's 42)
+    # seeds the train/val/test split and the synthetic twin (the reference's 42); "seed": each run
+    # seed also draws its own split (and twin), so the spread over seeds includes the split's variance
+    split_seed: int | Literal["seed"] = 42
 
 
 @dataclass(config=SCHEMA)
@@ -321,6 +323,41 @@ class ExperimentConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+
+
+def split_seed_of(cfg: ExperimentConfig, seed: int | None = None) -> int:
+    """The split seed a run seed's data is drawn with: data.split_seed, or the run seed itself
+    when it is "seed" (`seed`, else the config's only seed)."""
+    fixed = cfg.data.split_seed
+    if fixed != "seed":
+        return int(fixed)
+    if seed is not None:
+        return int(seed)
+    if len(cfg.seeds) == 1:
+        return int(cfg.seeds[0])
+    raise TedFlError(f"data.split_seed = 'seed' draws one split per run seed, and this step has no seed to pick one of "
+                     f"{cfg.seeds}; run one seed (--seed N) or set data.split_seed to an integer")
+
+
+def federated_split_seed(cfg: ExperimentConfig) -> None:
+    """The Flower simulation loads each site's split once per node, so data.split_seed = "seed" runs
+    there with one seed per run; refuse several (one line, before anything starts)."""
+    if cfg.data.split_seed == "seed" and len(cfg.seeds) > 1:
+        raise TedFlError(f"data.split_seed = 'seed' with seeds {cfg.seeds}: the Flower simulation loads each site's "
+                         "split once per node, so it runs one seed per run; pass one --seed per run, run the seeds "
+                         "as sweep / study cells, or use python -m ted_fl.centralized")
+
+
+def for_seed(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
+    """The experiment as run seed `seed` trains it: a copy whose data.split_seed is that seed when the
+    config says "seed" (the config itself otherwise)."""
+    if cfg.data.split_seed != "seed":
+        return cfg
+    import copy
+
+    out = copy.deepcopy(cfg)
+    out.data.split_seed = int(seed)
+    return out
 
 
 SECAGG_UNSUPPORTED = (

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ted_fl.config import LossConfig
+from ted_fl.config import LossConfig, split_seed_of
 from ted_fl.continual import terms as T
 from ted_fl.continual.learner import dice, eval_options, evaluate
 from ted_fl.continual.metrics import continual_summary, r_matrix
@@ -52,7 +52,7 @@ MODES = ("running", "batch")
 def eval_bn(run: RunDir, approach: str, seed: int) -> pd.DataFrame:
     """Rows (mode, stage, stage_site, site, dice): every stage checkpoint scored under both modes."""
     cfg = run.read_config()
-    sites = load_sites(cfg.data, cfg.data.split_seed)
+    sites = load_sites(cfg.data, split_seed_of(cfg, seed))
     rows = []
     for stage, stage_site in enumerate(s.name for s in sites):
         ckpt = run.load_checkpoint(approach, seed, f"stage{stage}")
@@ -122,7 +122,7 @@ def term_grad_ratios(student: torch.nn.Module, teacher: torch.nn.Module, x: torc
 def term_grads(run: RunDir, approach: str, seed: int, stage: int, batches: int) -> pd.DataFrame:
     """Rows (teacher_mode, quantity, mean over batches) for teacher = stage `stage`, student = stage + 1."""
     cfg = run.read_config()
-    sites = load_sites(cfg.data, cfg.data.split_seed)
+    sites = load_sites(cfg.data, split_seed_of(cfg, seed))
     if not 0 <= stage < len(sites) - 1:
         raise TedFlError(f"--stage must be in 0..{len(sites) - 2} (the teacher's stage; the student is the next)")
     nets = []

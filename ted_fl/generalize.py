@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from ted_fl.config import ExperimentConfig, load_experiment, parse_override, set_key
+from ted_fl.config import ExperimentConfig, load_experiment, parse_override, set_key, split_seed_of
 from ted_fl.errors import TedFlError, unknown
 
 DEFAULTS = {"sites": "retina", "data_dir": "", "source": "CHASEDB1", "size": 128, "seed": [0], "out": "runs"}
@@ -106,7 +106,7 @@ def check_sites(cfg: ExperimentConfig) -> list:
         raise unknown("source site", cfg.gkd.source, order, f"site set '{cfg.data.sites}' (--source)")
     if len(order) < 2:
         raise TedFlError(f"site set '{cfg.data.sites}' has one site: no unseen target to test on")
-    sites = load_sites(cfg.data, cfg.data.split_seed)
+    sites = load_sites(cfg.data, split_seed_of(cfg))
     for s in sites:
         for split in ("train", "test"):
             if len(s.splits[split]) == 0:
