@@ -36,6 +36,7 @@ import torch
 
 from ted_fl.config import LossConfig, split_seed_of
 from ted_fl.continual import terms as T
+from ted_fl.continual.approaches import get_approach
 from ted_fl.continual.learner import dice, eval_options, evaluate
 from ted_fl.continual.metrics import continual_summary, r_matrix
 from ted_fl.continual.networks import build_model
@@ -219,12 +220,15 @@ def _term_grads_command(args: argparse.Namespace) -> int:
               f"stage {args.stage + 1}, lambda_d {cfg.loss.lambda_d}, batch {cfg.train.batch_size} (rows kd..akt_gugf_sample: "
               "lambda_d * |grad| / |grad L_seg| at the END of the stage, an upper bound of the pull during it)")
         pull = recorded_pull(run, approach, seed, args.stage + 1)
-        if pull.empty:
+        if get_approach(approach, cfg.loss).term_names == ["seg"]:
+            print(f"pull during stage {args.stage + 1}: {approach} trains L_seg alone (no distillation term pulls); "
+                  "the table above is what the terms WOULD pull at its checkpoints")
+        elif pull.empty:
             print(f"pull during stage {args.stage + 1}: not recorded by this run; rerun it with "
                   "--set diagnostics.term_grads=true to record each term's gradient ratio at every step")
         else:
             print()
-            print(md_table(pull.rename(columns={"value": f"mean over stage {args.stage + 1}'s training steps"})))
+            print(md_table(pull.rename(columns={"value": f"mean over stage {args.stage + 1}'s training steps"}), digits=4))
             print(f"pull during stage {args.stage + 1} as {approach} trained (diagnostics.term_grads): grad_ratio_<term> = "
                   "|grad of the weighted term| / |grad L_seg|, the mean over the stage's steps; grad_seg = |grad L_seg|")
     return 0
