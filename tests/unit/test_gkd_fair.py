@@ -154,3 +154,25 @@ def test_dcgd_rows_train_l_seg_on_anchors_only_and_kd_aug_on_the_views_too() -> 
     anchors = T.SegLoss()(p[:2], T.one_hot(masks[:2], 2).float())
     assert float(G.AnchorSegLoss().compute(s)) == pytest.approx(float(anchors), rel=1e-6)
     assert float(T.SegLoss().compute(s)) != pytest.approx(float(anchors), rel=1e-3)
+
+
+def test_generalize_reads_the_fair_config_and_the_command_line_overrides_it() -> None:
+    import argparse
+
+    from ted_fl.errors import TedFlError
+    from ted_fl.generalize import build_config
+
+    def ns(**kw: object) -> argparse.Namespace:
+        base = dict(config="gkd-fair-cpu", sites=None, data_dir=None, source=None, teacher="", student="",
+                    approach=None, seed=None, size=64, set=["gkd.steps_student=7"], out=None)
+        return argparse.Namespace(**{**base, **kw})
+
+    cfg = build_config(ns())
+    assert cfg.gkd.approaches == ["student", "kd", "kd_aug", "gkd", "intra", "inter", "cross"]
+    assert (cfg.gkd.student, cfg.data.size, cfg.gkd.steps_student, cfg.gkd.augment) == ("mobilenetv2_unet", 64, 7, "mild")
+    assert cfg.data.data_dir == "../shared/data/retinal_vessels" and not cfg.gkd.seg_on_views
+    assert build_config(ns(approach=["kd"], seed=[3])).seeds == [3]
+    with pytest.raises(TedFlError, match="not found"):
+        build_config(ns(config="gkd-nope"))
+    plain = build_config(ns(config="", size=32, set=["gkd.teacher_channels=[4, 4, 8, 8, 16, 4]"]))
+    assert (plain.data.sites, plain.gkd.source, plain.data.size, plain.seeds) == ("retina", "CHASEDB1", 32, [0])
