@@ -84,12 +84,13 @@ def validate(run_config: dict[str, Any]) -> tuple[Any, list]:
     """The run config through the schema, then the data: the command line's checks, in its order."""
     import copy
 
-    from ted_fl.config import from_run_config
+    from ted_fl.config import federated_split_seed, from_run_config
     from ted_fl.continual.privacy import prepare_privacy
     from ted_fl.data import resolve_out_channels
     from ted_fl.run import check_data
 
     cfg = from_run_config(run_config)
+    federated_split_seed(cfg)  # data.split_seed = "seed": one seed per Flower run
     resolve_out_channels(cfg)  # the network's outputs follow the site set's classes (read from TOML only)
     sites = check_data(cfg)
     prepare_privacy(copy.deepcopy(cfg))  # [privacy]: a check on a copy (start_run converts the network, logs it)

@@ -67,3 +67,16 @@ def test_real_images_are_reassigned_between_train_and_validation(shared_data: Pa
     assert sorted(s0["train"] + s0["val"]) == sorted(s1["train"] + s1["val"])  # the same images...
     assert s0["val"] != s1["val"]  # ...split differently
     assert s0["test"] == s1["test"]  # the official test set stays
+
+
+def test_the_flower_simulation_takes_one_seed_per_run_with_its_own_split() -> None:
+    from ted_fl.config import federated_split_seed
+
+    cfg = ExperimentConfig(seeds=[0, 1])
+    federated_split_seed(cfg)  # a fixed split: any number of seeds
+    cfg.data.split_seed = "seed"
+    with pytest.raises(TedFlError, match="one seed per run"):
+        federated_split_seed(cfg)
+    cfg.seeds = [1]
+    federated_split_seed(cfg)
+    assert split_seed_of(cfg) == 1
