@@ -410,7 +410,8 @@ def privacy_conflicts(cfg: ExperimentConfig) -> None:
 
 def _describe(err: dict[str, Any], where: str) -> str:
     """One line for pydantic's first error: where, the dotted key, what is wrong, how to fix it."""
-    loc = [str(p) for p in err["loc"]]
+    # a union's member tag ('constrained-int', "literal['seed']") is no key: data.split_seed, not data.split_seed.int
+    loc = [str(p) for p in err["loc"] if not any(c in str(p) for c in "-[(")]
     key = ".".join(loc)
     head = f"{where}: " if where else ""
     kind, value = err["type"], err.get("input")
@@ -428,9 +429,18 @@ def _describe(err: dict[str, Any], where: str) -> str:
     return f"{head}{key}: {err['msg'][0].lower()}{err['msg'][1:]}, got {value!r}"
 
 
+def _union_alternative(exc: ValidationError) -> str:
+    """' (or 'seed')' when the failing key is a union with a Literal member (data.split_seed): the
+    first error names the number member only."""
+    for e in exc.errors()[1:]:
+        if e["type"] == "literal_error" and e["loc"][:-1] == exc.errors()[0]["loc"][:-1]:
+            return f" (or {e['ctx']['expected']})"
+    return ""
+
+
 def _as_error(exc: ValidationError, cls: type, where: str) -> TedFlError:
     err = exc.errors()[0]
-    line = _describe(err, where)
+    line = _describe(err, where) + _union_alternative(exc)
     if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
         owner = _section(cls, [str(p) for p in err["loc"][:-1]])
         names = [f.name for f in dataclasses.fields(owner)] if owner else []
@@ -527,7 +537,7 @@ def set_key(cfg: ExperimentConfig, dotted: str, value: Any, source: str = "--set
         setattr(obj, last, value)
     except ValidationError as exc:
         err = dict(exc.errors()[0], loc=(*sections, last))
-        raise TedFlError(_describe(err, source)) from None
+        raise TedFlError(_describe(err, source) + _union_alternative(exc)) from None
 
 
 def _words(text: str) -> Any:

@@ -18,7 +18,8 @@ def test_split_seed_accepts_an_integer_or_seed_and_nothing_else() -> None:
     assert cfg.data.split_seed == 7
     with pytest.raises(TedFlError) as info:
         from_dict(ExperimentConfig, {"data": {"split_seed": "seeds"}}, "f.toml")
-    assert "data.split_seed" in str(info.value) and "\n" not in str(info.value)
+    assert str(info.value).startswith("f.toml: data.split_seed: ") and "(or 'seed')" in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 def test_the_split_seed_each_run_seed_draws_with() -> None:
