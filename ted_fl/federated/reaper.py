@@ -226,7 +226,7 @@ def stop_when_unused(superlink: Any, log: Log, own_run_id: str = "", own_pid: in
         reason = in_use(runs, own_run_id, others, time.time())
         if not reason:
             status = "Flower did not list its runs" if runs is None and not others else \
-                f"Flower lists {len(runs or [])} run(s), none pending or running"
+                f"Flower lists {len(runs or [])} run(s), none other running or about to start"
             log(f"stopping the SuperLink {superlink.pid} and {len(tree)} process(es) under it "
                 f"(no other run uses it: {status})")
             terminate([*tree, superlink])

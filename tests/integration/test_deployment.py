@@ -1,7 +1,7 @@
 """Flower's deployment engine, for real: a SuperLink and one SuperNode per site as local processes
 (loopback, --insecure), the app submitted with `flwr run`, its R matrix equal to the simulation's.
 
-The README's "Real hospitals" section gives the same steps with TLS and node authentication.
+docs/deployment.md, "For real hospitals", gives the same steps with TLS and node authentication.
 Every process is stopped at the end, also when the test fails.
 """
 

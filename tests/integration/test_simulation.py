@@ -71,7 +71,16 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunDir]:
     cfg_path = write_config(tmp)
     proc = simulate("--config", str(cfg_path), "--set", "federated.fast_polling=false")  # Flower's own path
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (tmp / "stderr.txt").write_text(proc.stderr)  # for test_no_start_up_notices
     return cfg_path, run_dir_of(proc.stdout)
+
+
+def test_no_start_up_notices(fed: tuple[Path, RunDir]) -> None:
+    """Flower's run_simulation deprecation banner and Ray's accelerator FutureWarning are silenced
+    at their source (ted_fl.federated.notices); nothing else is."""
+    stderr = (fed[0].parent / "stderr.txt").read_text()
+    assert "DEPRECATED FEATURE" not in stderr and "run_simulation" not in stderr, stderr[-3000:]
+    assert "FutureWarning" not in stderr and "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO" not in stderr, stderr[-3000:]
 
 
 def test_run_directory(fed: tuple[Path, RunDir]) -> None:
