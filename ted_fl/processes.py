@@ -10,8 +10,11 @@ A run starts Ray (GCS, raylet, dashboard and runtime-env agents, one worker per 
   every process it started (pid and start time, so a recycled pid is never mistaken for one of
   them). A clean end kills what is left of them and deletes the file; after SIGKILL the file
   stays, and the next run in the same output folder, or `--resume`, ends the orphans (`reap_stale`);
-- `ted_fl.federated.reaper`: under `flwr run`, stops the SuperLink that `flwr run` started when
-  the command ends or is interrupted.
+- `ted_fl.federated.reaper`: under `flwr run`, stops the SuperLink that `flwr run` started once
+  its last run has ended (finished, failed or interrupted).
+
+A zombie (a process that has exited but whose parent has not collected it) counts as ended
+everywhere here (`is_gone`); psutil's own `is_running()` says True for it.
 
 Imports only the standard library and psutil (lazily): the command lines import it before parsing.
 """

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from ted_fl.config import dump_toml, to_dict
+from ted_fl.processes import cmdline, is_gone
 from ted_fl.results import RunDir
 from tests.conftest import REPO, tiny_config
 
@@ -158,8 +159,8 @@ def test_resume_after_kill(fed: tuple[Path, RunDir], tmp_path: Path) -> None:
     assert (run_path / "processes.json").is_file()  # what the killed run left, for the next one
     resumed = simulate("--resume", str(run_path))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    left = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-    assert not left, [" ".join(c.cmdline())[:120] for c in left]
+    left = [c for c in children if not is_gone(c)]  # a zombie has ended
+    assert not left, [" ".join(cmdline(c))[:120] for c in left]
     assert not (run_path / "processes.json").exists()
     a, b = dice_rows(full), dice_rows(RunDir(run_path))
     np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), atol=1e-5)
@@ -253,7 +254,7 @@ def test_signal_leaves_no_process_behind(tmp_path: Path, sig: signal.Signals, wo
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         children = psutil.Process(proc.pid).children(recursive=True)
-        assert any("raylet" in " ".join(c.cmdline()) for c in children if c.is_running())
+        assert any("raylet" in " ".join(cmdline(c)) for c in children)
         proc.send_signal(sig)  # the driver only: its own clean-up must end the rest
         _, err = proc.communicate(timeout=600)
     finally:
@@ -261,7 +262,7 @@ def test_signal_leaves_no_process_behind(tmp_path: Path, sig: signal.Signals, wo
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err[-3000:]
     assert f"{word}; resume with --resume" in err
-    left = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-    assert not left, [" ".join(c.cmdline())[:120] for c in left]
+    left = [c for c in children if not is_gone(c)]  # a zombie has ended
+    assert not left, [" ".join(cmdline(c))[:120] for c in left]
     (run_path,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     assert not (run_path / "processes.json").exists()
