@@ -270,8 +270,13 @@ def main(argv: list[str]) -> int:
     ended_at: float | None = None
     while not is_gone(superlink):
         if cli_spec and _proc(cli_spec) is None:
-            log(f"the `flwr run` command {cli_spec.split(':', 1)[0]} has ended"
-                + ("" if is_gone(run) else f" while run process {run_pid} still runs (interrupted)"))
+            log(f"the `flwr run` command {cli_spec.split(':', 1)[0]} has ended")
+            until = time.monotonic() + GRACE_S  # the stream ends just before the run's process does
+            while not is_gone(run) and time.monotonic() < until:
+                time.sleep(POLL_S)
+            log(f"run process {run_pid} has ended" if is_gone(run) else
+                f"run process {run_pid} still runs {GRACE_S:.0f} s after the command ended (interrupted): "
+                "it ends with the SuperLink")
             break
         if is_gone(run):
             if ended_at is None:

@@ -196,12 +196,13 @@ def test_reaper_script_runs_detached() -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def test_reaper_ends_a_running_run_once_its_flwr_run_command_is_gone() -> None:
+def test_reaper_ends_a_running_run_once_its_flwr_run_command_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C on `flwr run --stream`: the command is gone while the run still runs below the
     SuperLink; the reaper ends the SuperLink and the run."""
     link = subprocess.Popen(["sh", "-c", "sleep 120 & wait"], start_new_session=True)
     time.sleep(0.3)
     run = psutil.Process(link.pid).children()[0]  # stands for flwr-simulation, below the SuperLink
+    monkeypatch.setattr("ted_fl.federated.reaper.GRACE_S", 1.0)  # how long the run may take to end by itself
     spec = lambda p: f"{p.pid}:{p.create_time()}"  # noqa: E731
     try:
         assert reaper_main([spec(psutil.Process(link.pid)), spec(run), f"{DEAD_DRIVER['pid']}:1.0"]) == 0
