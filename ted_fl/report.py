@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_runs(runs: list[Path]) -> None:
     """Every argument is a run directory: one line naming the one that is not."""
     for r in runs:
-        RunDir.open(r)
+        RunDir.open(r).refuse_if_failed()
 
 
 if __name__ == "__main__":  # --help and a wrong folder answer before numpy, pandas, plotly and torch load
@@ -139,6 +139,8 @@ def load(run_dirs: list[Path], label: str = MEAN_LABEL) -> Report:
     default the mean over them); label approaches uniquely."""
     which = label  # `label` names a series below
     runs = [RunDir.open(p) for p in run_dirs]
+    for run in runs:
+        run.refuse_if_failed()
     pairs: list[tuple[RunDir, str, pd.DataFrame]] = []
     for run in runs:
         m = run.metrics()

@@ -204,16 +204,29 @@ def check_data(cfg: ExperimentConfig) -> list:
     return _CHECKED[key]
 
 
+def data_warnings(cfg: ExperimentConfig, sites: list) -> list[str]:
+    """What the data deserves a word about (a missing mask, a replaced site size): one line each, the
+    same lines for --check and the run."""
+    from ted_fl.data import size_note
+
+    lines = [f"warning: {s.name}: {w}" for s in sites for w in s.warnings]
+    note = size_note(cfg.data)
+    return [*lines, f"note: {note}"] if note else lines
+
+
 def load_and_record_sites(cfg: ExperimentConfig, run: RunDir) -> list:
     """Load (or generate) the sites once, record the splits and warnings with the run."""
     sites = check_data(cfg)
     run.write_json("splits.json", {s.name: s.manifest for s in sites})
-    for s in sites:
-        for w in s.warnings:
-            print(f"warning: {s.name}: {w}", file=sys.stderr)
-            run.log(f"warning: {s.name}: {w}")
+    for line in data_warnings(cfg, sites):
+        if not (line.startswith("note:") and line in _NOTED):  # a study's cells share one note
+            print(line, file=sys.stderr)
+        _NOTED.add(line)
+        run.log(line)
     return sites
 
+
+_NOTED: set[str] = set()  # the notes this process has printed
 
 def execute_centralized(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[tuple[str, int], dict[str, Any]]:
     from ted_fl.engine import run_schedule
