@@ -49,7 +49,7 @@ def run_app(grid: Any, context: Any) -> None:
         from ted_fl.federated.reaper import start
 
         try:
-            start(os.getpid())
+            start(os.getpid(), getattr(context, "run_id", ""))
         except Exception as exc:  # never let the clean-up helper stop a run
             print(f"warning: the SuperLink will not be stopped after this run ({exc})", file=sys.stderr)
     run = None
