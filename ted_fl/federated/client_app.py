@@ -25,6 +25,7 @@ from ted_fl.data.types import SiteData, Split
 from ted_fl.engine import derive_seed
 from ted_fl.federated import messages as M
 from ted_fl.federated.audit import audit_mod
+from ted_fl.federated.notices import silence
 from ted_fl.files import atomic_torch_save
 from ted_fl.privacy.policies import PROBE_SITE_TAG, REPLAY_TAG, replay_buffer, replay_share, uses_replay
 from ted_fl.worker import SiteWorker, probes_for
@@ -186,6 +187,7 @@ def privacy_mod(msg: Message, context: Context, call_next: Any) -> Message:
 
 
 app = ClientApp(mods=[audit_mod, privacy_mod])  # the audit sees what leaves, after clipping and noise
+silence()  # under `flwr run` this module loads before Flower's Ray backend starts (ted_fl.federated.notices)
 
 
 @app.query("hello")
