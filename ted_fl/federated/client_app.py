@@ -20,7 +20,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from ted_fl.config import ExperimentConfig, apply_overrides, from_dict, node_overrides
+from ted_fl.config import ExperimentConfig, apply_overrides, from_dict, node_overrides, split_seed_of
 from ted_fl.data.types import SiteData, Split
 from ted_fl.engine import derive_seed
 from ted_fl.federated import messages as M
@@ -85,9 +85,9 @@ def site_data(cfg: ExperimentConfig, site: str, client: int) -> tuple[SiteData, 
 
     key = ("data", hash(repr(cfg.data)), site)
     if key not in _CACHE:
-        (_CACHE[key],) = load_sites(cfg.data, cfg.data.split_seed, only=[site])
+        (_CACHE[key],) = load_sites(cfg.data, split_seed_of(cfg), only=[site])
     data: SiteData = _CACHE[key]
-    return data, partition_split(data.train, cfg.federated.clients_per_site, client, cfg.data.split_seed)
+    return data, partition_split(data.train, cfg.federated.clients_per_site, client, split_seed_of(cfg))
 
 
 def worker(cfg: ExperimentConfig) -> SiteWorker:

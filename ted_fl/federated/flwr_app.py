@@ -95,7 +95,7 @@ def validate(run_config: dict[str, Any]) -> tuple[Any, list]:
     """The run config through the schema, then the data: the command line's checks, in its order."""
     import copy
 
-    from ted_fl.config import from_run_config
+    from ted_fl.config import federated_split_seed, from_run_config
     from ted_fl.continual.privacy import prepare_privacy
     from ted_fl.data import resolve_out_channels
     from ted_fl.files import check_creatable
@@ -103,6 +103,7 @@ def validate(run_config: dict[str, Any]) -> tuple[Any, list]:
 
     cfg = from_run_config(run_config)
     check_creatable(cfg.out, "run config key out")  # before the data and torch load
+    federated_split_seed(cfg)  # data.split_seed = "seed": one seed per Flower run
     resolve_out_channels(cfg)  # the network's outputs follow the site set's classes (read from TOML only)
     sites = check_data(cfg)
     prepare_privacy(copy.deepcopy(cfg))  # [privacy]: a check on a copy (start_run converts the network, logs it)
