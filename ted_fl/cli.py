@@ -178,6 +178,10 @@ def _run_command(mode: str, argv: list[str] | None = None) -> int:
                 from ted_fl.files import check_creatable
 
                 check_creatable(cfg.out, "--out / out")  # before the data and torch load
+                if mode == "simulate":
+                    from ted_fl.config import federated_split_seed
+
+                    federated_split_seed(cfg)
                 sites = check_inputs(cfg)
                 if args.check:
                     from ted_fl.run import data_warnings

@@ -28,10 +28,10 @@ SCHEMA = ConfigDict(extra="forbid", validate_assignment=True)
 
 # Every allowed value, once. A registry keyed on one of these checks it covers exactly these names.
 ApproachName = Literal[
-    "seq", "joint", "kd", "ska", "akt", "akt_gugf", "ted", "ted_gugf", "ewc", "mas", "mib", "plop", "lwf"
+    "seq", "joint", "kd", "kd_ref", "ska", "akt", "akt_gugf", "ted", "ted_gugf", "ewc", "mas", "mib", "plop", "lwf"
 ]
 # The student rows of `python -m ted_fl.generalize` (ted_fl.continual.gkd.gkd_approach builds them).
-GKDApproachName = Literal["student", "student_aug", "kd", "at", "skd", "gkd", "intra", "inter", "cross", "intra_inter"]
+GKDApproachName = Literal["student", "student_aug", "kd", "kd_aug", "at", "skd", "gkd", "intra", "inter", "cross", "intra_inter"]
 Norm = Literal["batch", "instance", "group"]
 Device = Literal["auto", "cpu", "cuda"]
 Distribution = Literal["normal", "uniform"]
@@ -72,7 +72,9 @@ class DataConfig:
     max_train: Count = 0  # cap on training images per site (0: all), for quick runs
     cache_dir: str = ""  # where the synthetic twin is written (default ~/.cache/ted-fl)
     synthetic_volumes: Count = 0  # volumes per synthetic site (0: the set's default)
-    split_seed: Count = 42  # seeds the train/val/test split and the synthetic twin (the reference's 42)
+    # seeds the train/val/test split and the synthetic twin (the reference's 42); "seed": each run
+    # seed also draws its own split (and twin), so the spread over seeds includes the split's variance
+    split_seed: Count | Literal["seed"] = 42
 
 
 @dataclass(config=SCHEMA)
@@ -214,6 +216,7 @@ class GKDConfig:
     lr: Rate = 1e-3  # Adam
     views: Positive = 4  # K augmented views per anchor (DCGD)
     augment: Literal["spec", "mild"] = "spec"  # spec (gamma, contrast, blur, noise, flips) | mild (no blur, narrower): gkd.AUGMENT
+    seg_on_views: bool = False  # true: the old rule, L_seg also on the views in gkd / intra / inter / cross (spec 2.5 now: anchors only)
     tau: Rate = 0.1
     w_intra: Weight = 1.0
     w_inter: Weight = 1.0
@@ -305,6 +308,19 @@ class OutputConfig:
 
 
 @dataclass(config=SCHEMA)
+class DiagnosticsConfig:
+    """What a run measures besides its scores (costs training time; off by default).
+
+    term_grads: at every training step, each term's weighted gradient norm over the student's
+    parameters divided by the segmentation loss's (one extra backward per term), written to
+    metrics.csv as train rows grad_ratio_<term> (and grad_seg), the mean over each round's steps;
+    `python -m ted_fl.diagnose term-grads` reports their mean over a stage. Not under DP-SGD.
+    """
+
+    term_grads: bool = False
+
+
+@dataclass(config=SCHEMA)
 class ExperimentConfig:
     """A whole experiment: what `simulations/*.toml` holds and `config.toml` records."""
 
@@ -325,6 +341,42 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+
+
+def split_seed_of(cfg: ExperimentConfig, seed: int | None = None) -> int:
+    """The split seed a run seed's data is drawn with: data.split_seed, or the run seed itself
+    when it is "seed" (`seed`, else the config's only seed)."""
+    fixed = cfg.data.split_seed
+    if fixed != "seed":
+        return int(fixed)
+    if seed is not None:
+        return int(seed)
+    if len(cfg.seeds) == 1:
+        return int(cfg.seeds[0])
+    raise TedFlError(f"data.split_seed = 'seed' draws one split per run seed, and this step has no seed to pick one of "
+                     f"{cfg.seeds}; run one seed (--seed N) or set data.split_seed to an integer")
+
+
+def federated_split_seed(cfg: ExperimentConfig) -> None:
+    """The Flower simulation loads each site's split once per node, so data.split_seed = "seed" runs
+    there with one seed per run; refuse several (one line, before anything starts)."""
+    if cfg.data.split_seed == "seed" and len(cfg.seeds) > 1:
+        raise TedFlError(f"data.split_seed = 'seed' with seeds {cfg.seeds}: the Flower simulation loads each site's "
+                         "split once per node, so it runs one seed per run; pass one --seed per run, run the seeds "
+                         "as sweep / study cells, or use python -m ted_fl.centralized")
+
+
+def for_seed(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
+    """The experiment as run seed `seed` trains it: a copy whose data.split_seed is that seed when the
+    config says "seed" (the config itself otherwise)."""
+    if cfg.data.split_seed != "seed":
+        return cfg
+    import copy
+
+    out = copy.deepcopy(cfg)
+    out.data.split_seed = int(seed)
+    return out
 
 
 SECAGG_UNSUPPORTED = (
@@ -350,6 +402,9 @@ def privacy_conflicts(cfg: ExperimentConfig) -> None:
     if p.dp == "off":
         return
     where = f"privacy.dp = '{p.dp}'"
+    if p.dp == "sample" and cfg.diagnostics.term_grads:
+        raise TedFlError(f"{where}: diagnostics.term_grads measures non-private gradients of a site's images; "
+                         "set diagnostics.term_grads = false")
     for name in cfg.approaches:
         if name in IMPORTANCE_APPROACHES:
             raise TedFlError(f"{where}: approach '{name}' sends parameter importances computed on a site's "
@@ -367,7 +422,8 @@ def privacy_conflicts(cfg: ExperimentConfig) -> None:
 
 def _describe(err: dict[str, Any], where: str) -> str:
     """One line for pydantic's first error: where, the dotted key, what is wrong, how to fix it."""
-    loc = [str(p) for p in err["loc"]]
+    # a union's member tag ('constrained-int', "literal['seed']") is no key: data.split_seed, not data.split_seed.int
+    loc = [str(p) for p in err["loc"] if not any(c in str(p) for c in "-[(")]
     key = ".".join(loc)
     head = f"{where}: " if where else ""
     kind, value = err["type"], err.get("input")
@@ -385,9 +441,18 @@ def _describe(err: dict[str, Any], where: str) -> str:
     return f"{head}{key}: {err['msg'][0].lower()}{err['msg'][1:]}, got {value!r}"
 
 
+def _union_alternative(exc: ValidationError) -> str:
+    """' (or 'seed')' when the failing key is a union with a Literal member (data.split_seed): the
+    first error names the number member only."""
+    for e in exc.errors()[1:]:
+        if e["type"] == "literal_error" and e["loc"][:-1] == exc.errors()[0]["loc"][:-1]:
+            return f" (or {e['ctx']['expected']})"
+    return ""
+
+
 def _as_error(exc: ValidationError, cls: type, where: str) -> TedFlError:
     err = exc.errors()[0]
-    line = _describe(err, where)
+    line = _describe(err, where) + _union_alternative(exc)
     if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
         owner = _section(cls, [str(p) for p in err["loc"][:-1]])
         names = [f.name for f in dataclasses.fields(owner)] if owner else []
@@ -484,7 +549,7 @@ def set_key(cfg: ExperimentConfig, dotted: str, value: Any, source: str = "--set
         setattr(obj, last, value)
     except ValidationError as exc:
         err = dict(exc.errors()[0], loc=(*sections, last))
-        raise TedFlError(_describe(err, source)) from None
+        raise TedFlError(_describe(err, source) + _union_alternative(exc)) from None
 
 
 def _words(text: str) -> Any:

@@ -57,7 +57,7 @@ import pandas as pd
 import torch
 
 from ted_fl.bench import common as C
-from ted_fl.config import ExperimentConfig
+from ted_fl.config import ExperimentConfig, split_seed_of
 
 CUDA_CONTEXT_MIB = 500.0  # what a process's CUDA context and allocator reserve besides tensors (typical)
 
@@ -100,7 +100,7 @@ def step_costs(cfg: ExperimentConfig, approaches: list[str], steps: int,
     from ted_fl.engine import model_weights
     from ted_fl.worker import SiteWorker, probes_for
 
-    site = load_sites(cfg.data, cfg.data.split_seed)[0]
+    site = load_sites(cfg.data, split_seed_of(cfg))[0]
     worker = SiteWorker(cfg)
     dev = worker.device
     weights = model_weights(worker.student)
@@ -219,7 +219,7 @@ def eval_costs(cfg: ExperimentConfig) -> tuple[pd.DataFrame, dict[str, float]]:
     from ted_fl.data import load_sites
     from ted_fl.worker import SiteWorker
 
-    site = load_sites(cfg.data, cfg.data.split_seed)[0]
+    site = load_sites(cfg.data, split_seed_of(cfg))[0]
     model = SiteWorker(cfg).student
     split = site.test
     dev = next(model.parameters()).device
