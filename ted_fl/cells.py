@@ -275,28 +275,32 @@ def local_schedule(cfg_dict: dict[str, Any], path: str, approach: str, seed: int
                    progress: ProgressFn, slot: int) -> dict[str, Any]:
     """One (approach, seed) of a run, in-process (`ted_fl.local.LocalExecutor`), into the run directory
     at `path` (its own checkpoints only: several run at once). Returns the schedule's cost columns."""
-    from ted_fl.config import from_dict
+    from ted_fl.config import for_seed, from_dict
     from ted_fl.engine import run_schedule
     from ted_fl.local import LocalExecutor
     from ted_fl.results import RunDir
 
-    cfg = from_dict(ExperimentConfig, cfg_dict, "cell")
+    cfg = for_seed(from_dict(ExperimentConfig, cfg_dict, "cell"), seed)  # data.split_seed = "seed": its own split
     st = run_schedule(cfg, approach, seed, LocalExecutor(cfg, sites_of(cfg)), RunDir(path), progress)
     return {"bytes_sent": st.bytes_sent, "bytes_received": st.bytes_received, "wall_s": st.wall}
 
 
 def sites_of(cfg: ExperimentConfig) -> list[Any]:
-    """The sites of `cfg` (loaded once per process and data configuration)."""
+    """The sites of `cfg` (loaded once per process and data configuration; one seed's split under
+    data.split_seed = "seed")."""
+    from ted_fl.config import split_seed_of
     from ted_fl.data import load_sites
 
     key = repr(cfg.data)
     if key not in _SITES:
         _SITES.clear()
-        _SITES[key] = load_sites(cfg.data, cfg.data.split_seed)
+        _SITES[key] = load_sites(cfg.data, split_seed_of(cfg))
     return _SITES[key]
 
 
 def remember_sites(cfg: ExperimentConfig, sites: list[Any]) -> None:
-    """Sites already loaded here (the run's data check): a cell that runs in this process reuses them."""
-    _SITES.clear()
-    _SITES[repr(cfg.data)] = sites
+    """Sites already loaded here (the run's data check): a cell that runs in this process reuses them
+    (not under data.split_seed = "seed", where every seed loads its own split)."""
+    if cfg.data.split_seed != "seed":
+        _SITES.clear()
+        _SITES[repr(cfg.data)] = sites

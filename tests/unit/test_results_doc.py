@@ -133,3 +133,16 @@ def test_pooled_runs_of_one_configuration(run: RunDir, tmp_path: Path) -> None:
     assert main([f"{run.path}+{other}", "--out", str(out)]) == 0
     assert "± 0.000" in out.read_text()
     assert main([f"{run.path}+{copy(2, 'lr', lr_first=0.5)}", "--out", str(out)]) == 2
+
+
+def test_default_page_goes_into_the_run_directory(run: RunDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --out the page is the run's own results.md, never ./docs/results.md of wherever the
+    command runs (a checkout's page); several runs must name their page."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").mkdir()
+    assert main([str(run.path)]) == 0
+    assert (run.path / "results.md").is_file() and not list((tmp_path / "docs").iterdir())
+    (run.path / "results.md").unlink()
+    assert main([str(run.path), str(run.path)]) == 2
+    assert "name the page with --out FILE" in capsys.readouterr().err
