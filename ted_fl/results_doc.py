@@ -122,12 +122,14 @@ def run_tables(run: RunDir, label: str = MEAN_LABEL) -> tuple[dict[str, pd.DataF
     return matrices, summary
 
 
-def label_table(run: RunDir) -> pd.DataFrame:
-    """Per approach and label (each class, each region, the mean): Avg, BWT, forgetting, plasticity."""
+def label_table(run: RunDir, spread: bool = False) -> pd.DataFrame:
+    """Per approach and label (each class, each region, the mean): Avg, BWT, forgetting, plasticity;
+    with `spread`, as "mean ± std" over seeds (text, 3 decimals) where a run holds several."""
     frames = []
     for lab in labels_of(run.metrics()):
         _, summary = run_tables(run, lab)
-        part = summary[["avg", "bwt", "forgetting", "plasticity"]].copy()
+        cols = ["avg", "bwt", "forgetting", "plasticity"]
+        part = (shown(summary) if spread else summary)[cols].copy()
         part.insert(0, "label", lab)
         frames.append(part)
     return pd.concat(frames).reset_index().set_index(["approach", "label"]).sort_index(level=0, sort_remaining=False)
@@ -276,7 +278,7 @@ def run_section(run: RunDir, heading_level: int = 2) -> str:
         out += [
             "Per class and region (the tables above use the mean over them):",
             "",
-            md_table(label_table(run).reset_index().set_index("approach"), index=True, index_name="approach"),
+            md_table(label_table(run, spread=True).reset_index().set_index("approach"), index=True, index_name="approach"),
             "",
         ]
         for lab in labels[:-1]:
