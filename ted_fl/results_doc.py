@@ -202,6 +202,11 @@ def machine_line(run: RunDir) -> str:
             f"{', CUDA' if mi.get('cuda') else ', no GPU'}")
 
 
+MACHINE_SPECIFIC = ("These figures are specific to the machine above: the same command and seeds on another CPU "
+                    "(or a GPU) give slightly different numbers, since floating-point results depend on the "
+                    "hardware and its math libraries.")
+
+
 def readme_block(run: RunDir, target: str) -> str:
     """The measured figures of one run, compact enough for a README, with how to regenerate them."""
     _, summary = run_tables(run)
@@ -216,13 +221,17 @@ def readme_block(run: RunDir, target: str) -> str:
         f", {secs[0]:.0f} s in all{ray}" if len(secs) == 1 else
         f", {sum(secs):.0f} s in all over {len(secs)} runs run side by side ({', '.join(f'{x:.0f}' for x in secs)} s)")
     command = "`, `".join(command.splitlines())  # pooled runs: one command per run
+    from ted_fl.results import site_learning, verdict
+
     return "\n".join([
         f"Measured with `{command}` on {machine_line(run)}{whole} (run `{run.path.name}`; this block is "
         f"written by `python -m ted_fl.results_doc RUN_DIR --readme {target}`):",
         "",
         md_table(shown(summary), index=True, index_name="approach"),
         "",
-        *(f"- {line}" for line in findings(summary)),
+        MACHINE_SPECIFIC,
+        "",
+        *(f"- {line}" for line in verdict(run.summary(), site_learning(run.metrics()))),
     ])
 
 

@@ -42,6 +42,11 @@ def test_readme_block_replaces_only_its_section(run: RunDir, tmp_path: Path) -> 
     text = readme.read_text()
     assert "old" not in text and "keep" in text and "| seq |" in text
     assert text.count("<!-- results:default-run:start -->") == 1
+    from ted_fl.results import site_learning, verdict
+
+    assert "specific to the machine above" in text and "another CPU" in text
+    for line in verdict(run.summary(), site_learning(run.metrics())):  # the verdict, and any budget warning
+        assert f"- {line}" in text
 
 
 def test_bad_run_dir_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
