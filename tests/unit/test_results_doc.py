@@ -138,3 +138,17 @@ def test_pooled_runs_of_one_configuration(run: RunDir, tmp_path: Path) -> None:
     assert main([f"{run.path}+{other}", "--out", str(out)]) == 0
     assert "± 0.000" in out.read_text()
     assert main([f"{run.path}+{copy(2, 'lr', lr_first=0.5)}", "--out", str(out)]) == 2
+
+
+def test_terminal_verdict_and_budget_warning(run: RunDir, capsys: pytest.CaptureFixture[str]) -> None:
+    """A tiny budget (2 rounds x 3 steps): the summary's verdict says it cannot separate the approaches."""
+    from ted_fl.cli import print_verdict
+    from ted_fl.results import budget_check, site_learning, verdict
+
+    print_verdict(run.summary(), run)
+    out = capsys.readouterr().out.splitlines()
+    lines = verdict(run.summary(), site_learning(run.metrics()))
+    warnings = budget_check(run.summary(), site_learning(run.metrics()))
+    assert out == [("warning: " if x in warnings else "verdict: ") + x for x in lines]
+    assert any(x.startswith("warning: ") and "cannot separate the approaches" in x for x in out)
+    assert out[0].startswith("verdict: ") and "seq" in out[0]
