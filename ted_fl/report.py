@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_runs(runs: list[Path]) -> None:
     """Every argument is a run directory: one line naming the one that is not."""
     for r in runs:
-        RunDir.open(r)
+        RunDir.open(r).refuse_if_failed()
 
 
 if __name__ == "__main__":  # --help and a wrong folder answer before numpy, pandas, plotly and torch load
@@ -154,6 +154,8 @@ def load(run_dirs: list[Path], label: str = MEAN_LABEL) -> Report:
     default the mean over them); label approaches uniquely."""
     which = label  # `label` names a series below
     runs = [RunDir.open(p) for p in run_dirs]
+    for run in runs:
+        run.refuse_if_failed()
     pairs: list[tuple[RunDir, str, pd.DataFrame]] = []
     for run in runs:
         m = run.metrics()
@@ -447,6 +449,7 @@ def slice_dice(pred: np.ndarray, gt: np.ndarray, labels: list[tuple[str, tuple[i
 
 def samples_html(report: Report, per_site: int = 2) -> str:
     """Per run and approach (first seed): image, ground truth, prediction after every stage."""
+    from ted_fl.config import split_seed_of
     from ted_fl.continual.learner import predict_labels
     from ted_fl.continual.networks import build_model
     from ted_fl.continual.weights import load_weights
@@ -460,7 +463,7 @@ def samples_html(report: Report, per_site: int = 2) -> str:
         run = series[0].run
         try:
             cfg = run.read_config()
-            sites = load_sites(cfg.data, cfg.data.split_seed)
+            sites = load_sites(cfg.data, split_seed_of(cfg, min(cfg.seeds)))
         except Exception as exc:  # the data moved or is gone: the rest of the report still stands
             report.notes.append(f"Sample predictions of {path.name} skipped: the data is not reachable ({exc}).")
             continue

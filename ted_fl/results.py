@@ -9,6 +9,8 @@ Layout of `RUN_DIR`:
     metrics.parquet    the same, when pyarrow is installed
     summary.csv        one row per approach and seed
     run.log            a plain-text log
+    FAILED             only in a run that stopped on an error: the error and how to resume; such a
+                       run has no metrics.csv / summary.csv (its results would be partial)
     checkpoints/       per (approach, seed): last.pt (resume point), stage<k>.pt (model after stage k)
     client_state/      what simulated sites keep on their own disk (optimizer moments)
 
@@ -33,6 +35,7 @@ from ted_fl.files import atomic_torch_save, atomic_write_bytes  # noqa: F401 (re
 if TYPE_CHECKING:  # pandas and torch load on first use: the command lines answer before importing them
     import pandas as pd
 
+FAILED = "FAILED"  # the marker a failed run leaves (RunDir.mark_failed)
 METRIC_COLUMNS = ["approach", "seed", "stage", "stage_site", "round", "site", "split", "label", "metric", "value"]
 SCORE_SPLITS = frozenset({"test", "val", "test_round", "val_stage"})  # rows that carry scores per label
 
@@ -100,7 +103,11 @@ class RunDir:
         path, i = base, 1
         while path.exists():
             path, i = Path(f"{base}-{i}"), i + 1
-        path.mkdir(parents=True)
+        try:
+            path.mkdir(parents=True)
+        except OSError as exc:  # check_creatable ran before; this is what changed since
+            raise TedFlError(f"output folder '{out}' cannot be created or written ({exc.strerror or exc}); "
+                             "choose another folder (--out / out)") from None
         return cls(path)
 
     @classmethod
@@ -177,6 +184,37 @@ class RunDir:
         import torch
 
         return torch.load(p, map_location="cpu", weights_only=False)
+
+    # ------------------------------------------------------------------ status
+    def mark_failed(self, error: str, resume: str) -> None:
+        """Mark a run that stopped on an error: FAILED (the error, the resume command) and run.log;
+        the report and --resume read it. A finished run (summary.csv written) is not marked."""
+        if (self.path / "summary.csv").is_file():
+            self.log(f"error after the results were written: {error}")
+            return
+        atomic_write_bytes(self.path / FAILED, f"failed: {error}\nresume: {resume}\n".encode())
+        self.log(f"status: failed: {error}")
+
+    def failure(self) -> str:
+        """The error of a run marked failed ("" if it is not)."""
+        p = self.path / FAILED
+        if not p.is_file():
+            return ""
+        first = (p.read_text(errors="replace").splitlines() or ["failed: (no message)"])[0]
+        return first.removeprefix("failed: ")
+
+    def refuse_if_failed(self) -> None:
+        """A reader of results (the report) stops at a failed run, naming it and how to resume it."""
+        error = self.failure()
+        if error:
+            lines = (self.path / FAILED).read_text(errors="replace").splitlines()
+            resume = next((ln.removeprefix("resume: ") for ln in lines if ln.startswith("resume: ")), "")
+            raise TedFlError(f"{self.path}: this run failed ({error}) and has no results; "
+                             + (f"resume it: {resume}" if resume else "resume it with --resume")
+                             + ", or leave it out")
+
+    def clear_failed(self) -> None:
+        self.path.joinpath(FAILED).unlink(missing_ok=True)
 
     # --------------------------------------------------------------------- log
     def log(self, message: str) -> None:

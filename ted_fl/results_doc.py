@@ -57,8 +57,10 @@ class PooledRun(RunDir):
 
 def open_run(spec: str | Path) -> RunDir:
     """A run directory, or several joined by '+' (one configuration, different seeds) pooled."""
-    parts = str(spec).split("+")
-    return RunDir.open(parts[0]) if len(parts) == 1 else PooledRun([RunDir.open(p) for p in parts])
+    parts = [RunDir.open(p) for p in str(spec).split("+")]
+    for part in parts:
+        part.refuse_if_failed()
+    return parts[0] if len(parts) == 1 else PooledRun(parts)
 
 
 def _read(run: RunDir, name: str) -> str | None:
@@ -341,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
                    help="run directories printed by a run; RUN_DIR+RUN_DIR+... pools runs of one "
                         "configuration that differ only in their seeds")
-    p.add_argument("--out", default="docs/results.md", help="Markdown file to write")
+    p.add_argument("--out", help="Markdown file to write (default: results.md in the run directory, when "
+                                 "there is one; never a path relative to where the command runs, such as "
+                                 "a checkout's docs/results.md)")
     p.add_argument("--title", default="Results", help="page title")
     p.add_argument("--intro", default="", help="a file whose text goes under the title")
     p.add_argument("--readme", metavar="FILE",
@@ -349,6 +353,15 @@ def main(argv: list[str] | None = None) -> int:
                         "<!-- results:default-run --> block, e.g. README.md")
     args = p.parse_args(argv)
     return exit_code(lambda: _write(args))
+
+
+def default_out(runs: list[str]) -> Path:
+    """Without --out: results.md inside the one run directory; several (or pooled) runs have no
+    folder of their own, so the page's place must be named."""
+    if len(runs) == 1 and "+" not in runs[0]:
+        return RunDir.open(runs[0]).path / "results.md"
+    raise TedFlError(f"{len(runs)} run directories (or pooled runs) share no folder; name the page with "
+                     "--out FILE (e.g. --out docs/results.md from a checkout)")
 
 
 def _write(args: argparse.Namespace) -> int:
@@ -365,7 +378,8 @@ def _write(args: argparse.Namespace) -> int:
         if not ip.is_file():
             raise TedFlError(f"--intro {ip}: no such file; pass a Markdown file or omit --intro")
         intro = ip.read_text()
-    path = write_doc(args.runs, args.out, args.title, intro, args.intro)
+    path = write_doc(args.runs, default_out(args.runs) if args.out is None else args.out, args.title, intro,
+                     args.intro)
     print(f"wrote {path}")
     return 0
 

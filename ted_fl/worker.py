@@ -93,6 +93,7 @@ class SiteWorker:
         """One round of local training (`stage_rounds`: the stage's rounds, for DP-SGD's calibration)."""
         t0, c0 = time.perf_counter(), time.thread_time()
         appr = get_approach(approach, self.cfg.loss)
+        appr.term_grads = self.cfg.diagnostics.term_grads  # per-step gradient ratios into the round's metrics
         fixed = self.fixed_teacher()
         if fixed is not None:
             from ted_fl.continual.combined import with_fixed_teacher

@@ -47,7 +47,7 @@ import pandas as pd
 import torch
 
 from ted_fl.bench import common as C
-from ted_fl.config import ExperimentConfig
+from ted_fl.config import ExperimentConfig, split_seed_of
 
 CUDA_CONTEXT_MIB = 500.0  # what a process's CUDA context and allocator reserve besides tensors (typical)
 
@@ -85,7 +85,7 @@ def step_costs(cfg: ExperimentConfig, approaches: list[str], steps: int) -> tupl
     from ted_fl.engine import model_weights
     from ted_fl.worker import SiteWorker, probes_for
 
-    site = load_sites(cfg.data, cfg.data.split_seed)[0]
+    site = load_sites(cfg.data, split_seed_of(cfg))[0]
     worker = SiteWorker(cfg)
     dev = worker.device
     weights = model_weights(worker.student)

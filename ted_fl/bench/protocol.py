@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from ted_fl.bench import common as C
-from ted_fl.config import ExperimentConfig, load_experiment
+from ted_fl.config import ExperimentConfig, load_experiment, split_seed_of
 
 
 def add_parser(sub: Any) -> None:
@@ -172,7 +172,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     t_all = time.perf_counter()
     cfg = workload(args)
-    sites = load_sites(cfg.data, cfg.data.split_seed)
+    sites = load_sites(cfg.data, split_seed_of(cfg))
     sizes = {s.name: {"train": len(s.train), "val": len(s.val), "test": len(s.test)} for s in sites}
     if args.train_per_site:
         for v in sizes.values():

@@ -135,6 +135,8 @@ def train_step(
     total, out, s = _forward_terms(student, teacher, approach, images, masks, probes, aux, fuse_teacher, amp,
                                  n_anchors, dp)
     optimizer.zero_grad(set_to_none=True)
+    if approach.term_grads and dp is None and total.requires_grad:
+        out.update(term_gradient_ratios(student, s))
     if dp is not None:
         dp.step(s.private_total, s.public_total)
     elif total.requires_grad:
@@ -145,6 +147,27 @@ def train_step(
         s.stats.setdefault("u_mean", 0.0)
         s.stats.setdefault("u_max", 0.0)
     out.update(s.stats)
+    return out
+
+
+TERM_PREFIX = "term:"  # StepInputs.cache keys of the step's weighted term values (for term_gradient_ratios)
+
+
+def term_gradient_ratios(student: nn.Module, s: T.StepInputs) -> dict[str, float]:
+    """grad_ratio_<term> = |grad of w * term| / |grad of L_seg| over the student's parameters, for
+    every weighted term of this step but L_seg, and grad_seg = |grad L_seg| (diagnostics.term_grads):
+    how hard each term pulls at this step against the segmentation loss. One extra backward per
+    term; nothing accumulates in .grad."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    norms: dict[str, float] = {}
+    for key, value in s.cache.items():
+        if not key.startswith(TERM_PREFIX) or not value.requires_grad:
+            continue
+        grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+        norms[key[len(TERM_PREFIX):]] = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None)))
+    seg = norms.pop("seg", 0.0)
+    out = {f"grad_ratio_{name}": n / max(seg, 1e-30) for name, n in norms.items()}
+    out["grad_seg"] = seg
     return out
 
 
@@ -232,6 +255,8 @@ def _forward_terms(
             continue
         out[wt.name] = float(value.detach())
         total = total + wt.weight * value
+        if approach.term_grads:
+            s.cache[TERM_PREFIX + wt.name] = wt.weight * value
         public = bool(getattr(wt.term, "data_independent", False))
         parts[public] = parts[public] + wt.weight * value
     s.private_total, s.public_total = parts[False], parts[True]

@@ -20,11 +20,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from ted_fl.config import ExperimentConfig, apply_overrides, from_dict, node_overrides
+from ted_fl.config import ExperimentConfig, apply_overrides, from_dict, node_overrides, split_seed_of
 from ted_fl.data.types import SiteData, Split
 from ted_fl.engine import derive_seed
 from ted_fl.federated import messages as M
 from ted_fl.federated.audit import audit_mod
+from ted_fl.federated.notices import silence
 from ted_fl.files import atomic_torch_save
 from ted_fl.privacy.policies import PROBE_SITE_TAG, REPLAY_TAG, replay_buffer, replay_share, uses_replay
 from ted_fl.worker import SiteWorker, probes_for
@@ -84,9 +85,9 @@ def site_data(cfg: ExperimentConfig, site: str, client: int) -> tuple[SiteData, 
 
     key = ("data", hash(repr(cfg.data)), site)
     if key not in _CACHE:
-        (_CACHE[key],) = load_sites(cfg.data, cfg.data.split_seed, only=[site])
+        (_CACHE[key],) = load_sites(cfg.data, split_seed_of(cfg), only=[site])
     data: SiteData = _CACHE[key]
-    return data, partition_split(data.train, cfg.federated.clients_per_site, client, cfg.data.split_seed)
+    return data, partition_split(data.train, cfg.federated.clients_per_site, client, split_seed_of(cfg))
 
 
 def worker(cfg: ExperimentConfig) -> SiteWorker:
@@ -186,6 +187,7 @@ def privacy_mod(msg: Message, context: Context, call_next: Any) -> Message:
 
 
 app = ClientApp(mods=[audit_mod, privacy_mod])  # the audit sees what leaves, after clipping and noise
+silence()  # under `flwr run` this module loads before Flower's Ray backend starts (ted_fl.federated.notices)
 
 
 @app.query("hello")

@@ -152,3 +152,16 @@ def test_terminal_verdict_and_budget_warning(run: RunDir, capsys: pytest.Capture
     assert out == [("warning: " if x in warnings else "verdict: ") + x for x in lines]
     assert any(x.startswith("warning: ") and "cannot separate the approaches" in x for x in out)
     assert out[0].startswith("verdict: ") and "seq" in out[0]
+
+
+def test_default_page_goes_into_the_run_directory(run: RunDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --out the page is the run's own results.md, never ./docs/results.md of wherever the
+    command runs (a checkout's page); several runs must name their page."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").mkdir()
+    assert main([str(run.path)]) == 0
+    assert (run.path / "results.md").is_file() and not list((tmp_path / "docs").iterdir())
+    (run.path / "results.md").unlink()
+    assert main([str(run.path), str(run.path)]) == 2
+    assert "name the page with --out FILE" in capsys.readouterr().err
