@@ -19,7 +19,7 @@ from ted_fl.config import dump_toml, to_dict
 from ted_fl.continual.metrics import continual_summary, r_matrix
 from ted_fl.errors import TedFlError, exit_code
 from ted_fl.markdown import marked_sections, md_table, write_section
-from ted_fl.results import MEAN_LABEL, RunDir, labels_of, select_label
+from ted_fl.results import MEAN_LABEL, RunDir, labels_of, select_label, site_learning, verdict
 
 SUMMARY_COLUMNS = ["avg", "ravg", "bwt", "fwt", "forgetting", "plasticity"]
 
@@ -204,6 +204,15 @@ def machine_line(run: RunDir) -> str:
             f"{', CUDA' if mi.get('cuda') else ', no GPU'}")
 
 
+def run_verdict(run: RunDir) -> list[str]:
+    """`ted_fl.results.verdict` on the run's summary.csv rows (paired by seed), [] without one."""
+    try:
+        per_seed = run.summary()
+    except FileNotFoundError:
+        return []
+    return verdict(per_seed, site_learning(run.metrics()))
+
+
 MACHINE_SPECIFIC = ("These figures are specific to the machine above: the same command and seeds on another CPU "
                     "(or a GPU) give slightly different numbers, since floating-point results depend on the "
                     "hardware and its math libraries.")
@@ -223,8 +232,6 @@ def readme_block(run: RunDir, target: str) -> str:
         f", {secs[0]:.0f} s in all{ray}" if len(secs) == 1 else
         f", {sum(secs):.0f} s in all over {len(secs)} runs run side by side ({', '.join(f'{x:.0f}' for x in secs)} s)")
     command = "`, `".join(command.splitlines())  # pooled runs: one command per run
-    from ted_fl.results import site_learning, verdict
-
     return "\n".join([
         f"Measured with `{command}` on {machine_line(run)}{whole} (run `{run.path.name}`; this block is "
         f"written by `python -m ted_fl.results_doc RUN_DIR --readme {target}`):",
@@ -233,7 +240,7 @@ def readme_block(run: RunDir, target: str) -> str:
         "",
         MACHINE_SPECIFIC,
         "",
-        *(f"- {line}" for line in verdict(run.summary(), site_learning(run.metrics()))),
+        *(f"- {line}" for line in run_verdict(run)),
     ])
 
 
@@ -278,6 +285,10 @@ def run_section(run: RunDir, heading_level: int = 2) -> str:
         md_table(shown(summary), index=True, index_name="approach"),
         "",
         *(f"- {line}" for line in findings(summary)),
+        "",
+        "Paired by seed against seq (`ted_fl.results.verdict`: mean difference, 95% t-interval):",
+        "",
+        *(f"- {line}" for line in run_verdict(run)),
         "",
         "Dice R matrices (row: after training that site; column: test split of that site):",
         "",

@@ -33,6 +33,7 @@ def test_results_page(run: RunDir, tmp_path: Path) -> None:
     assert f"{summary.loc['seq', 'avg']:.3f}" in text  # the numbers are the run's own
     assert "**seq**" in text and "**kd**" in text and "after RUNMC" in text
     assert "python -m ted_fl.centralized" in text  # the command that made the run
+    assert "Paired by seed against seq" in text and "kd - seq: forgetting" in text  # the verdict
 
 
 def test_readme_block_replaces_only_its_section(run: RunDir, tmp_path: Path) -> None:
