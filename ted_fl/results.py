@@ -364,7 +364,9 @@ def verdict(summary: pd.DataFrame, sites: pd.DataFrame | None = None, by: str = 
         out.append(f"{best} forgets least (forgetting {means[best]:.3f}); without seq (fine-tuning) "
                    "among the approaches there is no baseline to measure the gain against.")
         return out + budget_check(summary, sites, by)
-    if best == "seq":
+    if list(means) == ["seq"]:
+        out.append(f"Only fine-tuning (seq) ran (forgetting {means['seq']:.3f}): no approach to compare with it.")
+    elif best == "seq":
         out.append(f"No approach forgets less than fine-tuning (seq, forgetting {means['seq']:.3f}).")
     else:
         f, p = (paired_difference(summary, best, "seq", k, by) for k in ("forgetting", "plasticity"))

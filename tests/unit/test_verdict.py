@@ -55,6 +55,11 @@ def test_verdict_names_the_approach_that_forgets_least_and_its_cost() -> None:
     assert budget_check(s) == []
 
 
+def test_verdict_of_seq_alone() -> None:
+    s = summary({"seq": [(0, 0.3, -0.3, 0.8), (1, 0.32, -0.31, 0.8), (2, 0.3, -0.29, 0.8)]})
+    assert verdict(s) == [f"Only fine-tuning (seq) ran (forgetting {0.92 / 3:.3f}): no approach to compare with it."]
+
+
 def test_verdict_within_noise_says_so() -> None:
     s = summary({"seq": [(0, 0.40, -0.40, 0.8), (1, 0.30, -0.30, 0.8)],
                  "ted": [(0, 0.25, -0.25, 0.8), (1, 0.36, -0.36, 0.8)]})
