@@ -43,6 +43,8 @@ DPLevel = Literal["off", "sample", "client"]  # sample: Opacus DP-SGD in a site;
 Clipping = Literal["fixed", "adaptive"]
 NoiseSide = Literal["server", "client"]
 TeacherPlace = Literal["server", "site"]  # where the frozen teacher lives (privacy.teacher)
+EvalSlices = Literal["batched", "one"]  # eval.bn = "batch": slices a forward (ted_fl.continual.learner.batch_statistics)
+Compile = Literal["off", "on"]  # train.compile: torch.compile the networks' forwards (ted_fl.continual.compiled)
 # Numbers: every float is finite unless its key says what infinity means (privacy.epsilon); a count,
 # a rate or a weight that cannot be negative is refused there, naming the key, not deep inside torch.
 Positive = Annotated[int, Field(ge=1)]
@@ -121,6 +123,10 @@ class TrainConfig:
     device: Device = "auto"  # auto: a visible GPU if any, else CPU
     amp: Literal["auto", "bf16", "off"] = "auto"  # mixed precision: auto (bf16 autocast on a GPU that supports it, off on CPU) | bf16 | off
     cudnn_benchmark: bool = True  # on a GPU: cuDNN autotuning and channels-last (false: deterministic cuDNN)
+    # on: the networks' training forwards (and backward) through torch.compile: CUDA graphs on a GPU
+    # ("reduce-overhead"), Inductor's C++ on a CPU (eager, with one warning, without a C++ compiler);
+    # the first steps pay the compilation. Not bitwise the eager arithmetic (ted_fl.continual.compiled).
+    compile: Compile = "off"
 
 
 @dataclass(config=SCHEMA)
@@ -234,12 +240,18 @@ class EvalConfig:
 
     bn = "running": batch norm normalises with its running statistics (model.eval()), which
     follow the newest site. bn = "batch": the reference's protocol (it never calls .eval()):
-    each test image (2-D) or slice (3-D) is forwarded alone and batch norm normalises it with
-    its own statistics; no buffer changes, the model's mode is restored afterwards.
+    each test image (2-D) or slice (3-D) is normalised by batch norm with its own statistics; no
+    buffer changes, the model's mode is restored afterwards. slices = "batched" (default) forwards
+    batch_size such slices at once, batch norm computed as instance normalisation with the layer's
+    weight, bias and eps, which is what train-mode batch norm over one slice computes (equal to the
+    one-at-a-time forward to float rounding, checked on every registered network); a network with
+    a layer outside torch.nn and MONAI's activations falls back to one at a time. "one": the
+    reference's loop, one slice a forward.
     """
 
     bn: Literal["batch", "running"] = "batch"  # batch (the reference's protocol) | running
-    batch_size: Positive = 16  # images per forward under bn = "running"
+    batch_size: Positive = 16  # images per forward (under bn = "batch" with slices = "batched" too)
+    slices: EvalSlices = "batched"  # bn = "batch": batched (same numbers, batch_size a forward) | one
 
 
 @dataclass(config=SCHEMA)

@@ -139,7 +139,6 @@ def machine_info() -> dict[str, Any]:
     """Where a run ran (CPU, cores, OS, library versions): wall times mean little without it."""
     import os
     import platform
-    from importlib.metadata import version
 
     import psutil
     import torch
@@ -149,9 +148,24 @@ def machine_info() -> dict[str, Any]:
         "processor": _cpu_model() or platform.processor(), "cpus": os.cpu_count(),
         "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(), "torch": torch.__version__,
-        "flwr": version("flwr"), "ray": version("ray"),
+        "flwr": package_version("flwr"), "ray": package_version("ray"),
         "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
     }
+
+
+def package_version(name: str) -> str:
+    """A package's version from its installed metadata, else its module's `__version__`, else
+    "unknown": a run never dies for want of a dist-info folder (a vendored or copied Ray, a zipapp)."""
+    from importlib import import_module, metadata
+
+    try:
+        return metadata.version(name)
+    except (metadata.PackageNotFoundError, ValueError, OSError):
+        pass
+    try:
+        return str(getattr(import_module(name), "__version__", "unknown"))
+    except Exception:  # noqa: BLE001 - any import failure: the version is simply not known
+        return "unknown"
 
 
 def _cpu_model() -> str:

@@ -27,7 +27,7 @@ always stay separate, for the same reason (train-mode batch norm).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -114,6 +114,8 @@ def train_step(
     amp: torch.dtype | None = None,
     n_anchors: int | None = None,
     dp: Any = None,
+    student_fwd: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    teacher_fwd: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """One optimizer step on (images, masks); returns every term's unweighted value and "total".
 
@@ -127,13 +129,15 @@ def train_step(
     losses' sums want full precision); backward and the optimizer step run outside autocast.
     `dp` (a `ted_fl.continual.privacy.SampleDP`, privacy.dp = "sample"): the terms on the images
     get per-sample clipping and noise, the data-independent ones (SKA, EWC/MAS) are added after
-    the noise; an empty (Poisson) batch makes a noise-only step.
+    the noise; an empty (Poisson) batch makes a noise-only step. `student_fwd` / `teacher_fwd`
+    (train.compile, `ted_fl.continual.compiled`): what runs the plain forwards of the student and
+    the teacher instead of the modules themselves (modes, flags and parameters stay the modules').
     """
     if dp is not None and images.shape[0] == 0:
         dp.step(None, None)
         return {"total": 0.0}
     total, out, s = _forward_terms(student, teacher, approach, images, masks, probes, aux, fuse_teacher, amp,
-                                 n_anchors, dp)
+                                 n_anchors, dp, student_fwd, teacher_fwd)
     optimizer.zero_grad(set_to_none=True)
     if approach.term_grads and dp is None and total.requires_grad:
         out.update(term_gradient_ratios(student, s))
@@ -190,9 +194,13 @@ def _forward_terms(
     amp: torch.dtype | None = None,
     n_anchors: int | None = None,
     dp: Any = None,
+    student_fwd: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    teacher_fwd: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float], T.StepInputs]:
     """The forwards and the weighted sum of the terms (everything of a step before backward)."""
     cfg = approach.loss_cfg
+    run_student = student_fwd or student
+    run_teacher = teacher_fwd or teacher
     student.train()
     use_teacher = teacher is not None and approach.needs_teacher
     own = any(getattr(t.term, "own_teacher", False) and t.term.needs_features for t in approach.terms)
@@ -201,7 +209,7 @@ def _forward_terms(
         if want_feats:
             logits, feats = features(student, images)
         else:
-            logits, feats = student(images), None
+            logits, feats = run_student(images), None
     logits, feats = _fp32(logits), _fp32(feats)
     s = T.StepInputs(logits=logits, p=T.probabilities(logits), masks=masks, model=student, aux=aux,
                      images=images, n_anchors=n_anchors, per_sample=dp is not None)
@@ -222,13 +230,13 @@ def _forward_terms(
         # outside inference mode, so the terms may save them for the student's backward.
         with teacher_mode(teacher, cfg.teacher_mode), torch.inference_mode(), autocast(images.device, amp):
             if fuse:
-                t_all = teacher(torch.cat([images, probes]))
+                t_all = run_teacher(torch.cat([images, probes]))
             elif want_feats:
                 t_logits, s.teacher_feats = features(teacher, images)
             else:
-                t_logits = teacher(images)
+                t_logits = run_teacher(images)
             if approach.needs_probes and not fuse:
-                t_probe = teacher(probes)
+                t_probe = run_teacher(probes)
         if fuse:
             t_all = _fp32(t_all)
             q_all = T.probabilities(t_all)
@@ -242,7 +250,7 @@ def _forward_terms(
         if approach.needs_probes:
             public = dp.public() if dp is not None else contextlib.nullcontext()  # probes are not site data
             with running_stats_frozen(student, not cfg.probe_bn_update), autocast(images.device, amp), public:
-                p_logits = student(probes)
+                p_logits = run_student(probes)
             s.p_probe = T.probabilities(_fp32(p_logits))
 
     total = torch.zeros((), device=logits.device)

@@ -87,7 +87,11 @@ def site_data(cfg: ExperimentConfig, site: str, client: int) -> tuple[SiteData, 
     if key not in _CACHE:
         (_CACHE[key],) = load_sites(cfg.data, split_seed_of(cfg), only=[site])
     data: SiteData = _CACHE[key]
-    return data, partition_split(data.train, cfg.federated.clients_per_site, client, split_seed_of(cfg))
+    seed = split_seed_of(cfg)
+    share_key = ("share", *key, seed, cfg.federated.clients_per_site, client)
+    if share_key not in _CACHE:  # the same arrays every round: a GPU keeps one copy (learner.on_device)
+        _CACHE[share_key] = partition_split(data.train, cfg.federated.clients_per_site, client, seed)
+    return data, _CACHE[share_key]
 
 
 def worker(cfg: ExperimentConfig) -> SiteWorker:
@@ -237,7 +241,10 @@ def train(msg: Message, context: Context) -> Message:
                             tuple(c.get("probe_shape", [])))
     if uses_replay(cfg, site_index, int(c["stage"])):  # an earlier site keeps only its replay buffer
         n = replay_share(cfg.privacy.replay, cfg.federated.clients_per_site)
-        share = replay_buffer(share, n, derive_seed(int(c["seed"]), site_index, REPLAY_TAG, client))
+        replay_key = ("replay", site, client, n, int(c["seed"]), id(share))
+        if replay_key not in _CACHE:  # built once per seed: the same arrays every round
+            _CACHE[replay_key] = replay_buffer(share, n, derive_seed(int(c["seed"]), site_index, REPLAY_TAG, client))
+        share = _CACHE[replay_key]
     out = w.train_round(
         approach=str(c["approach"]), data=share, weights=M.from_record(msg.content[M.WEIGHTS]),
         teacher=teacher_mod, aux=aux, steps=int(c["steps"]), lr=float(c["lr"]),
