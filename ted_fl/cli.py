@@ -86,6 +86,18 @@ def print_summary(summary: pd.DataFrame, run: RunDir) -> None:
     for _, row in summary.iterrows():
         table.add_row(*[escape(format_cell(c, row[c])) for c in cols])
     Console(width=160).print(table)
+    print_verdict(summary, run)
+
+
+def print_verdict(summary: pd.DataFrame, run: RunDir) -> None:
+    """The run's answer under its table: which approach forgets least, at what plasticity, paired
+    by seed against seq, and whether this budget can separate the approaches at all."""
+    from ted_fl.results import budget_check, site_learning, verdict
+
+    sites = site_learning(run.metrics())
+    warnings = budget_check(summary, sites)
+    for line in verdict(summary, sites):
+        print(("warning: " if line in warnings else "verdict: ") + line)
 
 
 def check_inputs(cfg: ExperimentConfig) -> list:

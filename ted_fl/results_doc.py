@@ -19,7 +19,7 @@ from ted_fl.config import dump_toml, to_dict
 from ted_fl.continual.metrics import continual_summary, r_matrix
 from ted_fl.errors import TedFlError, exit_code
 from ted_fl.markdown import marked_sections, md_table, write_section
-from ted_fl.results import MEAN_LABEL, RunDir, labels_of, select_label
+from ted_fl.results import MEAN_LABEL, RunDir, labels_of, select_label, site_learning, verdict
 
 SUMMARY_COLUMNS = ["avg", "ravg", "bwt", "fwt", "forgetting", "plasticity"]
 
@@ -124,12 +124,14 @@ def run_tables(run: RunDir, label: str = MEAN_LABEL) -> tuple[dict[str, pd.DataF
     return matrices, summary
 
 
-def label_table(run: RunDir) -> pd.DataFrame:
-    """Per approach and label (each class, each region, the mean): Avg, BWT, forgetting, plasticity."""
+def label_table(run: RunDir, spread: bool = False) -> pd.DataFrame:
+    """Per approach and label (each class, each region, the mean): Avg, BWT, forgetting, plasticity;
+    with `spread`, as "mean ± std" over seeds (text, 3 decimals) where a run holds several."""
     frames = []
     for lab in labels_of(run.metrics()):
         _, summary = run_tables(run, lab)
-        part = summary[["avg", "bwt", "forgetting", "plasticity"]].copy()
+        cols = ["avg", "bwt", "forgetting", "plasticity"]
+        part = (shown(summary) if spread else summary)[cols].copy()
         part.insert(0, "label", lab)
         frames.append(part)
     return pd.concat(frames).reset_index().set_index(["approach", "label"]).sort_index(level=0, sort_remaining=False)
@@ -202,6 +204,20 @@ def machine_line(run: RunDir) -> str:
             f"{', CUDA' if mi.get('cuda') else ', no GPU'}")
 
 
+def run_verdict(run: RunDir) -> list[str]:
+    """`ted_fl.results.verdict` on the run's summary.csv rows (paired by seed), [] without one."""
+    try:
+        per_seed = run.summary()
+    except FileNotFoundError:
+        return []
+    return verdict(per_seed, site_learning(run.metrics()))
+
+
+MACHINE_SPECIFIC = ("These figures are specific to the machine above: the same command and seeds on another CPU "
+                    "(or a GPU) give slightly different numbers, since floating-point results depend on the "
+                    "hardware and its math libraries.")
+
+
 def readme_block(run: RunDir, target: str) -> str:
     """The measured figures of one run, compact enough for a README, with how to regenerate them."""
     _, summary = run_tables(run)
@@ -222,7 +238,9 @@ def readme_block(run: RunDir, target: str) -> str:
         "",
         md_table(shown(summary), index=True, index_name="approach"),
         "",
-        *(f"- {line}" for line in findings(summary)),
+        MACHINE_SPECIFIC,
+        "",
+        *(f"- {line}" for line in run_verdict(run)),
     ])
 
 
@@ -268,6 +286,10 @@ def run_section(run: RunDir, heading_level: int = 2) -> str:
         "",
         *(f"- {line}" for line in findings(summary)),
         "",
+        "Paired by seed against seq (`ted_fl.results.verdict`: mean difference, 95% t-interval):",
+        "",
+        *(f"- {line}" for line in run_verdict(run)),
+        "",
         "Dice R matrices (row: after training that site; column: test split of that site):",
         "",
     ]
@@ -278,7 +300,7 @@ def run_section(run: RunDir, heading_level: int = 2) -> str:
         out += [
             "Per class and region (the tables above use the mean over them):",
             "",
-            md_table(label_table(run).reset_index().set_index("approach"), index=True, index_name="approach"),
+            md_table(label_table(run, spread=True).reset_index().set_index("approach"), index=True, index_name="approach"),
             "",
         ]
         for lab in labels[:-1]:
