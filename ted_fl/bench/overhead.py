@@ -26,6 +26,9 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("overhead", help="simulator vs centralized run: wall time end to end, per round, memory")
     C.add_arguments(p, quick="tiny workload, one pair (the test suite's)")
     p.add_argument("--repeats", type=int, help="C, F pairs (default 2; --quick 1)")
+    p.add_argument("--floor-rounds", type=int, help="exchanges per variant of the bare-Flower floor (default 40; --quick 5)")
+    p.add_argument("--floor-only", action="store_true",
+                   help="only Flower's floor (a ClientApp that echoes, on the same engine): print it, write nothing")
     p.add_argument("--fast-polling", action="store_true",
                    help="federated.fast_polling = true: the simulator with the latency patch (default: Flower's own path)")
     p.set_defaults(func=run)
@@ -81,15 +84,18 @@ def message_path(cfg: ExperimentConfig, reps: int = 20) -> pd.DataFrame:
             fn()
             times.append(time.perf_counter() - t0)
         rows.append(dict(piece=name, ms=1000 * float(np.median(times))))
-    from ted_fl.federated.simulation import PULL_S
-
-    rows.append(dict(piece=f"polling wait per exchange, average (hand-over woken on push, replies polled every "
-                           f"{PULL_S:g} s; Flower's own: 2 polls every 0.1 s, 100 ms)", ms=1000 * PULL_S / 2))
     return pd.DataFrame(rows)
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = workload(args)
+    floor_rounds = args.floor_rounds or (5 if args.quick else 40)
+    if args.floor_only:
+        from ted_fl.bench.floor import flower_floor
+
+        C.print_table("Flower's floor: one exchange with a ClientApp that only echoes (ms)",
+                      flower_floor(cfg, floor_rounds))
+        return 0
     repeats = args.repeats or (1 if args.quick else 2)
     work = Path(args.out) / time.strftime("overhead-%Y%m%d-%H%M%S")
     rows = []
@@ -136,7 +142,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     C.print_table("overhead: simulator / centralized (mean over the pairs)", ratios)
     path = message_path(cfg)
     C.print_table("message path, each piece timed alone (median ms)", path)
-    line = f"overhead: end-to-end ratio {e2e:.2f}, steady-state per-round ratio {per_round:.2f}"
+    from ted_fl.bench.floor import flower_floor
+
+    floor = flower_floor(cfg, floor_rounds)
+    C.print_table("Flower's floor: one exchange with a ClientApp that only echoes (ms)", floor)
+    own = floor[(floor["engine"].str.startswith("federated") == bool(args.fast_polling))
+                & (floor["payload"] != "empty message")
+                & floor["exchange"].str.startswith("ted-fl")]["ms_median"].iloc[0]
+    line = (f"overhead: end-to-end ratio {e2e:.2f}, steady-state per-round ratio {per_round:.2f}, beside the "
+            f"client's work {1000 * fed['beside_work_s_median']:.0f} ms a round, Flower's floor {own:.0f} ms")
     per_run = df.drop(columns=["run_dir"])
     body = (
         f"{C.section_head('overhead', argv)}\n\n"
@@ -153,7 +167,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         "(shared pages counted per process).\n\n"
         f"{C.md_table(ratios)}\n\nPer run:\n\n{C.md_table(per_run)}\n\n"
         f"The message path of one round, each piece timed alone on the workload's model "
-        f"(median of 20, ms):\n\n{C.md_table(path)}\n\n`{line}`"
+        f"(median of 20, ms):\n\n{C.md_table(path)}\n\n"
+        f"Flower's floor (`ted_fl.bench.floor`): the same engine (`federated.simulation.launch`, Ray, one "
+        f"ClientApp actor per core), one node whose ClientApp only echoes the message, "
+        f"{floor_rounds} exchanges per row after one to start the actor; "
+        "the round trip as the ServerApp sees it (ms):\n\n"
+        f"{C.md_table(floor)}\n\n`{line}`"
     )
     return C.finish(args, "overhead", line, body + PROFILE_NOTE)
 
