@@ -36,7 +36,9 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--approach", nargs="+", choices=choices(ApproachName), metavar="APPROACH",
                    help=f"approaches to compare: {', '.join(choices(ApproachName))}")
     p.add_argument("--config", help="experiment file: simulations/NAME.toml or NAME")
-    p.add_argument("--rounds", type=int, help="rounds (epochs) per stage")
+    p.add_argument("--rounds", type=int,
+                   help="Flower rounds per stage (site); each round trains train.steps_per_round steps "
+                        "(0: one pass over the site's training split)")
     p.add_argument("--seed", type=int, nargs="+", help="one or more seeds")
     p.add_argument("--out", help="folder for run directories (default: runs)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -51,11 +53,12 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
     """Experiment file, then the dedicated options, then --set overrides: one schema for all."""
     cfg = load_experiment(args.config) if args.config else ExperimentConfig()
-    options = {"data.sites": args.sites or None, "data.data_dir": args.data_dir, "approaches": args.approach,
-               "train.rounds": args.rounds, "seeds": args.seed, "out": args.out or None}
-    for key, value in options.items():
+    options = {"data.sites": ("--sites", args.sites or None), "data.data_dir": ("--data-dir", args.data_dir),
+               "approaches": ("--approach", args.approach), "train.rounds": ("--rounds", args.rounds),
+               "seeds": ("--seed", args.seed), "out": ("--out", args.out or None)}
+    for key, (flag, value) in options.items():
         if value is not None:
-            set_key(cfg, key, value, f"--{key.rsplit('.', 1)[-1].replace('_', '-')}")
+            set_key(cfg, key, value, flag)
     for item in args.set:
         key, value = parse_override(item)
         set_key(cfg, key, value)
@@ -67,6 +70,7 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
 
 def print_summary(summary: pd.DataFrame, run: RunDir) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from ted_fl.results import format_cell
@@ -76,12 +80,24 @@ def print_summary(summary: pd.DataFrame, run: RunDir) -> None:
     cols[3:3] = [c for c in summary.columns if c.startswith("avg[")]  # per class / region, when several
     if "faults_seen" in summary.columns and summary["faults_seen"].fillna(0).sum() > 0:
         cols += ["faults_seen", "faults_retried", "faults_unrecovered"]
-    table = Table(title=f"summary ({run.path / 'summary.csv'})")
-    for c in cols:
-        table.add_column(c, justify="left" if c == "approach" else "right")
+    table = Table(title=escape(f"summary ({run.path / 'summary.csv'})"))
+    for c in cols:  # escaped: rich reads a label column's "[cup]" in avg[cup] as markup and shows "avg"
+        table.add_column(escape(c), justify="left" if c == "approach" else "right")
     for _, row in summary.iterrows():
-        table.add_row(*[format_cell(c, row[c]) for c in cols])
+        table.add_row(*[escape(format_cell(c, row[c])) for c in cols])
     Console(width=160).print(table)
+    print_verdict(summary, run)
+
+
+def print_verdict(summary: pd.DataFrame, run: RunDir) -> None:
+    """The run's answer under its table: which approach forgets least, at what plasticity, paired
+    by seed against seq, and whether this budget can separate the approaches at all."""
+    from ted_fl.results import budget_check, site_learning, verdict
+
+    sites = site_learning(run.metrics())
+    warnings = budget_check(summary, sites)
+    for line in verdict(summary, sites):
+        print(("warning: " if line in warnings else "verdict: ") + line)
 
 
 def check_inputs(cfg: ExperimentConfig) -> list:
@@ -100,7 +116,7 @@ def check_inputs(cfg: ExperimentConfig) -> list:
     return sites
 
 
-def describe(cfg: ExperimentConfig, sites: list, mode: str) -> str:
+def describe(cfg: ExperimentConfig, sites: list, mode: str, warnings: int = 0) -> str:
     """What a run of `cfg` would do, in one line (for --check)."""
     names = [s.name for s in sites]
     nodes = len(names) * cfg.federated.clients_per_site
@@ -108,7 +124,7 @@ def describe(cfg: ExperimentConfig, sites: list, mode: str) -> str:
     fed = f", {nodes} Flower client node(s)" if mode == "simulate" else ""
     return (f"ok: {len(cfg.approaches)} approach(es) {' '.join(cfg.approaches)} x {len(cfg.seeds)} seed(s), "
             f"sites {' -> '.join(names)} ({where}), {cfg.train.rounds} round(s) a stage{fed}; "
-            f"outputs in {cfg.out}/")
+            f"outputs in {cfg.out}/" + (f"; {warnings} data warning(s)/note(s) above" if warnings else ""))
 
 
 def _finished(run: RunDir) -> bool:
@@ -147,6 +163,7 @@ def _run_command(mode: str, argv: list[str] | None = None) -> int:
 
     run = None
     record = None
+    started = False  # the run itself (not its input checks) is under way: a failure marks it
     try:
         with graceful_signals():
             from ted_fl.processes import ProcessRecord, reap_folder, reap_stale
@@ -163,11 +180,28 @@ def _run_command(mode: str, argv: list[str] | None = None) -> int:
                              f" (write its report: python -m ted_fl.report {run.path})"))
                     return 0
                 check_inputs(cfg)
+                failed = run.failure()
+                if failed:
+                    print(f"note: resuming a run that failed ({failed})", file=sys.stderr)
+                    run.log(f"resumed after a failure: {failed}")
+                    run.clear_failed()
             else:
                 cfg = resolve_config(args)
+                from ted_fl.files import check_creatable
+
+                check_creatable(cfg.out, "--out / out")  # before the data and torch load
+                if mode == "simulate":
+                    from ted_fl.config import federated_split_seed
+
+                    federated_split_seed(cfg)
                 sites = check_inputs(cfg)
                 if args.check:
-                    print(describe(cfg, sites, mode))
+                    from ted_fl.run import data_warnings
+
+                    lines = data_warnings(cfg, sites)  # the lines the run would print
+                    for line in lines:
+                        print(line, file=sys.stderr)
+                    print(describe(cfg, sites, mode, len(lines)))
                     return 0
                 reaped = reap_folder(cfg.out)
                 from ted_fl.run import start_run
@@ -179,13 +213,12 @@ def _run_command(mode: str, argv: list[str] | None = None) -> int:
                 run.log(f"note: {msg}")
             record = ProcessRecord(run.path)
             record.update("starting")
+            started = True
             return _execute(mode, cfg, run, args, record)
     except TedFlError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        if not args.resume and run is not None:
-            from ted_fl.run import discard_if_empty
-
-            discard_if_empty(run)
+        if run is not None and (started or not args.resume):
+            _failed(run, str(exc), mode, bool(args.resume))
         return 2
     except (KeyboardInterrupt, SystemExit) as exc:
         # ray.init replaces the SIGTERM handler with sys.exit(15): the same signal, the same answer.
@@ -196,8 +229,27 @@ def _run_command(mode: str, argv: list[str] | None = None) -> int:
             run.log(f"{why} ({exc or 'SIGINT'})")
         print(f"{why}; resume with --resume {run.path}" if run is not None else why, file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not an input: its traceback follows, the run is marked first
+        if run is not None and started:
+            _failed(run, f"{type(exc).__name__}: {exc}", mode, bool(args.resume))
+        raise
     finally:
         _shutdown(record)
+
+
+def _failed(run: RunDir, error: str, mode: str, resumed: bool) -> None:
+    """A run that stopped on an error: gone if it had completed no round (a new run), else marked
+    FAILED (no metrics.csv or summary.csv: nothing that reads as a result) and resumable."""
+    from ted_fl.run import discard_if_empty
+
+    if not resumed:
+        discard_if_empty(run)
+        if not run.path.exists():
+            return
+    resume = f"python -m ted_fl.{mode} --resume {run.path}"
+    run.mark_failed(error.splitlines()[0] if error else "error", resume)
+    if not (run.path / "summary.csv").is_file():
+        print(f"{run.path}: marked failed (FAILED; no results written); resume with {resume}", file=sys.stderr)
 
 
 def _shutdown(record: object) -> None:

@@ -28,10 +28,10 @@ SCHEMA = ConfigDict(extra="forbid", validate_assignment=True)
 
 # Every allowed value, once. A registry keyed on one of these checks it covers exactly these names.
 ApproachName = Literal[
-    "seq", "joint", "kd", "ska", "akt", "akt_gugf", "ted", "ted_gugf", "ewc", "mas", "mib", "plop", "lwf"
+    "seq", "joint", "kd", "kd_ref", "ska", "akt", "akt_gugf", "ted", "ted_gugf", "ewc", "mas", "mib", "plop", "lwf"
 ]
 # The student rows of `python -m ted_fl.generalize` (ted_fl.continual.gkd.gkd_approach builds them).
-GKDApproachName = Literal["student", "student_aug", "kd", "at", "skd", "gkd", "intra", "inter", "cross", "intra_inter"]
+GKDApproachName = Literal["student", "student_aug", "kd", "kd_aug", "at", "skd", "gkd", "intra", "inter", "cross", "intra_inter"]
 Norm = Literal["batch", "instance", "group"]
 Device = Literal["auto", "cpu", "cuda"]
 Distribution = Literal["normal", "uniform"]
@@ -43,7 +43,16 @@ DPLevel = Literal["off", "sample", "client"]  # sample: Opacus DP-SGD in a site;
 Clipping = Literal["fixed", "adaptive"]
 NoiseSide = Literal["server", "client"]
 TeacherPlace = Literal["server", "site"]  # where the frozen teacher lives (privacy.teacher)
+EvalSlices = Literal["batched", "one"]  # eval.bn = "batch": slices a forward (ted_fl.continual.learner.batch_statistics)
+Compile = Literal["off", "on"]  # train.compile: torch.compile the networks' forwards (ted_fl.continual.compiled)
+# Numbers: every float is finite unless its key says what infinity means (privacy.epsilon); a count,
+# a rate or a weight that cannot be negative is refused there, naming the key, not deep inside torch.
 Positive = Annotated[int, Field(ge=1)]
+Count = Annotated[int, Field(ge=0)]
+Real = Annotated[float, Field(allow_inf_nan=False)]
+Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # a loss weight or multiplier: 0 switches it off
+Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # a learning rate, factor, temperature, time-out
+Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 
 
 def choices(literal: Any) -> tuple[str, ...]:
@@ -58,12 +67,14 @@ class DataConfig:
     sites: str = "prostate"  # a site-set name (sites/<name>.toml) or a path to a TOML file
     data_dir: str = ""  # empty: the embedded synthetic twin
     order: list[str] = field(default_factory=list)  # overrides the set's arrival order
-    size: int = 64  # in-plane size of every slice (the reference uses 192)
+    size: Count = 64  # in-plane size of every slice (the reference uses 192); 0: each site's preprocess.size
     target: str = ""  # structure for multi-structure sets (mnms: lv, myo, rv)
-    max_train: int = 0  # cap on training images per site (0: all), for quick runs
+    max_train: Count = 0  # cap on training images per site (0: all), for quick runs
     cache_dir: str = ""  # where the synthetic twin is written (default ~/.cache/ted-fl)
-    synthetic_volumes: int = 0  # volumes per synthetic site (0: the set's default)
-    split_seed: int = 42  # seeds the train/val/test split and the synthetic twin (the reference's 42)
+    synthetic_volumes: Count = 0  # volumes per synthetic site (0: the set's default)
+    # seeds the train/val/test split and the synthetic twin (the reference's 42); "seed": each run
+    # seed also draws its own split (and twin), so the spread over seeds includes the split's variance
+    split_seed: Count | Literal["seed"] = 42
 
 
 @dataclass(config=SCHEMA)
@@ -77,13 +88,13 @@ class ModelConfig:
     """
 
     name: str = "monai_unet"  # a registered network (ted_fl.continual.networks.NETWORKS)
-    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
-    strides: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
-    num_res_units: int = 0
+    channels: Annotated[list[Positive], Field(min_length=1)] = field(default_factory=lambda: [16, 32, 64, 128, 256])
+    strides: list[Positive] = field(default_factory=lambda: [2, 2, 2, 2])
+    num_res_units: Count = 0
     norm: Norm = "batch"
-    dropout: float = 0.0
-    in_channels: int = 1
-    out_channels: int = 0  # 0: the site set's classes + background (set at run start); else must match
+    dropout: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
+    in_channels: Positive = 1
+    out_channels: Count = 0  # 0: the site set's classes + background (set at run start); else must match
 
 
 @dataclass(config=SCHEMA)
@@ -98,20 +109,24 @@ class TrainConfig:
     2e-4 / 1e-4) is spelt out in simulations/prostate-ted.toml.
     """
 
-    rounds: Positive = 4  # rounds (epochs) per stage
-    steps_per_round: int = 20  # 0: one pass over the training split per round
-    joint_rounds_factor: float = 2.0  # the joint upper bound trains this many times longer
+    rounds: Positive = 4  # Flower rounds per stage; a round is steps_per_round steps (an epoch only when that is 0)
+    steps_per_round: Count = 20  # 0: one pass over the training split per round
+    joint_rounds_factor: Rate = 2.0  # the joint upper bound trains this many times longer
     batch_size: Positive = 8
-    lr_first: float = 1e-3
-    lr_later: float = 5e-4
-    lr_gamma: float = 0.99  # StepLR gamma, stepped every round
+    lr_first: Rate = 1e-3
+    lr_later: Rate = 5e-4
+    lr_gamma: Rate = 0.99  # StepLR gamma, stepped every round
     select_best: bool = True  # restore the best round on the arriving site's validation split
     eval_every_round: bool = False  # also evaluate every site after every round
     eval_val_all: bool = False  # also score every site's validation split at each stage's end (split val_stage)
-    threads: int = 1  # torch threads per trainer (Ray clients and the centralized run alike)
+    threads: Positive = 1  # torch threads per trainer (Ray clients and the centralized run alike)
     device: Device = "auto"  # auto: a visible GPU if any, else CPU
     amp: Literal["auto", "bf16", "off"] = "auto"  # mixed precision: auto (bf16 autocast on a GPU that supports it, off on CPU) | bf16 | off
     cudnn_benchmark: bool = True  # on a GPU: cuDNN autotuning and channels-last (false: deterministic cuDNN)
+    # on: the networks' training forwards (and backward) through torch.compile: CUDA graphs on a GPU
+    # ("reduce-overhead"), Inductor's C++ on a CPU (eager, with one warning, without a C++ compiler);
+    # the first steps pay the compilation. Not bitwise the eager arithmetic (ted_fl.continual.compiled).
+    compile: Compile = "off"
 
 
 @dataclass(config=SCHEMA)
@@ -128,17 +143,17 @@ class LossConfig:
     0.833). The values come from docs/results.md's runs, not from tuning for TED.
     """
 
-    lambda_d: float = 0.01  # distillation weight shared by KD, SKA and AKT (reference: 0.001)
-    w_kd: float = 1.0  # per-term multipliers on top of lambda_d
-    w_ska: float = 1.0
-    w_akt: float = 1.0
-    w_lwf: float = 1.0  # LwF, MiB and PLOP distillation multipliers (also on top of lambda_d)
-    w_mib: float = 1.0
-    w_plop: float = 1.0
+    lambda_d: Weight = 0.01  # distillation weight shared by KD, SKA and AKT (reference: 0.001)
+    w_kd: Weight = 1.0  # per-term multipliers on top of lambda_d
+    w_ska: Weight = 1.0
+    w_akt: Weight = 1.0
+    w_lwf: Weight = 1.0  # LwF, MiB and PLOP distillation multipliers (also on top of lambda_d)
+    w_mib: Weight = 1.0
+    w_plop: Weight = 1.0
     ska_distribution: Distribution = "normal"
-    ska_mean: float = 0.0
-    ska_std: float = 1.0
-    ska_count: int = 0  # noise images per step (0: the batch size)
+    ska_mean: Real = 0.0
+    ska_std: Weight = 1.0
+    ska_count: Count = 0  # noise images per step (0: the batch size)
     probe_bn_update: bool = False  # let SKA probes update the student's BN running stats (reference)
     # train (default, the reference's): the teacher normalises each batch with the batch's own
     # statistics, as eval.bn = "batch" scores every model; eval: its running statistics, which
@@ -149,11 +164,11 @@ class LossConfig:
     # AKT + GUGF distil it hard (docs/results.md, "GUGF strength").
     teacher_mode: TeacherMode = "train"
     gugf: GugfMode = "batch"  # batch: the reference's broadcasting (see ted_fl.continual.terms.GUGF)
-    temperature: float = 2.0  # LwF
-    ewc_lambda: float = 100.0
-    mas_lambda: float = 1.0
-    plop_threshold: float = 0.5  # PLOP pseudo-label confidence quantile
-    pod_weight: float = 0.0  # PLOP's POD feature term, only when asked (> 0); the reference has none
+    temperature: Rate = 2.0  # LwF
+    ewc_lambda: Weight = 100.0
+    mas_lambda: Weight = 1.0
+    plop_threshold: Fraction = 0.5  # PLOP pseudo-label confidence quantile
+    pod_weight: Weight = 0.0  # PLOP's POD feature term, only when asked (> 0); the reference has none
     baseline_variant: Literal["paper", "reference"] = "paper"  # paper | reference: ewc/mas/mib/plop as their papers or as the reference code
     kd_reduce: Literal["class", "reference"] = "class"  # class | reference (the reference's width-axis sum for kd/ska/akt/akt_gugf; never ted)
 
@@ -163,14 +178,14 @@ class FederatedConfig:
     """Flower + Ray: who trains when, what travels, where it runs."""
 
     clients_per_site: Positive = 1
-    retention: int = 0  # earlier sites that keep training (0: strict domain-continual; -1: all)
+    retention: Annotated[int, Field(ge=-1)] = 0  # earlier sites that keep training (0: strict domain-continual; -1: all)
     probes: ProbeTransport = "pixels"
-    num_cpus: float = 1.0  # per client
-    num_gpus: float = 0.0  # per client (fractions allowed)
+    num_cpus: Rate = 1.0  # per client
+    num_gpus: Weight = 0.0  # per client (fractions allowed)
     ray_address: str = ""  # join an existing Ray cluster ("auto" or host:port)
-    timeout: float = 600.0  # seconds a client may take to reply
-    connect_timeout: float = 300.0  # seconds the first (hello) reply may take: clients start up
-    retries: int = 1
+    timeout: Rate = 600.0  # seconds a client may take to reply
+    connect_timeout: Rate = 300.0  # seconds the first (hello) reply may take: clients start up
+    retries: Count = 1
     on_failure: OnFailure = "retry"
     client_app: str = "ted_fl.federated.client_app:app"  # module:attribute of the ClientApp the simulation runs
     fast_polling: bool = False  # patch Flower's 0.1 s message polling in the simulation (ted_fl.federated.simulation)
@@ -191,31 +206,32 @@ class GKDConfig:
     student: str = "mobilenetv2_unet"
     teacher_channels: list[int] = field(default_factory=list)
     student_channels: list[int] = field(default_factory=list)
-    rounds: int = 1  # Flower rounds per stage (weights return to the server after each)
-    steps_teacher: int = 200  # steps per round of each stage
-    steps_student: int = 200
-    steps_psae: int = 100
-    steps_act: int = 100
-    batch_size: int = 4
-    crop: int = 0  # random square training crops (0: whole images); evaluation is on whole images
-    lr: float = 1e-3  # Adam
-    views: int = 4  # K augmented views per anchor (DCGD)
+    rounds: Positive = 1  # Flower rounds per stage (weights return to the server after each)
+    steps_teacher: Positive = 200  # steps per round of each stage
+    steps_student: Positive = 200
+    steps_psae: Positive = 100
+    steps_act: Positive = 100
+    batch_size: Positive = 4
+    crop: Count = 0  # random square training crops (0: whole images); evaluation is on whole images
+    lr: Rate = 1e-3  # Adam
+    views: Positive = 4  # K augmented views per anchor (DCGD)
     augment: Literal["spec", "mild"] = "spec"  # spec (gamma, contrast, blur, noise, flips) | mild (no blur, narrower): gkd.AUGMENT
-    tau: float = 0.1
-    w_intra: float = 1.0
-    w_inter: float = 1.0
-    w_cross: float = 0.5
-    w_kd: float = 1.0
-    w_at: float = 1.0
-    w_pair: float = 1.0
-    code_dim: int = 512  # D (the P-SAE's last width)
-    code_side: int = 16  # s
-    psae_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
-    latency_repeats: int = 5
+    seg_on_views: bool = False  # true: the old rule, L_seg also on the views in gkd / intra / inter / cross (spec 2.5 now: anchors only)
+    tau: Rate = 0.1
+    w_intra: Weight = 1.0
+    w_inter: Weight = 1.0
+    w_cross: Weight = 0.5
+    w_kd: Weight = 1.0
+    w_at: Weight = 1.0
+    w_pair: Weight = 1.0
+    code_dim: Positive = 512  # D (the P-SAE's last width)
+    code_side: Positive = 16  # s
+    psae_channels: list[Positive] = field(default_factory=lambda: [64, 128, 256, 512])
+    latency_repeats: Positive = 5
     # continual combination: a checkpoint written by `generalize` (checkpoints/teacher-seed<N>/teacher.pt)
     fixed_teacher: str = ""
     fixed_term: Literal["kd", "at", "skd"] = "kd"  # kd | at | skd: how the fixed teacher distils into the student
-    w_fixed: float = 1.0
+    w_fixed: Weight = 1.0
 
 
 @dataclass(config=SCHEMA)
@@ -224,12 +240,18 @@ class EvalConfig:
 
     bn = "running": batch norm normalises with its running statistics (model.eval()), which
     follow the newest site. bn = "batch": the reference's protocol (it never calls .eval()):
-    each test image (2-D) or slice (3-D) is forwarded alone and batch norm normalises it with
-    its own statistics; no buffer changes, the model's mode is restored afterwards.
+    each test image (2-D) or slice (3-D) is normalised by batch norm with its own statistics; no
+    buffer changes, the model's mode is restored afterwards. slices = "batched" (default) forwards
+    batch_size such slices at once, batch norm computed as instance normalisation with the layer's
+    weight, bias and eps, which is what train-mode batch norm over one slice computes (equal to the
+    one-at-a-time forward to float rounding, checked on every registered network); a network with
+    a layer outside torch.nn and MONAI's activations falls back to one at a time. "one": the
+    reference's loop, one slice a forward.
     """
 
     bn: Literal["batch", "running"] = "batch"  # batch (the reference's protocol) | running
-    batch_size: int = 16  # images per forward under bn = "running"
+    batch_size: Positive = 16  # images per forward (under bn = "batch" with slices = "batched" too)
+    slices: EvalSlices = "batched"  # bn = "batch": batched (same numbers, batch_size a forward) | one
 
 
 @dataclass(config=SCHEMA)
@@ -259,16 +281,16 @@ class PrivacyConfig:
     """
 
     dp: DPLevel = "off"
-    epsilon: Annotated[float, Field(gt=0)] = math.inf  # target epsilon per site (client) and stage
-    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
-    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0  # sample level: per-sample gradient clipping bound
-    clip_norm: Annotated[float, Field(gt=0)] = 1.0  # client level: update clipping bound (initial one if adaptive)
+    epsilon: Annotated[float, Field(gt=0)] = math.inf  # target epsilon per site (client) and stage; inf: no noise
+    delta: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] = 1e-5
+    max_grad_norm: Rate = 1.0  # sample level: per-sample gradient clipping bound
+    clip_norm: Rate = 1.0  # client level: update clipping bound (initial one if adaptive)
     clipping: Clipping = "fixed"  # client level: fixed | adaptive (Andrew et al., Flower's adaptive wrappers)
     noise: NoiseSide = "server"  # client level: server (central DP) | client (local DP, Flower's LocalDpMod)
     clip_on: NoiseSide = "client"  # client level, central DP: where updates are clipped (Flower's mods or the server)
     secagg: bool = False  # SecAgg+ where a stage aggregates several clients (refused on Flower 1.41: docs/privacy.md)
     teacher: TeacherPlace = "server"  # server | site: where the frozen teacher lives
-    replay: Annotated[int, Field(ge=0)] = 0  # images an earlier site keeps for its retention rounds (0: all)
+    replay: Count = 0  # images an earlier site keeps for its retention rounds (0: all)
     mia: bool = True  # membership-inference attack on every site's final model (metrics.csv split "privacy")
 
 
@@ -286,12 +308,25 @@ class OutputConfig:
 
 
 @dataclass(config=SCHEMA)
+class DiagnosticsConfig:
+    """What a run measures besides its scores (costs training time; off by default).
+
+    term_grads: at every training step, each term's weighted gradient norm over the student's
+    parameters divided by the segmentation loss's (one extra backward per term), written to
+    metrics.csv as train rows grad_ratio_<term> (and grad_seg), the mean over each round's steps;
+    `python -m ted_fl.diagnose term-grads` reports their mean over a stage. Not under DP-SGD.
+    """
+
+    term_grads: bool = False
+
+
+@dataclass(config=SCHEMA)
 class ExperimentConfig:
     """A whole experiment: what `simulations/*.toml` holds and `config.toml` records."""
 
     name: str = "experiment"
-    approaches: list[ApproachName] = field(default_factory=lambda: ["seq", "kd", "ted_gugf"])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # mean ± std over 3 seeds by default
+    approaches: Annotated[list[ApproachName], Field(min_length=1)] = field(default_factory=lambda: ["seq", "kd", "ted_gugf"])
+    seeds: Annotated[list[Count], Field(min_length=1)] = field(default_factory=lambda: [0, 1, 2])  # mean ± std over 3 seeds by default
     out: str = "runs"
     # "reference": the reference code's evaluation rescale (percentiles 0.1-99), pooled HD95,
     # joint as one run over all sites selected on the first site, seq keeping lr_first;
@@ -306,6 +341,42 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+
+
+def split_seed_of(cfg: ExperimentConfig, seed: int | None = None) -> int:
+    """The split seed a run seed's data is drawn with: data.split_seed, or the run seed itself
+    when it is "seed" (`seed`, else the config's only seed)."""
+    fixed = cfg.data.split_seed
+    if fixed != "seed":
+        return int(fixed)
+    if seed is not None:
+        return int(seed)
+    if len(cfg.seeds) == 1:
+        return int(cfg.seeds[0])
+    raise TedFlError(f"data.split_seed = 'seed' draws one split per run seed, and this step has no seed to pick one of "
+                     f"{cfg.seeds}; run one seed (--seed N) or set data.split_seed to an integer")
+
+
+def federated_split_seed(cfg: ExperimentConfig) -> None:
+    """The Flower simulation loads each site's split once per node, so data.split_seed = "seed" runs
+    there with one seed per run; refuse several (one line, before anything starts)."""
+    if cfg.data.split_seed == "seed" and len(cfg.seeds) > 1:
+        raise TedFlError(f"data.split_seed = 'seed' with seeds {cfg.seeds}: the Flower simulation loads each site's "
+                         "split once per node, so it runs one seed per run; pass one --seed per run, run the seeds "
+                         "as sweep / study cells, or use python -m ted_fl.centralized")
+
+
+def for_seed(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
+    """The experiment as run seed `seed` trains it: a copy whose data.split_seed is that seed when the
+    config says "seed" (the config itself otherwise)."""
+    if cfg.data.split_seed != "seed":
+        return cfg
+    import copy
+
+    out = copy.deepcopy(cfg)
+    out.data.split_seed = int(seed)
+    return out
 
 
 SECAGG_UNSUPPORTED = (
@@ -331,6 +402,9 @@ def privacy_conflicts(cfg: ExperimentConfig) -> None:
     if p.dp == "off":
         return
     where = f"privacy.dp = '{p.dp}'"
+    if p.dp == "sample" and cfg.diagnostics.term_grads:
+        raise TedFlError(f"{where}: diagnostics.term_grads measures non-private gradients of a site's images; "
+                         "set diagnostics.term_grads = false")
     for name in cfg.approaches:
         if name in IMPORTANCE_APPROACHES:
             raise TedFlError(f"{where}: approach '{name}' sends parameter importances computed on a site's "
@@ -348,7 +422,8 @@ def privacy_conflicts(cfg: ExperimentConfig) -> None:
 
 def _describe(err: dict[str, Any], where: str) -> str:
     """One line for pydantic's first error: where, the dotted key, what is wrong, how to fix it."""
-    loc = [str(p) for p in err["loc"]]
+    # a union's member tag ('constrained-int', "literal['seed']") is no key: data.split_seed, not data.split_seed.int
+    loc = [str(p) for p in err["loc"] if not any(c in str(p) for c in "-[(")]
     key = ".".join(loc)
     head = f"{where}: " if where else ""
     kind, value = err["type"], err.get("input")
@@ -366,9 +441,18 @@ def _describe(err: dict[str, Any], where: str) -> str:
     return f"{head}{key}: {err['msg'][0].lower()}{err['msg'][1:]}, got {value!r}"
 
 
+def _union_alternative(exc: ValidationError) -> str:
+    """' (or 'seed')' when the failing key is a union with a Literal member (data.split_seed): the
+    first error names the number member only."""
+    for e in exc.errors()[1:]:
+        if e["type"] == "literal_error" and e["loc"][:-1] == exc.errors()[0]["loc"][:-1]:
+            return f" (or {e['ctx']['expected']})"
+    return ""
+
+
 def _as_error(exc: ValidationError, cls: type, where: str) -> TedFlError:
     err = exc.errors()[0]
-    line = _describe(err, where)
+    line = _describe(err, where) + _union_alternative(exc)
     if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
         owner = _section(cls, [str(p) for p in err["loc"][:-1]])
         names = [f.name for f in dataclasses.fields(owner)] if owner else []
@@ -465,7 +549,7 @@ def set_key(cfg: ExperimentConfig, dotted: str, value: Any, source: str = "--set
         setattr(obj, last, value)
     except ValidationError as exc:
         err = dict(exc.errors()[0], loc=(*sections, last))
-        raise TedFlError(_describe(err, source)) from None
+        raise TedFlError(_describe(err, source) + _union_alternative(exc)) from None
 
 
 def _words(text: str) -> Any:

@@ -11,11 +11,17 @@ Dice per site and the Avg / BWT / forgetting of each mode's R matrix. Reads the 
 `diagnostics/eval_bn-<approach>-seed<k>.csv` (mode, stage, site, dice) there.
 
 term-grads: how strong is each distillation term against the segmentation loss?
-`python -m ted_fl.diagnose term-grads RUN_DIR [--approach seq] [--stage K]`. The teacher is the
-stage-K checkpoint, the student the stage-(K+1) one (the end of the next site's stage), the
-batches come from site K+1's training split; for each term, lambda_d * |grad| / |grad L_seg|
-over the student's parameters (the run's lambda_d, its batch size), with the teacher in both
-`loss.teacher_mode`s, averaged over `--batches` batches. Prints a table; writes nothing.
+`python -m ted_fl.diagnose term-grads RUN_DIR [--approach A ...] [--stage K]`. Each approach is
+measured on its OWN checkpoints (default: every approach of the run that has them; the output
+names each): the teacher is its stage-K checkpoint, the student its stage-(K+1) one (the end of
+the next site's stage), the batches come from site K+1's training split; for each term,
+lambda_d * |grad| / |grad L_seg| over the student's parameters (the run's lambda_d, its batch
+size), with the teacher in both `loss.teacher_mode`s, averaged over `--batches` batches. That is
+the pull at the END of the stage, an upper bound of the pull during it: at the stage's start the
+student equals its teacher (KD's gradient and AKT's mask are zero). The pull during training, the
+mean over stage K+1's steps of each weighted term's gradient ratio as the run trained, is printed
+beside it when the run recorded it (`--set diagnostics.term_grads=true`: metrics.csv rows
+grad_ratio_<term>); otherwise the command says how to record it. Prints tables; writes nothing.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ted_fl.config import LossConfig
+from ted_fl.config import LossConfig, split_seed_of
 from ted_fl.continual import terms as T
+from ted_fl.continual.approaches import get_approach
 from ted_fl.continual.learner import dice, eval_options, evaluate
 from ted_fl.continual.metrics import continual_summary, r_matrix
 from ted_fl.continual.networks import build_model
@@ -46,7 +53,7 @@ MODES = ("running", "batch")
 def eval_bn(run: RunDir, approach: str, seed: int) -> pd.DataFrame:
     """Rows (mode, stage, stage_site, site, dice): every stage checkpoint scored under both modes."""
     cfg = run.read_config()
-    sites = load_sites(cfg.data, cfg.data.split_seed)
+    sites = load_sites(cfg.data, split_seed_of(cfg, seed))
     rows = []
     for stage, stage_site in enumerate(s.name for s in sites):
         ckpt = run.load_checkpoint(approach, seed, f"stage{stage}")
@@ -116,7 +123,7 @@ def term_grad_ratios(student: torch.nn.Module, teacher: torch.nn.Module, x: torc
 def term_grads(run: RunDir, approach: str, seed: int, stage: int, batches: int) -> pd.DataFrame:
     """Rows (teacher_mode, quantity, mean over batches) for teacher = stage `stage`, student = stage + 1."""
     cfg = run.read_config()
-    sites = load_sites(cfg.data, cfg.data.split_seed)
+    sites = load_sites(cfg.data, split_seed_of(cfg, seed))
     if not 0 <= stage < len(sites) - 1:
         raise TedFlError(f"--stage must be in 0..{len(sites) - 2} (the teacher's stage; the student is the next)")
     nets = []
@@ -146,6 +153,35 @@ def term_grads(run: RunDir, approach: str, seed: int, stage: int, batches: int) 
     return pd.DataFrame(rows)
 
 
+def recorded_pull(run: RunDir, approach: str, seed: int, stage: int) -> pd.DataFrame:
+    """The pull during stage `stage` as the run trained it: the mean over the stage's rounds (and
+    training sites) of the train rows grad_ratio_<term> / grad_seg that diagnostics.term_grads
+    recorded (each a mean over one round's steps). Empty when the run did not record them."""
+    df = run.metrics()
+    if df.empty:
+        return pd.DataFrame(columns=["quantity", "value"])
+    sel = df[(df["split"] == "train") & (df["approach"] == approach) & (df["seed"] == seed)
+             & (df["stage"] == stage) & df["metric"].astype(str).str.startswith(("grad_ratio_", "grad_seg"))]
+    if sel.empty:
+        return pd.DataFrame(columns=["quantity", "value"])
+    out = sel.groupby("metric", sort=False)["value"].mean().reset_index()
+    return out.rename(columns={"metric": "quantity"})
+
+
+def run_approaches(run: RunDir, requested: list[str] | None, seed: int, stage: int) -> list[str]:
+    """The approaches to measure: the requested ones, or every approach of the run with its own
+    stage-K and stage-(K+1) checkpoints."""
+    cfg = run.read_config()
+    if requested:
+        return list(requested)
+    have = [a for a in cfg.approaches
+            if all((run.ckpt_dir(a, seed) / f"stage{k}.pt").is_file() for k in (stage, stage + 1))]
+    if not have:
+        raise TedFlError(f"{run.path}: no approach has stage{stage} and stage{stage + 1} checkpoints for seed {seed} "
+                         f"(output.checkpoints = \"stages\" keeps them); pick --stage or --seed")
+    return have
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ted_fl.diagnose", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -155,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--seed", type=int, default=None, help="default: the run's first seed")
     g = sub.add_parser("term-grads", help="each TED term's gradient norm against the segmentation loss's")
     g.add_argument("run", metavar="RUN_DIR")
-    g.add_argument("--approach", default="seq", help="whose stage checkpoints (default seq)")
+    g.add_argument("--approach", nargs="+", default=None,
+                   help="whose stage checkpoints, each measured on its own (default: every approach of the run)")
     g.add_argument("--seed", type=int, default=None, help="default: the run's first seed")
     g.add_argument("--stage", type=int, default=0, help="the teacher's stage; the student is the next (default 0)")
     g.add_argument("--batches", type=int, default=6)
@@ -169,13 +206,31 @@ def _term_grads_command(args: argparse.Namespace) -> int:
     run = RunDir.open(args.run)
     cfg = run.read_config()
     seed = args.seed if args.seed is not None else cfg.seeds[0]
-    df = term_grads(run, args.approach, seed, args.stage, args.batches)
-    table = df.pivot(index="quantity", columns="teacher_mode", values="value")
-    table = table.reindex(df["quantity"].drop_duplicates())[["train", "eval"]].reset_index()
-    print(md_table(table))
-    print(f"term-grads: {args.approach} seed {seed}, teacher stage {args.stage}, student stage {args.stage + 1}, "
-          f"lambda_d {cfg.loss.lambda_d}, batch {cfg.train.batch_size} (rows kd..akt_gugf_sample: "
-          f"lambda_d * |grad| / |grad L_seg|)")
+    for n, approach in enumerate(run_approaches(run, args.approach, seed, args.stage)):
+        if n:
+            print()
+        df = term_grads(run, approach, seed, args.stage, args.batches)
+        table = df.pivot(index="quantity", columns="teacher_mode", values="value")
+        table = table.reindex(df["quantity"].drop_duplicates())[["train", "eval"]].reset_index()
+        table.columns = ["quantity", "end of stage, teacher train", "end of stage, teacher eval"]
+        print(f"### {approach}: its own checkpoints (teacher stage{args.stage}, student stage{args.stage + 1}), seed {seed}")
+        print()
+        print(md_table(table))
+        print(f"term-grads: {approach} seed {seed}, teacher = {approach}'s stage {args.stage}, student = {approach}'s "
+              f"stage {args.stage + 1}, lambda_d {cfg.loss.lambda_d}, batch {cfg.train.batch_size} (rows kd..akt_gugf_sample: "
+              "lambda_d * |grad| / |grad L_seg| at the END of the stage, an upper bound of the pull during it)")
+        pull = recorded_pull(run, approach, seed, args.stage + 1)
+        if get_approach(approach, cfg.loss).term_names == ["seg"]:
+            print(f"pull during stage {args.stage + 1}: {approach} trains L_seg alone (no distillation term pulls); "
+                  "the table above is what the terms WOULD pull at its checkpoints")
+        elif pull.empty:
+            print(f"pull during stage {args.stage + 1}: not recorded by this run; rerun it with "
+                  "--set diagnostics.term_grads=true to record each term's gradient ratio at every step")
+        else:
+            print()
+            print(md_table(pull.rename(columns={"value": f"mean over stage {args.stage + 1}'s training steps"}), digits=4))
+            print(f"pull during stage {args.stage + 1} as {approach} trained (diagnostics.term_grads): grad_ratio_<term> = "
+                  "|grad of the weighted term| / |grad L_seg|, the mean over the stage's steps; grad_seg = |grad L_seg|")
     return 0
 
 

@@ -3,6 +3,8 @@
     python -m ted_fl.generalize --sites retina --data-dir ../shared/data/retinal_vessels \\
         --source CHASEDB1 [--teacher NAME] [--student NAME] [--approach A [A ...]] [--seed N [N ...]] \\
         [--set gkd.steps_teacher=300 ...]
+    python -m ted_fl.generalize --config gkd-fair        # the fair rows on a GPU (simulations/gkd-fair.toml)
+    python -m ted_fl.generalize --config gkd-fair-cpu    # the same rows at a CPU budget
 
 The source site trains the spec's stages (teacher, plain student, P-SAE, alignment networks,
 distillation); every other site of the set is an unseen target that only scores the models it
@@ -18,26 +20,46 @@ import os
 import sys
 from pathlib import Path
 
-from ted_fl.config import ExperimentConfig, parse_override, set_key
+from ted_fl.config import ExperimentConfig, load_experiment, parse_override, set_key, split_seed_of
 from ted_fl.errors import TedFlError, unknown
+
+DEFAULTS = {"sites": "retina", "data_dir": "", "source": "CHASEDB1", "size": 128, "seed": [0], "out": "runs"}
 
 
 def build_config(args: argparse.Namespace) -> ExperimentConfig:
+    """The run's config: `--config FILE` (simulations/gkd-*.toml) or the defaults, then the options
+    given on the command line, then `--set`."""
     from ted_fl.continual.gkd import GKD_APPROACHES
     from ted_fl.continual.networks import NETWORKS
 
-    cfg = ExperimentConfig(name=f"gkd-{args.sites}")
-    cfg.data.sites = args.sites
-    cfg.data.data_dir = args.data_dir
-    cfg.data.size = args.size
-    cfg.out = args.out
-    cfg.federated.timeout = 7200.0  # a whole stage is one round by default
-    for a in args.approach:
-        if a not in GKD_APPROACHES:
-            raise unknown("approach", a, GKD_APPROACHES, "--approach")
-    cfg.gkd.approaches = list(args.approach)
-    cfg.seeds = list(args.seed)
-    cfg.gkd.source = args.source
+    def given(name: str) -> bool:
+        return getattr(args, name, None) is not None
+
+    if getattr(args, "config", ""):
+        cfg = load_experiment(args.config)
+    else:
+        cfg = ExperimentConfig(name=f"gkd-{args.sites or DEFAULTS['sites']}")
+        cfg.federated.timeout = 7200.0  # a whole stage is one round by default
+        for key in ("sites", "data_dir", "size", "out", "seed", "source"):
+            if not given(key):
+                setattr(args, key, DEFAULTS[key])
+    if given("sites"):
+        cfg.data.sites = args.sites
+    if given("data_dir"):
+        cfg.data.data_dir = args.data_dir
+    if given("size"):
+        cfg.data.size = args.size
+    if given("out"):
+        cfg.out = args.out
+    if given("approach"):
+        for a in args.approach:
+            if a not in GKD_APPROACHES:
+                raise unknown("approach", a, GKD_APPROACHES, "--approach")
+        cfg.gkd.approaches = list(args.approach)
+    if given("seed"):
+        cfg.seeds = list(args.seed)
+    if given("source"):
+        cfg.gkd.source = args.source
     if args.teacher:
         cfg.gkd.teacher = args.teacher
     if args.student:
@@ -84,7 +106,7 @@ def check_sites(cfg: ExperimentConfig) -> list:
         raise unknown("source site", cfg.gkd.source, order, f"site set '{cfg.data.sites}' (--source)")
     if len(order) < 2:
         raise TedFlError(f"site set '{cfg.data.sites}' has one site: no unseen target to test on")
-    sites = load_sites(cfg.data, cfg.data.split_seed)
+    sites = load_sites(cfg.data, split_seed_of(cfg))
     for s in sites:
         for split in ("train", "test"):
             if len(s.splits[split]) == 0:
@@ -106,16 +128,20 @@ def main(argv: list[str] | None = None) -> int:
 
     GKD_APPROACHES = choices(GKDApproachName)  # noqa: N806 (ted_fl.continual.gkd builds these; no torch to parse)
     p = argparse.ArgumentParser(prog="python -m ted_fl.generalize", description=__doc__.splitlines()[0])
-    p.add_argument("--sites", default="retina", help="site set (sites/<name>.toml or a path)")
-    p.add_argument("--data-dir", default="", help="the set's data folder (empty: its synthetic twin)")
-    p.add_argument("--source", default="CHASEDB1", help="the training site; the others are unseen targets")
+    p.add_argument("--config", default="", help="experiment file (simulations/NAME.toml or NAME, e.g. gkd-fair); "
+                   "the options below override it")
+    p.add_argument("--sites", default=None, help="site set (sites/<name>.toml or a path; default retina)")
+    p.add_argument("--data-dir", default=None, help="the set's data folder (empty: its synthetic twin)")
+    p.add_argument("--source", default=None, help="the training site; the others are unseen targets (default CHASEDB1)")
     p.add_argument("--teacher", default="", help="teacher network (default gkd.teacher: basic_unet)")
     p.add_argument("--student", default="", help="student network (default gkd.student: mobilenetv2_unet)")
-    p.add_argument("--approach", nargs="+", default=list(GKD_APPROACHES), help="student rows to train")
-    p.add_argument("--seed", nargs="+", type=int, default=[0])
-    p.add_argument("--size", type=int, default=128, help="image side (multiple of 32 for the MobileNet/B0 students)")
+    p.add_argument("--approach", nargs="+", default=None, help=f"student rows to train (default: gkd.approaches, "
+                   f"all of {', '.join(GKD_APPROACHES)})")
+    p.add_argument("--seed", nargs="+", type=int, default=None, help="seeds (default 0, or the config's)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side (multiple of 32 for the MobileNet/B0 students; default 128)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. gkd.crop=64")
-    p.add_argument("--out", default="runs", help="parent folder of the run directory")
+    p.add_argument("--out", default=None, help="parent folder of the run directory (default runs)")
     p.add_argument("--doc", default="", help="also write the report section into this markdown page")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)

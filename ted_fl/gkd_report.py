@@ -20,7 +20,7 @@ from ted_fl.errors import TedFlError
 from ted_fl.markdown import md_table, write_section
 from ted_fl.results import RunDir
 
-ROW_ORDER = ["teacher", "student", "student_aug", "kd", "at", "skd", "intra", "inter", "cross", "intra_inter", "gkd"]
+ROW_ORDER = ["teacher", "student", "student_aug", "kd", "kd_aug", "at", "skd", "intra", "inter", "cross", "intra_inter", "gkd"]
 
 
 def _pm(values: pd.Series) -> str:
@@ -147,7 +147,9 @@ def diagnosis(t: dict[str, pd.DataFrame]) -> list[str]:
     for a, b, what in (("teacher", "student", "headroom: teacher minus plain student"),
                        ("kd", "student", "pixel KD minus plain student"),
                        ("student_aug", "student", "the K augmented views alone (no distillation) minus plain student"),
-                       ("gkd", "student_aug", "GKD's three terms on top of the same views (gkd minus student_aug)")):
+                       ("kd_aug", "kd", "the same views in L_seg and KD on top of kd (augmentation alone)"),
+                       ("gkd", "student", "GKD's three terms (L_seg on anchors, views only in DCGD) minus plain student"),
+                       ("gkd", "kd", "gkd minus kd (no views in either L_seg)")):
         g = _gap(ps, a, b)
         if g is not None:
             out.append(f"- {what}: Dice {g:+.3f}, AUC {_gap(ps, a, b, 'auc'):+.3f}")
@@ -158,6 +160,27 @@ def diagnosis(t: dict[str, pd.DataFrame]) -> list[str]:
         share = sum(parts.values()) / float(r["seg"]) if float(r["seg"]) else float("nan")
         out.append("- size of the GKD terms in gkd's last round, weighted: " + ", ".join(
             f"{k} {v:.4f}" for k, v in parts.items()) + f" against seg {float(r['seg']):.4f} ({100 * share:.1f} %)")
+    if lt is not None:
+        out += uniform_warnings(lt)
+    return out
+
+
+def uniform_warnings(losses: pd.DataFrame) -> list[str]:
+    """A warning per row whose DCGD graphs were near-uniform (normalised row entropy >= 0.9) in any
+    step: its intra / inter terms were not tested (spec 2.3's check)."""
+    from ted_fl.continual.gkd import NEAR_UNIFORM
+
+    if "entropy_near_uniform" not in losses:
+        return []
+    out = []
+    for _, r in losses.iterrows():
+        share = r.get("entropy_near_uniform")
+        if share is not None and np.isfinite(share) and share > 0:
+            ent = ", ".join(f"{c.removeprefix('entropy_')} {float(r[c]):.3f}" for c in losses.columns
+                            if c.startswith("entropy_") and c != "entropy_near_uniform" and np.isfinite(r[c]))
+            out.append(f"- **warning: {r['approach']}'s DCGD graphs were near-uniform** (normalised row entropy >= "
+                       f"{NEAR_UNIFORM}) in {100 * float(share):.0f} % of its last round's steps ({ent}): its intra / "
+                       "inter terms were not tested; no DCGD conclusion from this row")
     return out
 
 
@@ -197,9 +220,12 @@ def section(runs: RunDir | list[RunDir], command: str = "", heading: str = "##",
         lines += ["", "Size and speed per image of the run's size, as the run measured them (runs made before commit "
                   "3bd83da timed wall time on the shared CPU, which its load inflates; later runs the single-thread "
                   "CPU time, as `python -m ted_fl.networks`):", "", md_table(t["size"])]
+    anchors = ("L_seg on the anchors and the views (gkd.seg_on_views = true, the old rule)" if g.seg_on_views
+               else "L_seg on the anchors only, the views only in DCGD")
     lines += ["", "Rows: student = L_seg alone; student_aug = L_seg on anchors and the K views (the "
-              "augmentation without distillation); kd = + pixel KD; at = + attention transfer; skd = + KD + "
-              "pair-wise affinity; intra / inter / cross = + one GKD term; gkd = + all three. FSD uses the "
+              "augmentation without distillation); kd = + pixel KD; kd_aug = kd on anchors and the same views; "
+              "at = + attention transfer; skd = + KD + pair-wise affinity; intra / inter / cross = + one GKD term; "
+              f"gkd = + all three ({anchors}). The teacher runs in eval mode in every row. FSD uses the "
               "TAN on teacher codes and the SAN (trained on the plain student) on every student's codes."]
     return "\n".join(lines)
 

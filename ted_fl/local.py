@@ -41,6 +41,9 @@ class LocalExecutor:
 
             self.dp = StageDP(cfg.privacy)
         self._released: list[tuple[Weights, bool]] = []
+        # Derived training splits (replay buffers, a joint group's union) are built once and reused
+        # round after round: the same arrays, so a GPU keeps one device copy of each (learner.on_device).
+        self._derived: dict[tuple, tuple[list[Split], Split]] = {}
 
     def train(self, task: TrainTask) -> list[TrainResult]:
         appr = get_approach(task.approach, self.cfg.loss)
@@ -66,7 +69,7 @@ class LocalExecutor:
                                          task.probe_count, task.probe_shape)
             out = self.worker.train_round(
                 approach=task.approach,
-                data=Split.concat([self._train_split(s, task) for s in group]),
+                data=self._union([self._train_split(s, task) for s in group]),
                 weights=task.weights, teacher=teacher if holds else None, aux=task.aux,
                 steps=task.steps, lr=task.lr,
                 seed=derive_seed(task.seed, task.stage, task.round, index, 0),
@@ -92,7 +95,24 @@ class LocalExecutor:
         index = self.sites.index(site)
         if not uses_replay(self.cfg, index, task.stage):
             return self.data[site].train
-        return replay_buffer(self.data[site].train, self.cfg.privacy.replay, derive_seed(task.seed, index, REPLAY_TAG, 0))
+        key = ("replay", site, task.seed)
+        if key not in self._derived:
+            buf = replay_buffer(self.data[site].train, self.cfg.privacy.replay,
+                                derive_seed(task.seed, index, REPLAY_TAG, 0))
+            self._derived[key] = ([], buf)
+        return self._derived[key][1]
+
+    def _union(self, parts: list[Split]) -> Split:
+        """`Split.concat(parts)`, the same object while the parts are the same (a joint stage's rounds)."""
+        if len(parts) == 1:
+            return parts[0]
+        key = ("union", *(id(p) for p in parts))
+        hit = self._derived.get(key)
+        if hit is None or any(a is not b for a, b in zip(hit[0], parts, strict=True)):
+            for k in [k for k in self._derived if k[0] == "union"]:
+                del self._derived[k]  # one union at a time: the previous stage's is done
+            hit = self._derived[key] = (parts, Split.concat(parts))
+        return hit[1]
 
     def aggregate(self, task: TrainTask, results: list[TrainResult]) -> Weights:
         """The round's global model: client-level DP's noised uniform mean of the released weights, else FedAvg."""

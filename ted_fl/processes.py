@@ -10,8 +10,11 @@ A run starts Ray (GCS, raylet, dashboard and runtime-env agents, one worker per 
   every process it started (pid and start time, so a recycled pid is never mistaken for one of
   them). A clean end kills what is left of them and deletes the file; after SIGKILL the file
   stays, and the next run in the same output folder, or `--resume`, ends the orphans (`reap_stale`);
-- `ted_fl.federated.reaper`: under `flwr run`, stops the SuperLink that `flwr run` started when
-  the command ends or is interrupted.
+- `ted_fl.federated.reaper`: under `flwr run`, stops the SuperLink that `flwr run` started once
+  its last run has ended (finished, failed or interrupted).
+
+A zombie (a process that has exited but whose parent has not collected it) counts as ended
+everywhere here (`is_gone`); psutil's own `is_running()` says True for it.
 
 Imports only the standard library and psutil (lazily): the command lines import it before parsing.
 """
@@ -73,24 +76,52 @@ def _identity(proc: Any) -> dict[str, Any]:
     return {"pid": proc.pid, "start": proc.create_time(), "name": proc.name()}
 
 
+def is_gone(proc: Any) -> bool:
+    """Whether a process has ended: exited, never found, or a zombie (it has exited; only its parent
+    has not collected its status yet, and it holds no resources). `psutil.Process.is_running()` is
+    True for a zombie, and its `cmdline()` raises `psutil.ZombieProcess`: never use them alone."""
+    import psutil
+
+    if proc is None:
+        return True
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # also psutil.ZombieProcess
+        return True
+    except psutil.AccessDenied:
+        return False
+
+
+def cmdline(proc: Any) -> list[str]:
+    """A process's command line; [] for one that has ended or become a zombie, or is not ours to read."""
+    import psutil
+
+    try:
+        return list(proc.cmdline())
+    except psutil.Error:  # NoSuchProcess, ZombieProcess, AccessDenied
+        return []
+
+
 def _alive(entry: dict[str, Any]) -> Any:
-    """The psutil.Process of a recorded entry if it still runs (same pid AND start time), else None."""
+    """The psutil.Process of a recorded entry if it still runs (same pid AND start time, not a
+    zombie), else None."""
     import psutil
 
     try:
         proc = psutil.Process(int(entry["pid"]))
-        if abs(proc.create_time() - float(entry["start"])) > 0.01 or proc.status() == psutil.STATUS_ZOMBIE:
+        if abs(proc.create_time() - float(entry["start"])) > 0.01 or is_gone(proc):
             return None
         return proc
-    except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, ValueError, TypeError):
+    except (psutil.Error, KeyError, ValueError, TypeError):
         return None
 
 
 def terminate(procs: Iterable[Any], grace: float = 5.0) -> int:
-    """SIGTERM, then SIGKILL after `grace` seconds; returns how many processes were ended."""
+    """SIGTERM, then SIGKILL after `grace` seconds; returns how many processes were ended. Zombies
+    are skipped: they have ended already (waiting on one that is not our child would last `grace`)."""
     import psutil
 
-    procs = list(procs)
+    procs = [p for p in procs if not is_gone(p)]
     for p in procs:
         with contextlib.suppress(psutil.Error):
             p.terminate()
@@ -140,7 +171,7 @@ class ProcessRecord:
 
     def close(self) -> int:
         """The run ended (cleanly, by a signal or an error): end what it left, drop the record."""
-        left = {p.pid: p for p in self.children() if p.is_running()}
+        left = {p.pid: p for p in self.children() if not is_gone(p)}
         for entry in self.known.values():  # reparented away from this process, e.g. a Ray worker
             proc = _alive(entry)
             if proc is not None:

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_runs(runs: list[Path]) -> None:
     """Every argument is a run directory: one line naming the one that is not."""
     for r in runs:
-        RunDir.open(r)
+        RunDir.open(r).refuse_if_failed()
 
 
 if __name__ == "__main__":  # --help and a wrong folder answer before numpy, pandas, plotly and torch load
@@ -60,7 +60,8 @@ from plotly.subplots import make_subplots  # noqa: E402
 from ted_fl.continual.metrics import curves, r_matrix  # noqa: E402
 from ted_fl.results import labels_of, missing_reason, select_label  # noqa: E402
 
-# Summary columns of the final table, with their headers (in this order).
+# Summary columns of the final tables, with their headers (in this order): what the continual
+# metrics say, then what a run cost and leaked (COST_COLUMNS, a second table so neither overflows).
 TABLE_COLUMNS = {
     "avg": "Avg",
     "ravg": "rAvg",
@@ -76,6 +77,7 @@ TABLE_COLUMNS = {
     "bytes_sent": "sent (MB)",
     "wall_s": "wall (s)",
 }
+COST_COLUMNS = ("epsilon", "mia_auc", "mia_auc_cal", "bytes_sent", "wall_s")
 CHROMIUM_NAMES = ("chromium", "chromium-headless-shell", "chromium-browser", "google-chrome", "chrome")
 SAMPLE_TILE = 128  # largest side of a sample tile in the page, pixels
 # Per series, a dash and a marker as well as a colour: curves that coincide (seq and an approach that
@@ -85,8 +87,9 @@ SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "cross", "star", "
 # Class colours of the mask overlays (class 1, 2, ...): green, red, blue, yellow.
 CLASS_COLOURS = np.array([[0, 200, 80], [230, 60, 60], [60, 120, 240], [240, 200, 40]], dtype=np.float32)
 
-# Records script errors in the page itself (data-errors on <html>), so a headless browser's
-# DOM dump shows whether the page rendered cleanly.
+# Records script errors in the page itself (data-errors on <html>) and, once loaded, its scroll and
+# client widths (data-widths), so a headless browser's DOM dump shows whether the page rendered
+# cleanly and whether anything overflows the window sideways.
 ERROR_PROBE = """<script>
 (function () {
   var errs = [];
@@ -96,14 +99,26 @@ ERROR_PROBE = """<script>
   }
   window.addEventListener("error", function (e) { rec(e.message || e.type); });
   window.addEventListener("unhandledrejection", function (e) { rec("unhandled rejection: " + e.reason); });
+  window.addEventListener("load", function () {  // the page's own width against the window's
+    setTimeout(function () {
+      var d = document.documentElement;
+      d.setAttribute("data-widths", d.scrollWidth + " " + d.clientWidth);
+    }, 500);
+  });
 })();
 </script>"""
 
 CSS = """
-body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1400px; padding: 0 1em; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1400px; padding: 0 1em; color: #222;
+       overflow-wrap: anywhere; }
+.scroll { overflow-x: auto; max-width: 100%; }
+.js-plotly-plot, .plotly-graph-div { max-width: 100%; }
+details { margin: 0.6em 0; } summary { cursor: pointer; font-weight: 600; }
+.verdict { background: #eef6ee; border-left: 4px solid #2a8a3a; padding: 6px 12px; }
+.verdict li { margin: 3px 0; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 table.summary { border-collapse: collapse; font-size: 0.9em; }
-table.summary th, table.summary td { padding: 3px 8px; border-bottom: 1px solid #eee; text-align: right; }
+table.summary th, table.summary td { padding: 3px 8px; overflow-wrap: normal; border-bottom: 1px solid #eee; text-align: right; }
 table.summary td { white-space: nowrap; }
 table.summary th:first-child, table.summary td:first-child { text-align: left; }
 .note { background: #fff6d6; border-left: 4px solid #e0b000; padding: 4px 10px; margin: 6px 0; }
@@ -139,6 +154,8 @@ def load(run_dirs: list[Path], label: str = MEAN_LABEL) -> Report:
     default the mean over them); label approaches uniquely."""
     which = label  # `label` names a series below
     runs = [RunDir.open(p) for p in run_dirs]
+    for run in runs:
+        run.refuse_if_failed()
     pairs: list[tuple[RunDir, str, pd.DataFrame]] = []
     for run in runs:
         m = run.metrics()
@@ -250,7 +267,7 @@ def curve_figure(report: Report, sc: pd.DataFrame, value: str, title: str, ytitl
     return fig
 
 
-def site_figure(report: Report, sites_df: pd.DataFrame) -> go.Figure:
+def site_figure(report: Report, sites_df: pd.DataFrame, what: str = "") -> go.Figure:
     """One panel per site: its Dice after every stage (0 = untrained), one line per approach."""
     order: list[str] = list(dict.fromkeys(site for s in report.series for site in s.order))
     cols = min(3, len(order))
@@ -278,12 +295,13 @@ def site_figure(report: Report, sites_df: pd.DataFrame) -> go.Figure:
     fig.update_xaxes(title_text="stage (0 = untrained)", dtick=1)
     fig.update_yaxes(range=[-0.02, 1.02])
     fig.update_yaxes(title_text="Dice", col=1)
-    fig.update_layout(title="Each site's Dice across stages (its forgetting curve; dotted: the site arrives)",
+    fig.update_layout(title="Each site's Dice across stages (its forgetting curve; dotted: the site arrives)"
+                      + (f"<br><sup>{what}</sup>" if what else ""), margin=dict(t=110),
                       template="plotly_white", height=330 * rows + 60)
     return fig
 
 
-def r_figure(s: Series) -> go.Figure:
+def r_figure(s: Series, what: str = "Dice") -> go.Figure:
     """R[t, i]: Dice on site i after stage t, mean over seeds."""
     first = pd.concat(list(s.rs.values())).groupby(level=0).mean()  # seeds may stop at different stages
     mean = first.to_numpy(dtype=float)
@@ -295,7 +313,7 @@ def r_figure(s: Series) -> go.Figure:
                    hovertemplate="after stage %{y}, site %{x}: %{z:.3f}<extra></extra>")
     )
     seeds = ", ".join(map(str, s.rs))
-    fig.update_layout(title=f"R matrix: {html.escape(s.label)}<br><sup>Dice, mean over seeds {seeds}</sup>",
+    fig.update_layout(title=f"R matrix: {html.escape(s.label)}<br><sup>{what}, mean over seeds {seeds}</sup>",
                       template="plotly_white", xaxis_title="evaluated on site",
                       yaxis=dict(title="after stage", autorange="reversed"),
                       height=160 + 60 * mean.shape[0], width=max(560, 160 + 110 * mean.shape[1]))
@@ -318,14 +336,17 @@ def _colours(labels: list[str]) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- table
-def summary_table(summary: pd.DataFrame) -> str:
-    """The final table: mean ± std over seeds per approach (from summary.csv)."""
+def summary_table(summary: pd.DataFrame, columns: list[str] | tuple[str, ...] | None = None) -> str:
+    """The final table: mean ± std over seeds per approach (from summary.csv), of `columns`
+    (default: every column of TABLE_COLUMNS the runs have); '' when none of them is there."""
     if summary.empty:
         return '<p class="note">No summary.csv in these runs.</p>'
     s = summary.copy()
     if "bytes_sent" in s:
         s["bytes_sent"] = s["bytes_sent"] / 1e6
-    cols = [c for c in TABLE_COLUMNS if c in s.columns]
+    cols = [c for c in TABLE_COLUMNS if c in s.columns and (columns is None or c in columns)]
+    if not cols:
+        return ""
     g = s.groupby("label", sort=False)
     mean, std, n = g[cols].mean(), g[cols].std(), g.size()
     out = pd.DataFrame(index=mean.index)
@@ -338,7 +359,43 @@ def summary_table(summary: pd.DataFrame) -> str:
         ]
     out.index.name = "approach"
     table = out.reset_index().to_html(index=False, classes="summary", border=0, escape=True)
-    return f'<div style="overflow-x: auto">{table}</div>'
+    return f'<div class="scroll">{table}</div>'
+
+
+def verdict_html(report: Report, run_dirs: list[Path]) -> str:
+    """The page's answer first: which approach forgets least and at what cost in plasticity, paired
+    by seed against seq (ted_fl.results.verdict), each budget warning, and the paired table."""
+    from ted_fl.results import VERDICT_METRICS, budget_check, paired_difference, site_learning, verdict
+
+    if report.summary.empty:
+        return '<p class="note">No summary.csv in these runs: no verdict.</p>'
+    names = {(s.run.path.name, s.approach): s.label for s in report.series}
+    frames = []
+    for p in run_dirs:  # the report's names: "seq [RUN]" where two runs hold seq
+        m = RunDir.open(p).metrics()
+        frames.append(site_learning(m.assign(approach=[names.get((p.name, a), a) for a in m["approach"]])))
+    sites = pd.concat(frames, ignore_index=True).rename(columns={"approach": "label"})
+    lines = verdict(report.summary, sites, by="label")
+    warnings = set(budget_check(report.summary, sites, by="label"))
+    items = "".join(f"<li>{html.escape(x)}</li>" for x in lines if x not in warnings)
+    warn = "".join(f'<p class="note"><b>Budget check:</b> {html.escape(x)}</p>'
+                   for x in lines if x in warnings)
+    rows = []
+    if "seq" in set(report.summary["label"]):
+        for name in dict.fromkeys(report.summary["label"]):
+            if name in ("seq", "joint"):
+                continue
+            ps = [paired_difference(report.summary, str(name), "seq", k, by="label") for k in VERDICT_METRICS]
+            cells = "".join(f"<td>{html.escape(p.text())}</td>" for p in ps)
+            rows.append(f"<tr><td>{html.escape(str(name))} - seq</td>{cells}</tr>")
+    table = ("<div class='scroll'><table class='summary'><tr><th>paired by seed</th>"
+             + "".join(f"<th>{k}</th>" for k in VERDICT_METRICS) + "</tr>" + "".join(rows) + "</table></div>"
+             if rows else "")
+    return (f"<div class='verdict'><ul>{items}</ul></div>{warn}{table}<p class='meta'>Mean difference of each "
+            "approach's per-seed value minus seq's over the seeds both hold, with its 95% Student-t interval; "
+            "an interval that excludes 0 is beyond the seeds' noise. Forgetting: mean drop from each earlier "
+            "site's best Dice (lower is better); BWT: mean change on earlier sites (below 0: forgetting); "
+            "plasticity: mean Dice on each site right after its own stage.</p>")
 
 
 # --------------------------------------------------------------------------- samples
@@ -382,9 +439,18 @@ def pick_slices(masks: np.ndarray, volumes: np.ndarray, k: int) -> list[int]:
     return chosen
 
 
+def slice_dice(pred: np.ndarray, gt: np.ndarray, labels: list[tuple[str, tuple[int, ...]]]) -> float:
+    """Dice of one slice as the tables' `mean` label: the mean over the set's classes and regions
+    (a region = the union of its classes) of `dice` (1 where both are empty)."""
+    from ted_fl.continual.learner import dice
+
+    return float(np.mean([dice(np.isin(pred, idx), np.isin(gt, idx)) for _, idx in labels]))
+
+
 def samples_html(report: Report, per_site: int = 2) -> str:
     """Per run and approach (first seed): image, ground truth, prediction after every stage."""
-    from ted_fl.continual.learner import class_dice, predict_labels
+    from ted_fl.config import split_seed_of
+    from ted_fl.continual.learner import predict_labels
     from ted_fl.continual.networks import build_model
     from ted_fl.continual.weights import load_weights
     from ted_fl.data import load_sites
@@ -397,7 +463,7 @@ def samples_html(report: Report, per_site: int = 2) -> str:
         run = series[0].run
         try:
             cfg = run.read_config()
-            sites = load_sites(cfg.data, cfg.data.split_seed)
+            sites = load_sites(cfg.data, split_seed_of(cfg, min(cfg.seeds)))
         except Exception as exc:  # the data moved or is gone: the rest of the report still stands
             report.notes.append(f"Sample predictions of {path.name} skipped: the data is not reachable ({exc}).")
             continue
@@ -432,11 +498,11 @@ def samples_html(report: Report, per_site: int = 2) -> str:
                     for t in stages:
                         p = preds[t][site.name][j]
                         cells.append(f'<td><img src="{_png(_overlay(img, p))}" alt="prediction">'
-                                     f"Dice {class_dice(p, gt):.2f}</td>")
+                                     f"Dice {slice_dice(p, gt, site.labels.labels()):.2f}</td>")
                     rows.append("<tr>" + "".join(cells) + "</tr>")
             parts.append(
-                f"<h3>{html.escape(s.label)} (seed {seed})</h3><table class='samples'><tr><th>site / volume</th>"
-                f"<th>image</th><th>ground truth</th>{head}</tr>{''.join(rows)}</table>"
+                f"<h3>{html.escape(s.label)} (seed {seed})</h3><div class='scroll'><table class='samples'><tr>"
+                f"<th>site / volume</th><th>image</th><th>ground truth</th>{head}</tr>{''.join(rows)}</table></div>"
             )
     return "".join(parts)
 
@@ -472,16 +538,25 @@ def export_pngs(figures: dict[str, go.Figure], folder: Path) -> tuple[list[Path]
 
 
 # --------------------------------------------------------------------------- page
-def build_figures(report: Report) -> dict[str, go.Figure]:
-    """The page's figures by element id (the browser test checks each one renders)."""
+def label_title(label: str) -> str:
+    """How a figure names the label it shows."""
+    return "Dice of the mean over classes and regions" if label == MEAN_LABEL else f"Dice of {label}"
+
+
+def build_figures(report: Report, label: str = MEAN_LABEL) -> dict[str, go.Figure]:
+    """The page's figures by element id (the browser test checks each one renders); every title
+    names the label shown."""
     sc = stage_curves(report)
+    what = html.escape(label_title(label))
     figs = {
-        "fig-avg": curve_figure(report, sc, "avg", "Mean Dice over the sites seen so far", "mean Dice (seen sites)"),
-        "fig-bwt": curve_figure(report, sc, "bwt", "Backward transfer per stage (below 0: forgetting)", "BWT"),
-        "fig-sites": site_figure(report, site_curves(report)),
+        "fig-avg": curve_figure(report, sc, "avg", f"Mean Dice over the sites seen so far<br><sup>{what}</sup>",
+                                "mean Dice (seen sites)"),
+        "fig-bwt": curve_figure(report, sc, "bwt",
+                                f"Backward transfer per stage (below 0: forgetting)<br><sup>{what}</sup>", "BWT"),
+        "fig-sites": site_figure(report, site_curves(report), what),
     }
     for k, s in enumerate(report.series):
-        figs[f"fig-r-{k}"] = r_figure(s)
+        figs[f"fig-r-{k}"] = r_figure(s, what)
     return figs
 
 
@@ -502,14 +577,34 @@ def privacy_html(run_dirs: list[Path]) -> str:
         cfg = run.read_config().privacy
         head = (f"dp = {cfg.dp}, target epsilon {cfg.epsilon:g} per site and stage at delta {cfg.delta:g}"
                 + (f", clipping {cfg.clipping}, noise on the {cfg.noise}" if cfg.dp == "client" else ""))
-        parts.append(f"<h3>{html.escape(run.path.name)}</h3><p class='meta'>{html.escape(head)}</p>"
-                     "<div style='overflow-x: auto'>" + t[cols].to_html(index=False, classes="summary", border=0,
-                                                                       float_format=lambda v: f"{v:.4g}") + "</div>")
+        t.columns.name = None
+        parts.append(f"<p class='meta'>{html.escape(run.path.name)}: {html.escape(head)}</p><details><summary>"
+                     f"{html.escape(run.path.name)}: epsilon per site and stage</summary><div class='scroll'>"
+                     + t[cols].to_html(index=False, classes="summary", border=0, float_format=lambda v: f"{v:.4g}")
+                     + "</div></details>")
     if not parts:
         return ""
     return ("<h2>Differential privacy</h2><p class='meta'>Epsilon from Opacus' RDP accountant over each stage's "
             "rounds (epsilon) and over every stage a site trained in (epsilon_total); docs/privacy.md says what "
             "each level covers.</p>" + "".join(parts))
+
+
+MIA_COLUMNS = {"mia_auc": "attack AUC", "mia_auc_cal": "attack AUC (calibrated)", "mia_adv": "advantage",
+               "mia_adv_cal": "advantage (calibrated)", "mia_n": "images per side"}
+
+
+def mia_table(rows: pd.DataFrame) -> str:
+    """The attack's rows (split `privacy`, metric mia_*) as one row per approach and site, one
+    named column per attack metric, mean ± std over seeds."""
+    g = rows.groupby(["approach", "site", "metric"], sort=False)["value"]
+    t = g.agg(["mean", "std", "count"]).reset_index()
+    t["cell"] = [f"{m:.0f}" if k == "mia_n" else f"{m:.3f}" if n < 2 or pd.isna(sd) else f"{m:.3f} ± {sd:.3f}"
+                 for m, sd, n, k in zip(t["mean"], t["std"], t["count"], t["metric"], strict=True)]
+    wide = t.pivot(index=["approach", "site"], columns="metric", values="cell")
+    wide = wide[[c for c in MIA_COLUMNS if c in wide.columns] + [c for c in wide.columns if c not in MIA_COLUMNS]]
+    wide = wide.rename(columns=MIA_COLUMNS).reindex(pd.MultiIndex.from_frame(t[["approach", "site"]].drop_duplicates()))
+    wide.columns.name = None
+    return wide.reset_index().to_html(index=False, classes="summary", border=0, escape=True)
 
 
 def leakage_html(run_dirs: list[Path]) -> str:
@@ -522,25 +617,23 @@ def leakage_html(run_dirs: list[Path]) -> str:
         m = run.metrics()
         rows = m[(m["split"] == "privacy") & m["metric"].astype(str).str.startswith("mia_")] if "split" in m else m.iloc[0:0]
         if not rows.empty:
-            t = rows.pivot_table(index=["approach", "seed", "site"], columns="metric", values="value",
-                                 aggfunc="first", sort=False).reset_index()
-            parts.append(f"<h3>{html.escape(run.path.name)}: membership inference per site</h3>"
-                         "<div style='overflow-x: auto'>" + t.to_html(index=False, classes="summary", border=0,
-                                                                       float_format=lambda v: f"{v:.3f}") + "</div>")
+            parts.append(f"<details><summary>{html.escape(run.path.name)}: membership inference per site "
+                         "(mean ± std over seeds)</summary><div class='scroll'>" + mia_table(rows) + "</div></details>")
         audit_file = run.path / "audit.csv"
         if audit_file.is_file():
             audit = pd.read_csv(audit_file)
             bad = leaks(audit)
             verdict = (f"{len(bad)} image- or mask-shaped record(s) left a site" if len(bad) else
                        "no image- or mask-shaped array left any site")
-            parts.append(f"<h3>{html.escape(run.path.name)}: what travelled (audit.csv)</h3><p class='meta'>"
-                         f"Payload bytes per kind, direction and record, summed over sites (mean over seeds); "
-                         f"{html.escape(verdict)}.</p><div style='overflow-x: auto'>"
+            parts.append(f"<p class='meta'>{html.escape(run.path.name)}: {html.escape(verdict)} (audit.csv).</p>"
+                         f"<details><summary>{html.escape(run.path.name)}: what travelled (audit.csv)</summary>"
+                         "<p class='meta'>Payload bytes per kind, direction and record, summed over sites (mean "
+                         "over seeds).</p><div class='scroll'>"
                          + by_kind(audit).to_html(index=False, classes="summary", border=0,
-                                                  float_format=lambda v: f"{v:.0f}") + "</div>")
+                                                  float_format=lambda v: f"{v:.0f}") + "</div></details>")
     if not parts:
         return ""
-    return ("<h2>Leakage</h2><p class='meta'>Membership inference on each site's training (members) against "
+    return ("<h2>Privacy: membership inference and what travelled</h2><p class='meta'>Membership inference on each site's training (members) against "
             "its test images (non-members), balanced and seeded, against the final model (ted_fl/privacy/mia.py): "
             "mia_auc by loss threshold, mia_auc_cal calibrated by the model before the site arrived; 0.5 = no "
             "leakage the attack can measure.</p>" + "".join(parts))
@@ -555,13 +648,13 @@ def label_tables_html(run_dirs: list[Path]) -> str:
         run = RunDir.open(p)
         if len(labels_of(run.metrics())) <= 2:  # one class: it equals the mean
             continue
-        t = label_table(run).round(3).reset_index()
-        parts.append(f"<h3>{html.escape(run.path.name)}</h3><div style='overflow-x: auto'>"
+        t = label_table(run, spread=True).reset_index()
+        parts.append(f"<h3>{html.escape(run.path.name)}</h3><div class='scroll'>"
                      + t.to_html(index=False, classes="summary", border=0, escape=True) + "</div>")
     if not parts:
         return ""
-    return ("<h2>Per class and region</h2><p class='meta'>The figures show one label (python -m "
-            "ted_fl.report --label NAME); this table shows them all.</p>" + "".join(parts))
+    return ("<h2>Per class and region</h2><p class='meta'>Mean ± std over seeds. The figures show one label "
+            "(python -m ted_fl.report --label NAME); this table shows them all.</p>" + "".join(parts))
 
 
 def shared_plotlyjs(folder: Path) -> Path:
@@ -605,7 +698,7 @@ def write_report(run_dirs: list[Path], out: Path, *, samples: bool = True, png: 
     run_dirs = [Path(p) for p in run_dirs]
     out = Path(out)
     report = load(run_dirs, label)
-    figs = build_figures(report)
+    figs = build_figures(report, label)
     sample_part = ""
     if samples:
         sample_part = samples_html(report)
@@ -640,12 +733,12 @@ def write_report(run_dirs: list[Path], out: Path, *, samples: bool = True, png: 
 {_plotly_missing(plotlyjs, run_dirs)}
 <ul class="meta">{meta}</ul>
 {notes}
+<h2>Verdict</h2>
+{verdict_html(report, run_dirs)}
 <h2>Final table (mean ± std over seeds)</h2>
-{summary_table(report.summary)}
-{label_tables_html(run_dirs)}
-{privacy_html(run_dirs)}
-{leakage_html(run_dirs)}
-<p class="meta">Figures below: Dice of label <b>{html.escape(label)}</b>.</p>
+{summary_table(report.summary, [c for c in TABLE_COLUMNS if c not in COST_COLUMNS])}
+{summary_table(report.summary, COST_COLUMNS)}
+<p class="meta">Figures below: {html.escape(label_title(label))} (label <b>{html.escape(label)}</b>).</p>
 <h2>Mean Dice over the sites seen so far</h2>
 {fig_html[0]}
 <h2>Backward transfer per stage</h2>
@@ -653,9 +746,14 @@ def write_report(run_dirs: list[Path], out: Path, *, samples: bool = True, png: 
 <h2>Forgetting curves per site</h2>
 {fig_html[2]}
 <h2>R matrices ({n_r})</h2>
-{''.join(fig_html[3:])}
+{''.join(f'<div class="scroll">{h}</div>' for h in fig_html[3:])}
+{label_tables_html(run_dirs)}
 <h2>Sample predictions</h2>
+<p class="meta">Dice under each prediction: that slice's Dice as the tables' mean label (the mean over the
+set's classes and regions).</p>
 {sample_part or '<p class="meta">none</p>'}
+{privacy_html(run_dirs)}
+{leakage_html(run_dirs)}
 </body></html>
 """
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from ted_fl.config import dump_toml, to_dict
 from ted_fl.continual.metrics import continual_summary, r_matrix
 from ted_fl.errors import TedFlError, exit_code
 from ted_fl.markdown import marked_sections, md_table, write_section
-from ted_fl.results import MEAN_LABEL, RunDir, labels_of, select_label
+from ted_fl.results import MEAN_LABEL, RunDir, labels_of, select_label, site_learning, verdict
 
 SUMMARY_COLUMNS = ["avg", "ravg", "bwt", "fwt", "forgetting", "plasticity"]
 
@@ -57,8 +57,10 @@ class PooledRun(RunDir):
 
 def open_run(spec: str | Path) -> RunDir:
     """A run directory, or several joined by '+' (one configuration, different seeds) pooled."""
-    parts = str(spec).split("+")
-    return RunDir.open(parts[0]) if len(parts) == 1 else PooledRun([RunDir.open(p) for p in parts])
+    parts = [RunDir.open(p) for p in str(spec).split("+")]
+    for part in parts:
+        part.refuse_if_failed()
+    return parts[0] if len(parts) == 1 else PooledRun(parts)
 
 
 def _read(run: RunDir, name: str) -> str | None:
@@ -122,12 +124,14 @@ def run_tables(run: RunDir, label: str = MEAN_LABEL) -> tuple[dict[str, pd.DataF
     return matrices, summary
 
 
-def label_table(run: RunDir) -> pd.DataFrame:
-    """Per approach and label (each class, each region, the mean): Avg, BWT, forgetting, plasticity."""
+def label_table(run: RunDir, spread: bool = False) -> pd.DataFrame:
+    """Per approach and label (each class, each region, the mean): Avg, BWT, forgetting, plasticity;
+    with `spread`, as "mean ± std" over seeds (text, 3 decimals) where a run holds several."""
     frames = []
     for lab in labels_of(run.metrics()):
         _, summary = run_tables(run, lab)
-        part = summary[["avg", "bwt", "forgetting", "plasticity"]].copy()
+        cols = ["avg", "bwt", "forgetting", "plasticity"]
+        part = (shown(summary) if spread else summary)[cols].copy()
         part.insert(0, "label", lab)
         frames.append(part)
     return pd.concat(frames).reset_index().set_index(["approach", "label"]).sort_index(level=0, sort_remaining=False)
@@ -200,6 +204,20 @@ def machine_line(run: RunDir) -> str:
             f"{', CUDA' if mi.get('cuda') else ', no GPU'}")
 
 
+def run_verdict(run: RunDir) -> list[str]:
+    """`ted_fl.results.verdict` on the run's summary.csv rows (paired by seed), [] without one."""
+    try:
+        per_seed = run.summary()
+    except FileNotFoundError:
+        return []
+    return verdict(per_seed, site_learning(run.metrics()))
+
+
+MACHINE_SPECIFIC = ("These figures are specific to the machine above: the same command and seeds on another CPU "
+                    "(or a GPU) give slightly different numbers, since floating-point results depend on the "
+                    "hardware and its math libraries.")
+
+
 def readme_block(run: RunDir, target: str) -> str:
     """The measured figures of one run, compact enough for a README, with how to regenerate them."""
     _, summary = run_tables(run)
@@ -220,7 +238,9 @@ def readme_block(run: RunDir, target: str) -> str:
         "",
         md_table(shown(summary), index=True, index_name="approach"),
         "",
-        *(f"- {line}" for line in findings(summary)),
+        MACHINE_SPECIFIC,
+        "",
+        *(f"- {line}" for line in run_verdict(run)),
     ])
 
 
@@ -266,6 +286,10 @@ def run_section(run: RunDir, heading_level: int = 2) -> str:
         "",
         *(f"- {line}" for line in findings(summary)),
         "",
+        "Paired by seed against seq (`ted_fl.results.verdict`: mean difference, 95% t-interval):",
+        "",
+        *(f"- {line}" for line in run_verdict(run)),
+        "",
         "Dice R matrices (row: after training that site; column: test split of that site):",
         "",
     ]
@@ -276,7 +300,7 @@ def run_section(run: RunDir, heading_level: int = 2) -> str:
         out += [
             "Per class and region (the tables above use the mean over them):",
             "",
-            md_table(label_table(run).reset_index().set_index("approach"), index=True, index_name="approach"),
+            md_table(label_table(run, spread=True).reset_index().set_index("approach"), index=True, index_name="approach"),
             "",
         ]
         for lab in labels[:-1]:
@@ -330,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
                    help="run directories printed by a run; RUN_DIR+RUN_DIR+... pools runs of one "
                         "configuration that differ only in their seeds")
-    p.add_argument("--out", default="docs/results.md", help="Markdown file to write")
+    p.add_argument("--out", help="Markdown file to write (default: results.md in the run directory, when "
+                                 "there is one; never a path relative to where the command runs, such as "
+                                 "a checkout's docs/results.md)")
     p.add_argument("--title", default="Results", help="page title")
     p.add_argument("--intro", default="", help="a file whose text goes under the title")
     p.add_argument("--readme", metavar="FILE",
@@ -338,6 +364,15 @@ def main(argv: list[str] | None = None) -> int:
                         "<!-- results:default-run --> block, e.g. README.md")
     args = p.parse_args(argv)
     return exit_code(lambda: _write(args))
+
+
+def default_out(runs: list[str]) -> Path:
+    """Without --out: results.md inside the one run directory; several (or pooled) runs have no
+    folder of their own, so the page's place must be named."""
+    if len(runs) == 1 and "+" not in runs[0]:
+        return RunDir.open(runs[0]).path / "results.md"
+    raise TedFlError(f"{len(runs)} run directories (or pooled runs) share no folder; name the page with "
+                     "--out FILE (e.g. --out docs/results.md from a checkout)")
 
 
 def _write(args: argparse.Namespace) -> int:
@@ -354,7 +389,8 @@ def _write(args: argparse.Namespace) -> int:
         if not ip.is_file():
             raise TedFlError(f"--intro {ip}: no such file; pass a Markdown file or omit --intro")
         intro = ip.read_text()
-    path = write_doc(args.runs, args.out, args.title, intro, args.intro)
+    path = write_doc(args.runs, default_out(args.runs) if args.out is None else args.out, args.title, intro,
+                     args.intro)
     print(f"wrote {path}")
     return 0
 

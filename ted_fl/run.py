@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ted_fl.config import ExperimentConfig
+from ted_fl.config import ExperimentConfig, for_seed
 from ted_fl.files import atomic_write_text
 from ted_fl.results import RunDir
 
@@ -139,7 +139,6 @@ def machine_info() -> dict[str, Any]:
     """Where a run ran (CPU, cores, OS, library versions): wall times mean little without it."""
     import os
     import platform
-    from importlib.metadata import version
 
     import psutil
     import torch
@@ -149,9 +148,24 @@ def machine_info() -> dict[str, Any]:
         "processor": _cpu_model() or platform.processor(), "cpus": os.cpu_count(),
         "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(), "torch": torch.__version__,
-        "flwr": version("flwr"), "ray": version("ray"),
+        "flwr": package_version("flwr"), "ray": package_version("ray"),
         "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
     }
+
+
+def package_version(name: str) -> str:
+    """A package's version from its installed metadata, else its module's `__version__`, else
+    "unknown": a run never dies for want of a dist-info folder (a vendored or copied Ray, a zipapp)."""
+    from importlib import import_module, metadata
+
+    try:
+        return metadata.version(name)
+    except (metadata.PackageNotFoundError, ValueError, OSError):
+        pass
+    try:
+        return str(getattr(import_module(name), "__version__", "unknown"))
+    except Exception:  # noqa: BLE001 - any import failure: the version is simply not known
+        return "unknown"
 
 
 def _cpu_model() -> str:
@@ -192,11 +206,16 @@ _CHECKED: dict[str, list] = {}  # the sites `check_data` loaded, so a run does n
 def check_data(cfg: ExperimentConfig) -> list:
     """Load (or generate) the sites and check the splits a run needs: the data half of validation,
     shared by every entry point (before a run directory, torch, Flower or Ray)."""
+    from ted_fl.config import split_seed_of
     from ted_fl.data import check_splits, load_sites
 
-    key = repr((cfg.data, cfg.train.select_best, cfg.train.eval_val_all))
+    if cfg.data.split_seed == "seed" and len(cfg.seeds) > 1:  # each seed's own split: check them all
+        per_seed = [check_data(for_seed(cfg, seed)) for seed in cfg.seeds]
+        return per_seed[0]
+    key = repr((cfg.data, cfg.seeds if cfg.data.split_seed == "seed" else None, cfg.train.select_best,
+                cfg.train.eval_val_all))
     if key not in _CHECKED:
-        sites = load_sites(cfg.data, cfg.data.split_seed)
+        sites = load_sites(cfg.data, split_seed_of(cfg))
         # Before Ray or any training starts: a split a run needs but a site lacks is one clear error.
         check_splits(sites, need_val=cfg.train.select_best or cfg.train.eval_val_all)
         _CHECKED.clear()  # one entry: the arrays are not kept beyond the run they were checked for
@@ -204,16 +223,33 @@ def check_data(cfg: ExperimentConfig) -> list:
     return _CHECKED[key]
 
 
+def data_warnings(cfg: ExperimentConfig, sites: list) -> list[str]:
+    """What the data deserves a word about (a missing mask, a replaced site size): one line each, the
+    same lines for --check and the run."""
+    from ted_fl.data import size_note
+
+    lines = [f"warning: {s.name}: {w}" for s in sites for w in s.warnings]
+    note = size_note(cfg.data)
+    return [*lines, f"note: {note}"] if note else lines
+
+
 def load_and_record_sites(cfg: ExperimentConfig, run: RunDir) -> list:
     """Load (or generate) the sites once, record the splits and warnings with the run."""
     sites = check_data(cfg)
-    run.write_json("splits.json", {s.name: s.manifest for s in sites})
-    for s in sites:
-        for w in s.warnings:
-            print(f"warning: {s.name}: {w}", file=sys.stderr)
-            run.log(f"warning: {s.name}: {w}")
+    if cfg.data.split_seed == "seed" and len(cfg.seeds) > 1:  # one split per run seed: {"seed<k>": {site: ...}}
+        run.write_json("splits.json", {f"seed{seed}": {s.name: s.manifest for s in check_data(for_seed(cfg, seed))}
+                                       for seed in cfg.seeds})
+    else:
+        run.write_json("splits.json", {s.name: s.manifest for s in sites})
+    for line in data_warnings(cfg, sites):
+        if not (line.startswith("note:") and line in _NOTED):  # a study's cells share one note
+            print(line, file=sys.stderr)
+        _NOTED.add(line)
+        run.log(line)
     return sites
 
+
+_NOTED: set[str] = set()  # the notes this process has printed
 
 def execute_centralized(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[tuple[str, int], dict[str, Any]]:
     from ted_fl.engine import run_schedule
@@ -224,7 +260,9 @@ def execute_centralized(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict
     try:
         for approach in cfg.approaches:
             for seed in cfg.seeds:
-                run_schedule(cfg, approach, seed, LocalExecutor(cfg, sites), run, progress)
+                scfg = for_seed(cfg, seed)  # data.split_seed = "seed": this seed's own split
+                run_schedule(scfg, approach, seed, LocalExecutor(scfg, sites if scfg is cfg else check_data(scfg)),
+                             run, progress)
     finally:
         progress.close()
     return {}

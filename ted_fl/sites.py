@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from ted_fl.config import DataConfig
 from ted_fl.errors import exit_code
 
+PIPE_WIDTH = 1000  # columns of a table printed to a pipe or a file (a table takes what it needs)
+
+
+def _console() -> Any:
+    """A rich Console for the tables: a terminal's width on a terminal; piped or redirected, wide
+    enough that no name is cut to fit 80 columns ('Domai…'), since a file or grep wants them whole."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=PIPE_WIDTH)
+
 
 def _cmd_list() -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from ted_fl.data import list_site_sets, load_site_set_spec
@@ -27,16 +37,15 @@ def _cmd_list() -> int:
         layouts = sorted({s.layout for s in spec.sites})
         table.add_row(name, " -> ".join(spec.site_names), ", ".join(layouts), f"per {spec.evaluation}",
                       spec.synthetic.generator or "no")
-    Console().print(table)
+    _console().print(table)
     return 0
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    from ted_fl.data import check_sites
+    from ted_fl.data import check_sites, size_note
 
     cfg = DataConfig(sites=args.set, data_dir=args.data_dir or "", size=args.size, target=args.target or "",
                      cache_dir=args.cache_dir or "")
@@ -59,7 +68,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         val = {"yes": "[green]yes[/]", "no": "[yellow]no[/]"}.get(s.validation, "-")
         table.add_row(escape(s.name), *cells, val, "x".join(map(str, s.size)) or "-",
                       ",".join(map(str, s.label_values)) or "-", f"{100 * s.foreground:.1f}", status)
-    console = Console()
+    console = _console()
     console.print(table)
     for s in report.sites:
         for p in s.problems:
@@ -69,6 +78,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
         for w in s.warnings:
             console.print(f"[yellow]warning[/] {escape(s.name)}: {escape(w)}", markup=True, highlight=False,
                           soft_wrap=True)
+    note = size_note(cfg, "--size")
+    if note:
+        console.print(f"[cyan]note[/]: {escape(note)}", markup=True, highlight=False, soft_wrap=True)
     return 0 if report.ok else 1
 
 
@@ -79,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     chk = sub.add_parser("check", help="load every site of a set and report counts and problems")
     chk.add_argument("set", help="a site-set name (see list) or a path to a TOML file")
     chk.add_argument("--data-dir", default="", help="the set's data folder (default: the synthetic twin)")
-    chk.add_argument("--size", type=int, default=64, help="in-plane size (default 64)")
+    chk.add_argument("--size", type=int, default=64,
+                     help="in-plane size every site is resampled to, as data.size (default 64; 0: each site's "
+                          "preprocess.size)")
     chk.add_argument("--target", default="", help="keep one class of a multi-class set (mnms: lv, myo, rv)")
     chk.add_argument("--seed", type=int, default=0)
     chk.add_argument("--cache-dir", default="", help="where the synthetic twin is written")

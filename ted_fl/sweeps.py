@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ted_fl.config import ExperimentConfig, set_key, to_dict
+from ted_fl.config import ExperimentConfig, set_key, split_seed_of, to_dict
 from ted_fl.errors import TedFlError
 from ted_fl.results import RunDir
 
@@ -143,7 +143,7 @@ def run_cell(cfg: ExperimentConfig, path: str, progress: Callable[[dict[str, Any
     run = RunDir(path)
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_config(cfg)
-    sites = load_sites(cfg.data, cfg.data.split_seed)
+    sites = load_sites(cfg.data, split_seed_of(cfg))
     approach, seed = cfg.approaches[0], cfg.seeds[0]
     st = run_schedule(cfg, approach, seed, LocalExecutor(cfg, sites), run, progress)
     metrics = run.write_metrics(st.rows)

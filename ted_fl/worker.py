@@ -51,6 +51,7 @@ class SiteWorker:
             p.requires_grad_(False)
         self._teacher_key: Any = None
         self._fixed: tuple[str, torch.nn.Module] | None = None  # gkd.fixed_teacher, loaded once
+        self.trace: dict[str, Any] = {}  # what the last round's steps used (local_train's trace)
 
     def fixed_teacher(self) -> torch.nn.Module | None:
         """The fixed large teacher of the continual combination (gkd.fixed_teacher), if configured."""
@@ -93,6 +94,7 @@ class SiteWorker:
         """One round of local training (`stage_rounds`: the stage's rounds, for DP-SGD's calibration)."""
         t0, c0 = time.perf_counter(), time.thread_time()
         appr = get_approach(approach, self.cfg.loss)
+        appr.term_grads = self.cfg.diagnostics.term_grads  # per-step gradient ratios into the round's metrics
         fixed = self.fixed_teacher()
         if fixed is not None:
             from ted_fl.continual.combined import with_fixed_teacher
@@ -106,7 +108,7 @@ class SiteWorker:
             steps=steps, batch_size=self.cfg.train.batch_size, lr=lr,
             optimizer_state=optimizer_state, seed=seed, probes=probes,
             aux={k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in aux.items()} or None,
-            loss_cfg=self.cfg.loss, amp=self.cfg.train.amp,
+            loss_cfg=self.cfg.loss, amp=self.cfg.train.amp, compile=self.cfg.train.compile, trace=self.trace,
             dp=sample_dp_args(self.cfg.privacy, len(data), self.cfg.train.batch_size,
                               steps or math.ceil(len(data) / self.cfg.train.batch_size), stage_rounds),
         )
@@ -135,7 +137,8 @@ class SiteWorker:
         self._teacher_key = None
         opts = eval_options(self.cfg)
         return attack(self.student, members, nonmembers, seed, reference=self.teacher,
-                      bn=str(opts["bn"]), batch_size=int(opts["batch_size"]))  # type: ignore[call-overload]
+                      bn=str(opts["bn"]), batch_size=int(opts["batch_size"]),  # type: ignore[call-overload]
+                      slices=str(opts["slices"]))
 
     def importance(self, approach: str, weights: Weights, split: Split) -> dict[str, np.ndarray]:
         appr = get_approach(approach, self.cfg.loss)

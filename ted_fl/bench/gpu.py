@@ -9,7 +9,17 @@ the device copies). Clients per GPU: how many such clients fit, by `federated.nu
 (Ray packs 1/num_gpus clients on a GPU) and by memory (the GPU's memory over the client's peak,
 `torch.cuda.max_memory_allocated`, plus a CUDA context). A table says, switch by switch, whether
 the path was on and what it measured; without a GPU each GPU-only switch says that it is absent
-and why, and the same code runs on the CPU.
+and why, and the same code runs on the CPU. The switches are read from what the steps used (the
+worker's `trace`): "split kept on the device" is on when every measured round drew its batches from
+one device tensor (it read "off" on the H200 because it looked the split up under "cuda" while the
+cache held it under "cuda:0"); channels-last is read on a kernel wider than 1 x 1 (a 1 x 1 head's
+layout is ambiguous, which made reference_unet read "off") and on the step's input batch.
+
+Per approach the step is timed eager and with `train.compile = on` (`--compiled`; the compiled first
+round pays the compilation), and evaluation under eval.bn = "batch" one slice a forward against
+batches of eval.batch_size (eval.slices), with the largest logit difference and the share of equal
+labels between the two. One vs N concurrent cells is the concurrent runner's benchmark (issue 22
+item 1); this command says whether it is there.
 
 Simulator per-round overhead against the bare loop. The same workload (one approach, three
 sites, three rounds a site, one training client a round) runs through `python -m
@@ -47,7 +57,7 @@ import pandas as pd
 import torch
 
 from ted_fl.bench import common as C
-from ted_fl.config import ExperimentConfig
+from ted_fl.config import ExperimentConfig, split_seed_of
 
 CUDA_CONTEXT_MIB = 500.0  # what a process's CUDA context and allocator reserve besides tensors (typical)
 
@@ -58,6 +68,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--approach", nargs="+", default=["seq", "kd", "ted_gugf"], help="approaches")
     p.add_argument("--steps", type=int, help="steps per measured round (default 50; --quick 3)")
     p.add_argument("--repeats", type=int, help="centralized/simulate pairs for the overhead (default 2; --quick 1)")
+    p.add_argument("--compiled", nargs="*",
+                   help="approaches also timed with train.compile = on (default: all; --quick: the first; "
+                        "none: --compiled with no name)")
     p.add_argument("--num-gpus", type=float, default=0.25,
                    help="federated.num_gpus per client on a GPU (default 0.25: four clients per GPU)")
     p.set_defaults(func=run)
@@ -74,9 +87,11 @@ def device_name(device: torch.device) -> str:
     return "CPU (no GPU found)"
 
 
-def step_costs(cfg: ExperimentConfig, approaches: list[str], steps: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per approach: seconds per step, images/s and peak device memory of a client's round; and the
-    GPU path's switches as they were in those rounds (`path_report`)."""
+def step_costs(cfg: ExperimentConfig, approaches: list[str], steps: int,
+               compiled: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per approach and train.compile setting ("off"; "on" for the approaches in `compiled`):
+    seconds per step, images/s and peak device memory of a client's round; and the GPU path's
+    switches as the steps really used them (`path_report`, from the worker's trace)."""
     import psutil
 
     from ted_fl.continual.approaches import get_approach
@@ -85,68 +100,183 @@ def step_costs(cfg: ExperimentConfig, approaches: list[str], steps: int) -> tupl
     from ted_fl.engine import model_weights
     from ted_fl.worker import SiteWorker, probes_for
 
-    site = load_sites(cfg.data, cfg.data.split_seed)[0]
+    site = load_sites(cfg.data, split_seed_of(cfg))[0]
     worker = SiteWorker(cfg)
     dev = worker.device
     weights = model_weights(worker.student)
     count = (cfg.loss.ska_count or cfg.train.batch_size) * steps
     shape = tuple(site.train.images.shape[1:])
-    rows = []
+    rows, traces = [], []
+    compiled = list(approaches if compiled is None else compiled)
     for name in approaches:
         appr = get_approach(name, cfg.loss)
         teacher = worker.set_teacher((name, 0), weights) if appr.needs_teacher else None
         probes = probes_for(cfg, 1, count, shape) if appr.needs_probes else None
-        times = []
-        clock = time.perf_counter if dev.type == "cuda" else time.process_time  # CPU: the work, not the load
-        for rnd in range(2):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = clock()
-            worker.train_round(approach=name, data=site.train, weights=weights, teacher=teacher, aux={},
-                               steps=steps, lr=1e-4, seed=rnd, probes=probes, optimizer_state=None, val=None,
-                               per_volume=site.per_volume)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(clock() - t0)
-        step_s = times[-1] / steps
-        peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else float("nan")
-        amp = amp_dtype_for(cfg.train.amp, dev)
-        rows.append(dict(approach=name, step_ms=1000 * step_s, images_per_s=cfg.train.batch_size / step_s,
-                         peak_gpu_mib=peak, rss_mib=psutil.Process().memory_info().rss / 2**20,
-                         precision=str(amp).replace("torch.", "") if amp else "float32",
-                         first_round_s=times[0]))
+        for setting in ["off", "on"] if name in compiled else ["off"]:
+            worker.cfg = copy.deepcopy(cfg)
+            worker.cfg.train.compile = setting  # type: ignore[assignment]
+            times = []
+            clock = time.perf_counter if dev.type == "cuda" else time.process_time  # CPU: the work, not the load
+            for rnd in range(2):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = clock()
+                worker.train_round(approach=name, data=site.train, weights=weights, teacher=teacher, aux={},
+                                   steps=steps, lr=1e-4, seed=rnd, probes=probes, optimizer_state=None, val=None,
+                                   per_volume=site.per_volume)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(clock() - t0)
+                traces.append(dict(worker.trace, approach=name, compile=setting, round=rnd))
+            step_s = times[-1] / steps
+            peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else float("nan")
+            amp = amp_dtype_for(cfg.train.amp, dev)
+            rows.append(dict(approach=name, compile=setting, step_ms=1000 * step_s,
+                             images_per_s=cfg.train.batch_size / step_s,
+                             peak_gpu_mib=peak, rss_mib=psutil.Process().memory_info().rss / 2**20,
+                             precision=str(amp).replace("torch.", "") if amp else "float32",
+                             first_round_s=times[0]))
+    worker.cfg = cfg
     df = pd.DataFrame(rows)
-    return df, path_report(cfg, worker, site.train.images, float(df["peak_gpu_mib"].max()))
+    return df, path_report(cfg, worker, traces, float(df["peak_gpu_mib"].max()))
 
 
-def path_report(cfg: ExperimentConfig, worker: Any, images: Any, peak_mib: float) -> pd.DataFrame:
+def data_path(traces: list[dict[str, Any]], device: torch.device) -> tuple[str, str]:
+    """(split kept on the device, channels-last input), read from the tensors the steps used (each
+    round's `trace`): the batches' source tensor on `device` and one storage across every round
+    (one copy of the split, reused); the last batch in channels-last layout."""
+    sources = [t.get("source") for t in traces]
+    if not sources or any(s is None for s in sources):
+        kept = "off: batches built from the numpy arrays each step"
+    elif any(s.device.type != device.type for s in sources):
+        kept = f"off: the split was on {sources[0].device}, not {device}"
+    else:
+        copies = len({s.data_ptr() for s in sources})
+        kept = ("on: one device copy of the split across " f"{len(sources)} rounds" if copies == 1 else
+                f"off: {copies} copies of the split in {len(sources)} rounds (copied again each round)")
+    batch = traces[-1].get("batch") if traces else None
+    if batch is None:
+        layout = "off: no batch"
+    else:
+        cl = batch.is_contiguous(memory_format=torch.channels_last)
+        state = ("either: one channel, both layouts are the same bytes" if cl and batch.is_contiguous()
+                 else "on" if cl else "off")
+        layout = f"{state}: the step's input {tuple(batch.shape)} on {batch.device}"
+    return kept, layout
+
+
+def weights_channels_last(model: torch.nn.Module) -> bool:
+    """Whether the model's convolutions hold channels-last weights: read on a kernel wider than
+    1 x 1 (a 1 x 1 kernel's layout is ambiguous: both contiguous and channels-last, which made
+    reference_unet, whose last conv is its 1 x 1 head, read "off")."""
+    convs = [p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] * p.shape[-2] > 1]
+    if not convs:
+        return False
+    w = convs[-1]
+    return w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+
+
+def path_report(cfg: ExperimentConfig, worker: Any, traces: list[dict[str, Any]], peak_mib: float) -> pd.DataFrame:
     """Each switch of the GPU path, its setting and what it did in the measured rounds (read back
-    from the model, torch's flags and the device cache), or why it is absent on this device."""
-    from ted_fl.continual.learner import amp_dtype_for, on_device_cached
+    from the tensors the steps used, the model, torch's flags), or why it is absent on this device."""
+    from ted_fl.continual.learner import amp_dtype_for
 
     dev = worker.device
     gpu = dev.type == "cuda"
     absent = "absent: no GPU"
     amp = amp_dtype_for(cfg.train.amp, dev)
-    conv = [p for p in worker.student.parameters() if p.dim() == 4 and p.shape[1] > 1][-1]
-    layout = conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    kept, layout = data_path(traces, dev)
+    compiled = [t for t in traces if t.get("compile") == "on"]
     rows = [
         ("bf16 autocast", f"train.amp = {cfg.train.amp}",
          f"on: {str(amp).replace('torch.', '')}" if amp else
          "off: full precision (auto is bf16 only on a GPU that supports it)"),
         ("channels-last weights", f"train.cudnn_benchmark = {cfg.train.cudnn_benchmark}",
-         ("on" if layout else "off") if gpu else f"{absent} (a CPU model keeps its layout)"),
+         ("on" if weights_channels_last(worker.student) else "off") if gpu
+         else f"{absent} (a CPU model keeps its layout)"),
+        ("channels-last input", f"train.cudnn_benchmark = {cfg.train.cudnn_benchmark}",
+         layout if gpu else f"{absent} ({layout})"),
         ("cuDNN autotuning", f"train.cudnn_benchmark = {cfg.train.cudnn_benchmark}",
          f"torch.backends.cudnn.benchmark = {torch.backends.cudnn.benchmark}" if gpu else absent),
-        ("split kept on the device", "always on a GPU",
-         ("on" if on_device_cached(images, dev) else "off") if gpu else f"{absent} (batches are views of the arrays)"),
+        ("split kept on the device", "always on a GPU (learner.on_device)",
+         kept if gpu else f"{absent} ({kept})"),
+        ("compiled step", "train.compile = on (rows compile = on)",
+         compiled[-1]["compiled"] if compiled else "not measured"),
         ("peak memory", "torch.cuda.max_memory_allocated",
          f"{peak_mib:.0f} MiB" if gpu and math.isfinite(peak_mib) else f"{absent} (process RSS in the table)"),
         ("clients per GPU", "federated.num_gpus",
          "by num_gpus and by memory (table)" if gpu else f"{absent}: clients get num_gpus = 0 and run on CPU"),
     ]
     return pd.DataFrame(rows, columns=["switch", "setting", "state"])
+
+
+def eval_costs(cfg: ExperimentConfig) -> tuple[pd.DataFrame, dict[str, float]]:
+    """eval.bn = "batch" on the first site's test split: one slice a forward (eval.slices = "one")
+    against batches of eval.batch_size ("batched"): seconds per image and whether the two agree
+    (the largest logit difference, the share of equal labels, the Dice of each)."""
+    from ted_fl.continual.learner import _predict, batch_statistics, evaluate
+    from ted_fl.data import load_sites
+    from ted_fl.worker import SiteWorker
+
+    site = load_sites(cfg.data, split_seed_of(cfg))[0]
+    model = SiteWorker(cfg).student
+    split = site.test
+    dev = next(model.parameters()).device
+    clock = time.perf_counter if dev.type == "cuda" else time.process_time
+    rows, labels = [], {}
+    for slices in ("one", "batched"):
+        evaluate(model, site.val, per_volume=site.per_volume, bn="batch", slices=slices,
+                 batch_size=cfg.eval.batch_size)  # warm-up
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = clock()
+        scores = evaluate(model, split, per_volume=site.per_volume, bn="batch", slices=slices,
+                          batch_size=cfg.eval.batch_size)
+        t_eval = clock() - t0
+        t0 = clock()
+        labels[slices] = _predict(model, split.images, cfg.eval.batch_size, "batch", slices)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t_fwd = clock() - t0
+        rows.append(dict(slices=slices, forward_ms_per_image=1000 * t_fwd / len(split),
+                         eval_ms_per_image=1000 * t_eval / len(split), dice=scores["dice"]))
+    x = torch.as_tensor(split.images[: cfg.eval.batch_size], device=dev)
+    with torch.no_grad():
+        with batch_statistics(model):
+            one = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+        with batch_statistics(model, batched=True):
+            many = model(x)
+    df = pd.DataFrame(rows)
+    t = df.set_index("slices")
+    figures = dict(speedup=float(t.loc["one", "forward_ms_per_image"] / t.loc["batched", "forward_ms_per_image"]),
+                   max_logit_diff=float((one - many).abs().max()),
+                   labels_equal=float((labels["one"] == labels["batched"]).mean()),
+                   dice_diff=float(abs(t.loc["one", "dice"] - t.loc["batched", "dice"])),
+                   images=float(len(split)))
+    return df, figures
+
+
+def compile_speedups(df: pd.DataFrame) -> pd.DataFrame:
+    """Per approach timed both ways: eager and compiled ms a step, their ratio, the compiled first round."""
+    rows = []
+    for name, g in df.groupby("approach", sort=False):
+        by = g.set_index("compile")
+        if "on" in by.index:
+            rows.append(dict(approach=name, off_ms=by.loc["off", "step_ms"], on_ms=by.loc["on", "step_ms"],
+                             speedup=by.loc["off", "step_ms"] / by.loc["on", "step_ms"],
+                             on_first_round_s=by.loc["on", "first_round_s"]))
+    return pd.DataFrame(rows)
+
+
+def concurrent_cells_note() -> str:
+    """One vs N concurrent cells (issue 22 item 1) is measured by its own runner's benchmark."""
+    try:
+        import ted_fl.bench.cells  # noqa: F401 - present once the concurrent runner has landed
+    except ImportError:
+        return ("one vs N concurrent cells: not measured here; the concurrent runner (issue 22 item 1, "
+                "ted_fl/bench/cells.py) has not landed on this branch")
+    return "one vs N concurrent cells: `python -m ted_fl.bench cells` (throughput and peak memory per cell)"
 
 
 def clients_per_gpu(peak_mib: float, num_gpus: float, device: torch.device) -> tuple[float, float]:
@@ -202,7 +332,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if not on_gpu:
         print("no GPU found: running the GPU path's code on the CPU (memory columns empty)", flush=True)
     steps = args.steps or (3 if args.quick else 50)
-    df, path = step_costs(cfg, list(args.approach), steps)
+    compiled = list(args.approach[:1] if args.quick else args.approach) if args.compiled is None else args.compiled
+    df, path = step_costs(cfg, list(args.approach), steps, compiled)
     num_gpus = args.num_gpus if on_gpu else 0.0
     packed = [clients_per_gpu(p, num_gpus, device) for p in df["peak_gpu_mib"]]
     df["clients_per_gpu_by_num_gpus"] = [a for a, _ in packed]
@@ -210,6 +341,19 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     C.print_table(f"gpu: {device_name(device)}, {cfg.data.size} px, batch {cfg.train.batch_size}, "
                   f"{steps} steps a round, {cfg.train.threads} torch thread(s)", df)
     C.print_table("gpu path: each switch in the measured rounds", path)
+    speed = compile_speedups(df)
+    if not speed.empty:
+        C.print_table("compiled step against eager (train.compile = on / off; first round: the compilation)", speed)
+    ev, evf = eval_costs(cfg)
+    ev_title = (f"evaluation under eval.bn = batch, {int(evf['images'])} test images: one slice a forward against "
+                f"eval.batch_size = {cfg.eval.batch_size} (eval.slices)")
+    C.print_table(ev_title, ev)
+    ev_line = (f"batched per-slice evaluation: {evf['speedup']:.1f}x the forwards' speed; largest logit difference "
+               f"{evf['max_logit_diff']:.1e}, labels equal {100 * evf['labels_equal']:.2f}%, "
+               f"Dice difference {evf['dice_diff']:.1e}")
+    print(ev_line)
+    cells = concurrent_cells_note()
+    print(cells)
     sim_cfg = copy.deepcopy(cfg)
     sim_cfg.approaches = [a for a in args.approach if a != "joint"][-1:] or ["seq"]
     sim_cfg.federated.num_gpus, sim_cfg.federated.retention = num_gpus, 0  # one training client a round
@@ -228,12 +372,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             f"(work CPU simulator/bare {fig['work_cpu_ratio']:.2f}; raw round_s ratio across the two runs, "
             f"load-dependent: {fig['raw_ratio']:.2f})")
     print(over)
-    t = df.set_index("approach")
+    t = df[df["compile"] == "off"].set_index("approach")
     ted = t["images_per_s"].get("ted_gugf", float("nan"))
+    fast = "".join(f", compiled {r.approach} {r.on_ms:.1f} ms/step" for r in speed.itertuples())
     line = (f"gpu: {device_name(device)}; " + ", ".join(f"{a} {r.step_ms:.1f} ms/step"
                                                        for a, r in t.iterrows())
-            + f"; ted_gugf {ted:.0f} images/s; simulator round overhead {1000 * fig['added_s']:.0f} ms "
-              f"(ratio {fig['ratio']:.2f})")
+            + f"{fast}; ted_gugf {ted:.0f} images/s; batched evaluation {evf['speedup']:.1f}x; "
+              f"simulator round overhead {1000 * fig['added_s']:.0f} ms (ratio {fig['ratio']:.2f})")
     note = ("" if on_gpu else "**No GPU was found on this machine**: these figures are the GPU path's code "
             "running on the CPU (full precision, no cuDNN); rerun the command on a GPU machine for the "
             "GPU figures. ")
@@ -245,6 +390,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         "figures of the second round (on a CPU: the process's CPU time). Clients per GPU: by `federated.num_gpus` "
         f"({num_gpus:g} per client here) and by memory (GPU memory / (peak + {CUDA_CONTEXT_MIB:.0f} MiB "
         f"of CUDA context)).\n\n{C.md_table(df)}\n\nThe GPU path, switch by switch:\n\n{C.md_table(path)}\n\n"
+        + (f"Compiled step (`train.compile = on`) against eager, second round of each:\n\n{C.md_table(speed)}\n\n"
+           if not speed.empty else "")
+        + f"Evaluation: {ev_title}; time per image of the forwards alone and of the whole evaluation "
+        f"(forwards, Dice, IoU, HD95):\n\n{C.md_table(ev)}\n\n{ev_line}.\n\n{cells}.\n\n"
         f"Simulator per-round overhead against the bare loop: {title}. Per run, the median over its steady "
         "rounds; `round_s - work_s` is what a round costs besides the client's own work (`work_s`, timed by "
         "the worker in both runs), so the difference between the two runs' is the simulator's overhead "

@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from ted_fl.bench import common as C
-from ted_fl.config import ExperimentConfig, load_experiment
+from ted_fl.config import ExperimentConfig, load_experiment, split_seed_of
 
 
 def add_parser(sub: Any) -> None:
@@ -47,6 +47,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--train-per-site", type=int,
                    help="count this many training images a site instead of the loaded data's (val/test scaled alike)")
     p.add_argument("--steps", type=int, help="timed steps per approach (default 5; --quick 1)")
+    p.add_argument("--compiled", nargs="*",
+                   help="approaches also timed with train.compile = on (default: all; --quick: seq; the others "
+                        "are scaled by seq's compiled/eager ratio)")
     p.set_defaults(func=run)
 
 
@@ -96,8 +99,10 @@ def schedule(cfg: ExperimentConfig, sizes: dict[str, dict[str, int]]) -> pd.Data
     return pd.DataFrame(rows)
 
 
-def measure_steps(cfg: ExperimentConfig, approaches: list[str], steps: int) -> tuple[dict[str, float], float, str]:
-    """Seconds per step per approach (with a teacher), the training process's peak memory (MiB), its kind."""
+def measure_steps(cfg: ExperimentConfig, approaches: list[str], steps: int,
+                  compile: str = "off") -> tuple[dict[str, float], float, str]:  # noqa: A002
+    """Seconds per step per approach (with a teacher), the training process's peak memory (MiB), its kind;
+    `compile` "on": the steps with train.compile's compiled forwards (the warm-up step pays the compilation)."""
     import psutil
 
     from ted_fl.bench.step import Bench
@@ -112,17 +117,18 @@ def measure_steps(cfg: ExperimentConfig, approaches: list[str], steps: int) -> t
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for name in dict.fromkeys(["seq", *approaches]):
-        bench.timed(lambda name=name: bench.step(name, amp=amp), 1)  # warm-up
-        out[name] = bench.timed(lambda name=name: bench.step(name, amp=amp), steps)
+        bench.timed(lambda name=name: bench.step(name, amp=amp, compile=compile), 1)  # warm-up
+        out[name] = bench.timed(lambda name=name: bench.step(name, amp=amp, compile=compile), steps)
         peak_rss = max(peak_rss, psutil.Process().memory_info().rss)
     if device.type == "cuda":
         return out, torch.cuda.max_memory_allocated() / 2**20, "GPU memory allocated"
     return out, peak_rss / 2**20, "process RSS"
 
 
-def eval_seconds_per_image(cfg: ExperimentConfig, site: Any) -> float:
-    """Evaluation (forward, Dice, IoU, HD95) seconds per image, on a site's test split."""
-    from ted_fl.continual.learner import evaluate
+def eval_seconds_per_image(cfg: ExperimentConfig, site: Any, slices: str | None = None) -> float:
+    """Evaluation (forward, Dice, IoU, HD95) seconds per image, on a site's test split, as the protocol
+    evaluates (eval.bn, its rescale and HD95); `slices` overrides eval.slices ("one": the reference's loop)."""
+    from ted_fl.continual.learner import eval_options, evaluate
     from ted_fl.continual.networks import build_model
     from ted_fl.data import resolve_out_channels
     from ted_fl.worker import pick_device
@@ -130,10 +136,15 @@ def eval_seconds_per_image(cfg: ExperimentConfig, site: Any) -> float:
     device = pick_device(cfg.train.device)
     resolve_out_channels(cfg)
     model = build_model(cfg.model).to(device)
-    evaluate(model, site.val, per_volume=site.per_volume)  # warm-up
+    opts: dict[str, Any] = {**eval_options(cfg), **({"slices": slices} if slices else {})}
+    evaluate(model, site.val, per_volume=site.per_volume, **opts)  # warm-up
     clock = time.process_time if device.type == "cpu" else time.perf_counter  # as the step times
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     t0 = clock()
-    evaluate(model, site.test, per_volume=site.per_volume)
+    evaluate(model, site.test, per_volume=site.per_volume, **opts)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return (clock() - t0) / len(site.test)
 
 
@@ -158,6 +169,32 @@ def costs(cfg: ExperimentConfig, sched: pd.DataFrame, step_s: dict[str, float], 
     return out
 
 
+def best_settings(cfg: ExperimentConfig, args: argparse.Namespace, site: Any, sizes: dict[str, dict[str, int]],
+                  eager: dict[str, float], steps: int, seeds: int) -> tuple[float, str, pd.DataFrame]:
+    """The protocol's total with the faster of eager and compiled steps per approach and the batched
+    per-slice evaluation (eval.slices = "batched"): (seconds, a line saying how, the per-approach table).
+    Approaches not timed compiled (--compiled) take their eager time x seq's compiled / eager ratio."""
+    timed = list(dict.fromkeys(["seq", *(args.compiled if args.compiled is not None else
+                                         (["seq"] if args.quick else cfg.approaches))]))
+    on, _, _ = measure_steps(cfg, [a for a in timed if a != "seq"], steps, compile="on")
+    ratio = on["seq"] / eager["seq"]
+    rows, best_step = [], {}
+    for a in dict.fromkeys(["seq", *cfg.approaches]):
+        compiled_s = on.get(a, eager[a] * ratio)
+        best_step[a] = min(eager[a], compiled_s)
+        rows.append(dict(approach=a, eager_ms=1000 * eager[a], compiled_ms=1000 * compiled_s,
+                         compiled="timed" if a in on else "scaled by seq's ratio",
+                         best="compiled" if compiled_s < eager[a] else "eager"))
+    one = eval_seconds_per_image(cfg, site, "one")
+    batched = eval_seconds_per_image(cfg, site, "batched")
+    total = float(costs(cfg, schedule(cfg, sizes), best_step, min(one, batched), seeds)["total_s"].sum())
+    line = (f"Best settings: each approach's faster step (table; train.compile = on was timed for "
+            f"{', '.join(on)}), evaluation {1000 * min(one, batched):.1f} ms an image "
+            f"(eval.slices = {'batched' if batched <= one else 'one'}; one slice a forward: {1000 * one:.1f} ms, "
+            f"batched: {1000 * batched:.1f} ms): about {hours(total)} in one process.")
+    return total, line, pd.DataFrame(rows)
+
+
 def hours(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 3600 else (f"{s / 60:.1f} min" if s >= 60 else f"{s:.1f} s")
 
@@ -172,7 +209,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     t_all = time.perf_counter()
     cfg = workload(args)
-    sites = load_sites(cfg.data, cfg.data.split_seed)
+    sites = load_sites(cfg.data, split_seed_of(cfg))
     sizes = {s.name: {"train": len(s.train), "val": len(s.val), "test": len(s.test)} for s in sites}
     if args.train_per_site:
         for v in sizes.values():
@@ -182,9 +219,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                    + s.train.masks.nbytes + s.val.masks.nbytes + s.test.masks.nbytes for s in sites) / 2**20
     steps = args.steps or (1 if args.quick else 5)
     step_s, peak_mib, peak_kind = measure_steps(cfg, list(cfg.approaches), steps)
-    eval_s = eval_seconds_per_image(cfg, sites[0])
+    eval_s = eval_seconds_per_image(cfg, sites[0])  # as the config evaluates (eval.slices)
     seeds = len(cfg.seeds)
     stages = costs(cfg, schedule(cfg, sizes), step_s, eval_s, seeds)
+    best, best_line, best_table = best_settings(cfg, args, sites[0], sizes, step_s, steps, seeds)
     df = stages.groupby("approach", sort=False).agg(
         stages=("stage", "count"), steps=("steps", "sum"), images_evaluated=("images_evaluated", "sum"),
         train_s=("train_s", "sum"), eval_s=("eval_s", "sum"), total_s=("total_s", "sum")).reset_index()
@@ -233,11 +271,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     C.print_table(f"protocol {cfg.name}: measured step times on this {device.type} (ms)", measured)
     C.print_table(f"protocol {cfg.name}: time per stage (train + eval, {seeds} seed(s))", per_stage)
     C.print_table(f"protocol {cfg.name}: {len(cfg.approaches)} approaches x {seeds} seed(s), one process", shown)
-    for text in (how, joint, mem):
+    C.print_table("protocol: the step and the evaluation with the best settings", best_table)
+    for text in (how, joint, mem, best_line):
         if text:
             print(text)
     line = (f"protocol: {cfg.name} about {hours(total)} in one process on this {device.type} "
-            f"(peak {peak_mib:.0f} MiB {peak_kind})")
+            f"(peak {peak_mib:.0f} MiB {peak_kind}); best settings {hours(best)}")
     body = (
         f"{C.section_head('protocol', argv, time.perf_counter() - t_all)}\n\n"
         f"Protocol `{args.config}` (protocol = \"{cfg.protocol}\"): {len(cfg.approaches)} approaches, seeds "
@@ -246,6 +285,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         f"{cfg.data.data_dir or 'the synthetic twin (the real data would change the image counts)'}.\n\n"
         f"Measured step times (ms) on this {device.type}, the basis of the estimate:\n\n{C.md_table(measured)}\n\n"
         f"Per stage (train + eval, all seeds):\n\n{C.md_table(per_stage)}\n\nPer approach:\n\n"
-        f"{C.md_table(shown)}\n\n{how}\n\n" + (f"{joint}\n\n" if joint else "") + f"{mem}\n\n`{line}`"
+        f"{C.md_table(shown)}\n\n{how}\n\n" + (f"{joint}\n\n" if joint else "") + f"{mem}\n\n"
+        f"The same protocol with the best settings (train.compile, eval.slices), per approach:\n\n"
+        f"{C.md_table(best_table)}\n\n{best_line}\n\n`{line}`"
     )
     return C.finish(args, "protocol", line, body)

@@ -76,8 +76,10 @@ class Bench:
         self.opt = torch.optim.Adam(self.student.parameters(), lr=1e-4)
         self.sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
 
-    def step(self, name: str, separate: bool = False, amp: torch.dtype | None = None) -> None:
+    def step(self, name: str, separate: bool = False, amp: torch.dtype | None = None, compile: str = "off") -> None:  # noqa: A002
+        """One step of `name`; `compile` "on": the forwards through train.compile's compiled callables."""
         from ted_fl.continual.approaches import get_approach
+        from ted_fl.continual.compiled import compiled, step_begins
         from ted_fl.continual.step import train_step
 
         appr = get_approach(name, self.cfg.loss)
@@ -85,6 +87,10 @@ class Bench:
         kwargs: dict[str, Any] = {"fuse_teacher": False} if separate else {}
         if amp is not None:
             kwargs["amp"] = amp
+        if compile == "on":
+            kwargs["student_fwd"] = compiled(self.student, compile)
+            kwargs["teacher_fwd"] = compiled(self.teacher, compile) if teacher is not None else None
+            step_begins(kwargs["student_fwd"])
         train_step(self.student, teacher, appr, self.x, self.y, self.opt,
                    probes=self.probes if appr.needs_probes else None, **kwargs)
 

@@ -41,6 +41,7 @@ class Approach:
     terms: list[WeightedTerm]
     joint: bool = False  # the runner trains on the union of the sites seen so far
     importance: str = ""  # "" | "fisher" (EWC) | "importance" (MAS)
+    term_grads: bool = False  # record each term's gradient-norm ratio at every step (diagnostics.term_grads)
 
     @property
     def needs_teacher(self) -> bool:
@@ -193,6 +194,9 @@ APPROACHES: dict[str, Builder] = {
     # kd_reduce = "reference" reproduces the reference's width-axis CE in its kd/ska/akt agents
     # only; its TED agent reduces over the classes, so ted / ted_gugf always do.
     "kd": lambda c: Approach("kd", c, [_seg(), _kd(c, c.kd_reduce)]),
+    # the paper's KD arm as the reference code ran it (its KD agent's CE summed over the image
+    # width, whatever loss.kd_reduce says): the published KD row; kd is the formula as written
+    "kd_ref": lambda c: Approach("kd_ref", c, [_seg(), _kd(c, "reference")]),
     "ska": lambda c: Approach("ska", c, [_seg(), _kd(c, c.kd_reduce), _ska(c, c.kd_reduce)]),
     "akt": lambda c: Approach("akt", c, [_seg(), _kd(c, c.kd_reduce), _akt(c, False)]),
     "akt_gugf": lambda c: Approach("akt_gugf", c, [_seg(), _kd(c, c.kd_reduce), _akt(c, True)]),

@@ -82,4 +82,4 @@ def with_fixed_teacher(approach: Approach, teacher: nn.Module | None, kind: str,
     if teacher is None or weight == 0:
         return approach
     terms = [*approach.terms, WeightedTerm(FixedTeacherDistill(teacher, kind), weight)]
-    return Approach(approach.name, approach.loss_cfg, terms, approach.joint, approach.importance)
+    return Approach(approach.name, approach.loss_cfg, terms, approach.joint, approach.importance, approach.term_grads)

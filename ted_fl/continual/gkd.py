@@ -248,7 +248,7 @@ def view_owner(b: int, k: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------- ACT
 def act_loss(model: nn.Module, msan: MSAN, psae: PSAE, x: torch.Tensor, y: torch.Tensor,
              x_aug: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The four ACT terms (2.2) for a frozen `model` (eval mode) and its trainable MSAN."""
+    """The four ACT terms (2.2) for a frozen `model` (in the mode its caller set) and its trainable MSAN."""
     with torch.no_grad():
         _, feats = model.forward_features(x)
         f = feats["bottleneck"]
@@ -266,6 +266,15 @@ def act_loss(model: nn.Module, msan: MSAN, psae: PSAE, x: torch.Tensor, y: torch
 
 
 # --------------------------------------------------------------------------- DCGD
+NEAR_UNIFORM = 0.9  # normalised row entropy at or above which a graph is near-uniform (spec 2.3's check)
+
+
+def centred(z: torch.Tensor) -> torch.Tensor:
+    """z minus its mean over the rows (the batch's anchors and views): without it the codes are
+    mostly their common direction and every cosine graph is near-uniform (spec 2.3, revised)."""
+    return z - z.mean(dim=0, keepdim=True)
+
+
 def intra_matrix(z0: torch.Tensor, za: torch.Tensor, tau: float) -> torch.Tensor:
     """P = softmax_row(Z0 Za^T / tau), B x N, on L2-normalised codes (the star-shaped intra graph)."""
     z0, za = F.normalize(z0, dim=1), F.normalize(za, dim=1)
@@ -280,6 +289,16 @@ def inter_matrix(za: torch.Tensor, tau: float) -> torch.Tensor:
     sim = za @ za.T / tau
     eye = torch.eye(za.shape[0], dtype=torch.bool, device=za.device)
     return torch.softmax(sim.masked_fill(eye, float("-inf")), dim=1)
+
+
+def row_entropy(p: torch.Tensor, support: int | None = None) -> float:
+    """Mean over rows of H(p[i]) / log(support): 1 for uniform rows, 0 for one-hot ones. `support`
+    defaults to the number of columns (the inter graph's is one less: no self loop)."""
+    cols = support if support is not None else p.shape[1]
+    if cols < 2:
+        return 0.0
+    h = -torch.where(p > 0, p * torch.log(p.clamp_min(1e-30)), torch.zeros_like(p)).sum(dim=1)
+    return float((h / np.log(cols)).mean())
 
 
 def kl_rows(p_t: torch.Tensor, p_s: torch.Tensor) -> torch.Tensor:
@@ -315,8 +334,17 @@ def _codes(s: T.StepInputs, tan: MSAN, san: MSAN) -> tuple[torch.Tensor, torch.T
         assert s.feats is not None and s.teacher_feats is not None
         cache["z_s"] = san.encode(s.feats["bottleneck"])
         with torch.no_grad():
-            cache["z_t"] = tan.encode(s.teacher_feats["bottleneck"])
+            cache["z_t"] = tan.encode(s.teacher_feats["bottleneck"]).clone()  # a normal tensor, never an inference one
     return cache["z_s"], cache["z_t"]
+
+
+def _graph_entropy(s: T.StepInputs, graph: str, p_t: torch.Tensor, p_s: torch.Tensor, support: int) -> None:
+    """Record the teacher's and student's normalised row entropies of one graph in the step's stats
+    (metrics entropy_<graph>_t / _s) and flag a near-uniform one (entropy_near_uniform = 1)."""
+    e_t, e_s = row_entropy(p_t.detach(), support), row_entropy(p_s.detach(), support)
+    s.stats[f"entropy_{graph}_t"], s.stats[f"entropy_{graph}_s"] = e_t, e_s
+    flag = float(max(e_t, e_s) >= NEAR_UNIFORM)
+    s.stats["entropy_near_uniform"] = max(s.stats.get("entropy_near_uniform", 0.0), flag)
 
 
 class _GKDTerm(T.Term):
@@ -329,7 +357,7 @@ class _GKDTerm(T.Term):
 
 class DCGDIntra(_GKDTerm):
     """L_intra = tau^2 mean_b KL(P_T[b] || P_S[b]), P_m = softmax_row(Z0_m Za_m^T / tau) (2.3);
-    z = L2-normalised E_m codes of anchors (Z0) and their K views (Za)."""
+    z = E_m codes of anchors (Z0) and their K views (Za), centred by the batch mean, L2-normalised."""
 
     name = "intra"
 
@@ -340,11 +368,16 @@ class DCGDIntra(_GKDTerm):
         z_s, z_t = _codes(s, self.tan, self.san)
         if b == 0 or z_s.shape[0] == b:
             return None
-        return dcgd_intra(z_s[:b], z_s[b:], z_t[:b], z_t[b:], self.tau)
+        z_s, z_t = centred(z_s), centred(z_t)
+        p_t = intra_matrix(z_t[:b], z_t[b:], self.tau).detach()
+        p_s = intra_matrix(z_s[:b], z_s[b:], self.tau)
+        _graph_entropy(s, "intra", p_t, p_s, p_t.shape[1])
+        return self.tau**2 * kl_rows(p_t, p_s)
 
 
 class DCGDInter(_GKDTerm):
-    """L_inter = tau^2 mean_i KL(Q_T[i] || Q_S[i]), Q_m = softmax_row((Za Za^T - inf I) / tau) (2.3)."""
+    """L_inter = tau^2 mean_i KL(Q_T[i] || Q_S[i]), Q_m = softmax_row((Za Za^T - inf I) / tau) (2.3),
+    on the batch-centred codes as DCGDIntra."""
 
     name = "inter"
 
@@ -355,39 +388,56 @@ class DCGDInter(_GKDTerm):
         z_s, z_t = _codes(s, self.tan, self.san)
         if b == 0 or z_s.shape[0] - b < 2:
             return None
-        return dcgd_inter(z_s[b:], z_t[b:], self.tau)
+        z_s, z_t = centred(z_s), centred(z_t)
+        q_t = inter_matrix(z_t[b:], self.tau).detach()
+        q_s = inter_matrix(z_s[b:], self.tau)
+        _graph_entropy(s, "inter", q_t, q_s, q_t.shape[1] - 1)
+        return self.tau**2 * kl_rows(q_t, q_s)
 
 
 class DICD(_GKDTerm):
     """L_cross = t^2 mean_px KL(sm(y_T/t) || sm(yhat_ST/t)) + t^2 mean_px KL(sm(y_T/t) || sm(yhat_TS/t)),
-    yhat_ST = Dec_T(H_T(z_S); skips_T(x)) (frozen teacher in eval, differentiable: trains the student
+    yhat_ST = Dec_T(H_T(z_S); skips_T(x)) (frozen teacher, differentiable: trains the student
     encoder), yhat_TS = Dec_S(H_S(sg(z_T)); skips_S(x)) (trains the student decoder); anchors only (2.4).
+
+    One normalisation mode for the teacher: the cross prediction runs the teacher in `teacher_mode`,
+    the mode the step computed y_T and the TAN's features in (the approach's loss.teacher_mode, "eval"
+    for every GKD row), so a perfectly aligned TAN (H_T(E_T(f)) = f) makes the ST half zero. The two
+    halves are also recorded (stats cross_st, cross_ts).
     """
 
     name = "cross"
 
-    def __init__(self, tan: MSAN, san: MSAN, t: float = 1.0) -> None:
+    def __init__(self, tan: MSAN, san: MSAN, t: float = 1.0, teacher_mode: str = "eval") -> None:
         super().__init__(tan, san)
         self.t = float(t)
+        self.teacher_mode = teacher_mode
 
     def compute(self, s: T.StepInputs) -> torch.Tensor | None:
         if s.teacher is None or s.teacher_logits is None or s.images is None:
             return None
+        from ted_fl.continual.step import running_stats_frozen, teacher_mode
+
         b = s.n_anchors or s.images.shape[0]
         x = s.images[:b]
         z_s, z_t = _codes(s, self.tan, self.san)
         y_t = s.teacher_logits[:b].detach()
-        was = s.teacher.training
-        s.teacher.eval()
-        try:
+        with teacher_mode(s.teacher, self.teacher_mode):
             y_st = cross_logits(s.teacher, self.tan, z_s[:b], x)
-        finally:
-            s.teacher.train(was)
-        from ted_fl.continual.step import running_stats_frozen
-
         with running_stats_frozen(s.model):
             y_ts = cross_logits(s.model, self.san, z_t[:b].detach(), x)
-        return kl_pixels(y_t, y_st, self.t) + kl_pixels(y_t, y_ts, self.t)
+        st, ts = kl_pixels(y_t, y_st, self.t), kl_pixels(y_t, y_ts, self.t)
+        s.stats["cross_st"], s.stats["cross_ts"] = float(st.detach()), float(ts.detach())
+        return st + ts
+
+
+class AnchorSegLoss(T.SegLoss):
+    """L_seg on the anchors only (rows [0, n_anchors)): the views enter only DCGD (spec 2.5, revised)."""
+
+    def compute(self, s: T.StepInputs) -> torch.Tensor:
+        b = s.n_anchors or s.p.shape[0]
+        p = s.p[:b]
+        return self(p, T.one_hot(s.masks[:b], p.shape[1]).to(p), s.per_sample)
 
 
 def attention_map(f: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -445,24 +495,38 @@ class PairwiseAffinity(T.Term):
 # ---------------------------------------------------------------------- approaches
 GKD_APPROACHES: tuple[str, ...] = typing.get_args(GKDApproachName)  # student, student_aug, kd, ..., gkd
 NEEDS_ALIGNMENT = frozenset({"gkd", "intra", "inter", "cross", "intra_inter"})
-USES_VIEWS = frozenset({"student_aug", "gkd", "intra", "inter", "intra_inter", "cross"})
+DCGD_ROWS = frozenset({"gkd", "intra", "inter", "intra_inter"})  # rows whose batch holds views for DCGD
+AUGMENTED_ROWS = frozenset({"student_aug", "kd_aug"})  # rows that train L_seg (and KD) on the views too
+TEACHER_MODE = "eval"  # every GKD row: the teacher's running statistics (as it is scored and ACT fits TAN)
+# the rows whose batch is anchors + K views (`uses_views`); kept for callers of the old name
+USES_VIEWS = AUGMENTED_ROWS | DCGD_ROWS
+
+
+def uses_views(name: str, seg_on_views: bool = False) -> bool:
+    """Whether row `name` trains on anchors followed by K views. gkd.seg_on_views (the old rule)
+    also gives the views to L_seg of the DCGD rows and of cross."""
+    return name in USES_VIEWS or (seg_on_views and name == "cross")
 
 
 def gkd_approach(name: str, tan: MSAN | None = None, san: MSAN | None = None, *, w_intra: float = 1.0,
                  w_inter: float = 1.0, w_cross: float = 0.5, w_kd: float = 1.0, w_at: float = 1.0,
-                 w_pair: float = 1.0, tau: float = 0.1) -> Approach:
+                 w_pair: float = 1.0, tau: float = 0.1, seg_on_views: bool = False) -> Approach:
     """The student objective of each row of the evidence (2.5), as an `approaches.Approach`:
-    student = L_seg; student_aug = L_seg on anchors and views; kd = L_seg + KD; at = L_seg + AT;
-    skd = L_seg + KD + pair; gkd = L_seg(anchors, views) + intra + inter + 0.5 cross; ablations keep
-    one or two of the three. L_seg is the project's Dice + BCE (the spec's CE [our choice])."""
+    student = L_seg; student_aug = L_seg on anchors and views; kd = L_seg + KD; kd_aug = L_seg + KD on
+    anchors and views (augmentation alone, beside kd); at = L_seg + AT; skd = L_seg + KD + pair;
+    gkd = L_seg(anchors) + intra + inter + 0.5 cross (views only in DCGD); intra / inter / cross /
+    intra_inter keep one or two of the three. `seg_on_views`: the old rule, L_seg on anchors and
+    views in the DCGD rows. L_seg is the project's Dice + BCE (the spec's CE [our choice]). Every
+    row runs the teacher in eval mode (TEACHER_MODE), the mode DICD and ACT use."""
     if name not in GKD_APPROACHES:
         raise unknown("approach", name, GKD_APPROACHES, "--approach")
     for m in (tan, san):  # frozen: the gradient reaches the student through them, never into them
         if m is not None:
             m.requires_grad_(False)
             m.eval()
-    terms = [WeightedTerm(T.SegLoss(), 1.0)]
-    if name in ("kd", "skd"):
+    anchors_only = name in NEEDS_ALIGNMENT and not seg_on_views
+    terms = [WeightedTerm(AnchorSegLoss() if anchors_only else T.SegLoss(), 1.0)]
+    if name in ("kd", "kd_aug", "skd"):
         terms.append(WeightedTerm(T.KD(), w_kd))
     if name == "at":
         terms.append(WeightedTerm(AttentionTransfer(), w_at))
@@ -476,8 +540,8 @@ def gkd_approach(name: str, tan: MSAN | None = None, san: MSAN | None = None, *,
         if name in ("gkd", "inter", "intra_inter"):
             terms.append(WeightedTerm(DCGDInter(tan, san, tau), w_inter))
         if name in ("gkd", "cross"):
-            terms.append(WeightedTerm(DICD(tan, san), w_cross))
-    return Approach(name, LossConfig(), terms)
+            terms.append(WeightedTerm(DICD(tan, san, teacher_mode=TEACHER_MODE), w_cross))
+    return Approach(name, LossConfig(teacher_mode=TEACHER_MODE), terms)
 
 
 # ------------------------------------------------------------------------ batches

@@ -9,6 +9,8 @@ The federated layer calls these at the source site; nothing here knows Flower.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import nn
@@ -16,8 +18,12 @@ from torch import nn
 from ted_fl.continual import gkd as G
 from ted_fl.continual.approaches import Approach
 from ted_fl.continual.fsd import GaussStats
+from ted_fl.continual.learner import batch_statistics
 from ted_fl.continual.step import freeze, train_step
 from ted_fl.data.types import Split
+from ted_fl.errors import unknown
+
+ACT_MODES = ("eval", "batch")  # how ACT runs the frozen owner of an alignment network
 
 
 def _adam(params: list[nn.Parameter], lr: float, state: dict | None) -> torch.optim.Adam:
@@ -29,11 +35,17 @@ def _adam(params: list[nn.Parameter], lr: float, state: dict | None) -> torch.op
     return opt
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def train_with_terms(student: nn.Module, teacher: nn.Module | None, approach: Approach, split: Split, *,
                      steps: int, batch_size: int, crop: int, lr: float, seed: int, views: int = 0,
                      optimizer_state: dict | None = None, augment: str = "spec") -> tuple[dict[str, float], dict]:
     """`steps` steps of `approach` (stages 1, 2 and 5). With views > 0 each batch is its anchors
-    followed by `views` augmented views of each (same views for teacher and student)."""
+    followed by `views` augmented views of each (same views for teacher and student). Batches go
+    to the student's device (the views are drawn on CPU from the seeded generator, then moved)."""
+    device = _device(student)
     opt = _adam(list(student.parameters()), lr, optimizer_state)
     gen = torch.Generator().manual_seed(int(seed))
     sums: dict[str, float] = {}
@@ -44,7 +56,7 @@ def train_with_terms(student: nn.Module, teacher: nn.Module | None, approach: Ap
             if views > 0:
                 n_anchors = x.shape[0]
                 x, y = G.make_views(x, y, views, gen, augment)
-            out = train_step(student, teacher, approach, x, y, opt, n_anchors=n_anchors)
+            out = train_step(student, teacher, approach, x.to(device), y.to(device), opt, n_anchors=n_anchors)
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v
     return {k: v / max(1, steps) for k, v in sums.items()}, opt.state_dict()
@@ -59,7 +71,7 @@ def train_psae(psae: G.PSAE, split: Split, *, steps: int, batch_size: int, crop:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for _, y in G.sample_batches(split.images, split.masks, steps, batch_size, crop, seed):
-            loss = G.psae_loss(psae, y)
+            loss = G.psae_loss(psae, y.to(_device(psae)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -68,9 +80,14 @@ def train_psae(psae: G.PSAE, split: Split, *, steps: int, batch_size: int, crop:
 
 
 def train_alignment(model: nn.Module, msan: G.MSAN, psae: G.PSAE, split: Split, *, steps: int, batch_size: int,
-                    crop: int, lr: float, seed: int, optimizer_state: dict | None = None, augment: str = "spec"
-                    ) -> tuple[dict[str, float], dict]:
-    """Stage 4 (ACT): train `msan` on the frozen `model` (eval mode) and the frozen P-SAE."""
+                    crop: int, lr: float, seed: int, optimizer_state: dict | None = None, augment: str = "spec",
+                    mode: str = "eval") -> tuple[dict[str, float], dict]:
+    """Stage 4 (ACT): train `msan` on the frozen `model` and the frozen P-SAE, the model run in the
+    mode the alignment network is used in: "eval" (running statistics: the TAN, as DICD and every
+    GKD row run the teacher) or "batch" (batch statistics, no buffer touched: the SAN, which reads
+    the student while it trains in train mode)."""
+    if mode not in ACT_MODES:
+        raise unknown("ACT mode", mode, ACT_MODES, "train_alignment(mode=...)")
     freeze(model).eval()
     freeze(psae).eval()
     msan.train()
@@ -81,7 +98,9 @@ def train_alignment(model: nn.Module, msan: G.MSAN, psae: G.PSAE, split: Split, 
         torch.manual_seed(seed)
         for x, y in G.sample_batches(split.images, split.masks, steps, batch_size, crop, seed):
             x_aug, _ = G.augment(x, y, gen, geometric=False, strength=augment)  # the code's consistency view keeps the geometry
-            parts = G.act_loss(model, msan, psae, x, y, x_aug)
+            device = _device(msan)
+            with batch_statistics(model) if mode == "batch" else contextlib.nullcontext():
+                parts = G.act_loss(model, msan, psae, x.to(device), y.to(device), x_aug.to(device))
             opt.zero_grad(set_to_none=True)
             parts["total"].backward()
             opt.step()
@@ -97,7 +116,7 @@ def code_stats(model: nn.Module, msan: G.MSAN, images: np.ndarray, batch_size: i
     msan.eval()
     stats = GaussStats.zeros(msan.dim)
     for i in range(0, len(images), batch_size):
-        x = torch.as_tensor(images[i : i + batch_size], dtype=torch.float32)
+        x = torch.as_tensor(images[i : i + batch_size], dtype=torch.float32, device=_device(model))
         _, feats = model.forward_features(x)
-        stats = stats + GaussStats.of(msan.encode(feats["bottleneck"]).double().numpy())
+        stats = stats + GaussStats.of(msan.encode(feats["bottleneck"]).double().cpu().numpy())
     return stats

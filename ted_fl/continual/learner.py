@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import random
 import warnings
@@ -14,20 +15,23 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
 from monai.utils import set_determinism as monai_set_determinism
 from scipy import ndimage
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ted_fl.config import ExperimentConfig, LossConfig, TrainConfig
+from ted_fl.config import EvalSlices, ExperimentConfig, LossConfig, TrainConfig, choices
 from ted_fl.continual.approaches import Approach
+from ted_fl.continual.compiled import step_begins
 from ted_fl.continual.probes import draw_probes
 from ted_fl.continual.step import train_step
 from ted_fl.data.types import Split
 from ted_fl.errors import TedFlError, unknown
 
 EVAL_BN = ("running", "batch")
+EVAL_SLICES = choices(EvalSlices)  # the schema owns the allowed values
 HD95_MODES = ("slice_max", "pooled")
 
 
@@ -54,14 +58,15 @@ def predict_labels(model: nn.Module, split: Split, per_volume: bool, cfg: Experi
     opts = eval_options(cfg)
     images = rescale_percentiles(split.images, _groups(split, per_volume)) if opts["rescale"] else split.images
     with torch.no_grad():
-        return _predict(model, images, int(opts["batch_size"]), str(opts["bn"]))  # type: ignore[call-overload]
+        return _predict(model, images, int(opts["batch_size"]), str(opts["bn"]),  # type: ignore[call-overload]
+                        str(opts["slices"]))
 
 
 def eval_options(cfg: ExperimentConfig) -> dict[str, object]:
     """`evaluate`'s keyword options for an experiment: eval.bn, and protocol "reference"'s
     evaluation rescale and pooled HD95."""
     ref = cfg.protocol == "reference"
-    return {"bn": cfg.eval.bn, "batch_size": cfg.eval.batch_size, "rescale": ref,
+    return {"bn": cfg.eval.bn, "batch_size": cfg.eval.batch_size, "slices": cfg.eval.slices, "rescale": ref,
             "hd95": "pooled" if ref else "slice_max"}
 
 
@@ -93,6 +98,9 @@ def local_train(
     loss_cfg: LossConfig,
     amp: str = "off",
     dp: Mapping[str, float] | None = None,
+    keep_on_device: bool | None = None,
+    compile: str = "off",  # noqa: A002 - the config key's name
+    trace: dict[str, Any] | None = None,
 ) -> tuple[dict[str, float], dict]:
     """Train `student` for `steps` steps (0: one pass, ceil(N / batch_size)) with Adam.
 
@@ -112,6 +120,13 @@ def local_train(
     `ted_fl.continual.privacy` (Opacus): Poisson batches at rate 1 / ceil(n / batch_size) instead
     of the permutations, per-sample clipping and noise in the step; the metrics then carry the
     round's accounting inputs (dp_noise_multiplier, dp_sample_rate, dp_steps).
+
+    `keep_on_device` (default: on any device but the CPU) draws the batches from the split held on
+    the device by `on_device` (one copy per split, kept across rounds) in channels-last layout.
+    `compile` (train.compile) runs the networks' forwards through `ted_fl.continual.compiled`.
+    `trace`, when given, receives what the steps really used (the GPU path's report reads it):
+    "source" (the tensor the batches were drawn from, None when they came from the numpy arrays),
+    "batch" (the last step's input), "compiled" (the compiled forward's state, or why eager).
     """
     n = len(data)
     if n == 0:
@@ -133,7 +148,8 @@ def local_train(
     count = loss_cfg.ska_count or batch_size
     per_step = probes is not None and probes.shape[0] == steps * count
     amp_dtype = amp_dtype_for(amp, device)
-    on_gpu = device.type != "cpu"
+    on_gpu = device.type != "cpu" if keep_on_device is None else keep_on_device
+    images_d = None
     if on_gpu:  # the whole split and the round's probes cross to the device once
         images_d, masks_d = on_device(data.images, device), on_device(data.masks, device)
         probes = probes.to(device=device, dtype=torch.float32) if probes is not None else None
@@ -147,6 +163,9 @@ def local_train(
         private = attach(student, optimizer, n, batch_size, float(dp["noise_multiplier"]),
                          float(dp["max_grad_norm"]), seed)
     batches = private.batches(steps) if private is not None else batch_indices(n, batch_size, steps, rng)
+    student_fwd, teacher_fwd = _compiled_forwards(student, teacher, compile, private is not None)
+    if trace is not None:
+        trace.update(source=images_d, compiled=student_fwd.state if student_fwd is not None else "off: eager")
     with torch.random.fork_rng(devices=[]), (contextlib.closing(private) if private else contextlib.nullcontext()):
         torch.manual_seed(seed)
         for i, idx in enumerate(batches):
@@ -169,15 +188,34 @@ def local_train(
             extra: dict[str, Any] = {"amp": amp_dtype} if amp_dtype is not None else {}  # full precision: the plain call
             if private is not None:
                 extra["dp"] = private
+            if student_fwd is not None:
+                step_begins(student_fwd)
+                extra.update(student_fwd=student_fwd, teacher_fwd=teacher_fwd)
             out = train_step(student, teacher, approach, x, y, optimizer, probes=step_probes, aux=aux, **extra)
             for k, v in out.items():
                 sums[k] += v
+    if trace is not None:
+        trace["batch"] = x
     metrics = {k: v / steps for k, v in sums.items()}
     if private is not None:
         from ted_fl.continual.privacy import stage_dp_metrics
 
         metrics.update(stage_dp_metrics(private))
     return metrics, copy.deepcopy(optimizer.state_dict())
+
+
+def _compiled_forwards(student: nn.Module, teacher: nn.Module | None, setting: str,
+                       private: bool) -> tuple[Any, Any]:
+    """train.compile's forwards of the student and the teacher (None, None: eager). DP-SGD keeps
+    them eager (Opacus hooks the module for per-sample gradients): one warning line says so."""
+    from ted_fl.continual.compiled import compiled
+
+    if setting == "on" and private:
+        from ted_fl.continual.compiled import warn
+
+        warn("privacy.dp = 'sample' computes per-sample gradients through Opacus' hooks")
+        return None, None
+    return compiled(student, setting), compiled(teacher, setting)
 
 
 AMP_MODES = ("auto", "bf16", "off")
@@ -213,8 +251,10 @@ _DEVICE_CACHE: dict[tuple[int, str], tuple[Any, torch.Tensor]] = {}
 
 def on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """`array` as a tensor on `device`, copied once and kept while the array lives (a site's split
-    stays on the GPU across rounds instead of crossing the bus batch by batch)."""
-    key = (id(array), str(device))
+    stays on the GPU across rounds instead of crossing the bus batch by batch). The callers keep a
+    split's arrays across rounds (the executors memoise the splits they derive), so the copy is made
+    once per split and process."""
+    key = (id(array), _device_key(device))
     hit = _DEVICE_CACHE.get(key)
     if hit is not None and hit[0]() is array:
         return hit[1]
@@ -227,44 +267,97 @@ def on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def on_device_cached(array: np.ndarray, device: torch.device) -> bool:
     """Whether `on_device` holds `array` on `device` (the GPU path's check that a split stayed there)."""
-    hit = _DEVICE_CACHE.get((id(array), str(device)))
+    hit = _DEVICE_CACHE.get((id(array), _device_key(device)))
     return hit is not None and hit[0]() is array
 
 
-@contextlib.contextmanager
-def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode, except batch norm normalises with each forward's own statistics.
+def _device_key(device: torch.device | str) -> str:
+    """One name per device: "cuda" and "cuda:0" are the same GPU (the worker holds the first, a
+    model's parameters report the second; keyed apart, the GPU report never found the split)."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None and torch.cuda.is_available():
+        d = torch.device("cuda", torch.cuda.current_device())
+    return str(d)
 
-    Batch-norm layers run in train mode with `track_running_stats` off, so they neither read nor
-    write running_mean / running_var / num_batches_tracked; dropout stays off. Every module's
-    mode and flag are restored on exit.
+
+# Leaf modules whose eval-mode output for one slice does not depend on the other slices of the
+# batch: torch.nn's layers (batch norm itself is swapped, see `batch_statistics`) and MONAI's
+# activations. A network with any other leaf module is forwarded one slice at a time.
+PER_SAMPLE_LEAVES = ("torch.nn.modules.", "monai.networks.blocks.activation")
+
+
+def per_slice_batchable(model: nn.Module) -> bool:
+    """Whether a batch of slices may go through one forward with each slice's batch norm on its own
+    statistics (`batch_statistics(model, batched=True)`). The composite modules' own forwards are
+    taken to be per-slice (every registered network is checked against the one-slice path in
+    tests/unit/test_batched_slices.py); a leaf module outside `PER_SAMPLE_LEAVES` refuses."""
+    return all(type(m).__module__.startswith(PER_SAMPLE_LEAVES)
+               for m in model.modules() if next(m.children(), None) is None)
+
+
+def _own_statistics(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Batch norm in train mode over ONE slice, for every slice of `x` at once: instance
+    normalisation (each slice and channel over its spatial positions, biased variance) with the
+    layer's weight, bias and eps. No running statistic is read or written."""
+    return F.instance_norm(x, None, None, bn.weight, bn.bias, use_input_stats=True, eps=bn.eps)
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module, batched: bool = False) -> Iterator[bool]:
+    """Eval mode, except batch norm normalises with each forward's own statistics; yields whether
+    the caller may forward several slices at once with each still normalised by its own statistics.
+
+    `batched` False (the reference's loop): batch-norm layers run in train mode with
+    `track_running_stats` off, so they neither read nor write running_mean / running_var /
+    num_batches_tracked, and the caller forwards one slice at a time. `batched` True, on a network
+    where it holds (`per_slice_batchable`): every batch-norm layer computes `_own_statistics`
+    instead, which for each slice equals the train-mode layer over that slice alone, so a whole
+    split goes through in batches with the same numbers (to float rounding) and, as in the loop,
+    no buffer is touched. Dropout stays off. Every module's mode, flag and forward are restored.
     """
     modes = [(m, m.training) for m in model.modules()]
     bns = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, _BatchNorm)]
+    fast = batched and per_slice_batchable(model)
     model.eval()
+    own: list[tuple[_BatchNorm, Any]] = []
     for m, _ in bns:
-        m.train()
-        m.track_running_stats = False
+        if fast:
+            own.append((m, vars(m).get("forward")))
+            m.forward = functools.partial(_own_statistics, m)  # type: ignore[method-assign]
+        else:
+            m.train()
+            m.track_running_stats = False
     try:
-        yield model
+        yield fast
     finally:
+        for m, forward in own:
+            del m.forward
+            if forward is not None:
+                m.forward = forward  # type: ignore[method-assign]
         for m, track in bns:
             m.track_running_stats = track
         for m, mode in modes:
             m.training = mode
 
 
-def _predict(model: nn.Module, images: np.ndarray, batch_size: int, bn: str = "running") -> np.ndarray:
-    """Argmax labels; bn "running": model.eval() in batches; "batch": each image alone, own stats."""
+def _predict(model: nn.Module, images: np.ndarray, batch_size: int, bn: str = "running",
+             slices: str = "batched") -> np.ndarray:
+    """Argmax labels; bn "running": model.eval() in batches; "batch": each image on its own batch-norm
+    statistics, `batch_size` images a forward (slices "batched", where the network allows it) or one
+    (slices "one", the reference's loop)."""
     if bn not in EVAL_BN:
         raise unknown("evaluation batch-norm mode", bn, EVAL_BN, "eval.bn")
+    if slices not in EVAL_SLICES:
+        raise unknown("evaluation slice mode", slices, EVAL_SLICES, "eval.slices")
     device = next(model.parameters()).device
-    step = batch_size if bn == "running" else 1
-    ctx = batch_statistics(model) if bn == "batch" else _eval_mode(model)
+    ctx = batch_statistics(model, slices == "batched") if bn == "batch" else _eval_mode(model)
     preds = []
-    with ctx:
+    source = on_device(images, device) if device.type != "cpu" else None  # a split stays on the GPU
+    with ctx as batched:
+        step = batch_size if bn == "running" or batched else 1
         for i in range(0, len(images), step):
-            x = torch.as_tensor(images[i : i + step], dtype=torch.float32, device=device)
+            x = (source[i : i + step].float() if source is not None
+                 else torch.as_tensor(images[i : i + step], dtype=torch.float32, device=device))
             preds.append(model(x).max(dim=1).indices.cpu().numpy())  # = argmax(dim=1), ~15x faster on CPU
     return np.concatenate(preds, axis=0)
 
@@ -287,11 +380,11 @@ def class_dice(pred: np.ndarray, gt: np.ndarray) -> float:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+def _eval_mode(model: nn.Module) -> Iterator[bool]:
     was_training = model.training
     model.eval()
     try:
-        yield model
+        yield True
     finally:
         model.train(was_training)
 
@@ -384,13 +477,15 @@ def evaluate(
     bn: str = "running",
     rescale: bool = False,
     hd95: str = "slice_max",
+    slices: str = "batched",
 ) -> dict[str, float]:
     """Dice, IoU and HD95, averaged over volumes (per_volume) or images; see `score`.
 
     How the model is run (`_predict`) and what is scored (`score`) are separate steps.
-    `bn` (eval.bn): "running" scores in eval mode with the running statistics; "batch" forwards
-    every image alone with batch norm on its own statistics (the reference's predictor), no
-    buffer touched. `rescale` applies the reference's evaluation-only percentile rescale per
+    `bn` (eval.bn): "running" scores in eval mode with the running statistics; "batch" normalises
+    every image with batch norm on its own statistics (the reference's predictor, which forwards
+    each alone), no buffer touched; `slices` (eval.slices) "batched" puts `batch_size` images
+    through a forward with the same numbers (`batch_statistics`), "one" forwards each alone. `rescale` applies the reference's evaluation-only percentile rescale per
     volume before the forward; `hd95` "pooled" is the reference's HD95 (`_hd95_pooled`),
     "slice_max" MONAI's (`_hd95`). The model's training flags are restored in every case.
     """
@@ -399,7 +494,7 @@ def evaluate(
     if hd95 not in HD95_MODES:
         raise unknown("HD95 mode", hd95, HD95_MODES, "protocol")
     images = rescale_percentiles(split.images, _groups(split, per_volume)) if rescale else split.images
-    pred = _predict(model, images, batch_size, bn)
+    pred = _predict(model, images, batch_size, bn, slices)
     return score(pred, split, per_volume=per_volume, labels=labels, hd95=hd95)
 
 

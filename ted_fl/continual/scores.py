@@ -50,9 +50,10 @@ def foreground_probabilities(model: nn.Module, images: np.ndarray, batch_size: i
     model.eval()
     try:
         out = []
+        device = next(model.parameters()).device
         for i in range(0, len(images), batch_size):
-            x = torch.as_tensor(images[i : i + batch_size], dtype=torch.float32)
-            out.append(torch.softmax(model(x), dim=1)[:, 1].numpy())
+            x = torch.as_tensor(images[i : i + batch_size], dtype=torch.float32, device=device)
+            out.append(torch.softmax(model(x), dim=1)[:, 1].float().cpu().numpy())
     finally:
         model.train(was)
     return np.concatenate(out)

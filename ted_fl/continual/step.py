@@ -27,7 +27,7 @@ always stay separate, for the same reason (train-mode batch norm).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -114,6 +114,8 @@ def train_step(
     amp: torch.dtype | None = None,
     n_anchors: int | None = None,
     dp: Any = None,
+    student_fwd: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    teacher_fwd: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """One optimizer step on (images, masks); returns every term's unweighted value and "total".
 
@@ -127,14 +129,18 @@ def train_step(
     losses' sums want full precision); backward and the optimizer step run outside autocast.
     `dp` (a `ted_fl.continual.privacy.SampleDP`, privacy.dp = "sample"): the terms on the images
     get per-sample clipping and noise, the data-independent ones (SKA, EWC/MAS) are added after
-    the noise; an empty (Poisson) batch makes a noise-only step.
+    the noise; an empty (Poisson) batch makes a noise-only step. `student_fwd` / `teacher_fwd`
+    (train.compile, `ted_fl.continual.compiled`): what runs the plain forwards of the student and
+    the teacher instead of the modules themselves (modes, flags and parameters stay the modules').
     """
     if dp is not None and images.shape[0] == 0:
         dp.step(None, None)
         return {"total": 0.0}
     total, out, s = _forward_terms(student, teacher, approach, images, masks, probes, aux, fuse_teacher, amp,
-                                 n_anchors, dp)
+                                 n_anchors, dp, student_fwd, teacher_fwd)
     optimizer.zero_grad(set_to_none=True)
+    if approach.term_grads and dp is None and total.requires_grad:
+        out.update(term_gradient_ratios(student, s))
     if dp is not None:
         dp.step(s.private_total, s.public_total)
     elif total.requires_grad:
@@ -145,6 +151,27 @@ def train_step(
         s.stats.setdefault("u_mean", 0.0)
         s.stats.setdefault("u_max", 0.0)
     out.update(s.stats)
+    return out
+
+
+TERM_PREFIX = "term:"  # StepInputs.cache keys of the step's weighted term values (for term_gradient_ratios)
+
+
+def term_gradient_ratios(student: nn.Module, s: T.StepInputs) -> dict[str, float]:
+    """grad_ratio_<term> = |grad of w * term| / |grad of L_seg| over the student's parameters, for
+    every weighted term of this step but L_seg, and grad_seg = |grad L_seg| (diagnostics.term_grads):
+    how hard each term pulls at this step against the segmentation loss. One extra backward per
+    term; nothing accumulates in .grad."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    norms: dict[str, float] = {}
+    for key, value in s.cache.items():
+        if not key.startswith(TERM_PREFIX) or not value.requires_grad:
+            continue
+        grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+        norms[key[len(TERM_PREFIX):]] = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None)))
+    seg = norms.pop("seg", 0.0)
+    out = {f"grad_ratio_{name}": n / max(seg, 1e-30) for name, n in norms.items()}
+    out["grad_seg"] = seg
     return out
 
 
@@ -167,9 +194,13 @@ def _forward_terms(
     amp: torch.dtype | None = None,
     n_anchors: int | None = None,
     dp: Any = None,
+    student_fwd: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    teacher_fwd: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float], T.StepInputs]:
     """The forwards and the weighted sum of the terms (everything of a step before backward)."""
     cfg = approach.loss_cfg
+    run_student = student_fwd or student
+    run_teacher = teacher_fwd or teacher
     student.train()
     use_teacher = teacher is not None and approach.needs_teacher
     own = any(getattr(t.term, "own_teacher", False) and t.term.needs_features for t in approach.terms)
@@ -178,7 +209,7 @@ def _forward_terms(
         if want_feats:
             logits, feats = features(student, images)
         else:
-            logits, feats = student(images), None
+            logits, feats = run_student(images), None
     logits, feats = _fp32(logits), _fp32(feats)
     s = T.StepInputs(logits=logits, p=T.probabilities(logits), masks=masks, model=student, aux=aux,
                      images=images, n_anchors=n_anchors, per_sample=dp is not None)
@@ -199,13 +230,13 @@ def _forward_terms(
         # outside inference mode, so the terms may save them for the student's backward.
         with teacher_mode(teacher, cfg.teacher_mode), torch.inference_mode(), autocast(images.device, amp):
             if fuse:
-                t_all = teacher(torch.cat([images, probes]))
+                t_all = run_teacher(torch.cat([images, probes]))
             elif want_feats:
                 t_logits, s.teacher_feats = features(teacher, images)
             else:
-                t_logits = teacher(images)
+                t_logits = run_teacher(images)
             if approach.needs_probes and not fuse:
-                t_probe = teacher(probes)
+                t_probe = run_teacher(probes)
         if fuse:
             t_all = _fp32(t_all)
             q_all = T.probabilities(t_all)
@@ -219,7 +250,7 @@ def _forward_terms(
         if approach.needs_probes:
             public = dp.public() if dp is not None else contextlib.nullcontext()  # probes are not site data
             with running_stats_frozen(student, not cfg.probe_bn_update), autocast(images.device, amp), public:
-                p_logits = student(probes)
+                p_logits = run_student(probes)
             s.p_probe = T.probabilities(_fp32(p_logits))
 
     total = torch.zeros((), device=logits.device)
@@ -232,6 +263,8 @@ def _forward_terms(
             continue
         out[wt.name] = float(value.detach())
         total = total + wt.weight * value
+        if approach.term_grads:
+            s.cache[TERM_PREFIX + wt.name] = wt.weight * value
         public = bool(getattr(wt.term, "data_independent", False))
         parts[public] = parts[public] + wt.weight * value
     s.private_total, s.public_total = parts[False], parts[True]

@@ -20,7 +20,7 @@ from ted_fl.errors import TedFlError, unknown
 __all__ = [
     "LAYOUTS", "CheckReport", "LabelSet", "SiteData", "SiteReport", "SiteSetSpec", "SiteSpec", "Split",
     "check_sites", "check_splits", "data_root", "site_order", "list_site_sets", "load_site_set_spec", "load_sites",
-    "ordered_sites", "resolve_out_channels", "set_out_channels",
+    "ordered_sites", "resolve_out_channels", "set_out_channels", "size_note",
 ]
 
 
@@ -73,6 +73,20 @@ def load_sites(cfg: DataConfig, seed: int, only: list[str] | None = None) -> lis
         sites = [s for s in sites if s.name in only]
     root, synthetic = data_root(cfg, spec, seed)
     return [_load(cfg, spec, s, root, synthetic, seed) for s in sites]
+
+
+def size_note(cfg: DataConfig, key: str = "data.size") -> str:
+    """A note when `cfg.size` (> 0) replaces a size the site set declares (preprocess.size), so that
+    the default 64 px never silently resamples, say, a 496 px camera; "" when nothing is replaced."""
+    if cfg.size == 0:
+        return ""
+    spec = load_site_set_spec(cfg.sites)
+    replaced = [f"{s.name} {s.preprocess.size}" for s in ordered_sites(spec, cfg.order)
+                if s.preprocess.size != cfg.size]
+    if not replaced:
+        return ""
+    return (f"{key} = {cfg.size} replaces the preprocess.size of site set '{spec.name}' ({', '.join(replaced)} px): "
+            f"every site is resampled to {cfg.size} x {cfg.size}; {key} = 0 keeps each site's own size")
 
 
 def site_order(cfg: DataConfig) -> list[str]:

@@ -191,9 +191,13 @@ def _load_pairs(ctx: LoadContext, want_3d: bool = False) -> list[Item]:
         hint = ""
         if want_3d and any(ctx.root.rglob("*.png")):
             hint = "; it holds PNG slices: use the site set 'prostate_slices' (layout png_slices)"
+        searched = ", ".join(f"'{ctx.root / sub if sub else ctx.root}'" for _, sub in subs)
+        where = "each of " if len(subs) > 1 else ""
         raise TedFlError(
-            f"site '{ctx.site.name}': no image/mask pairs in '{ctx.root}' (image '{files.image}', mask "
-            f"'{files.mask}'); point the site's folder/files patterns in {ctx.set_path} at the data{hint}"
+            f"site '{ctx.site.name}': no image/mask pairs in {searched} (image '{files.image}', mask "
+            f"'{files.mask}', relative to {where}{'that folder' if len(subs) == 1 else 'these folders'}); "
+            f"point the site's folder, files.official / files.dirs or files patterns in {ctx.set_path} "
+            f"at the data{hint}"
         )
     for split, sub, pair in pairs_found:
         img = as_slices(read_image(pair.image, ctx.site.preprocess.channel), pair.image)

@@ -23,11 +23,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from ted_fl.config import ExperimentConfig, apply_overrides, from_dict, node_overrides
+from ted_fl.config import ExperimentConfig, apply_overrides, from_dict, node_overrides, split_seed_of
 from ted_fl.data.types import SiteData, Split
 from ted_fl.engine import derive_seed
 from ted_fl.federated import messages as M
 from ted_fl.federated.audit import audit_mod
+from ted_fl.federated.notices import silence
 from ted_fl.files import atomic_torch_save, atomic_write
 from ted_fl.privacy.policies import PROBE_SITE_TAG, REPLAY_TAG, replay_buffer, replay_share, uses_replay
 from ted_fl.worker import SiteWorker, probes_for
@@ -87,9 +88,13 @@ def site_data(cfg: ExperimentConfig, site: str, client: int) -> tuple[SiteData, 
 
     key = ("data", hash(repr(cfg.data)), site)
     if key not in _CACHE:
-        (_CACHE[key],) = load_sites(cfg.data, cfg.data.split_seed, only=[site])
+        (_CACHE[key],) = load_sites(cfg.data, split_seed_of(cfg), only=[site])
     data: SiteData = _CACHE[key]
-    return data, partition_split(data.train, cfg.federated.clients_per_site, client, cfg.data.split_seed)
+    seed = split_seed_of(cfg)
+    share_key = ("share", *key, seed, cfg.federated.clients_per_site, client)
+    if share_key not in _CACHE:  # the same arrays every round: a GPU keeps one copy (learner.on_device)
+        _CACHE[share_key] = partition_split(data.train, cfg.federated.clients_per_site, client, seed)
+    return data, _CACHE[share_key]
 
 
 def worker(cfg: ExperimentConfig) -> SiteWorker:
@@ -237,6 +242,7 @@ def privacy_mod(msg: Message, context: Context, call_next: Any) -> Message:
 
 
 app = ClientApp(mods=[audit_mod, privacy_mod])  # the audit sees what leaves, after clipping and noise
+silence()  # under `flwr run` this module loads before Flower's Ray backend starts (ted_fl.federated.notices)
 
 
 @app.query("hello")
@@ -287,7 +293,10 @@ def train(msg: Message, context: Context) -> Message:
                             tuple(c.get("probe_shape", [])))
     if uses_replay(cfg, site_index, int(c["stage"])):  # an earlier site keeps only its replay buffer
         n = replay_share(cfg.privacy.replay, cfg.federated.clients_per_site)
-        share = replay_buffer(share, n, derive_seed(int(c["seed"]), site_index, REPLAY_TAG, client))
+        replay_key = ("replay", site, client, n, int(c["seed"]), id(share))
+        if replay_key not in _CACHE:  # built once per seed: the same arrays every round
+            _CACHE[replay_key] = replay_buffer(share, n, derive_seed(int(c["seed"]), site_index, REPLAY_TAG, client))
+        share = _CACHE[replay_key]
     out = w.train_round(
         approach=str(c["approach"]), data=share, weights=M.from_record(msg.content[M.WEIGHTS]),
         teacher=teacher_mod, aux=aux, steps=int(c["steps"]), lr=float(c["lr"]),

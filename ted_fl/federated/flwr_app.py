@@ -49,7 +49,7 @@ def run_app(grid: Any, context: Any) -> None:
         from ted_fl.federated.reaper import start
 
         try:
-            start(os.getpid())
+            start(os.getpid(), getattr(context, "run_id", ""))
         except Exception as exc:  # never let the clean-up helper stop a run
             print(f"warning: the SuperLink will not be stopped after this run ({exc})", file=sys.stderr)
     run = None
@@ -71,25 +71,39 @@ def run_app(grid: Any, context: Any) -> None:
     except TedFlError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         if run is not None:
-            run.log(f"error: {exc}")
-            from ted_fl.run import discard_if_empty
-
-            discard_if_empty(run)
+            _failed(run, str(exc))
+    except Exception as exc:  # Flower prints the traceback; the run directory must not look like a result
+        if run is not None:
+            _failed(run, f"{type(exc).__name__}: {exc}")
+        raise
     finally:
         if record is not None:
             record.close()
+
+
+def _failed(run: Any, error: str) -> None:
+    """As the command line does: gone if no round completed, else marked FAILED (no results written)."""
+    from ted_fl.run import discard_if_empty
+
+    run.log(f"error: {error}")
+    discard_if_empty(run)
+    if run.path.exists():
+        run.mark_failed(error.splitlines()[0] if error else "error", f"python -m ted_fl.simulate --resume {run.path}")
 
 
 def validate(run_config: dict[str, Any]) -> tuple[Any, list]:
     """The run config through the schema, then the data: the command line's checks, in its order."""
     import copy
 
-    from ted_fl.config import from_run_config
+    from ted_fl.config import federated_split_seed, from_run_config
     from ted_fl.continual.privacy import prepare_privacy
     from ted_fl.data import resolve_out_channels
+    from ted_fl.files import check_creatable
     from ted_fl.run import check_data
 
     cfg = from_run_config(run_config)
+    check_creatable(cfg.out, "run config key out")  # before the data and torch load
+    federated_split_seed(cfg)  # data.split_seed = "seed": one seed per Flower run
     resolve_out_channels(cfg)  # the network's outputs follow the site set's classes (read from TOML only)
     sites = check_data(cfg)
     prepare_privacy(copy.deepcopy(cfg))  # [privacy]: a check on a copy (start_run converts the network, logs it)

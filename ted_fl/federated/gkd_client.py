@@ -29,6 +29,7 @@ from ted_fl.engine import derive_seed, load_weights, model_weights
 from ted_fl.federated import messages as M
 from ted_fl.federated.audit import audit_mod
 from ted_fl.federated.client_app import hello, node_task, site_data
+from ted_fl.worker import pick_device
 
 FROZEN = ("teacher", "scratch", "psae", "tan", "san")  # record names of the frozen parts: "frozen.<name>"
 _OPT: dict[Any, Any] = {}  # per process: optimizer state of a stage between its rounds
@@ -90,7 +91,9 @@ def run_stage(cfg: ExperimentConfig, task: str, approach: str, weights: M.Weight
     """One round of one stage on this site's training split; returns (weights, metrics, optimizer)."""
     g = cfg.gkd
     shape = tuple(int(x) for x in split.images.shape[1:])
-    model = load_weights(build_part(TRAINED_PART[task], g, shape), weights)
+    device = pick_device(cfg.train.device)  # train.device: a GPU when one is visible (auto)
+    model = load_weights(build_part(TRAINED_PART[task], g, shape), weights).to(device)
+    frozen = {k: m.to(device) for k, m in frozen.items()}
     common = dict(steps=steps, batch_size=g.batch_size, crop=g.crop, lr=g.lr, seed=seed, optimizer_state=opt_state)
     if task in ("teacher", "student"):
         metrics, opt = S.train_with_terms(model, None, G.gkd_approach("student"), split, **common)
@@ -98,12 +101,16 @@ def run_stage(cfg: ExperimentConfig, task: str, approach: str, weights: M.Weight
         metrics, opt = S.train_psae(model, split, **common)  # type: ignore[arg-type]
     elif task in ("act_teacher", "act_student"):
         owner = frozen["teacher" if task == "act_teacher" else "scratch"]
+        # each alignment network is fitted in the mode it is used in: TAN on the eval-mode teacher (DICD and
+        # every GKD row run the teacher so), SAN on the student with batch statistics (it reads the training student)
+        mode = "eval" if task == "act_teacher" else "batch"
         metrics, opt = S.train_alignment(owner, model, frozen["psae"], split, augment=g.augment,  # type: ignore[arg-type]
-                                         **common)
+                                         mode=mode, **common)
     else:
         appr = G.gkd_approach(approach, frozen.get("tan"), frozen.get("san"), w_intra=g.w_intra, w_inter=g.w_inter,
-                              w_cross=g.w_cross, w_kd=g.w_kd, w_at=g.w_at, w_pair=g.w_pair, tau=g.tau)
-        views = g.views if approach in G.USES_VIEWS else 0
+                              w_cross=g.w_cross, w_kd=g.w_kd, w_at=g.w_at, w_pair=g.w_pair, tau=g.tau,
+                              seg_on_views=g.seg_on_views)
+        views = g.views if G.uses_views(approach, g.seg_on_views) else 0
         teacher = frozen.get("teacher") if appr.needs_teacher else None
         metrics, opt = S.train_with_terms(model, teacher, appr, split, views=views, augment=g.augment, **common)
     return model_weights(model), metrics, opt
@@ -138,12 +145,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     set_determinism(0, cfg.train.threads)
     shape = tuple(int(x) for x in split.images.shape[1:])
     part = str(c["part"])
-    model = load_weights(build_part(part, cfg.gkd, shape), M.from_record(msg.content[M.WEIGHTS]))
+    device = pick_device(cfg.train.device)
+    model = load_weights(build_part(part, cfg.gkd, shape), M.from_record(msg.content[M.WEIGHTS])).to(device)
     scores = split_scores(model, split)
     content = RecordDict({M.METRICS: M.metric_record({**scores, "num_examples": len(split)})})
     if "msan" in msg.content:
         msan = load_weights(build_part("tan" if part == "teacher" else "san", cfg.gkd, shape),
-                            M.from_record(msg.content["msan"]))
+                            M.from_record(msg.content["msan"])).to(device)
         stats = S.code_stats(model, msan, split.images)  # type: ignore[arg-type]
         content[M.STATS] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in stats.to_arrays().items()})
     torch.set_num_threads(max(1, cfg.train.threads))

@@ -170,7 +170,7 @@ def serve_generalize(grid: Grid, cfg: ExperimentConfig, run: RunDir, quiet: bool
                 for k, v in losses.items():  # mean unweighted term values of the last round (why a term matters)
                     rows.append({"approach": approach, "seed": seed, "stage": 0, "stage_site": g.source,
                                  "round": max(1, g.rounds) - 1, "site": g.source, "split": "train", "label": "",
-                                 "metric": f"loss_{k}", "value": float(v)})
+                                 "metric": k if k.startswith("entropy_") else f"loss_{k}", "value": float(v)})
             s_scores = ex.score("student", weights, san)
             _write_scores(add, approach, seed, s_scores, sizes["student"], t_scores, g.source)
             run.write_metrics(rows)

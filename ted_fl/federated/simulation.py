@@ -169,6 +169,9 @@ def launch(cfg: ExperimentConfig, client_app: Any, num_nodes: int, serve: Callab
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
+    from ted_fl.federated.notices import silence
+
+    silence()  # Flower's run_simulation banner and Ray's accelerator tip (see ted_fl.federated.notices)
     out: list[T] = []
     error: list[BaseException] = []
     server = ServerApp()

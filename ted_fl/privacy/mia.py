@@ -79,29 +79,32 @@ def balanced(n_members: int, n_nonmembers: int, seed: int, cap: int = 0) -> tupl
 
 
 @contextmanager
-def _mode(model: nn.Module, bn: str) -> Iterator[nn.Module]:
+def _mode(model: nn.Module, bn: str, slices: str) -> Iterator[bool]:
+    """Evaluation's forward mode; yields whether several images may go through one forward."""
     if bn == "batch":
-        with batch_statistics(model):
-            yield model
+        with batch_statistics(model, slices == "batched") as batched:
+            yield batched
         return
     was = model.training
     model.eval()
     try:
-        yield model
+        yield True
     finally:
         model.train(was)
 
 
-def per_image_losses(model: nn.Module, split: Split, bn: str = "batch", batch_size: int = 16) -> np.ndarray:
+def per_image_losses(model: nn.Module, split: Split, bn: str = "batch", batch_size: int = 16,
+                     slices: str = "batched") -> np.ndarray:
     """Each image's mean pixel cross-entropy under `model` (inside its field of view if any).
 
-    Forwarded as evaluation forwards it (eval.bn): "batch" one image at a time with its own
-    batch-norm statistics, "running" in batches with the running statistics.
+    Forwarded as evaluation forwards it (eval.bn, eval.slices): "batch" with each image's own
+    batch-norm statistics (in batches where the network allows it, else one at a time), "running"
+    in batches with the running statistics.
     """
     device = next(model.parameters()).device
-    step = 1 if bn == "batch" else batch_size
     out = []
-    with torch.no_grad(), _mode(model, bn):
+    with torch.no_grad(), _mode(model, bn, slices) as batched:
+        step = batch_size if batched else 1
         for i in range(0, len(split), step):
             x = torch.as_tensor(split.images[i : i + step], dtype=torch.float32, device=device)
             y = torch.as_tensor(split.masks[i : i + step], dtype=torch.long, device=device)
@@ -116,7 +119,7 @@ def per_image_losses(model: nn.Module, split: Split, bn: str = "batch", batch_si
 
 def attack(model: nn.Module, members: Split, nonmembers: Split, seed: int, *,
            reference: nn.Module | None = None, bn: str = "batch", batch_size: int = 16,
-           cap: int = 0) -> dict[str, float]:
+           cap: int = 0, slices: str = "batched") -> dict[str, float]:
     """The attacks of the module docstring on balanced member / non-member sets.
 
     Returns mia_auc (loss threshold), mia_adv (its advantage), mia_n (images per side) and,
@@ -124,11 +127,11 @@ def attack(model: nn.Module, members: Split, nonmembers: Split, seed: int, *,
     """
     im, inn = balanced(len(members), len(nonmembers), seed, cap)
     mem, non = members.take(im), nonmembers.take(inn)
-    lm, ln = per_image_losses(model, mem, bn, batch_size), per_image_losses(model, non, bn, batch_size)
+    lm, ln = per_image_losses(model, mem, bn, batch_size, slices), per_image_losses(model, non, bn, batch_size, slices)
     out = {"mia_auc": auc(-lm, -ln), "mia_adv": advantage(-lm, -ln), "mia_n": float(len(im))}
     if reference is not None:
-        gm = per_image_losses(reference, mem, bn, batch_size)
-        gn = per_image_losses(reference, non, bn, batch_size)
+        gm = per_image_losses(reference, mem, bn, batch_size, slices)
+        gn = per_image_losses(reference, non, bn, batch_size, slices)
         out["mia_auc_cal"] = auc(gm - lm, gn - ln)
         out["mia_adv_cal"] = advantage(gm - lm, gn - ln)
     return out

@@ -1,7 +1,7 @@
 """Flower's deployment engine, for real: a SuperLink and one SuperNode per site as local processes
 (loopback, --insecure), the app submitted with `flwr run`, its R matrix equal to the simulation's.
 
-The README's "Real hospitals" section gives the same steps with TLS and node authentication.
+docs/deployment.md, "For real hospitals", gives the same steps with TLS and node authentication.
 Every process is stopped at the end, also when the test fails.
 """
 
@@ -132,37 +132,57 @@ def test_deployment_engine_matches_the_simulation(tmp_path: Path) -> None:
 
 
 def flwr_processes(home: Path) -> list:
-    """Processes of the local SuperLink `flwr run` starts under FLWR_HOME=home, and those below it."""
+    """Live processes of the local SuperLink `flwr run` starts under FLWR_HOME=home, and those below
+    it (a zombie, ended but not yet collected by its parent, counts as gone)."""
     import psutil
 
+    from ted_fl.processes import cmdline, is_gone
+
     found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
+    for p in psutil.process_iter():
+        cmd = " ".join(cmdline(p))
         if str(home) in cmd and ("flower-superlink" in cmd or "flower-superexec" in cmd):
             found.append(p)
-            found += p.children(recursive=True)
-    return found
+            with contextlib.suppress(psutil.Error):
+                found += p.children(recursive=True)
+    return [p for p in found if not is_gone(p)]
+
+
+def describe(procs: list) -> list[str]:
+    from ted_fl.processes import cmdline
+
+    return [f"{p.pid} {' '.join(cmdline(p))[:150]}" for p in procs]
+
+
+RUN_BOUND_S = 900  # a hang guard for the tiny run (about a minute; several on a loaded machine)
+CLEANUP_BOUND_S = 180  # the reaper ends the SuperLink seconds after the command: a hang guard, not a timing
 
 
 def test_flwr_run_local_simulation_parity_and_no_process_left(tmp_path: Path) -> None:
     """`flwr run . --stream` on Flower's local simulation: the simulate command's run directory and
-    stream, the federation size said (an extra node idle), and no SuperLink / SuperExec left after."""
+    stream, the federation size said (an extra node idle), no start-up notices, and no SuperLink /
+    SuperExec / flwr-simulation left after (each wait bounded, failing with what is left)."""
     with socket.socket() as s:
         if s.connect_ex(("127.0.0.1", 39093)) == 0:
             pytest.skip("a local SuperLink already runs on Flower's fixed port: not ours to stop")
     cfg_path = write_config(tmp_path)
     home, out = tmp_path / "flwr-home", tmp_path / "runs"
     home.mkdir()
+    reaper_log = home / "local-superlink" / "ted-fl-reaper.log"
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "FLWR_HOME": str(home), "PYTHONPATH": path,
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     flwr = str(Path(sys.executable).parent / "flwr")
     try:
-        proc = subprocess.run(
-            [flwr, "run", str(REPO), "--stream", "--federation-config", "num-supernodes=4",
-             "--run-config", f'experiment="{cfg_path}" approaches="seq" seeds="0" out="{out}"'],
-            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=3600,
-        )
+        try:
+            proc = subprocess.run(
+                [flwr, "run", str(REPO), "--stream", "--federation-config", "num-supernodes=4",
+                 "--run-config", f'experiment="{cfg_path}" approaches="seq" seeds="0" out="{out}"'],
+                capture_output=True, text=True, env=env, cwd=tmp_path, timeout=RUN_BOUND_S,
+            )
+        except subprocess.TimeoutExpired as exc:
+            pytest.fail(f"`flwr run` did not end within {RUN_BOUND_S} s; still up: {describe(flwr_processes(home))}\n"
+                        f"{str(exc.stdout or '')[-2000:]}\n{str(exc.stderr or '')[-2000:]}")
         stream = proc.stdout + proc.stderr
         assert proc.returncode == 0, stream[-3000:]
         runs = [p for p in out.glob("*-flwr-*") if (p / "summary.csv").is_file()]
@@ -174,12 +194,15 @@ def test_flwr_run_local_simulation_parity_and_no_process_left(tmp_path: Path) ->
         assert stream.count("progress: ") == 3 * 2, stream[-3000:]
         assert f"run directory: {run.resolve()}" in stream
         assert "Traceback" not in stream, stream[-3000:]
+        assert "DEPRECATED FEATURE" not in stream and "FutureWarning" not in stream, stream[-3000:]
         # The SuperLink `flwr run` started is stopped once the command has ended (by ted_fl.federated.reaper).
-        deadline = time.monotonic() + 600  # a hang guard, not a timing: the reaper acts within seconds
+        deadline = time.monotonic() + CLEANUP_BOUND_S
         while flwr_processes(home) and time.monotonic() < deadline:
             time.sleep(1)
-        assert not flwr_processes(home), [" ".join(p.cmdline())[:120] for p in flwr_processes(home)]
-        assert "stopping the SuperLink" in (home / "local-superlink" / "ted-fl-reaper.log").read_text()
+        log = reaper_log.read_text() if reaper_log.is_file() else "(no reaper log)"
+        left = describe(flwr_processes(home))
+        assert not left, f"still up {CLEANUP_BOUND_S} s after `flwr run` ended: {left}\nreaper log:\n{log}"
+        assert "stopping the SuperLink" in log, log
     finally:
         for p in flwr_processes(home):
             with contextlib.suppress(Exception):

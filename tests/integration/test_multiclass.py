@@ -69,7 +69,8 @@ def test_results_doc_and_report_show_each_label(mnms: RunDir, tmp_path: Path) ->
     page = tmp_path / "rv.html"
     assert report_main([str(mnms.path), "--no-samples", "--label", "RV", "--out", str(page)]) == 0
     html = page.read_text()
-    assert "Per class and region" in html and "Dice of label <b>RV</b>" in html
+    assert "Per class and region" in html and "Dice of RV (label <b>RV</b>)" in html
+    assert html.count("Dice of RV") >= 4  # the page and every figure title name the label shown
     assert report_main([str(mnms.path), "--no-samples", "--label", "LVV", "--out", str(page)]) == 2
 
 

@@ -54,8 +54,17 @@ def test_run_writes_report(tiny: tuple[Path, Path]) -> None:
     assert "src=\"https://cdn" not in page  # plotly.js is local: the page works offline
     assert '<script src="../plotly-' in page and list(run.parent.glob("plotly-*.min.js"))  # one per folder
     assert "±" in page  # two seeds: mean ± std in the final table
+    # the answer first: the verdict (paired against seq) before the tables, figures, privacy and audit
+    order = [page.index(h) for h in ("<h2>Verdict", "<h2>Final table", "<h2>Mean Dice", "<h2>R matrices",
+                                      "<h2>Sample predictions", "<h2>Privacy")]
+    assert order == sorted(order)
+    assert "ted_gugf - seq" in page and "95% CI" in page
+    assert "Budget check:" in page  # 2 rounds x 2 steps: fine-tuning does not forget
+    assert "<details><summary>" in page and "<th>metric</th>" not in page  # the attack's table, collapsed
     for approach in APPROACHES:
         assert f"R matrix: {approach}" in page
+    # every figure's title names its label (plotly's JSON escapes the <sup> around it), and the page once
+    assert page.count("Dice of the mean over classes and regions") == len(FIGURES) + 1
     # samples: 3 sites x 2 slices per approach, image + GT + 3 stages each
     assert page.count('alt="prediction"') == len(APPROACHES) * 3 * 2 * 3
 
@@ -125,11 +134,15 @@ def headless(exe: str, tmp: Path, *args: str) -> subprocess.CompletedProcess:
 def test_report_renders_in_chromium(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     exe = chromium()
     _, run = tiny
-    done = headless(exe, tmp_path, "--dump-dom", (run / "report.html").as_uri())
+    done = headless(exe, tmp_path, "--window-size=1280,2000", "--dump-dom", (run / "report.html").as_uri())
     dom = done.stdout
     assert "<html" in dom, done.stderr[-2000:]
     errors = re.search(r'<html[^>]*data-errors="([^"]*)"', dom)
     assert errors is None, f"script errors: {errors.group(1) if errors else ''}"
+    widths = re.search(r'<html[^>]*data-widths="(\d+) (\d+)"', dom)
+    assert widths, "the page did not record its widths"
+    scroll, client = map(int, widths.groups())
+    assert scroll <= client, f"the page overflows sideways at 1280 px: {scroll} > {client}"
     starts = [(m.start(), m.group(1), m.group(0)) for m in re.finditer(r'<div[^>]*\bid="(fig-[^"]+)"[^>]*>', dom)]
     assert [name for _, name, _ in starts] == FIGURES
     ends = [s for s, _, _ in starts[1:]] + [len(dom)]

@@ -113,3 +113,76 @@ def test_flwr_run_config_goes_through_the_schema() -> None:
     with pytest.raises(TedFlError, match=r"^run config: approaches = 'sq' is not one of"):
         from_run_config({**rc, "approaches": "sq"})
     assert node_overrides({"site": "BMC", "partition-id": 0, "data.data_dir": "/data"}) == {"data.data_dir": "/data"}
+
+
+def _numeric_keys() -> list[tuple[str, type]]:
+    """Every int and float key of the schema, dotted (the walk finds keys added later too)."""
+    import dataclasses
+
+    out = []
+    for table in dataclasses.fields(ExperimentConfig):
+        section = getattr(ExperimentConfig(), table.name)
+        if not dataclasses.is_dataclass(section):
+            continue
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if type(value) in (int, float):
+                out.append((f"{table.name}.{f.name}", type(value)))
+    return out
+
+
+NUMERIC = _numeric_keys()
+INF_MEANS_SOMETHING = {"privacy.epsilon"}  # inf: clipping only, no noise
+MAY_BE_NEGATIVE = {"loss.ska_mean", "federated.retention"}  # the probes' mean; retention -1: every earlier site
+
+
+def test_the_walk_sees_the_numeric_keys() -> None:
+    keys = dict(NUMERIC)
+    assert len(keys) > 60 and keys["loss.lambda_d"] is float and keys["train.rounds"] is int
+
+
+@pytest.mark.parametrize(("key", "kind"), NUMERIC, ids=[k for k, _ in NUMERIC])
+def test_non_finite_and_negative_numbers_are_refused_with_the_key(key: str, kind: type) -> None:
+    """`--set loss.lambda_d=nan` (or inf, or -1) is refused at once, naming the key, not deep in torch."""
+    bad: list[object] = [float("nan"), "nan"] if kind is float else [1.5]
+    if kind is float and key not in INF_MEANS_SOMETHING:
+        bad += [float("inf"), float("-inf")]
+    if key not in MAY_BE_NEGATIVE:
+        bad.append(-1 if kind is int else -1.0)
+    for value in bad:
+        cfg = ExperimentConfig()
+        with pytest.raises(TedFlError, match=rf"^--set: {key}: input should be") as info:
+            set_key(cfg, key, value)
+        assert "\n" not in str(info.value)
+        with pytest.raises(TedFlError, match=rf"^f.toml: {key}: "):
+            section, name = key.split(".")
+            from_dict(ExperimentConfig, {section: {name: value}}, "f.toml")
+    cfg = ExperimentConfig()
+    set_key(cfg, key, getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]))  # the default passes
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("federated.retention", -2, r"greater than or equal to -1"),
+        ("model.dropout", 1.0, r"model.dropout: input should be less than 1"),
+        ("loss.plop_threshold", 1.5, r"loss.plop_threshold: input should be less than or equal to 1"),
+        ("train.lr_first", 0.0, r"train.lr_first: input should be greater than 0"),
+        ("federated.timeout", 0.0, r"federated.timeout: input should be greater than 0"),
+        ("approaches", [], r"approaches: list should have at least 1 item"),
+        ("seeds", [], r"seeds: list should have at least 1 item"),
+        ("seeds", [0, -1], r"seeds: input should be greater than or equal to 0"),
+        ("model.channels", [16, 0], r"model.channels: input should be greater than or equal to 1"),
+    ],
+)
+def test_meaningless_values_are_refused(key: str, value: object, message: str) -> None:
+    with pytest.raises(TedFlError, match=message):
+        set_key(ExperimentConfig(), key, value)
+
+
+def test_infinite_epsilon_still_means_no_noise() -> None:
+    cfg = ExperimentConfig()
+    set_key(cfg, "privacy.epsilon", float("inf"))
+    set_key(cfg, "loss.ska_mean", -0.5)
+    set_key(cfg, "federated.retention", -1)
+    assert cfg.privacy.epsilon == float("inf")

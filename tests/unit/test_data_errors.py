@@ -175,3 +175,18 @@ def test_cli_unusable_site_exits_non_zero(tmp_path: Path, capsys: pytest.Capture
     _png(data / "H1" / "masks" / "img0_seg.png", np.full((20, 24), 7))
     assert sites_main(["check", str(toml), "--data-dir", str(data), "--size", "16"]) == 1
     assert "img0_seg.png" in capsys.readouterr().out
+
+
+def test_official_folders_without_pairs_are_named(tmp_path: Path) -> None:
+    """With files.official the patterns are relative to each official sub-folder: the error names the
+    folders searched, not the site's folder."""
+    for split in ("training", "testing"):
+        _png(tmp_path / "data" / "H1" / split / "img0.png", np.zeros((8, 8), np.uint8))  # not under images/
+    toml = tmp_path / "mine.toml"
+    toml.write_text(SET.format(extra="").replace(
+        'mask = "masks/{id}_seg.png"', 'mask = "masks/{id}_seg.png"\nofficial = { train = "training", test = "testing" }'))
+    with pytest.raises(TedFlError) as err:
+        _load(toml, tmp_path / "data")
+    msg = str(err.value)
+    assert f"'{tmp_path / 'data' / 'H1' / 'training'}', '{tmp_path / 'data' / 'H1' / 'testing'}'" in msg, msg
+    assert "relative to each of these folders" in msg and "files.official" in msg

@@ -89,3 +89,44 @@ def test_bad_config_key_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert run_command("centralized", ["--set", "train.round=3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "did you mean 'rounds'" in err
+
+
+def test_a_failed_run_is_marked_and_resumable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A run that dies mid-way (here a RuntimeError as torch raises) leaves FAILED and a status line,
+    no metrics.csv or summary.csv; the report refuses it naming the resume command; --resume says it
+    resumes a failed run, finishes it, and drops the marker."""
+    import ted_fl.engine as engine
+    from ted_fl.errors import TedFlError
+    from ted_fl.report import check_runs
+
+    cfg = tiny_config(tmp_path, ["seq"])
+    path = tmp_path / "exp.toml"
+    path.write_text(dump_toml(to_dict(cfg)))
+    real = engine.run_schedule
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        def progress(info: dict) -> None:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("all elements of input should be between 0 and 1")
+
+        return real(*args[:5], progress=progress)
+
+    monkeypatch.setattr(engine, "run_schedule", failing)
+    with pytest.raises(RuntimeError):
+        run_command("centralized", ["--config", str(path), "--quiet"])
+    monkeypatch.setattr(engine, "run_schedule", real)
+    (failed,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    assert (failed / "FAILED").read_text().startswith("failed: RuntimeError: all elements of input")
+    assert "status: failed: RuntimeError" in (failed / "run.log").read_text()
+    assert not (failed / "summary.csv").exists() and not (failed / "metrics.csv").exists()
+    assert f"{failed}: marked failed" in capsys.readouterr().err
+    with pytest.raises(TedFlError, match=rf"this run failed \(RuntimeError: .*\) and has no results; resume it: "
+                                         rf"python -m ted_fl.centralized --resume {failed}"):
+        check_runs([failed])
+    resumed = _run(tmp_path, ["--resume", str(failed), "--quiet"])
+    assert resumed.path == failed and (failed / "summary.csv").is_file() and not (failed / "FAILED").exists()
+    assert "note: resuming a run that failed (RuntimeError: all elements" in capsys.readouterr().err
+    check_runs([failed])

@@ -43,6 +43,9 @@ call("data-dir is a file", sim, ["--data-dir", sys.argv[1]])
 call("resume finished", sim, ["--resume", sys.argv[2]])
 call("privacy secagg", sim, ["--set", "privacy.secagg=true"])
 call("privacy ewc", cen, ["--approach", "ewc", "--set", 'privacy.dp="sample"'])
+call("nan lambda_d", sim, ["--set", "loss.lambda_d=nan", "--check"])
+call("out under a file", sim, ["--out", sys.argv[1] + "/runs", "--check"])
+call("out in /proc", cen, ["--out", "/proc/ted-fl-x/runs", "--check"])
 from ted_fl.bench import main as bench
 from ted_fl.generalize import main as gen
 from ted_fl.sweep import main as sweep
@@ -74,8 +77,12 @@ def test_parse_and_input_errors_import_no_torch_flower_or_ray(tmp_path: Path) ->
                  "generalize --help", "sweep --help"):
         assert out[name][0] == 0, (name, out[name])
     for name in ("bad --set", "bad value", "bad approach", "bad config", "data-dir is a file", "privacy secagg",
-                 "privacy ewc"):
+                 "privacy ewc", "nan lambda_d", "out under a file", "out in /proc"):
         assert out[name][0] == 2, (name, out[name])
+    assert out["nan lambda_d"][1] == ["error: --set: loss.lambda_d: input should be a finite number, got nan"]
+    assert out["out under a file"][1] == [f"error: output folder '{a_file}/runs' cannot be created: '{a_file}' is "
+                                          "a file, not a folder; choose another folder (--out / out)"]
+    assert out["out in /proc"][1][0].startswith("error: output folder '/proc/ted-fl-x/runs' cannot be created")
     assert "is a file, not a folder" in out["data-dir is a file"][1][0]
     assert "privacy.secagg" in out["privacy secagg"][1][0] and "'ewc'" in out["privacy ewc"][1][0]
     assert not list(tmp_path.glob("runs/*")), "an input error left a run directory"
@@ -251,3 +258,57 @@ def test_a_too_small_simulated_federation_fails_at_once_naming_the_fix(tmp_path:
     cfg.federated.connect_timeout = cfg.federated.timeout = 0.01
     with pytest.raises(TedFlError, match="only 2 connected within 0 s; start one SuperNode per site"):
         Quick(FakeGrid([11, 12]), cfg, None, simulated=False)  # a deployment: nodes may still come
+
+
+def test_check_shows_the_data_warnings_the_run_shows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--check prints every warning the run would (an image without its mask), and a note when
+    data.size replaces the sizes the site set declares; `sites check` prints the same."""
+    from ted_fl.cli import run_command
+    from ted_fl.config import DataConfig, ExperimentConfig
+    from ted_fl.data import load_sites
+    from ted_fl.run import data_warnings
+    from ted_fl.sites import main as sites_main
+    from tests.unit.test_site_layouts import N, write_small
+
+    toml, data = write_small(tmp_path, n_train=4)
+    (data / "H1" / "train" / "masks" / "train1.png").unlink()
+    argv = ["--sites", str(toml), "--data-dir", str(data), "--out", str(tmp_path / "runs"), "--check"]
+    assert run_command("centralized", [*argv, "--set", f"data.size={N}"]) == 0
+    out, err = capsys.readouterr()
+    missing = "warning: H1: " + str(data / "H1" / "train") + ": skipped 1 image(s) without a mask"
+    assert missing in err
+    assert (f"note: data.size = {N} replaces the preprocess.size of site set 'small' (H1 64, H2 64 px): every site "
+            f"is resampled to {N} x {N}; data.size = 0 keeps each site's own size") in err
+    assert out.startswith("ok:") and out.rstrip().endswith("2 data warning(s)/note(s) above")
+    cfg = ExperimentConfig()
+    cfg.data = DataConfig(sites=str(toml), data_dir=str(data), size=N)
+    assert [ln for ln in err.splitlines() if ln.startswith(("warning", "note"))] == \
+        data_warnings(cfg, load_sites(cfg.data, cfg.data.split_seed))  # the run's own lines
+    assert run_command("centralized", [*argv, "--set", "data.size=64"]) == 0
+    assert "note:" not in capsys.readouterr().err  # the declared size: nothing replaced
+    assert sites_main(["check", str(toml), "--data-dir", str(data), "--size", str(N)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "skipped 1 image(s) without a mask" in text and f"note: --size = {N} replaces the preprocess.size" in text
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sites_tables_are_whole_when_piped(capsys: pytest.CaptureFixture[str]) -> None:
+    """Piped (no terminal), `sites list` / `sites check` do not cut names to 80 columns ('Domai…')."""
+    from ted_fl.sites import main as sites_main
+
+    assert sites_main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out
+    assert any("RUNMC -> BMC -> I2CVB -> UCL -> BIDMC -> HK" in ln and "prostate_nifti" in ln for ln in out.splitlines())
+
+
+def test_summary_shows_lower_case_label_columns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`avg[cup]` is a column name, not rich markup (unescaped, every label column read "avg")."""
+    from ted_fl.cli import print_summary
+    from ted_fl.results import RunDir
+
+    summary = pd.DataFrame([{"approach": "seq", "seed": 0, "avg": 0.5, "avg[cup]": 0.25, "avg[disc]": 0.75,
+                             "bwt": -0.1}])
+    print_summary(summary, RunDir(tmp_path / "run[x]"))
+    out = capsys.readouterr().out
+    assert "avg[cup]" in out and "avg[disc]" in out and "run[x]" in out

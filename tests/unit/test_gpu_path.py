@@ -60,3 +60,52 @@ def test_gpu_setup_leaves_a_cpu_model_alone() -> None:
     before = {k: v.clone() for k, v in m.state_dict().items()}
     assert gpu_setup(m, torch.device("cpu")) is m
     assert all(v.is_contiguous() and torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_the_path_report_reads_the_tensors_the_steps_used() -> None:
+    """Item 4 of issue 22: the report said "off" although the split stayed on the GPU (it looked the
+    split up under "cuda", the cache held it under "cuda:0"). Now it reads the steps' own tensors;
+    with the device path forced on the CPU, the flags say what happened."""
+    from ted_fl.bench.gpu import data_path, weights_channels_last
+    from ted_fl.continual.learner import on_device_cached
+
+    torch.manual_seed(0)
+    student = build_model(tiny_model_config())
+    s, cpu = split(), torch.device("cpu")
+    traces = []
+    for rnd in range(2):
+        trace: dict = {}
+        local_train(student, None, get_approach("seq", LossConfig()), s, steps=2, batch_size=3, lr=1e-3,
+                    optimizer_state=None, seed=rnd, loss_cfg=LossConfig(), keep_on_device=True, trace=trace)
+        traces.append(trace)
+    assert traces[0]["source"] is traces[1]["source"] and on_device_cached(s.images, cpu)
+    kept, layout = data_path(traces, cpu)
+    assert kept == "on: one device copy of the split across 2 rounds", kept
+    assert layout == "either: one channel, both layouts are the same bytes: the step's input (3, 1, 32, 32) on cpu"
+    s2 = split()  # a split rebuilt every round (what the executors no longer do): copied each time
+    trace = {}
+    local_train(student, None, get_approach("seq", LossConfig()), s2, steps=1, batch_size=3, lr=1e-3,
+                optimizer_state=None, seed=0, loss_cfg=LossConfig(), keep_on_device=True, trace=trace)
+    assert data_path([traces[0], trace], cpu)[0].startswith("off: 2 copies")
+    plain: dict = {}
+    local_train(student, None, get_approach("seq", LossConfig()), s, steps=1, batch_size=3, lr=1e-3,
+                optimizer_state=None, seed=0, loss_cfg=LossConfig(), trace=plain)
+    assert data_path([plain], cpu)[0] == "off: batches built from the numpy arrays each step"
+    from ted_fl.config import ModelConfig
+
+    ref = build_model(ModelConfig(name="reference_unet", channels=[4, 8], strides=[2], out_channels=2))
+    assert not weights_channels_last(ref)
+    ref.to(memory_format=torch.channels_last)
+    assert weights_channels_last(ref)  # read on a 3 x 3 kernel, not on the 1 x 1 head
+
+
+def test_derived_splits_are_the_same_arrays_every_round() -> None:
+    from ted_fl.config import ExperimentConfig
+    from ted_fl.federated import client_app
+
+    cfg = ExperimentConfig()
+    cfg.federated.clients_per_site = 2
+    cfg.data.synthetic_volumes = 4
+    cfg.data.size = 32
+    first = client_app.site_data(cfg, "RUNMC", 1)[1]
+    assert client_app.site_data(cfg, "RUNMC", 1)[1] is first and len(first) > 0

@@ -15,15 +15,19 @@ import psutil
 import pytest
 
 from ted_fl.errors import TedFlError
-from ted_fl.federated.reaper import is_flwr_run, is_managed_superlink
+from ted_fl.federated.reaper import in_use, is_flwr_run, is_managed_superlink
 from ted_fl.federated.reaper import main as reaper_main
 from ted_fl.processes import (
     RECORD,
     ProcessRecord,
     Terminated,
+    _alive,
+    cmdline,
     graceful_signals,
+    is_gone,
     reap_folder,
     reap_stale,
+    terminate,
 )
 
 
@@ -192,12 +196,13 @@ def test_reaper_script_runs_detached() -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def test_reaper_ends_a_running_run_once_its_flwr_run_command_is_gone() -> None:
+def test_reaper_ends_a_running_run_once_its_flwr_run_command_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C on `flwr run --stream`: the command is gone while the run still runs below the
     SuperLink; the reaper ends the SuperLink and the run."""
     link = subprocess.Popen(["sh", "-c", "sleep 120 & wait"], start_new_session=True)
     time.sleep(0.3)
     run = psutil.Process(link.pid).children()[0]  # stands for flwr-simulation, below the SuperLink
+    monkeypatch.setattr("ted_fl.federated.reaper.GRACE_S", 1.0)  # how long the run may take to end by itself
     spec = lambda p: f"{p.pid}:{p.create_time()}"  # noqa: E731
     try:
         assert reaper_main([spec(psutil.Process(link.pid)), spec(run), f"{DEAD_DRIVER['pid']}:1.0"]) == 0
@@ -207,3 +212,69 @@ def test_reaper_ends_a_running_run_once_its_flwr_run_command_is_gone() -> None:
         if link.poll() is None:
             link.kill()
             link.wait()
+
+
+def with_zombie_child() -> tuple[subprocess.Popen, psutil.Process]:
+    """A stand-in SuperLink whose child has exited and was never collected (a zombie), as the
+    SuperExec leaves `flwr-simulation` after a run: `sh` forks the child, then becomes `sleep`,
+    which never waits for it."""
+    link = subprocess.Popen(["sh", "-c", "sleep 0.1 & exec sleep 120"], start_new_session=True)
+    for _ in range(200):  # until the child has exited (normally at once)
+        kids = psutil.Process(link.pid).children()
+        if kids and kids[0].status() == psutil.STATUS_ZOMBIE:
+            return link, kids[0]
+        time.sleep(0.05)
+    raise AssertionError("no zombie child appeared")
+
+
+def test_a_zombie_counts_as_gone_everywhere() -> None:
+    link, zombie = with_zombie_child()
+    try:
+        assert zombie.is_running()  # psutil's own answer: why it must not be used alone
+        assert is_gone(zombie) and cmdline(zombie) == []
+        assert _alive({"pid": zombie.pid, "start": zombie.create_time()}) is None
+        t0 = time.monotonic()
+        assert terminate([zombie], grace=30) == 0  # skipped, not waited on for the grace period
+        assert time.monotonic() - t0 < 20
+        assert not is_gone(psutil.Process(link.pid))
+    finally:
+        link.kill()
+        link.wait()
+
+
+def test_reaper_stops_the_superlink_when_its_run_is_a_zombie() -> None:
+    """The run process ended but its parent has not collected it: the run is over. (The old reaper
+    waited for a zombie forever, or gave up silently on its command line.) The script runs in a
+    subprocess: its bound stops a reaper that never returns."""
+    link, zombie = with_zombie_child()
+    spec = lambda p: f"{p.pid}:{p.create_time()}"  # noqa: E731
+    try:
+        proc = subprocess.run([sys.executable, "-m", "ted_fl.federated.reaper", spec(psutil.Process(link.pid)),
+                               spec(zombie)], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+        assert proc.returncode == 0, proc.stderr
+        assert gone(link)
+    finally:
+        if link.poll() is None:
+            link.kill()
+            link.wait()
+
+
+def test_reaper_decides_with_flowers_run_statuses() -> None:
+    """Another run uses the SuperLink when a live process runs it, or Flower is about to start it;
+    Flower's "running" alone (no process left) is stale, and the watched run never counts."""
+    now = 1_800_000_000.0
+    fresh = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(now - 5))
+    old = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(now - 3600))
+
+    def run(rid: str, status: str, at: str = fresh) -> dict:
+        return {"run-id": rid, "status": status, "pending-at": at}
+
+    finished = [run("1", "finished:completed"), run("2", "finished:failed"), run("3", "finished:stopped")]
+    assert in_use(finished + [run("9", "running")], "9", 0, now) == ""  # the watched run itself
+    assert in_use(finished + [run("4", "running")], "9", 0, now) == ""  # no process: a stale status
+    assert in_use(None, "9", 0, now) == ""  # Flower did not answer: the processes decide
+    assert "1 other run(s)" in in_use(finished, "9", 1, now)  # a live flwr-simulation
+    assert "4 (pending)" in in_use(finished + [run("4", "pending")], "9", 0, now)
+    assert "4 (starting)" in in_use(finished + [run("4", "starting")], "9", 0, now)
+    assert in_use([run("4", "pending", old)], "9", 0, now) == ""  # pending for an hour: not coming

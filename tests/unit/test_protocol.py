@@ -297,3 +297,95 @@ def test_predict_labels_follows_the_experiment() -> None:
     np.testing.assert_array_equal(predict_labels(model, s, True, cfg), _predict(model, rescaled, 16, "batch"))
     cfg.eval.bn, cfg.protocol = "running", "ted-fl"
     np.testing.assert_array_equal(predict_labels(model, s, True, cfg), _predict(model, s.images, 16, "running"))
+
+
+# ------------------------------------------------- the teacher of a stage, retention's average, HD95
+
+
+class RetainingExecutor(ScriptedExecutor):
+    """Every site that trains returns the round's weights plus its own step (A +1, B +10, C +100)
+    with its own example count (A 2, B 6, C 12): FedAvg's result is known exactly."""
+
+    STEP = {"A": 1.0, "B": 10.0, "C": 100.0}
+
+    def __init__(self, sites: list[str]) -> None:
+        super().__init__(sites)
+        self.train_sizes = {"A": 2, "B": 6, "C": 12}
+
+    def train(self, task: TrainTask) -> list[TrainResult]:
+        self.tasks.append(task)
+        return [TrainResult(s, 0, {"w": task.weights["w"] + np.float32(self.STEP[s])}, self.train_sizes[s],
+                            {"total": 0.0}, None) for s in task.sites]
+
+
+def _retaining_run(tmp: Path, approach: str = "kd") -> RetainingExecutor:
+    cfg = ExperimentConfig()
+    cfg.model = tiny_model_config()
+    cfg.train.rounds, cfg.train.steps_per_round, cfg.train.select_best = 3, 1, False
+    cfg.federated.retention = 1  # stage 1: A and B train, stage 2: B and C
+    cfg.privacy.mia = False
+    ex = RetainingExecutor(["A", "B", "C"])
+    import ted_fl.engine as engine
+
+    real = engine.model_weights
+    engine.model_weights = lambda m: {"w": np.array([0.0], dtype=np.float32)}  # type: ignore[assignment]
+    try:
+        run_schedule(cfg, approach, 0, ex, RunDir.create(tmp, "retaining"))
+    finally:
+        engine.model_weights = real  # type: ignore[assignment]
+    return ex
+
+
+def test_teacher_is_frozen_for_the_whole_stage(tmp_path: Path) -> None:
+    """The teacher of stage t is the model that ended stage t - 1, unchanged over all of stage t's
+    rounds while the student moves on (a teacher refreshed every round would be last round's model)."""
+    ex = _retaining_run(tmp_path)
+    assert [t.teacher for t in ex.tasks if t.stage == 0] == [None] * 3  # nothing to distil from yet
+    for stage in (1, 2):
+        tasks = [t for t in ex.tasks if t.stage == stage]
+        assert len(tasks) == 3
+        start = tasks[0].weights["w"]
+        for t in tasks:
+            assert t.teacher is not None and t.teacher["w"].tolist() == start.tolist(), (stage, t.round)
+        assert tasks[-1].weights["w"][0] != start[0]  # the student did move within the stage
+
+
+def test_retention_averages_every_retained_sites_update_by_examples(tmp_path: Path) -> None:
+    """With retention the round's model is FedAvg over every site that trained, weighted by its
+    examples: not the newest site's weights, not an unweighted mean."""
+    ex = _retaining_run(tmp_path, "seq")
+    assert [t.sites for t in ex.tasks if t.round == 0] == [["A"], ["A", "B"], ["B", "C"]]
+    step = {("A",): 1.0, ("A", "B"): (2 * 1 + 6 * 10) / 8, ("B", "C"): (6 * 10 + 12 * 100) / 18}
+    for before, after in zip(ex.tasks, ex.tasks[1:], strict=False):
+        assert after.weights["w"][0] == pytest.approx(before.weights["w"][0] + step[tuple(before.sites)]), \
+            (before.stage, before.round)
+
+
+def test_executors_aggregate_retained_sites_by_examples() -> None:
+    """The in-process and the Flower executor average the same way (their own `aggregate`)."""
+    from types import SimpleNamespace
+
+    from ted_fl.federated.server_app import FlowerExecutor
+    from ted_fl.local import LocalExecutor
+
+    results = [TrainResult("B", 0, {"w": np.array([10.0], np.float32)}, 6, {}, None),
+               TrainResult("C", 0, {"w": np.array([100.0], np.float32)}, 12, {}, None)]
+    want = (6 * 10 + 12 * 100) / 18
+    local = LocalExecutor.aggregate(SimpleNamespace(dp=None), None, results)  # type: ignore[arg-type]
+    flower = FlowerExecutor.aggregate(SimpleNamespace(cfg=ExperimentConfig(), _aggregated=None),  # type: ignore[arg-type]
+                                      None, results)  # type: ignore[arg-type]
+    assert float(local["w"][0]) == pytest.approx(want) and float(flower["w"][0]) == pytest.approx(want)
+
+
+def test_hd95_is_a_95th_percentile_not_the_maximum() -> None:
+    """A 20 x 20 square predicted exactly plus one stray pixel 31 px away: 1 of the prediction's 77
+    surface pixels is far, so the 95th percentile is 0 (the maximum, HD100, would be 31)."""
+    gt = np.zeros((1, 64, 64), dtype=bool)
+    gt[0, 10:30, 10:30] = True
+    pred = gt.copy()
+    pred[0, 20, 60] = True  # 31 px right of the square's right edge (column 29)
+    assert _hd95(pred, gt) < 1.0
+    assert hd95_pooled_slice(pred[0], gt[0]) < 1.0 and _hd95_pooled(pred, gt) < 1.0
+    many = gt.copy()
+    many[0, 10:30, 60] = True  # a whole stray column (20 of 96 surface pixels): now the tail counts
+    assert _hd95(many, gt) == pytest.approx(31.0)

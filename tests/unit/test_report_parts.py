@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from ted_fl.continual.learner import class_dice as _slice_dice
-from ted_fl.report import _overlay, mean_std, pick_slices, summary_table
+from ted_fl.report import _overlay, mean_std, pick_slices, slice_dice, summary_table
 
 
 def test_pick_slices_prefers_foreground_from_distinct_volumes() -> None:
@@ -48,3 +48,15 @@ def test_overlay_and_slice_dice() -> None:
     three = mask.copy()
     three[3, 3] = 2
     assert _slice_dice(mask, three) == pytest.approx((1.0 + 0.0) / 2)
+
+
+def test_sample_dice_is_the_tables_mean_with_regions() -> None:
+    """Under each sample: the mean over classes AND regions, as the tables' `mean` label."""
+    gt = np.zeros((4, 4), dtype=np.int64)
+    gt[0, 0], gt[1, 1] = 1, 2  # one rim pixel, one cup pixel
+    pred = gt.copy()
+    pred[1, 1] = 1  # the cup predicted as rim: the disc (rim + cup) is still right
+    labels = [("rim", (1,)), ("cup", (2,)), ("disc", (1, 2))]
+    assert slice_dice(pred, gt, labels) == pytest.approx((2 / 3 + 0.0 + 1.0) / 3)
+    assert _slice_dice(pred, gt) == pytest.approx((2 / 3 + 0.0) / 2)  # classes only: not what the tables show
+    assert slice_dice(gt, gt, [("prostate", (1,))]) == _slice_dice(gt, gt)  # one class: the same

@@ -33,6 +33,7 @@ def test_results_page(run: RunDir, tmp_path: Path) -> None:
     assert f"{summary.loc['seq', 'avg']:.3f}" in text  # the numbers are the run's own
     assert "**seq**" in text and "**kd**" in text and "after RUNMC" in text
     assert "python -m ted_fl.centralized" in text  # the command that made the run
+    assert "Paired by seed against seq" in text and "kd - seq: forgetting" in text  # the verdict
 
 
 def test_readme_block_replaces_only_its_section(run: RunDir, tmp_path: Path) -> None:
@@ -42,6 +43,11 @@ def test_readme_block_replaces_only_its_section(run: RunDir, tmp_path: Path) -> 
     text = readme.read_text()
     assert "old" not in text and "keep" in text and "| seq |" in text
     assert text.count("<!-- results:default-run:start -->") == 1
+    from ted_fl.results import site_learning, verdict
+
+    assert "specific to the machine above" in text and "another CPU" in text
+    for line in verdict(run.summary(), site_learning(run.metrics())):  # the verdict, and any budget warning
+        assert f"- {line}" in text
 
 
 def test_bad_run_dir_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -133,3 +139,30 @@ def test_pooled_runs_of_one_configuration(run: RunDir, tmp_path: Path) -> None:
     assert main([f"{run.path}+{other}", "--out", str(out)]) == 0
     assert "± 0.000" in out.read_text()
     assert main([f"{run.path}+{copy(2, 'lr', lr_first=0.5)}", "--out", str(out)]) == 2
+
+
+def test_terminal_verdict_and_budget_warning(run: RunDir, capsys: pytest.CaptureFixture[str]) -> None:
+    """A tiny budget (2 rounds x 3 steps): the summary's verdict says it cannot separate the approaches."""
+    from ted_fl.cli import print_verdict
+    from ted_fl.results import budget_check, site_learning, verdict
+
+    print_verdict(run.summary(), run)
+    out = capsys.readouterr().out.splitlines()
+    lines = verdict(run.summary(), site_learning(run.metrics()))
+    warnings = budget_check(run.summary(), site_learning(run.metrics()))
+    assert out == [("warning: " if x in warnings else "verdict: ") + x for x in lines]
+    assert any(x.startswith("warning: ") and "cannot separate the approaches" in x for x in out)
+    assert out[0].startswith("verdict: ") and "seq" in out[0]
+
+
+def test_default_page_goes_into_the_run_directory(run: RunDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --out the page is the run's own results.md, never ./docs/results.md of wherever the
+    command runs (a checkout's page); several runs must name their page."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").mkdir()
+    assert main([str(run.path)]) == 0
+    assert (run.path / "results.md").is_file() and not list((tmp_path / "docs").iterdir())
+    (run.path / "results.md").unlink()
+    assert main([str(run.path), str(run.path)]) == 2
+    assert "name the page with --out FILE" in capsys.readouterr().err

@@ -198,7 +198,7 @@ def test_probabilities_are_clamped() -> None:
 def test_registry_compositions_and_weights() -> None:
     cfg = LossConfig(lambda_d=0.01, w_kd=2.0, w_ska=3.0, w_akt=4.0)
     expected = {
-        "seq": ["seg"], "joint": ["seg"], "kd": ["seg", "kd"], "ska": ["seg", "kd", "ska"],
+        "seq": ["seg"], "joint": ["seg"], "kd": ["seg", "kd"], "kd_ref": ["seg", "kd"], "ska": ["seg", "kd", "ska"],
         "akt": ["seg", "kd", "akt"], "akt_gugf": ["seg", "kd", "akt"], "ted": ["seg", "kd", "ska", "akt"],
         "ted_gugf": ["seg", "kd", "ska", "akt"], "ewc": ["seg", "ewc"], "mas": ["seg", "mas"],
         "mib": ["seg", "mib"], "plop": ["seg", "plop"], "lwf": ["seg", "lwf"],

@@ -194,3 +194,25 @@ def test_kd_reduce_reaches_kd_ska_akt_but_never_ted() -> None:
         reduces = {t.term.reduce for t in get_approach(name, cfg).terms if isinstance(t.term, T.KD)}
         assert reduces == ({"class"} if name.startswith("ted") else {"reference"}), name
     assert all(t.term.reduce == "class" for t in get_approach("ska").terms if isinstance(t.term, T.KD))
+
+
+def test_kd_ref_is_the_reference_kd_agents_width_sum_whatever_kd_reduce_says() -> None:
+    """kd_ref's loss = L_seg + lambda_d * w_kd * the reference KD agent's CE, written out here as
+    `(-(target * log(prediction)).sum(dim=-1)).mean()` on B x C x H x W (a sum over the width);
+    kd keeps the class-axis CE of loss.kd_reduce = "class"."""
+    g = torch.Generator().manual_seed(3)
+    logits, t_logits = torch.randn(2, 2, 4, 6, generator=g), torch.randn(2, 2, 4, 6, generator=g)
+    masks = (torch.rand(2, 4, 6, generator=g) > 0.5).long()
+    p, q = T.probabilities(logits), T.probabilities(t_logits)
+    s = T.StepInputs(logits=logits, p=p, masks=masks, model=nn.Identity(), q=q, teacher_logits=t_logits)
+    seg = T.SegLoss().compute(s)
+    width_ce = (-(q * torch.log(p)).sum(dim=-1)).mean()  # the reference's kd_agent.py, by hand
+    class_ce = (-(q * torch.log(p)).sum(dim=1)).mean()
+    for cfg in (LossConfig(lambda_d=0.5, w_kd=2.0), LossConfig(lambda_d=0.5, w_kd=2.0, kd_reduce="class")):
+        ref = get_approach("kd_ref", cfg)
+        total = sum(w.weight * w.term.compute(s) for w in ref.terms)
+        assert float(total) == pytest.approx(float(seg + 1.0 * width_ce), rel=1e-6)
+        kd = get_approach("kd", cfg)
+        assert float(sum(w.weight * w.term.compute(s) for w in kd.terms)) == pytest.approx(float(seg + class_ce), rel=1e-6)
+    # the two reductions differ here by about W / C = 3x: the test tells them apart
+    assert abs(float(width_ce) / float(class_ce) - 3.0) < 1.5 and float(width_ce) != pytest.approx(float(class_ce))
