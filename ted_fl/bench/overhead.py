@@ -6,6 +6,9 @@ start. The per-round figures come from the schedule's own `round_s` rows (the tr
 the FedAvg and the best-round selection), in steady state: every round but the first of each
 stage, which pays for the stage's teacher and the actors' first data load. Peak memory is the
 sum of RSS over each process tree (Ray's GCS, raylet and ClientApp actors included).
+
+Then Flower's own floor on the same engine (`ted_fl.bench.floor`): a ClientApp that only echoes,
+so the share of a round's overhead that is Flower's is measured, not assumed (`--floor-only`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("overhead", help="simulator vs centralized run: wall time end to end, per round, memory")
     C.add_arguments(p, quick="tiny workload, one pair (the test suite's)")
     p.add_argument("--repeats", type=int, help="C, F pairs (default 2; --quick 1)")
+    p.add_argument("--floor-rounds", type=int, help="exchanges per variant of the bare-Flower floor (default 40; --quick 5)")
+    p.add_argument("--floor-only", action="store_true",
+                   help="only Flower's floor (a ClientApp that echoes, on the same engine): print it, write nothing")
     p.add_argument("--fast-polling", action="store_true",
                    help="federated.fast_polling = true: the simulator with the latency patch (default: Flower's own path)")
     p.set_defaults(func=run)
@@ -81,15 +87,18 @@ def message_path(cfg: ExperimentConfig, reps: int = 20) -> pd.DataFrame:
             fn()
             times.append(time.perf_counter() - t0)
         rows.append(dict(piece=name, ms=1000 * float(np.median(times))))
-    from ted_fl.federated.simulation import PULL_S
-
-    rows.append(dict(piece=f"polling wait per exchange, average (hand-over woken on push, replies polled every "
-                           f"{PULL_S:g} s; Flower's own: 2 polls every 0.1 s, 100 ms)", ms=1000 * PULL_S / 2))
     return pd.DataFrame(rows)
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = workload(args)
+    floor_rounds = args.floor_rounds or (5 if args.quick else 40)
+    if args.floor_only:
+        from ted_fl.bench.floor import flower_floor
+
+        C.print_table("Flower's floor: one exchange with a ClientApp that only echoes (ms)",
+                      flower_floor(cfg, floor_rounds))
+        return 0
     repeats = args.repeats or (1 if args.quick else 2)
     work = Path(args.out) / time.strftime("overhead-%Y%m%d-%H%M%S")
     rows = []
@@ -136,7 +145,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     C.print_table("overhead: simulator / centralized (mean over the pairs)", ratios)
     path = message_path(cfg)
     C.print_table("message path, each piece timed alone (median ms)", path)
-    line = f"overhead: end-to-end ratio {e2e:.2f}, steady-state per-round ratio {per_round:.2f}"
+    from ted_fl.bench.floor import flower_floor
+
+    floor = flower_floor(cfg, floor_rounds)
+    C.print_table("Flower's floor: one exchange with a ClientApp that only echoes (ms)", floor)
+    own = floor[(floor["engine"].str.startswith("federated") == bool(args.fast_polling))
+                & (floor["payload"] != "empty message")
+                & floor["exchange"].str.startswith("ted-fl")]["ms_median"].iloc[0]
+    line = (f"overhead: end-to-end ratio {e2e:.2f}, steady-state per-round ratio {per_round:.2f}, beside the "
+            f"client's work {1000 * fed['beside_work_s_median']:.0f} ms a round, Flower's floor {own:.0f} ms")
     per_run = df.drop(columns=["run_dir"])
     body = (
         f"{C.section_head('overhead', argv)}\n\n"
@@ -153,32 +170,43 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         "(shared pages counted per process).\n\n"
         f"{C.md_table(ratios)}\n\nPer run:\n\n{C.md_table(per_run)}\n\n"
         f"The message path of one round, each piece timed alone on the workload's model "
-        f"(median of 20, ms):\n\n{C.md_table(path)}\n\n`{line}`"
+        f"(median of 20, ms):\n\n{C.md_table(path)}\n\n"
+        f"Flower's floor (`ted_fl.bench.floor`): the same engine (`federated.simulation.launch`, Ray, one "
+        f"ClientApp actor per core), one node whose ClientApp only echoes the message, "
+        f"{floor_rounds} exchanges per row after one to start the actor; "
+        "the round trip as the ServerApp sees it (ms):\n\n"
+        f"{C.md_table(floor)}\n\n`{line}`"
     )
     return C.finish(args, "overhead", line, body + PROFILE_NOTE)
 
 
 PROFILE_NOTE = """
 
-What stands between the simulator and the reference loop (profiled with py-spy and by timing
-each piece of the message path in isolation; the table above is the measurement):
+What stands between the simulator and the reference loop (the tables above are the measurement;
+`python -m ted_fl.bench overhead --floor-only` reruns the floor alone in about a minute):
 
-* **Flower's polling.** Flower 1.41's simulation runtime hands messages to the Ray backend
-  from a thread that polls every 0.1 s, and the ServerApp's `InMemoryGrid` polls for replies
-  every 0.1 s: ~0.1 s of idle latency per exchange, i.e. per round. With `federated.fast_polling
-  = true` (`--fast-polling`; off by default, since it replaces a private Flower function),
-  `ted_fl.federated.simulation` wakes the hand-over as soon as the ServerApp pushes and polls
-  for replies every 1 ms (`fast_message_polling`, `fast_grid`).
-* **What travels per round** (the model record both ways, the SKA probes down; Adam's moments
-  stay in the worker's memory and in one file a round on the site's disk, for resume): see the
-  message-path table; the teacher travels once per stage (see the probes section),
-  and the arriving site's validation score comes back with its training reply (`want_val`),
-  so a round is one exchange.
-* **The rest of a round's added time** is Flower's and Ray's own per-message runtime (the
-  actor call, and the node's `Context` shipped to the actor and back with every message: it
-  carries the stage's teacher in `context.state`); it is not broken down
-  further here (py-spy could not sample the Ray actors). It is roughly constant per round, so
-  the per-round ratio falls as rounds get longer (more steps, bigger images or models).
+* **Flower's floor: the hand-over thread.** Flower 1.41's simulation runtime moves messages from
+  the link state to the Ray backend in a thread that looks once every 0.1 s
+  (`vce_api.add_messages_to_queue`, private, with no setting). A round's message waits for the
+  next look: 0-100 ms, about 50 ms on average when the client's work is not a multiple of 0.1 s
+  (the floor's "busy" rows); back-to-back exchanges with no work lock onto it and take one full
+  0.1 s each (its "empty" rows). No public API changes that period, so with Flower's own engine
+  this wait is the floor of a round's overhead. `federated.fast_polling = true`
+  (`--fast-polling`; off by default, since it replaces that private function) wakes the thread as
+  soon as the ServerApp pushes: the floor rows under "federated.fast_polling" show what is left
+  then (the Ray actor call and the message's serialisation).
+* **The server's wait for replies** (removed). Flower's `Grid.send_and_receive` sleeps 0.1 s between
+  pulls, a second 0-100 ms wait per round. ted-fl's exchange (`server_app.send_and_receive`) uses
+  the public `push_messages` / `pull_messages` and polls every max(2 ms, 2% of the time waited), so
+  a reply is seen within a few ms; the floor's "busy" rows compare both exchanges.
+* **What travels per round**: the model record both ways and the SKA probes down (the
+  message-path table); the teacher once per stage per node. The node's `Context`, which Flower
+  ships to the Ray actor and back with every message, no longer carries the teacher: the client
+  keeps it in the worker's memory and in the site's state folder (decoded once per stage), so
+  the context is a few kB whatever the model.
+* **The client's own per-round cost beside its training**: Adam's moments written to the site's
+  state folder every round (for a resume, and for another Ray worker that may serve the node next
+  round; the message-path table's file row), and the weights' encoding and decoding.
 * **Fixed costs** that a short workload cannot amortise: Ray's start (GCS, raylet, one
   ClientApp actor per core) and each actor's first load of a site's data (the first round
   of a stage). They dominate the end-to-end ratio of a workload of a minute or two, and they

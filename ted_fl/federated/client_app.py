@@ -1,10 +1,13 @@
 """The ClientApp: one site (or one department of a site), a thin adapter over `ted_fl.worker`.
 
 A node learns which site it is from its node config (`site`/`client`, or the simulation's
-`partition-id`), loads only that site's files, and keeps across messages, in `context.state`:
-the experiment configuration, the frozen teacher of the current stage and its optimizer's
-moments. The optimizer state is also written to the site's own disk (`client_state_dir`) so a
-resumed run continues exactly. Replies carry weights, the number of examples and metrics.
+`partition-id`), loads only that site's files, and keeps across messages the experiment
+configuration (in `context.state`), the frozen teacher of the current stage and its optimizer's
+moments. The teacher and the moments live in the worker's memory and in the site's own state
+folder (`client_state_dir`, or the node config's `state-dir`), from which another Ray worker
+serving the node, or a resumed run, reads them; not in `context.state`, which Flower's simulation
+ships to the worker and back with every message (with no folder, they fall back to it).
+Replies carry weights, the number of examples and metrics.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from ted_fl.engine import derive_seed
 from ted_fl.federated import messages as M
 from ted_fl.federated.audit import audit_mod
 from ted_fl.federated.notices import silence
-from ted_fl.files import atomic_torch_save
+from ted_fl.files import atomic_torch_save, atomic_write
 from ted_fl.privacy.policies import PROBE_SITE_TAG, REPLAY_TAG, replay_buffer, replay_share, uses_replay
 from ted_fl.worker import SiteWorker, probes_for
 
@@ -174,21 +177,69 @@ def _save_optimizer(context: Context, c: dict, site: str, client: int, state: di
             old.unlink(missing_ok=True)
 
 
-def _keep_teacher(context: Context, weights: ArrayRecord, aux: Any, key: str) -> None:
-    context.state["teacher"] = weights
-    context.state["aux"] = aux if isinstance(aux, ArrayRecord) else ArrayRecord()
-    context.state["teacher_meta"] = ConfigRecord({"key": key})
+def _teacher_slot(c: dict, site: str, client: int, context: Context) -> tuple[tuple, Path | None]:
+    """Where this node keeps the stage's teacher of one schedule (approach, seed): its key in this
+    process's cache and its file in the node's state folder (None: no folder)."""
+    folder = _state_file(c, site, client, context)
+    schedule = f"{c['approach']}_{c['seed']}"
+    file = folder / f"teacher-{schedule}.npz" if folder is not None else None
+    return ("teacher", str(folder), site, client, schedule), file
 
 
-def _teacher(context: Context, content: RecordDict, key: str) -> tuple[M.Weights | None, M.Weights]:
-    """The stage's teacher and importances: taken from the message once, then from context.state."""
-    if M.TEACHER in content:
-        context.state["teacher"] = content[M.TEACHER]
-        context.state["aux"] = content[M.AUX] if M.AUX in content else ArrayRecord()
+def _keep_teacher(context: Context, c: dict, site: str, client: int, key: str, weights: ArrayRecord,
+                  aux: Any) -> tuple[M.Weights, M.Weights]:
+    """Keep the stage's teacher (and importances) on this node: in this process's memory and, for the
+    other Ray workers that may serve the node, in its state folder; context.state only when there is
+    no folder, since Flower's simulation ships context.state to the worker and back with every message."""
+    teacher = M.from_record(weights)
+    extra = M.from_record(aux) if isinstance(aux, ArrayRecord) else {}
+    slot, file = _teacher_slot(c, site, client, context)
+    _CACHE[slot] = (key, teacher, extra)
+    if file is None:
+        context.state["teacher"] = weights
+        context.state["aux"] = aux if isinstance(aux, ArrayRecord) else ArrayRecord()
         context.state["teacher_meta"] = ConfigRecord({"key": key})
-    if "teacher" not in context.state or str(context.state["teacher_meta"]["key"]) != key:
-        raise RuntimeError(f"teacher '{key}' was never received by this node; the server must resend it")
-    return M.from_record(context.state["teacher"]), M.from_record(context.state["aux"])
+        return teacher, extra
+    arrays = {"key": np.array(key), **{f"t/{k}": v for k, v in teacher.items()},
+              **{f"a/{k}": np.asarray(v) for k, v in extra.items()}}
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as fh:
+            np.savez(fh, **arrays)
+
+    atomic_write(file, write)
+    return teacher, extra
+
+
+def _teacher(context: Context, c: dict, site: str, client: int, content: RecordDict,
+             key: str) -> tuple[M.Weights, M.Weights]:
+    """The stage's teacher and importances: from the message once, then from this process's memory,
+    the node's state folder (another worker received it) or context.state (no folder)."""
+    if M.TEACHER in content:
+        return _keep_teacher(context, c, site, client, key, content[M.TEACHER], content.get(M.AUX))
+    slot, file = _teacher_slot(c, site, client, context)
+    cached = _CACHE.get(slot)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    if file is not None and file.is_file():
+        with np.load(file, allow_pickle=False) as z:
+            if str(z["key"]) == key:
+                teacher = {k[2:]: z[k] for k in z.files if k.startswith("t/")}
+                extra = {k[2:]: z[k] for k in z.files if k.startswith("a/")}
+                _CACHE[slot] = (key, teacher, extra)
+                return teacher, extra
+    if "teacher" in context.state and str(context.state["teacher_meta"]["key"]) == key:
+        return M.from_record(context.state["teacher"]), M.from_record(context.state["aux"])
+    raise RuntimeError(f"teacher '{key}' was never received by this node; the server must resend it")
+
+
+def _drop_teacher(context: Context, c: dict, site: str, client: int) -> None:
+    """After the stage's last round the node forgets its teacher (a retry or a resume gets it again
+    from the server): a study's many schedules leave no teacher per schedule on the site's disk."""
+    slot, file = _teacher_slot(c, site, client, context)
+    _CACHE.pop(slot, None)
+    if file is not None:
+        file.unlink(missing_ok=True)
 
 
 def privacy_mod(msg: Message, context: Context, call_next: Any) -> Message:
@@ -238,8 +289,9 @@ def train(msg: Message, context: Context) -> Message:
     if c.get("teacher_key"):
         if c.get("teacher_from_weights") and M.TEACHER not in msg.content:
             # privacy.teacher = "site": this round's weights are the stage's teacher; keep them as such.
-            _keep_teacher(context, msg.content[M.WEIGHTS], msg.content.get(M.AUX), str(c["teacher_key"]))
-        teacher, aux = _teacher(context, msg.content, str(c["teacher_key"]))
+            _keep_teacher(context, c, site, client, str(c["teacher_key"]), msg.content[M.WEIGHTS],
+                          msg.content.get(M.AUX))
+        teacher, aux = _teacher(context, c, site, client, msg.content, str(c["teacher_key"]))
         # The key names the schedule's stage; with the configuration's, two cells of a study (same approach,
         # seed and stage, another epsilon) served by this process never share a loaded teacher.
         teacher_mod = w.set_teacher((str(c["teacher_key"]), hash(str(context.state["experiment"]["toml"]))),
@@ -267,6 +319,8 @@ def train(msg: Message, context: Context) -> Message:
         stage_rounds=int(c.get("stage_rounds", 1)),
     )
     _save_optimizer(context, c, site, client, out.optimizer_state)
+    if c.get("teacher_key") and int(c["round"]) + 1 >= int(c.get("stage_rounds", 1)):
+        _drop_teacher(context, c, site, client)
     content = RecordDict({
         M.WEIGHTS: M.to_record(out.weights),
         M.METRICS: M.metric_record({**out.metrics, "num_examples": out.num_examples}),

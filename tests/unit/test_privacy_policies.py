@@ -33,19 +33,25 @@ class InProcessGrid:
         self.contexts = {i + 1: Context(run_id=1, node_id=i + 1, node_config={"partition-id": i},
                                         state=RecordDict(), run_config={}) for i in range(n)}
         self.seq = 0
+        self.replies: dict[str, Message] = {}
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
-        replies = []
+    def push_messages(self, messages: Any) -> list[str]:
+        """Run each message through the ClientApp at once; its reply waits for `pull_messages`."""
+        ids = []
         for msg in messages:
             self.seq += 1
             msg.metadata.__dict__["_message_id"] = f"m{self.seq}"  # what the SuperLink assigns
             reply = client_app(msg, self.contexts[msg.metadata.dst_node_id])
             reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
-            replies.append(reply)
-        return replies
+            self.replies[f"m{self.seq}"] = reply
+            ids.append(f"m{self.seq}")
+        return ids
+
+    def pull_messages(self, message_ids: Any) -> list[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
 
 @pytest.fixture(autouse=True)
