@@ -53,6 +53,7 @@ Real = Annotated[float, Field(allow_inf_nan=False)]
 Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # a loss weight or multiplier: 0 switches it off
 Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # a learning rate, factor, temperature, time-out
 Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+CellsInParallel = Literal["auto"] | Positive  # train.cells_in_parallel: "auto" or how many cells at once
 
 
 def choices(literal: Any) -> tuple[str, ...]:
@@ -120,6 +121,10 @@ class TrainConfig:
     eval_every_round: bool = False  # also evaluate every site after every round
     eval_val_all: bool = False  # also score every site's validation split at each stage's end (split val_stage)
     threads: Positive = 1  # torch threads per trainer (Ray clients and the centralized run alike)
+    # Independent schedules (approach x seed x grid point) run at once: "auto" = as many as the machine
+    # holds (CPU cores / threads, GPU share, a Ray cluster's own scheduling), or a number (1: one after
+    # another). It never changes a cell's numbers (ted_fl.cells); a cell's identity ignores it.
+    cells_in_parallel: CellsInParallel = "auto"
     device: Device = "auto"  # auto: a visible GPU if any, else CPU
     amp: Literal["auto", "bf16", "off"] = "auto"  # mixed precision: auto (bf16 autocast on a GPU that supports it, off on CPU) | bf16 | off
     cudnn_benchmark: bool = True  # on a GPU: cuDNN autotuning and channels-last (false: deterministic cuDNN)
@@ -431,7 +436,9 @@ def _describe(err: dict[str, Any], where: str) -> str:
         table = ".".join(loc[:-1])
         return f"{head}unknown key '{loc[-1]}'" + (f" in [{table}]" if table else "")
     if kind == "literal_error":
-        return f"{head}{key} = {value!r} is not one of {err['ctx']['expected']}"
+        number = err.get("number")  # a Literal | int union (train.cells_in_parallel): the int's bound too
+        return (f"{head}{key} = {value!r} is not one of {err['ctx']['expected']}"
+                + (f" or a whole number >= {number}" if number is not None else ""))
     if kind in ("dataclass_type", "dataclass_exact_type"):
         return f"{head}{key} must be a table [{key}], got {value!r}"
     if kind == "dict_type":
@@ -439,6 +446,16 @@ def _describe(err: dict[str, Any], where: str) -> str:
     if kind == "list_type":
         return f"{head}{key} must be a list, e.g. {loc[-1]} = [...], got {value!r}"
     return f"{head}{key}: {err['msg'][0].lower()}{err['msg'][1:]}, got {value!r}"
+
+
+def _first_error(exc: ValidationError) -> dict[str, Any]:
+    """pydantic's first error; for a Literal | int union, with the int's lower bound as "number"."""
+    errors = exc.errors()
+    err = dict(errors[0])
+    if err["type"] == "literal_error" and len(errors) > 1 and errors[1]["type"] == "greater_than_equal":
+        err["number"] = errors[1]["ctx"]["ge"]
+        err["loc"] = tuple(p for p in err["loc"] if not str(p).startswith("literal["))
+    return err
 
 
 def _union_alternative(exc: ValidationError) -> str:
@@ -451,7 +468,7 @@ def _union_alternative(exc: ValidationError) -> str:
 
 
 def _as_error(exc: ValidationError, cls: type, where: str) -> TedFlError:
-    err = exc.errors()[0]
+    err = _first_error(exc)
     line = _describe(err, where) + _union_alternative(exc)
     if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
         owner = _section(cls, [str(p) for p in err["loc"][:-1]])
@@ -548,7 +565,7 @@ def set_key(cfg: ExperimentConfig, dotted: str, value: Any, source: str = "--set
     try:
         setattr(obj, last, value)
     except ValidationError as exc:
-        err = dict(exc.errors()[0], loc=(*sections, last))
+        err = dict(_first_error(exc), loc=(*sections, last))
         raise TedFlError(_describe(err, source) + _union_alternative(exc)) from None
 
 

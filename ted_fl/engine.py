@@ -10,6 +10,7 @@ Sharing this loop is what makes the simulator match the reference run.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,10 @@ from ted_fl.continual.networks import build_model
 from ted_fl.continual.weights import Weights, load_weights, model_weights  # noqa: F401 (re-exported)
 from ted_fl.results import MEAN_LABEL, RunDir, label_metric, labels_of, select_label
 from ted_fl.worker import WORK_KEYS
+
+# Held while a schedule draws from the process's global generators (its initial model): schedules of a
+# ServerApp run as threads of one process (ted_fl.cells), and another's seeding must not land in between.
+GLOBAL_RNG = threading.RLock()
 
 
 def derive_seed(*parts: int) -> int:
@@ -222,10 +227,11 @@ class Schedule:
         executor.bytes_sent, executor.bytes_received = st.bytes_sent, st.bytes_received
         if self.resumed:
             self.run_dir.log(f"{self.name} seed {self.seed}: resumed at stage {st.stage} round {st.round}")
-        set_determinism(self.seed, self.cfg.train.threads)
-        if st.weights is None:
-            torch.manual_seed(self.seed)
-            st.weights = model_weights(build_model(self.cfg.model))
+        with GLOBAL_RNG:
+            set_determinism(self.seed, self.cfg.train.threads)
+            if st.weights is None:
+                torch.manual_seed(self.seed)
+                st.weights = model_weights(build_model(self.cfg.model))
         self.t_start = time.perf_counter() - st.wall
         if not st.initial_done:
             # The untrained model's scores: the baseline b_i of forward transfer.
@@ -247,8 +253,9 @@ class Schedule:
         untrained model for the first site, and for every site of the one-run joint).
         """
         st, last = self.st, len(self.order) - 1
-        torch.manual_seed(self.seed)
-        initial = model_weights(build_model(self.cfg.model))
+        with GLOBAL_RNG:
+            torch.manual_seed(self.seed)
+            initial = model_weights(build_model(self.cfg.model))
         refs: dict[str, Weights] = {}
         for i, site in enumerate(self.order):
             kept = self.run_dir.load_checkpoint(self.name, self.seed, f"stage{i - 1}") if i and not self.one_run else None

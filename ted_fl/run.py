@@ -39,16 +39,22 @@ def start_run(cfg: ExperimentConfig, mode: str, argv: list[str], command: list[s
 
 
 class Progress:
-    """Stage, round, site, loss and time left, on a rich progress bar (or plain lines)."""
+    """Stage, round, site, loss and time left, on a rich progress bar (or plain lines), over every
+    schedule of a run, also those running at the same time (ted_fl.cells: it is called from several
+    threads). `done`: rounds a resumed run had already finished; the counter starts there and the
+    time left is estimated from this session's rounds only."""
 
-    def __init__(self, total_rounds: int, quiet: bool = False, lines: bool | None = None):
+    def __init__(self, total_rounds: int, quiet: bool = False, lines: bool | None = None, done: int = 0):
         """`lines`: one printed line per round instead of a bar (default: when stdout is no terminal,
         e.g. the log stream of `flwr run`, where a bar would only appear at the end)."""
+        import threading
         import time
 
         self.quiet = quiet
         self.bar: Any = None
-        self.total, self.done, self.t0 = total_rounds, 0, time.monotonic()
+        self.total, self.done, self.t0 = total_rounds, done, time.monotonic()
+        self.start = done  # rounds done before this session (a resume)
+        self.lock = threading.Lock()
         self.lines = (not sys.stdout.isatty()) if lines is None else lines
         if not quiet and not self.lines:
             from rich.progress import (
@@ -66,38 +72,68 @@ class Progress:
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
             )
-            self.task = self.bar.add_task("starting", total=total_rounds)
+            # `completed` is no progress sample: rich's time left comes from this session's rounds
+            self.task = self.bar.add_task("starting" if not done else f"resumed at {done}/{total_rounds}",
+                                          total=total_rounds, completed=done)
             self.bar.start()
+
+    def left(self) -> float:
+        """Seconds left, from this session's rounds (what a resume had done is not this session's speed)."""
+        import time
+
+        ran = self.done - self.start
+        if ran <= 0:
+            return float("nan")
+        return (time.monotonic() - self.t0) / ran * max(self.total - self.done, 0)
 
     def __call__(self, info: dict[str, Any]) -> None:
         import time
 
-        self.done += 1
         desc = (
             f"{info['approach']} s{info['seed']} | stage {info['stage'] + 1}/{info['stages']} "
             f"{info['site']} | round {info['round'] + 1}/{info['rounds']} | loss {info['loss']:.3f}"
         )
-        if self.bar is not None:
-            self.bar.update(self.task, advance=1, description=desc)
-        elif self.lines and not self.quiet:
-            spent = time.monotonic() - self.t0
-            left = spent / self.done * max(self.total - self.done, 0)
-            print(f"progress: {self.done}/{self.total} | {desc} | {spent:.0f} s, ~{left:.0f} s left", flush=True)
+        with self.lock:
+            self.done += 1
+            if self.bar is not None:
+                self.bar.update(self.task, advance=1, description=desc)
+            elif self.lines and not self.quiet:
+                spent = time.monotonic() - self.t0
+                print(f"progress: {self.done}/{self.total} | {desc} | {spent:.0f} s, ~{self.left():.0f} s left",
+                      flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
 
 
-def total_rounds(cfg: ExperimentConfig, n_sites: int) -> int:
+def schedule_rounds(cfg: ExperimentConfig, approach: str, n_sites: int) -> tuple[int, int]:
+    """(stages, rounds a stage) of one approach's schedule (joint trains joint_rounds_factor longer;
+    the one-run joint of protocol "reference" is one stage)."""
     from ted_fl.continual.approaches import get_approach
 
+    joint = get_approach(approach, cfg.loss).joint
+    factor = cfg.train.joint_rounds_factor if joint else 1.0
+    stages = 1 if joint and cfg.protocol == "reference" else n_sites  # one-run joint
+    return stages, max(1, round(cfg.train.rounds * factor))
+
+
+def rounds_done(run: RunDir, cfg: ExperimentConfig, approach: str, seed: int, n_sites: int) -> int:
+    """Rounds of one schedule its last checkpoint holds (0 for a fresh one): where a resume starts."""
+    st = run.load_checkpoint(approach, seed, "last")
+    if not st:
+        return 0
+    stages, rounds = schedule_rounds(cfg, approach, n_sites)
+    if st.get("done"):
+        return stages * rounds
+    return min(int(st.get("stage", 0)), stages) * rounds + int(st.get("round", 0))
+
+
+def total_rounds(cfg: ExperimentConfig, n_sites: int) -> int:
     total = 0
     for name in cfg.approaches:
-        joint = get_approach(name, cfg.loss).joint
-        factor = cfg.train.joint_rounds_factor if joint else 1.0
-        stages = 1 if joint and cfg.protocol == "reference" else n_sites  # one-run joint
-        total += stages * max(1, round(cfg.train.rounds * factor))
+        stages, rounds = schedule_rounds(cfg, name, n_sites)
+        total += stages * rounds
     return total * len(cfg.seeds)
 
 
@@ -252,20 +288,39 @@ def load_and_record_sites(cfg: ExperimentConfig, run: RunDir) -> list:
 _NOTED: set[str] = set()  # the notes this process has printed
 
 def execute_centralized(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[tuple[str, int], dict[str, Any]]:
-    from ted_fl.engine import run_schedule
-    from ted_fl.local import LocalExecutor
+    """Every (approach, seed) of `cfg` in-process, `train.cells_in_parallel` of them at once (ted_fl.cells)."""
+    from ted_fl.cells import Job, cell_resources, cell_slots, local_schedule, remember_sites, run_jobs
+    from ted_fl.config import to_dict
 
     sites = load_and_record_sites(cfg, run)
-    progress = Progress(total_rounds(cfg, len(sites)), quiet)
+    cells = [(a, s) for a in cfg.approaches for s in cfg.seeds]
+    slots = cell_slots(cfg, len(cells))
+    remember_sites(cfg, sites)  # a cell run here (one slot) reuses the checked sites
+    data = to_dict(cfg)
+    jobs = [Job(f"{a} seed {s}", local_schedule, (data, str(run.path), a, s)) for a, s in cells]
+    if slots > 1:
+        run.log(f"{len(jobs)} cells, {slots} at once (train.cells_in_parallel = {cfg.train.cells_in_parallel})")
+    record = getattr(run, "record", None)  # ted_fl.processes.ProcessRecord: Ray's processes, once it runs
+    progress = Progress(total_rounds(cfg, len(sites)), quiet, done=run_rounds_done(cfg, run, len(sites)))
+
+    def on_round(info: dict[str, Any]) -> None:
+        progress(info)
+        if record is not None and slots > 1:  # Ray's workers start with the cells: keep processes.json current
+            record.update(f"{info['approach']} seed {info['seed']} stage {info['stage']} round {info['round']}")
+
     try:
-        for approach in cfg.approaches:
-            for seed in cfg.seeds:
-                scfg = for_seed(cfg, seed)  # data.split_seed = "seed": this seed's own split
-                run_schedule(scfg, approach, seed, LocalExecutor(scfg, sites if scfg is cfg else check_data(scfg)),
-                             run, progress)
+        _, failures = run_jobs(jobs, slots, on_round, resources=cell_resources(cfg),
+                               ray_address=cfg.federated.ray_address,
+                               on_start=(lambda: record.update("cells on Ray")) if record is not None else None)
     finally:
         progress.close()
+    failures.raise_first()
     return {}
+
+
+def run_rounds_done(cfg: ExperimentConfig, run: RunDir, n_sites: int) -> int:
+    """Rounds every (approach, seed) of a run had finished before this session (a resume starts there)."""
+    return sum(rounds_done(run, cfg, a, s, n_sites) for a in cfg.approaches for s in cfg.seeds)
 
 
 def prune_run(cfg: ExperimentConfig, run: RunDir) -> None:

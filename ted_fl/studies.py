@@ -5,10 +5,11 @@ A study is a sweep whose first axis is the target epsilon (`privacy.epsilon`; in
 policy axes (`privacy.teacher`, `federated.probes`, `federated.retention`, `privacy.replay`, ...),
 approaches and seeds. Every cell is one run with the membership-inference attack on
 (`privacy.mia`), identified by the hash of its resolved configuration, so a rerun reuses every
-finished cell. Cells run as the sweep runs them (Ray tasks of the centralized runner, in parallel
-as far as Ray's resources allow) or, with `federated=True`, one after another inside ONE Flower
-simulation (Ray starts once): then every cell also has the server's audit of what travelled
-(audit.csv), which is what the byte columns of the report come from.
+finished cell. Cells run as the sweep runs them (Ray tasks of the centralized runner,
+train.cells_in_parallel at once, `ted_fl.cells`) or, with `federated=True`, inside ONE Flower
+simulation (Ray starts once; train.cells_in_parallel schedules at once, each on its own SuperNodes):
+then every cell also has the server's audit of what travelled (audit.csv), which is what the byte
+columns of the report come from.
 
 Outputs (the study folder): cells/<cell>/ (run directories), study.csv (one tidy row per cell:
 approach, seed, axes, Avg, BWT, forgetting, attack AUCs, the DP accounting columns `epsilon` /
@@ -88,8 +89,9 @@ def privacy_cells(base: ExperimentConfig, epsilons: list[float], dp: str = "samp
 
 
 def run_cells_federated(cells: list[Cell], folder: Path, quiet: bool = False) -> dict[str, Any]:
-    """Run the unfinished cells one after another in one Flower simulation; reuse the rest."""
-    from ted_fl.federated.simulation import simulate_groups
+    """Run the unfinished cells in one Flower simulation, train.cells_in_parallel at once (each on its
+    own block of SuperNodes, `ted_fl.federated.simulation.simulate_cells`); reuse the rest."""
+    from ted_fl.federated.simulation import federated_slots, simulate_cells
     from ted_fl.results import RunDir
     from ted_fl.run import finish_run, load_and_record_sites
 
@@ -101,24 +103,32 @@ def run_cells_federated(cells: list[Cell], folder: Path, quiet: bool = False) ->
         if c.cfg.data != first.data or c.cfg.federated.clients_per_site != first.federated.clients_per_site:
             raise TedFlError("study --federated: every cell must share [data] and federated.clients_per_site "
                              "(one set of client nodes); drop those keys from --grid")
-    groups, orders = [], []
+    runs, orders = {}, {}
     for c in todo:
         path = folder / "cells" / c.name
         path.mkdir(parents=True, exist_ok=True)
         (path / "cell.json").unlink(missing_ok=True)
         run = RunDir(path)
         run.write_config(c.cfg)
-        sites = load_and_record_sites(c.cfg, run)
-        groups.append((c.cfg, run))
-        orders.append([s.name for s in sites])
+        orders[c.name] = [s.name for s in load_and_record_sites(c.cfg, run)]
+        runs[c.name] = run
+    slots = min(federated_slots(c.cfg, len(todo)) for c in todo)  # one cell under client-level DP: all one
     if not quiet:
-        print(f"[study] {len(todo)} cell(s) in one Flower simulation, {len(cells) - len(todo)} reused", flush=True)
-    extras = simulate_groups(groups, len(orders[0]) * first.federated.clients_per_site)
-    for c, (cfg, run), ex, order in zip(todo, groups, extras, orders, strict=True):
-        summary = finish_run(cfg, run, ex)
-        summary["val_score"] = val_score(run.metrics(), order)
+        print(f"[study] {len(todo)} cell(s) in one Flower simulation, {slots} at once, "
+              f"{len(cells) - len(todo)} reused", flush=True)
+    by_name = {c.name: c for c in todo}
+
+    def done(job: Any, extras: dict[str, Any]) -> None:
+        c = by_name[job.name]
+        run = runs[c.name]
+        summary = finish_run(c.cfg, run, {(c.approach, c.seed): extras})
+        summary["val_score"] = val_score(run.metrics(), orders[c.name])
         run.write_summary(summary)
         _mark_done(folder, c)
+
+    _, failures = simulate_cells([(c.name, c.cfg, runs[c.name], c.approach, c.seed) for c in todo], slots,
+                                 keep_going=True, on_done=done)
+    failures.raise_first("study cell")
     return {"ran": len(todo), "reused": len(cells) - len(todo)}
 
 

@@ -6,18 +6,16 @@ site order, fully resolved into an `ExperimentConfig`. Its identity is the hash 
 resolved configuration, so a rerun of the same sweep (or of a larger one sharing cells)
 reuses every finished cell and only runs what is missing.
 
-Where cells run: each cell is a Ray task with `federated.num_cpus` / `federated.num_gpus` of
-the configuration (GPU fractions pack several cells on one GPU; `federated.ray_address`
-joins an existing cluster, whose nodes must see the same output folder), so Ray's scheduler
-runs as many at once as the resources allow. A cell runs the *centralized* runner (the
-simulator's schedule, step and evaluation in one process; its R matrix equals the
-simulator's, `tests/integration/test_simulation.py::test_matches_centralized`): a federated
-simulation inside a Ray task would start (or join) a second Ray runtime for its own client
-actors from inside a worker, competing with the sweep for the same CPUs and GPUs and
-deadlocking when the cells hold every slot. Ray tasks rather than a process pool: the same
-code uses a laptop's cores, a GPU's fractions and a cluster, and a failed cell comes back as
-an error of that cell only. `parallel=False` runs the same cells one after another in this
-process (the baseline of `python -m ted_fl.bench sweep`; same numbers: a seed fixes a cell).
+Where cells run: `ted_fl.cells`, the runner of every command: train.cells_in_parallel cells at once
+("auto": as many as the cores, GPU shares or a cluster hold), each a Ray task with train.threads
+CPUs and, on a GPU, a share of it (`federated.ray_address` joins an existing cluster, whose nodes
+must see the same output folder). A cell runs the *centralized* runner (the simulator's schedule,
+step and evaluation in one process; its R matrix equals the simulator's,
+`tests/integration/test_simulation.py::test_matches_centralized`): a federated simulation inside a
+Ray task would start (or join) a second Ray runtime for its own client actors from inside a worker,
+competing with the sweep for the same CPUs and GPUs and deadlocking when the cells hold every slot.
+`parallel=False` runs the same cells one after another in this process (the baseline of
+`python -m ted_fl.bench sweep`; same numbers: a seed fixes a cell).
 
 Outputs (`SWEEP_DIR`): cells/<cell>/ (a run directory each: config.toml, metrics.csv,
 summary.csv, cell.json), and across cells metrics.csv (tidy, plus the cell, its grid values
@@ -32,7 +30,6 @@ import hashlib
 import itertools
 import json
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ted_fl.config import ExperimentConfig, set_key, split_seed_of, to_dict
+from ted_fl.config import ExperimentConfig, set_key, to_dict
 from ted_fl.errors import TedFlError
 from ted_fl.results import RunDir
 
@@ -86,6 +83,7 @@ def config_hash(cfg: ExperimentConfig) -> str:
     data = to_dict(cfg)
     data.pop("name", None)
     data.pop("out", None)
+    data["train"].pop("cells_in_parallel", None)  # how many cells run at once changes no cell's numbers
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -136,14 +134,14 @@ def cell_done(path: Path, cell: Cell) -> bool:
 def run_cell(cfg: ExperimentConfig, path: str, progress: Callable[[dict[str, Any]], None] | None = None
              ) -> dict[str, Any]:
     """Run one cell's schedule (resuming its last round if interrupted) and write its tables."""
-    from ted_fl.data import load_sites
+    from ted_fl.cells import sites_of
     from ted_fl.engine import run_schedule, summarize
     from ted_fl.local import LocalExecutor
 
     run = RunDir(path)
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_config(cfg)
-    sites = load_sites(cfg.data, split_seed_of(cfg))
+    sites = sites_of(cfg)
     approach, seed = cfg.approaches[0], cfg.seeds[0]
     st = run_schedule(cfg, approach, seed, LocalExecutor(cfg, sites), run, progress)
     metrics = run.write_metrics(st.rows)
@@ -154,44 +152,45 @@ def run_cell(cfg: ExperimentConfig, path: str, progress: Callable[[dict[str, Any
     return {"wall_s": float(st.wall)}
 
 
-def _ray_cell(cfg_dict: dict[str, Any], path: str, counter: Any) -> dict[str, Any]:
-    """The Ray task: rebuild the config, run the cell, report every round to the driver's counter."""
+def sweep_cell(cfg_dict: dict[str, Any], path: str, *, progress: Callable[[dict[str, Any]], None],
+               slot: int) -> dict[str, Any]:
+    """A sweep's cell for `ted_fl.cells.run_jobs` (here, or in a Ray task): rebuild the config, run it."""
     from ted_fl.config import from_dict
 
-    cfg = from_dict(ExperimentConfig, cfg_dict, "sweep cell")
-    return run_cell(cfg, path, lambda info: counter.add.remote(1))
+    return run_cell(from_dict(ExperimentConfig, cfg_dict, "sweep cell"), path, progress)
 
 
-class _Counter:
-    """Rounds finished across all running cells (a zero-CPU Ray actor the cells tell)."""
+def n_sites(cfg: ExperimentConfig) -> int:
+    from ted_fl.data import load_site_set_spec, ordered_sites
 
-    def __init__(self) -> None:
-        self.n = 0
-
-    def add(self, k: int) -> None:
-        self.n += k
-
-    def get(self) -> int:
-        return self.n
+    return len(ordered_sites(load_site_set_spec(cfg.data.sites), cfg.data.order))
 
 
 def rounds_of(cell: Cell) -> int:
     """Rounds the cell's schedule runs (joint trains joint_rounds_factor times longer)."""
-    from ted_fl.continual.approaches import get_approach
-    from ted_fl.data import load_site_set_spec, ordered_sites
+    from ted_fl.run import schedule_rounds
 
-    spec = load_site_set_spec(cell.cfg.data.sites)
-    n_sites = len(ordered_sites(spec, cell.cfg.data.order))
-    factor = cell.cfg.train.joint_rounds_factor if get_approach(cell.approach, cell.cfg.loss).joint else 1.0
-    return n_sites * max(1, round(cell.cfg.train.rounds * factor))
+    stages, rounds = schedule_rounds(cell.cfg, cell.approach, n_sites(cell.cfg))
+    return stages * rounds
+
+
+def rounds_done_of(cell: Cell, folder: Path) -> int:
+    """Rounds an unfinished cell's checkpoint holds (a killed sweep resumes there)."""
+    from ted_fl.run import rounds_done
+
+    path = folder / "cells" / cell.name
+    if not path.is_dir():
+        return 0
+    return rounds_done(RunDir(path), cell.cfg, cell.approach, cell.seed, n_sites(cell.cfg))
 
 
 class Progress:
-    """Rounds and cells over the whole grid, printed as plain lines (at most every `every` s)."""
+    """Rounds and cells over the whole grid, printed as plain lines (at most every `every` s); the
+    time left counts this session's rounds only (a rerun reuses cells and resumes unfinished ones)."""
 
     def __init__(self, total_rounds: int, total_cells: int, quiet: bool = False, every: float = 5.0) -> None:
         self.total, self.cells, self.quiet, self.every = total_rounds, total_cells, quiet, every
-        self.rounds = self.done = 0
+        self.rounds = self.done = self.start = 0
         self.t0 = self.last = time.perf_counter()
 
     def update(self, rounds: int | None = None, done: int | None = None, note: str = "", force: bool = False
@@ -203,19 +202,22 @@ class Progress:
             return
         self.last = now
         el = now - self.t0
-        frac = self.rounds / self.total if self.total else 1.0
-        left = f", ~{el / frac - el:.0f} s left" if 0 < frac < 1 else ""
+        ran = self.rounds - self.start
+        left = f", ~{el / ran * (self.total - self.rounds):.0f} s left" if ran > 0 and self.rounds < self.total else ""
         print(f"[sweep] rounds {self.rounds}/{self.total}, cells {self.done}/{self.cells} done, "
               f"{el:.0f} s{left}" + (f" | {note}" if note else ""), flush=True)
 
 
 def run_cells(cells: list[Cell], folder: str | Path, *, parallel: bool = True, quiet: bool = False,
               num_cpus: int | None = None) -> dict[str, Any]:
-    """Run every unfinished cell (in parallel on Ray, or one after another here); reuse the rest.
+    """Run every unfinished cell (`train.cells_in_parallel` at once on Ray, `ted_fl.cells`, or one
+    after another here); reuse the rest. `num_cpus`: at most this many CPUs' worth of cells at once.
 
     Raises TedFlError naming the failed cells after the others have finished (those stay
     reusable); returns {"ran": n, "reused": n, "wall_s": s}.
     """
+    from ted_fl.cells import Job, cell_resources, cell_slots, run_jobs
+
     folder = Path(folder)
     names = [c.name for c in cells]
     if len(set(names)) != len(names):
@@ -224,85 +226,48 @@ def run_cells(cells: list[Cell], folder: str | Path, *, parallel: bool = True, q
     reused = len(cells) - len(todo)
     total = sum(rounds_of(c) for c in cells)
     prog = Progress(total, len(cells), quiet)
-    prog.update(rounds=total - sum(rounds_of(c) for c in todo), done=reused, force=True,
-                note=f"{reused} cell(s) reused" if reused else "")
+    prog.start = total - sum(rounds_of(c) for c in todo) + sum(rounds_done_of(c, folder) for c in todo)
+    prog.update(rounds=prog.start, done=reused, force=True, note=f"{reused} cell(s) reused" if reused else "")
     for c in todo:
         path = folder / "cells" / c.name
         path.mkdir(parents=True, exist_ok=True)
         (path / "cell.json").unlink(missing_ok=True)
     t0 = time.perf_counter()
-    failures: list[str] = []
+    slots = 1
     if todo and parallel:
-        failures = _run_on_ray(todo, folder, prog, num_cpus)
-    else:
-        for c in todo:
-            base = prog.rounds
-            try:
-                run_cell(copy.deepcopy(c.cfg), str(folder / "cells" / c.name),
-                         lambda info, base=base: prog.update(rounds=base + 1 + _round_index(info)))
-            except TedFlError as exc:
-                failures.append(f"{c.name}: {exc}")
-                continue
-            _mark_done(folder, c)
-            prog.update(rounds=base + rounds_of(c), done=prog.done + 1, note=f"{c.name} done")
+        slots = cell_slots(todo[0].cfg, len(todo))
+        if num_cpus:
+            slots = max(1, min(slots, int(num_cpus // max(1, todo[0].cfg.train.threads))))
+    by_name = {c.name: c for c in todo}
+    jobs = [Job(c.name, sweep_cell, (to_dict(c.cfg), str(folder / "cells" / c.name))) for c in todo]
+
+    def done(job: Job, _: Any) -> None:
+        _mark_done(folder, by_name[job.name])
+        prog.update(done=prog.done + 1, note=f"{job.name} done")
+
+    resources = cell_resources(todo[0].cfg) if todo else {}
+    _, failures = run_jobs(jobs, slots, lambda info: prog.update(rounds=prog.rounds + 1), keep_going=True,
+                           resources=resources, ray_address=todo[0].cfg.federated.ray_address if todo else "",
+                           on_done=done)
+    for name, exc in failures.items():
+        if isinstance(exc, KeyboardInterrupt):
+            raise exc
+        prog.update(note=f"{name} FAILED")
     wall = time.perf_counter() - t0
     prog.update(rounds=total - sum(rounds_of(c) for c in todo if not cell_done(folder / "cells" / c.name, c)),
                 force=bool(todo))
     if failures:
-        raise TedFlError(f"sweep: {len(failures)} cell(s) failed ({'; '.join(failures)}); the finished "
+        text = "; ".join(f"{n}: {exc}" if isinstance(exc, TedFlError) else
+                         f"{n}: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1]}"
+                         for n, exc in failures.items())
+        raise TedFlError(f"sweep: {len(failures)} cell(s) failed ({text}); the finished "
                          f"cells are kept under {folder / 'cells'}, rerun to retry the rest")
     return {"ran": len(todo), "reused": reused, "wall_s": wall}
-
-
-def _round_index(info: dict[str, Any]) -> int:
-    """Rounds done within the cell so far, from the schedule's progress callback."""
-    return int(info["stage"]) * int(info["rounds"]) + int(info["round"])
 
 
 def _mark_done(folder: Path, c: Cell) -> None:
     RunDir(folder / "cells" / c.name).write_json(
         "cell.json", {"key": c.key, "approach": c.approach, "seed": c.seed, "point": c.point, "order": c.order})
-
-
-def _run_on_ray(todo: list[Cell], folder: Path, prog: Progress, num_cpus: int | None) -> list[str]:
-    import ray
-
-    fed = todo[0].cfg.federated
-    started = not ray.is_initialized()
-    if started:
-        init: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-        if fed.ray_address:
-            init["address"] = fed.ray_address
-        elif num_cpus:
-            init["num_cpus"] = num_cpus
-        with warnings.catch_warnings():  # Ray's notice about CUDA_VISIBLE_DEVICES for 0-GPU tasks
-            warnings.simplefilter("ignore", FutureWarning)
-            ray.init(**init)
-    failures: list[str] = []
-    try:
-        counter = ray.remote(num_cpus=0)(_Counter).remote()
-        task = ray.remote(_ray_cell).options(num_cpus=fed.num_cpus, num_gpus=fed.num_gpus, max_retries=0)
-        refs = {task.remote(to_dict(c.cfg), str(folder / "cells" / c.name), counter): c for c in todo}
-        base = prog.rounds
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
-            for ref in ready:
-                c = refs[ref]
-                try:
-                    ray.get(ref)
-                except Exception as exc:  # a cell's error, with the cell named
-                    cause = getattr(exc, "cause", None) or exc
-                    failures.append(f"{c.name}: {type(cause).__name__}: {str(cause).strip().splitlines()[-1]}")
-                    prog.update(note=f"{c.name} FAILED")
-                    continue
-                _mark_done(folder, c)
-                prog.update(done=prog.done + 1, note=f"{c.name} done")
-            prog.update(rounds=base + int(ray.get(counter.get.remote())))
-    finally:
-        if started:
-            ray.shutdown()
-    return failures
 
 
 def collect(cells: list[Cell], folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -35,6 +35,9 @@ def tiny_config(tmp: Path, approaches: list[str] | None = None) -> ExperimentCon
     # The suite's many tiny runs skip Flower's 0.1 s polling (the latency patch); the shared `fed`
     # run of test_simulation keeps Flower's own message path, the default.
     cfg.federated.fast_polling = True
+    # The suite already runs 2 xdist workers on 2 cores: its tiny runs take their cells one at a time
+    # (no Ray start per centralized run); tests/integration/test_cells.py runs cells at once.
+    cfg.train.cells_in_parallel = 1
     return cfg
 
 

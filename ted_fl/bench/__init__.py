@@ -1,6 +1,6 @@
 """Benchmarks: accuracy on real data, and what the federation costs (`python -m ted_fl.bench`).
 
-Subcommands: accuracy, sweep, overhead, scaling, probes, step, gpu, protocol, cli. Each prints a short table and ends with one
+Subcommands: accuracy, sweep, cells, overhead, scaling, probes, step, gpu, protocol, cli. Each prints a short table and ends with one
 headline line; without --quick (or with --doc PATH) it rewrites its own section of
 docs/benchmarks.md from the run outputs.
 """
@@ -18,6 +18,7 @@ from ted_fl.errors import exit_code
 COMMANDS = {
     "accuracy": "tuned accuracy of seq/kd/ted/ted_gugf/joint (real retina + prostate twin)",
     "sweep": "a grid in parallel on Ray vs its cells one after another",
+    "cells": "the default command with 1 vs N cells at once: wall time, identical numbers",
     "overhead": "simulator vs centralized run: wall time end to end, per round, memory",
     "scaling": "3..48 synthetic sites: time per stage and peak memory",
     "probes": "SKA probes as pixels vs as a seed: bytes and time per round",

@@ -59,9 +59,21 @@ def identity(context: Context, cfg: ExperimentConfig) -> tuple[str, int]:
     order = site_order(cfg.data)
     k = cfg.federated.clients_per_site
     pid = int(node["partition-id"])
-    if pid >= len(order) * k:
+    if pid >= serving_partitions(context, cfg):
         raise RuntimeError(f"partition {pid} has no site: {len(order)} sites x {k} clients")
+    pid %= len(order) * k  # block b of a simulation running cells at once serves the sites again
     return order[pid // k], pid % k
+
+
+def serving_partitions(context: Context, cfg: ExperimentConfig) -> int:
+    """How many of a simulated federation's partitions serve a site: every whole block of
+    sites x clients_per_site (the simulator gives each concurrent cell a block, ted_fl.federated.simulation);
+    the rest of a larger federation stays idle."""
+    from ted_fl.data import site_order
+
+    block = len(site_order(cfg.data)) * cfg.federated.clients_per_site
+    total = int(context.node_config.get("num-partitions", block))
+    return max(1, total // block) * block
 
 
 def node_task(msg: Message, context: Context) -> tuple[ExperimentConfig, dict[str, Any], str, int]:
@@ -121,7 +133,8 @@ def _state_file(c: dict, site: str, client: int, context: Context | None = None)
     SuperNode's own disk), else the folder the simulation names in the run directory."""
     node_dir = context.node_config.get("state-dir") if context is not None else None
     d = str(node_dir or c.get("client_state_dir", ""))
-    return Path(d) / f"{site}-{client}" if d else None
+    # one folder per schedule: schedules of one run may train the same site at the same time (ted_fl.cells)
+    return Path(d) / f"{c['approach']}-s{c['seed']}" / f"{site}-{client}" if d else None
 
 
 def _load_optimizer(context: Context, c: dict, site: str, client: int) -> dict[str, Any] | None:
@@ -250,13 +263,10 @@ def hello(msg: Message, context: Context) -> Message:
     """Tell the server which site this node serves and how many examples it has (counts only)."""
     cfg = _config(context, msg.content)
     node = context.node_config
-    if "site" not in node:
-        from ted_fl.data import site_order
-
-        if int(node["partition-id"]) >= len(site_order(cfg.data)) * cfg.federated.clients_per_site:
-            # a simulated federation larger than the experiment: this node stays idle
-            idle = {"idle": True, "site": "(idle)", "client": -1, "image_shape": [0, 0]}  # no '' (Flower's count_bytes)
-            return Message(RecordDict({M.IDENTITY: ConfigRecord(idle)}), reply_to=msg)
+    if "site" not in node and int(node["partition-id"]) >= serving_partitions(context, cfg):
+        # a simulated federation larger than the experiment: this node stays idle
+        idle = {"idle": True, "site": "(idle)", "client": -1, "image_shape": [0, 0]}  # no '' (Flower's count_bytes)
+        return Message(RecordDict({M.IDENTITY: ConfigRecord(idle)}), reply_to=msg)
     site, client = identity(context, cfg)
     data, train = site_data(cfg, site, client)
     ident = {
@@ -282,7 +292,10 @@ def train(msg: Message, context: Context) -> Message:
             _keep_teacher(context, c, site, client, str(c["teacher_key"]), msg.content[M.WEIGHTS],
                           msg.content.get(M.AUX))
         teacher, aux = _teacher(context, c, site, client, msg.content, str(c["teacher_key"]))
-        teacher_mod = w.set_teacher(str(c["teacher_key"]), teacher)
+        # The key names the schedule's stage; with the configuration's, two cells of a study (same approach,
+        # seed and stage, another epsilon) served by this process never share a loaded teacher.
+        teacher_mod = w.set_teacher((str(c["teacher_key"]), hash(str(context.state["experiment"]["toml"]))),
+                                    teacher)
     if M.PROBES in msg.content:
         probes = torch.from_numpy(msg.content[M.PROBES]["probes"].numpy())
     elif c.get("probe_local"):  # the site draws its own probes (privacy.teacher = "site")

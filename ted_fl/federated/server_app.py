@@ -80,8 +80,11 @@ class FlowerExecutor:
     SETTLE_S = 3.0  # a simulated federation whose node count held this long is complete
 
     def __init__(self, grid: Grid, cfg: ExperimentConfig, run: RunDir | None = None,
-                 simulated: bool | None = None) -> None:
+                 simulated: bool | None = None, nodes: list[int] | None = None) -> None:
+        """`nodes`: the SuperNodes this schedule may use (its block of a simulation that runs several
+        schedules at once, `node_blocks`); default: every node the federation has."""
         self.grid, self.cfg, self.run = grid, cfg, run
+        self.only = list(nodes) if nodes is not None else None
         self.simulated = simulated_federation() if simulated is None else simulated
         self.experiment_toml = dump_toml(to_dict(cfg))
         self.bytes_sent = self.bytes_received = 0
@@ -101,12 +104,8 @@ class FlowerExecutor:
         self._discover()
 
     # ------------------------------------------------------------------ nodes
-    def _discover(self) -> None:
-        from ted_fl.data import site_order
-
-        order = site_order(self.cfg.data)
-        k = self.cfg.federated.clients_per_site
-        expected = len(order) * k
+    def wait_for_nodes(self, expected: int, what: str) -> list[int]:
+        """The federation's node ids once `expected` have connected (a simulated one: once its count holds)."""
         wait = max(self.cfg.federated.timeout, self.cfg.federated.connect_timeout)
         simulated = self.simulated
         deadline = time.monotonic() + wait
@@ -118,7 +117,7 @@ class FlowerExecutor:
         while time.monotonic() < deadline:
             if stop.is_set():
                 raise processes.Terminated("stopped")
-            node_ids = list(self.grid.get_node_ids())
+            node_ids = list(self.grid.get_node_ids()) if self.only is None else list(self.only)
             if len(node_ids) >= expected:
                 break
             if len(node_ids) != seen:
@@ -128,15 +127,25 @@ class FlowerExecutor:
                 break
             time.sleep(0.5)
         if len(node_ids) < expected:
-            need = f"this experiment needs {expected} SuperNodes ({len(order)} sites x {k} client(s) per site)"
+            need = f"this experiment needs {expected} SuperNodes ({what})"
             if simulated:
                 raise TedFlError(f"{need}, the federation simulates {len(node_ids)}; run "
                                  f"`flwr run . --stream --federation-config num-supernodes={expected}`")
             raise TedFlError(
                 f"{need}; only {len(node_ids)} connected within {wait:.0f} s; start one SuperNode per site and client"
             )
-        self._say(f"federation: {expected} SuperNodes serve {len(order)} sites x {k} client(s)"
-                  + (f"; {len(node_ids) - expected} more stay idle" if len(node_ids) > expected else ""))
+        return node_ids
+
+    def _discover(self) -> None:
+        from ted_fl.data import site_order
+
+        order = site_order(self.cfg.data)
+        k = self.cfg.federated.clients_per_site
+        expected = len(order) * k
+        node_ids = self.wait_for_nodes(expected, f"{len(order)} sites x {k} client(s) per site")
+        if self.only is None:  # a block's schedule: node_blocks has said it for the whole federation
+            self._say(f"federation: {expected} SuperNodes serve {len(order)} sites x {k} client(s)"
+                      + (f"; {len(node_ids) - expected} more stay idle" if len(node_ids) > expected else ""))
         content = {n: RecordDict({M.CONFIG: ConfigRecord({"experiment_toml": self.experiment_toml})})
                    for n in node_ids}
         replies = self._exchange(content, "query", "hello", {n: f"node {n}" for n in node_ids})
@@ -147,10 +156,13 @@ class FlowerExecutor:
         self.nodes: dict[str, list[tuple[int, int, int]]] = {s: [] for s in order}
         self.sizes: dict[str, tuple[int, int, int]] = {}
         shape: tuple[int, ...] | None = None
+        self.partition_of = {n: int(r.content[M.IDENTITY].get("partition", -1)) for n, r in replies.items()}
         for node, reply in replies.items():
             ident = reply.content[M.IDENTITY]
             site = str(ident["site"])
             if bool(ident.get("idle", False)):  # an idle node of a larger simulated federation
+                continue
+            if self.only is None and self.partition_of[node] >= expected:  # another block's: idle here
                 continue
             if site not in self.nodes:
                 raise TedFlError(f"node {node} serves unknown site '{site}'; sites: {', '.join(order)}")
@@ -426,6 +438,52 @@ def fault_counts(faults: list[dict[str, Any]], sites: list[str]) -> dict[str, in
         out[f"faults_retried{tag}"] = sum(f.get("outcome") == "retried" for f in mine)
         out[f"faults_unrecovered{tag}"] = sum(f.get("outcome", "unrecovered") == "unrecovered" for f in mine)
     return out
+
+
+def node_blocks(grid: Grid, cfg: ExperimentConfig, blocks: int, run: RunDir | None = None) -> list[list[int]]:
+    """The simulated SuperNodes in `blocks` blocks of sites x clients_per_site, by partition id: block b
+    serves every site again (`client_app.identity`), for the b-th schedule running at the same time.
+
+    One hello to every node (the counts-only identity query; what travels is audited by each
+    schedule's own hello to its block, as before).
+    """
+    from ted_fl.data import site_order
+
+    per = len(site_order(cfg.data)) * cfg.federated.clients_per_site
+    probe = FlowerExecutor.__new__(FlowerExecutor)  # only the hello of a full executor: no schedule state
+    probe.grid, probe.cfg, probe.run, probe.only, probe.simulated = grid, cfg, run, None, True
+    probe.bytes_sent = probe.bytes_received = 0
+    probe.bytes_by_kind, probe.faults, probe.audit, probe.site_of = {}, [], {}, {}
+    node_ids = probe.wait_for_nodes(per * blocks, f"{blocks} blocks of {per}")
+    content = {n: RecordDict({M.CONFIG: ConfigRecord({"experiment_toml": dump_toml(to_dict(cfg))})})
+               for n in node_ids}
+    replies = probe._exchange(content, "query", "hello", {n: f"node {n}" for n in node_ids})
+    out: list[list[int]] = [[] for _ in range(blocks)]
+    for node, reply in replies.items():
+        pid = int(reply.content[M.IDENTITY].get("partition", -1))
+        if 0 <= pid < per * blocks:
+            out[pid // per].append(node)
+    if any(len(b) != per for b in out):
+        raise TedFlError(f"the simulation has {len(node_ids)} SuperNodes; {blocks} schedules at once need "
+                         f"{per * blocks} ({per} each)")
+    probe._say(f"federation: {per * blocks} SuperNodes serve {per} sites x clients for {blocks} schedules at once")
+    return out
+
+
+def serve_one(grid: Grid, cfg: ExperimentConfig, run: RunDir, approach: str, seed: int, progress: Any = None,
+              simulated: bool | None = None, nodes: list[int] | None = None) -> dict[str, Any]:
+    """One (approach, seed) schedule over `nodes` (its block) or the whole federation: its fault columns."""
+    from ted_fl.continual.privacy import prepare_privacy
+    from ted_fl.data import resolve_out_channels
+
+    resolve_out_channels(cfg)  # before the hello carries the config to the clients (TOML only, no data)
+    prepare_privacy(cfg)  # model.norm under DP, impossible combinations (idempotent; logged at run start)
+    executor = FlowerExecutor(grid, cfg, run, simulated, nodes)
+    record = getattr(run, "record", None)  # processes.ProcessRecord: Ray's processes are up now
+    if record is not None:
+        record.update(f"{approach} seed {seed}")
+    st = run_schedule(cfg, approach, seed, executor, run, progress)
+    return fault_counts(st.executor.get("faults", []), executor.sites)
 
 
 def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, progress: Any = None, simulated: bool | None = None) -> dict:

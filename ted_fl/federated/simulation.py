@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import threading
 import warnings
@@ -235,23 +236,98 @@ def stoppable_grid(grid: Any) -> None:
     grid.pull_messages = pull_messages
 
 
+def federated_slots(cfg: ExperimentConfig, n_cells: int, run: RunDir | None = None) -> int:
+    """Schedules at once in one simulation (`ted_fl.cells.cell_slots` for federated cells), but one under
+    client-level DP: Flower's DP strategies draw the server's noise from numpy's global generator,
+    which schedules running as threads of one process would share."""
+    from ted_fl.cells import cell_slots
+
+    slots = cell_slots(cfg, n_cells, federated=True)
+    if slots > 1 and cfg.privacy.dp == "client":
+        if run is not None:
+            run.log("privacy.dp = 'client': the schedules run one after another (the server's DP noise comes "
+                    "from numpy's global generator, shared by schedules running at once)")
+        return 1
+    return slots
+
+
+FedCell = tuple[str, ExperimentConfig, RunDir, str, int]  # (name, config, run directory, approach, seed)
+
+
+def simulate_cells(cells: list[FedCell], slots: int, progress: Any = None, keep_going: bool = False,
+                   on_done: Callable[[Any, Any], None] | None = None) -> tuple[dict[str, Any], Any]:
+    """Every federated cell in ONE Flower simulation, `slots` schedules at once.
+
+    Why one simulation: Ray and Flower start once, and the client actors (as many as
+    `federated.num_cpus` / `num_gpus` let Ray place) serve every schedule, so a second schedule uses
+    the CPU or GPU share the first leaves idle while the server aggregates, evaluates or waits.
+    Why a block of SuperNodes per schedule rather than all schedules over the same nodes: a simulated
+    SuperNode is only a partition id and a `Context` (the actors do the work), and Flower's simulation
+    hands a node's context to whichever message of that node runs, with no lock: two schedules on one
+    node at once would overwrite each other's node state (the frozen teacher, the audit's counters).
+    With one block each, every node keeps today's invariant (one message in flight, one schedule's
+    state), its hello carries its own schedule's configuration, and what travels and the audit stay per
+    cell, byte for byte as one cell alone. A cell's numbers do not depend on the actor that serves a
+    round: every round reseeds its generators, and the optimizer state is kept per schedule on the
+    site's disk (`client_app._state_file`).
+
+    `cells` must share [data] and clients_per_site (one site set, served by every block). Returns
+    (fault columns by cell name, ted_fl.cells.Failures).
+    """
+    from ted_fl.cells import Failures, Job, run_jobs
+    from ted_fl.federated.server_app import node_blocks
+
+    first, run0 = cells[0][1], cells[0][2]
+    for _, cfg, _, _, _ in cells:
+        if cfg.data != first.data or cfg.federated.clients_per_site != first.federated.clients_per_site:
+            raise TedFlError("cells of one simulation must share [data] and federated.clients_per_site "
+                             "(one set of client nodes); drop those keys from --grid")
+    from ted_fl.data import site_order
+
+    per = len(site_order(first.data)) * first.federated.clients_per_site
+    slots = max(1, min(slots, len(cells)))
+
+    def main(grid: Any) -> tuple[dict[str, Any], Failures]:
+        blocks: list[list[int] | None] = list(node_blocks(grid, first, slots, run0)) if slots > 1 else [None]
+        jobs = [Job(name, _serve_cell, (grid, copy.deepcopy(cfg), run, approach, seed, blocks))
+                for name, cfg, run, approach, seed in cells]
+        return run_jobs(jobs, slots, progress, where="thread", keep_going=keep_going, on_done=on_done)
+
+    return launch(first, load_app(first.federated.client_app), per * slots, main, run=run0)
+
+
+def _serve_cell(grid: Any, cfg: ExperimentConfig, run: RunDir, approach: str, seed: int,
+                blocks: list[list[int] | None], *, progress: Any, slot: int) -> dict[str, Any]:
+    from ted_fl.federated.server_app import serve_one
+
+    return serve_one(grid, cfg, run, approach, seed, progress, simulated=True, nodes=blocks[slot])
+
+
 def execute_federated(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[tuple[str, int], dict[str, Any]]:
-    """Run every approach and seed of `cfg` in one Flower simulation (Ray starts once)."""
-    from ted_fl.run import Progress, load_and_record_sites, total_rounds
+    """Every approach and seed of `cfg` in one Flower simulation (Ray starts once), train.cells_in_parallel
+    schedules at once (`simulate_cells`)."""
+    from ted_fl.run import Progress, load_and_record_sites, run_rounds_done, total_rounds
 
     # The launcher checks the data and writes the synthetic twin's files once; the server never
     # sees the arrays (each client loads its own site).
     sites = load_and_record_sites(cfg, run)
-    progress = Progress(total_rounds(cfg, len(sites)), quiet)
+    cells: list[FedCell] = [(f"{a} seed {s}", cfg, run, a, s) for a in cfg.approaches for s in cfg.seeds]
+    slots = federated_slots(cfg, len(cells), run)
+    if slots > 1:
+        run.log(f"{len(cells)} cells, {slots} at once (train.cells_in_parallel = {cfg.train.cells_in_parallel})")
+    progress = Progress(total_rounds(cfg, len(sites)), quiet, done=run_rounds_done(cfg, run, len(sites)))
     record = getattr(run, "record", None)  # ted_fl.processes.ProcessRecord, when a command line runs this
+    lock = threading.Lock()
 
     def on_round(info: dict[str, Any]) -> None:
         progress(info)
         if record is not None:  # Ray may have started workers since: keep processes.json current
-            record.update(f"{info['approach']} seed {info['seed']} stage {info['stage']} round {info['round']}")
+            with lock:
+                record.update(f"{info['approach']} seed {info['seed']} stage {info['stage']} round {info['round']}")
 
     try:
-        (extras,) = simulate_groups([(cfg, run)], len(sites) * cfg.federated.clients_per_site, on_round)
+        results, failures = simulate_cells(cells, slots, on_round)
     finally:
         progress.close()
-    return extras
+    failures.raise_first()
+    return {(a, s): results[name] for name, _, _, a, s in cells}

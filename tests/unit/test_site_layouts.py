@@ -321,7 +321,7 @@ def test_simulate_refuses_a_small_site_before_ray(tmp_path: Path, capsys: pytest
     def no_ray(*_a: object, **_k: object) -> None:
         raise AssertionError("the Flower simulation (Ray) was started")
 
-    monkeypatch.setattr(simulation, "simulate_groups", no_ray)
+    monkeypatch.setattr(simulation, "simulate_cells", no_ray)
     toml, data = write_small(tmp_path)
     out = tmp_path / "runs"
     rc = run_command("simulate", ["--sites", str(toml), "--data-dir", str(data), "--quiet", "--out", str(out),
