@@ -216,9 +216,9 @@ def _run_command(mode: str, argv: list[str] | None = None) -> int:
             started = True
             return _execute(mode, cfg, run, args, record)
     except TedFlError as exc:
-        print(f"error: {exc}", file=sys.stderr)
         if run is not None and (started or not args.resume):
             _failed(run, str(exc), mode, bool(args.resume))
+        print(f"error: {exc}", file=sys.stderr)  # last: the line a user reads first
         return 2
     except (KeyboardInterrupt, SystemExit) as exc:
         # ray.init replaces the SIGTERM handler with sys.exit(15): the same signal, the same answer.

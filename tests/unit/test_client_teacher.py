@@ -39,7 +39,7 @@ def test_the_teacher_stays_off_the_context_and_another_worker_reads_it(tmp_path:
     assert not set(ctx.state.keys()) & {"teacher", "aux"}  # nothing model-sized travels with the context
     # Another Ray worker (an empty process cache) serving the same node: from the site's folder.
     slot, file = CA._teacher_slot(c, "BMC", 0, ctx)
-    assert file is not None and file.is_file() and file.parent == tmp_path / "BMC-0"
+    assert file is not None and file.is_file() and file.parent == tmp_path / "kd-s0" / "BMC-0"  # per schedule (approach, seed)
     CA._CACHE.pop(slot)
     t, a = CA._teacher(ctx, c, "BMC", 0, RecordDict(), "kd|0|1")
     assert _same(t, teacher) and _same(a, aux)
