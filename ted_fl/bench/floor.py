@@ -67,14 +67,15 @@ def _floor_serve(grid: Any, rounds: int, payload: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def flower_floor(cfg: ExperimentConfig, rounds: int) -> pd.DataFrame:
+def flower_floor(cfg: ExperimentConfig, rounds: int, engines: tuple[bool, ...] = (False, True)) -> pd.DataFrame:
     """What one exchange costs on Flower's simulation engine beside the client's work: the same
     `launch` (Ray, one ClientApp actor per core) as `simulate`, one node, messages that are empty,
     carry the workload's weights down and back, or ask the client to be busy a random 0-200 ms
     (as a round's training would be: the time the message waits for Flower's 0.1 s hand-over then
     varies as in a real run); with Flower's own engine, then with the `federated.fast_polling`
     patch; each with Flower's `send_and_receive` and with ted-fl's. Each row: the round trip as the
-    ServerApp sees it, less the client's busy time (ms)."""
+    ServerApp sees it, less the client's busy time (ms). `engines`: which of the two (False: Flower's
+    own, True: the patch) to launch; `--quick` launches one, to keep the test suite short."""
     import copy
 
     from ted_fl.continual.networks import build_model
@@ -88,7 +89,7 @@ def flower_floor(cfg: ExperimentConfig, rounds: int) -> pd.DataFrame:
         return RecordDict({M.WEIGHTS: M.to_record(weights)})
 
     frames = []
-    for fast in (False, True):
+    for fast in engines:
         c = copy.deepcopy(cfg)
         c.federated.fast_polling = fast
         rows = launch(c, floor_app, 1, lambda grid: _floor_serve(grid, rounds, payload))

@@ -147,7 +147,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     C.print_table("message path, each piece timed alone (median ms)", path)
     from ted_fl.bench.floor import flower_floor
 
-    floor = flower_floor(cfg, floor_rounds)
+    floor = flower_floor(cfg, floor_rounds, (bool(args.fast_polling),) if args.quick else (False, True))
     C.print_table("Flower's floor: one exchange with a ClientApp that only echoes (ms)", floor)
     own = floor[(floor["engine"].str.startswith("federated") == bool(args.fast_polling))
                 & (floor["payload"] != "empty message")
