@@ -19,7 +19,7 @@ from ted_fl.config import dump_toml, to_dict
 from ted_fl.results import RunDir
 from tests.conftest import tiny_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_cells")]
+pytestmark = pytest.mark.slow  # no xdist group: the module shares only a config file, so its runs spread over both workers
 
 
 def write_config(tmp: Path) -> Path:
