@@ -238,17 +238,11 @@ def _run_command(mode: str, argv: list[str] | None = None) -> int:
 
 
 def _failed(run: RunDir, error: str, mode: str, resumed: bool) -> None:
-    """A run that stopped on an error: gone if it had completed no round (a new run), else marked
-    FAILED (no metrics.csv or summary.csv: nothing that reads as a result) and resumable."""
-    from ted_fl.run import discard_if_empty
+    """`run.mark_run_failed`, and one line saying where the marked run is and how to resume it."""
+    from ted_fl.run import mark_run_failed
 
-    if not resumed:
-        discard_if_empty(run)
-        if not run.path.exists():
-            return
     resume = f"python -m ted_fl.{mode} --resume {run.path}"
-    run.mark_failed(error.splitlines()[0] if error else "error", resume)
-    if not (run.path / "summary.csv").is_file():
+    if mark_run_failed(run, error, resume, new=not resumed) and not (run.path / "summary.csv").is_file():
         print(f"{run.path}: marked failed (FAILED; no results written); resume with {resume}", file=sys.stderr)
 
 

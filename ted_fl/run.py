@@ -222,6 +222,18 @@ def discard_if_empty(run: RunDir) -> None:
         shutil.rmtree(run.path, ignore_errors=True)
 
 
+def mark_run_failed(run: RunDir, error: str, resume: str, new: bool = True) -> bool:
+    """A run that stopped on an error: a new one that completed no round is removed; otherwise it is
+    marked FAILED (no metrics.csv or summary.csv: nothing that reads as a result), resumable with
+    `resume`. The command line and `flwr run` share this rule. True when the directory is kept."""
+    if new:
+        discard_if_empty(run)
+        if not run.path.exists():
+            return False
+    run.mark_failed(error.splitlines()[0] if error else "error", resume)
+    return True
+
+
 def write_report_if_available(run: RunDir) -> Path | None:
     try:
         from ted_fl.report import shared_plotlyjs, write_report

@@ -82,13 +82,11 @@ def run_app(grid: Any, context: Any) -> None:
 
 
 def _failed(run: Any, error: str) -> None:
-    """As the command line does: gone if no round completed, else marked FAILED (no results written)."""
-    from ted_fl.run import discard_if_empty
+    """As the command line does (`run.mark_run_failed`), the error also in run.log."""
+    from ted_fl.run import mark_run_failed
 
     run.log(f"error: {error}")
-    discard_if_empty(run)
-    if run.path.exists():
-        run.mark_failed(error.splitlines()[0] if error else "error", f"python -m ted_fl.simulate --resume {run.path}")
+    mark_run_failed(run, error, f"python -m ted_fl.simulate --resume {run.path}")
 
 
 def validate(run_config: dict[str, Any]) -> tuple[Any, list]:
