@@ -12,6 +12,21 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def mid_run(out: Path) -> bool:
+    """Whether a run under `out` is well inside its schedule (a cell has finished a stage and is not
+    done): the moment the kill-and-resume tests kill it, whatever the machine's speed."""
+    import torch
+
+    for ckpt in out.glob("*/checkpoints/*/last.pt"):
+        try:
+            st = torch.load(ckpt, weights_only=False)
+        except Exception:  # being replaced right now
+            continue
+        if st["stage"] >= 1 and not st["done"]:
+            return True
+    return False
+
+
 def tiny_config(tmp: Path, approaches: list[str] | None = None) -> ExperimentConfig:
     cfg = ExperimentConfig()
     cfg.name = "tiny"

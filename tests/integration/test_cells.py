@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from ted_fl.config import dump_toml, to_dict
 from ted_fl.results import RunDir
-from tests.conftest import tiny_config
+from tests.conftest import mid_run, tiny_config
 
 pytestmark = pytest.mark.slow  # no xdist group: the module shares only a config file, so its runs spread over both workers
 
@@ -90,15 +89,10 @@ def test_a_killed_concurrent_run_resumes_every_cell(cfg_path: Path, tmp_path: Pa
     deadline = time.monotonic() + 600
     killed = False
     while time.monotonic() < deadline and proc.poll() is None and not killed:
-        for ckpt in out.glob("*/checkpoints/*/last.pt"):
-            try:
-                st = torch.load(ckpt, weights_only=False)
-            except Exception:  # being replaced right now
-                continue
-            if st["stage"] >= 1 and not st["done"]:
-                os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes of its session
-                killed = True
-                break
+        if mid_run(out):
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes of its session
+            killed = True
+            break
         time.sleep(0.05)
     proc.wait(timeout=600)
     assert killed, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"

@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from ted_fl.config import dump_toml, to_dict
 from ted_fl.processes import cmdline, is_gone
 from ted_fl.results import RunDir
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, mid_run, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_simulation")]
 
@@ -138,18 +137,10 @@ def test_resume_after_kill(fed: tuple[Path, RunDir], tmp_path: Path) -> None:
     deadline = time.monotonic() + 300
     killed = False
     while time.monotonic() < deadline and proc.poll() is None:
-        # Kill once the first approach has finished a stage: well inside the run, whatever its speed.
-        for ckpt in tmp_path.glob("*/checkpoints/*/last.pt"):
-            try:
-                st = torch.load(ckpt, weights_only=False)
-            except Exception:  # being replaced right now
-                continue
-            if st["stage"] >= 1 and not st["done"]:
-                children = psutil.Process(proc.pid).children(recursive=True)
-                os.kill(proc.pid, signal.SIGKILL)  # the driver only, as `kill -9 PID` does
-                killed = True
-                break
-        if killed:
+        if mid_run(tmp_path):
+            children = psutil.Process(proc.pid).children(recursive=True)
+            os.kill(proc.pid, signal.SIGKILL)  # the driver only, as `kill -9 PID` does
+            killed = True
             break
         time.sleep(0.05)
     proc.wait(timeout=600)
