@@ -1,19 +1,9 @@
 """The centralized reference run: the same schedule, step and evaluation as the simulator, in one process.
 
-    python -m ted_fl.centralized --sites prostate --approach seq ted_gugf --config simulations/quick.toml
-
-It is the correctness reference (the federated simulator must reproduce its R matrix) and the
-bare loop against which the simulator's overhead is measured. The executor is `ted_fl.local`.
+The documented name of `python -m ted_fl.centralized`; the command lives in `ted_fl.commands.centralized`.
 """
 
-from __future__ import annotations
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ted_fl.cli import run_command
-
-    return run_command("centralized", argv)
-
+from ted_fl.commands.centralized import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

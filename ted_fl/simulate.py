@@ -1,18 +1,9 @@
 """The main job: federated domain-continual simulation on Flower + Ray.
 
-    python -m ted_fl.simulate --sites prostate
-
-Each site is a Flower client that arrives in turn; its images never leave it. See README.md.
+The documented name of `python -m ted_fl.simulate`; the command lives in `ted_fl.commands.simulate`.
 """
 
-from __future__ import annotations
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ted_fl.cli import run_command
-
-    return run_command("simulate", argv)
-
+from ted_fl.commands.simulate import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -11,8 +11,13 @@ from __future__ import annotations
 import math
 import time
 
+import pandas as pd
 import torch
 from torch import nn
+
+from ted_fl.config import ModelConfig
+from ted_fl.continual.networks import NETWORKS, build_model
+from ted_fl.errors import TedFlError, unknown
 
 
 def param_count(model: nn.Module) -> int:
@@ -79,3 +84,22 @@ def latency_ms(model: nn.Module, shape: tuple[int, ...], repeats: int = 5, warmu
         model.train(was)
         torch.set_num_threads(threads)
     return float(min(times))
+
+
+def profile_table(names: list[str], size: int, repeats: int = 5, latency: bool = True) -> pd.DataFrame:
+    """One row per network: params, MACs (G) and CPU latency (ms) per image at size x size."""
+    rows = []
+    for name in names:
+        if name not in NETWORKS:
+            raise unknown("network", name, NETWORKS, "--names")
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(name=name, out_channels=2))  # a binary head, as the GKD protocol
+        shape = (1, size, size)
+        try:
+            macs = count_macs(model, shape)
+        except RuntimeError as exc:
+            raise TedFlError(f"network '{name}' does not take {size} x {size} images ({exc}); "
+                             "pick a --size that is a multiple of 32") from None
+        rows.append({"network": name, "params_M": param_count(model) / 1e6, "GMACs": macs / 1e9,
+                     "latency_ms": latency_ms(model, shape, repeats) if latency else float("nan")})
+    return pd.DataFrame(rows)

@@ -81,3 +81,104 @@ def test_the_checker_sees_a_cycle_hidden_in_a_function() -> None:
     graph = {"a": {"b"}, "b": {"a"}, "c": set()}
     assert find_cycle(graph) == ["a", "b", "a"]
     assert "ted_fl.config" in import_graph()["ted_fl.continual.approaches"]
+
+
+# ---- Figures for docs/architecture.md: `python -m tests.unit.test_import_graph` (radon for the function sizes) ----
+
+def unit_of(module: str) -> str:
+    """A module's unit: its sub-package (ted_fl.continual), or itself when it sits at the top level."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 or (PACKAGE / parts[-1]).is_dir() else module
+
+
+def unit_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    units: dict[str, set[str]] = {}
+    for m, ts in graph.items():
+        units.setdefault(unit_of(m), set()).update(unit_of(t) for t in ts)
+    return {u: ts - {u} for u, ts in units.items()}
+
+
+def floors(graph: dict[str, set[str]]) -> dict[str, int]:
+    """Each node's floor: 1 + the highest floor it imports (1 = imports nothing); nodes of a cycle share one."""
+    comp = {n: n for n in graph}
+    for n in graph:  # fold mutual reachability into one representative (small graphs: quadratic is fine)
+        reach = _reach(graph, n)
+        for m in reach:
+            if n in _reach(graph, m):
+                comp[m] = min(comp[m], n)
+    memo: dict[str, int] = {}
+
+    def floor(n: str, seen: frozenset[str] = frozenset()) -> int:
+        c = comp[n]
+        if c not in memo:
+            members = [m for m in graph if comp[m] == c]
+            below = {t for m in members for t in graph[m] if comp[t] != c}
+            memo[c] = 1 + max((floor(t) for t in below), default=0)
+        return memo[c]
+
+    return {n: floor(n) for n in graph}
+
+
+def _reach(graph: dict[str, set[str]], n: str) -> set[str]:
+    seen, todo = set(), [n]
+    while todo:
+        for t in graph[todo.pop()]:
+            if t not in seen:
+                seen.add(t)
+                todo.append(t)
+    return seen
+
+
+def imports_inside_functions() -> int:
+    """Import statements inside a function (each counted once, however deeply nested)."""
+    def count(node: ast.AST, inside: bool) -> int:
+        here = inside or isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        own = int(inside and isinstance(node, ast.Import | ast.ImportFrom))
+        return own + sum(count(c, here) for c in ast.iter_child_nodes(node))
+
+    return sum(count(ast.parse(p.read_text(), str(p)), False) for p in PACKAGE.rglob("*.py"))
+
+
+def figures() -> list[str]:
+    import json
+    import subprocess
+    import sys
+
+    graph = import_graph()
+    units = unit_graph(graph)
+    unit_floor = floors(units)
+    mutual = sorted({tuple(sorted((u, t))) for u, ts in units.items() for t in ts if u in units.get(t, set())})
+    top = sorted(m for m in graph if m.count(".") == 1 and not (PACKAGE / m.split(".")[1]).is_dir())
+    lines = [f"modules: {len(graph)}; top-level modules: {len(top)}; sub-packages: "
+             f"{sum(1 for u in units if (PACKAGE / u.split('.')[-1]).is_dir() and u != 'ted_fl')}",
+             f"module import arrows: {sum(len(t) for t in graph.values())}; imports inside functions: "
+             f"{imports_inside_functions()}",
+             f"unit floors (sub-package or top-level module): {max(unit_floor.values())}; "
+             f"pairs of units importing each other: {len(mutual)} {mutual}"]
+    layered = [m for m in graph if layer_of(m) is not None]
+    if layered:
+        up = sorted(f"{m} -> {t}" for m in layered for t in graph[m] if (layer_of(t) or 0) > (layer_of(m) or 0))
+        lines.append(f"declared layers: {len(LAYERS)}; arrows that run up a layer: {len(up)} {up}")
+    try:
+        out = subprocess.run([sys.executable, "-m", "radon", "cc", "-j", str(PACKAGE)], capture_output=True,
+                             text=True, check=True).stdout
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return [*lines, "radon is not installed: pip install radon"]
+    blocks = [{**b, "name": f"{Path(f).relative_to(PACKAGE.parent)}:{b.get('classname', '') and b['classname'] + '.'}"
+               f"{b['name']}"} for f, bs in json.loads(out).items() for b in bs if b.get("type") in ("function", "method")]
+    complex_ = sorted((b["complexity"], b["name"]) for b in blocks if b["complexity"] > 15)
+    long_ = sorted((b["endline"] - b["lineno"] + 1, b["name"]) for b in blocks if b["endline"] - b["lineno"] + 1 > 60)
+    lines += [f"functions: {len(blocks)}; cyclomatic complexity > 15: {len(complex_)}; over 60 lines: {len(long_)}",
+              f"  complexity > 15: {complex_[::-1]}", f"  over 60 lines: {long_[::-1]}"]
+    return lines
+
+
+LAYERS: list[tuple[str, ...]] = []
+
+
+def layer_of(module: str) -> int | None:
+    return None
+
+
+if __name__ == "__main__":
+    print("\n".join(figures()))

@@ -1,0 +1,49 @@
+"""The GKD section of the results page: `python -m ted_fl.gkd_report RUN_DIR [--doc docs/results.md]`.
+
+The command line of ted_fl.run.gkd_page."""
+
+from __future__ import annotations
+
+
+import argparse
+import sys
+from pathlib import Path
+import numpy as np
+import pandas as pd
+from ted_fl.config import ExperimentConfig
+from ted_fl.errors import TedFlError
+from ted_fl.markdown import md_table, write_section
+from ted_fl.results import RunDir
+from ted_fl.run.gkd_page import read_config, section
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ted_fl.gkd_report", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="run directories of python -m ted_fl.generalize (e.g. one per seed)")
+    parser.add_argument("--doc", default="", help="also write the section into this markdown page")
+    parser.add_argument("--section", default="gkd", help="name of the marked block in --doc (default gkd)")
+    parser.add_argument("--title", default="", help="heading of the section (default: from the runs)")
+    parser.add_argument("--networks", action="store_true", help="add the size/speed table of every registered network")
+    parser.add_argument("--command", default="", help="the command that produced the run (shown in the section)")
+    args = parser.parse_args(argv)
+    try:
+        text = section([RunDir.open(r) for r in args.runs], args.command, title=args.title)
+    except TedFlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.networks:
+        from ted_fl.continual.networks import NETWORKS
+        from ted_fl.continual.profiling import profile_table
+
+        size = read_config(RunDir.open(args.runs[0])).data.size
+        table = profile_table(sorted(NETWORKS), size, 5)
+        text += (f"\n\nEvery registered network at {size} x {size} (`python -m ted_fl.networks --size {size}`; "
+                 "CPU time of a single-threaded forward, the fastest of 5):\n\n" + md_table(table))
+    if args.doc:
+        write_section(Path(args.doc), args.section, text, header="# Results\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

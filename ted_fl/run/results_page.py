@@ -1,0 +1,350 @@
+"""Write a Markdown results page from run directories: `python -m ted_fl.results_doc RUN_DIR ... --out FILE`.
+
+Every number on the page is computed here from the runs' own files (metrics.csv, config.toml,
+command.txt, machine.json) with `ted_fl.continual.metrics`, so a page can be regenerated, never
+hand-edited: per run the command, the machine, the configuration, and per approach the Dice R
+matrix plus Avg, BWT, FWT, forgetting and plasticity (on the mean over the site set's classes and
+regions; multi-class sets add a per-label table and R matrices).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from ted_fl.config import dump_toml, to_dict
+from ted_fl.continual.metrics import continual_summary, r_matrix
+from ted_fl.errors import TedFlError, exit_code
+from ted_fl.markdown import marked_sections, md_table, write_section
+from ted_fl.results import MEAN_LABEL, RunDir, labels_of, select_label, site_learning, verdict
+from ted_fl.commands.results_doc import main
+
+SUMMARY_COLUMNS = ["avg", "ravg", "bwt", "fwt", "forgetting", "plasticity"]
+
+
+class PooledRun(RunDir):
+    """Several run directories of one configuration that differ only in their seeds, read as one
+    run (`RUN_DIR+RUN_DIR+...` on the command line): metrics and summaries concatenated, seeds
+    united, commands listed one per line. Refused when anything but the seeds differs."""
+
+    def __init__(self, parts: list[RunDir]) -> None:
+        self.parts = parts
+        super().__init__(parts[0].path.parent / "+".join(r.path.name for r in parts))
+        base = to_dict(parts[0].read_config())
+        for r in parts[1:]:
+            other = to_dict(r.read_config())
+            if {k: v for k, v in other.items() if k not in ("seeds", "out")} != {
+                    k: v for k, v in base.items() if k not in ("seeds", "out")}:  # `out`: only where it was written
+                raise TedFlError(f"{r.path}: its configuration differs from {parts[0].path} beyond the seeds; "
+                                 "pool only runs of one configuration")
+        seeds = [s for r in parts for s in r.read_config().seeds]
+        if len(set(seeds)) != len(seeds):
+            raise TedFlError(f"pooled runs repeat a seed ({seeds}); pool runs of distinct seeds")
+
+    def read_config(self):  # type: ignore[no-untyped-def]
+        cfg = self.parts[0].read_config()
+        cfg.seeds = [s for r in self.parts for s in r.read_config().seeds]
+        return cfg
+
+    def metrics(self) -> pd.DataFrame:
+        return pd.concat([r.metrics() for r in self.parts], ignore_index=True)
+
+    def summary(self) -> pd.DataFrame:
+        return pd.concat([r.summary() for r in self.parts], ignore_index=True)
+
+
+def open_run(spec: str | Path) -> RunDir:
+    """A run directory, or several joined by '+' (one configuration, different seeds) pooled."""
+    parts = [RunDir.open(p) for p in str(spec).split("+")]
+    for part in parts:
+        part.refuse_if_failed()
+    return parts[0] if len(parts) == 1 else PooledRun(parts)
+
+
+def _read(run: RunDir, name: str) -> str | None:
+    if isinstance(run, PooledRun):
+        texts = [_read(r, name) for r in run.parts]
+        if name == "command.txt":
+            return "\n".join(t for t in texts if t) or None
+        return texts[0]
+    p = run.path / name
+    return p.read_text().strip() if p.is_file() else None
+
+
+def run_tables(run: RunDir, label: str = MEAN_LABEL) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+    """Per approach the Dice R matrix (mean over seeds, 'untrained' row first) and a summary table.
+
+    The summary has one row per approach: the metrics of `continual_summary` per seed, averaged
+    over the seeds; rAvg uses the run's own joint approach when it has one. `label` picks a
+    class or region of the site set; the default is the mean over them.
+    """
+    m = run.metrics()
+    test = m[m["split"] == "test"]
+    if test.empty:
+        raise TedFlError(f"{run.path}: metrics.csv has no test rows; is the run finished?")
+    if label != MEAN_LABEL:
+        select_label(test, label)  # a clear error for a label the run does not have
+    test = test[test["label"] == label]
+    order = list(dict.fromkeys(test.loc[test["stage"] >= 0, "site"]))
+    joint = None
+    jt = test[(test["approach"] == "joint") & (test["stage"] >= 0)]
+    if not jt.empty:
+        joint = sum(r_matrix(g, "dice", order, label).iloc[-1] for _, g in jt.groupby("seed")) / jt["seed"].nunique()
+    matrices: dict[str, pd.DataFrame] = {}
+    rows = []
+    for approach, g in test.groupby("approach", sort=False):
+        trained, init = g[g["stage"] >= 0], g[g["stage"] < 0]
+        r = r_matrix(trained, "dice", order, label)
+        stage_sites = trained.drop_duplicates("stage").set_index("stage")["stage_site"]
+        r.index = [f"after {stage_sites[s]}" for s in r.index]
+        if not init.empty:
+            r0 = r_matrix(init, "dice", order, label)
+            r0.index = ["untrained"]
+            r = pd.concat([r0, r])
+        matrices[str(approach)] = r
+        per_seed = []
+        for _, gs in g.groupby("seed"):
+            tr, ini = gs[gs["stage"] >= 0], gs[(gs["stage"] < 0) & (gs["metric"] == "dice")]
+            b = ini.set_index("site")["value"] if len(ini) else None
+            per_seed.append(continual_summary(r_matrix(tr, "dice", order, label), joint=joint, initial=b))
+        s = pd.DataFrame(per_seed).mean()
+        sd = pd.DataFrame(per_seed).std(ddof=1) if len(per_seed) > 1 else pd.Series(dtype=float)
+        rows.append({"approach": approach, "seeds": int(g["seed"].nunique()), **{k: s[k] for k in SUMMARY_COLUMNS},
+                     **{f"{k}_sd": float(sd.get(k, float("nan"))) for k in SUMMARY_COLUMNS}})
+    summary = pd.DataFrame(rows).set_index("approach")
+    if joint is None:
+        summary = summary.drop(columns=["ravg", "ravg_sd"])
+    try:
+        wall = run.summary().groupby("approach")["wall_s"].mean()
+        summary["wall_s"] = wall.reindex(summary.index)
+    except (FileNotFoundError, KeyError):
+        pass
+    return matrices, summary
+
+
+def label_table(run: RunDir, spread: bool = False) -> pd.DataFrame:
+    """Per approach and label (each class, each region, the mean): Avg, BWT, forgetting, plasticity;
+    with `spread`, as "mean ± std" over seeds (text, 3 decimals) where a run holds several."""
+    frames = []
+    for lab in labels_of(run.metrics()):
+        _, summary = run_tables(run, lab)
+        cols = ["avg", "bwt", "forgetting", "plasticity"]
+        part = (shown(summary) if spread else summary)[cols].copy()
+        part.insert(0, "label", lab)
+        frames.append(part)
+    return pd.concat(frames).reset_index().set_index(["approach", "label"]).sort_index(level=0, sort_remaining=False)
+
+
+def shown(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary as printed: "mean ± std" over seeds when a run has several, plain means otherwise."""
+    out = summary[[c for c in summary.columns if not c.endswith("_sd")]].copy().astype(object)
+    for k in SUMMARY_COLUMNS:
+        if k in out.columns and f"{k}_sd" in summary.columns:
+            out[k] = [f"{m:.3f} ± {d:.3f}" if n > 1 and pd.notna(d) else f"{m:.3f}"
+                      for m, d, n in zip(summary[k], summary[f"{k}_sd"], summary["seeds"], strict=True)]
+    return out
+
+
+def _pm(summary: pd.DataFrame, name: str, k: str) -> str:
+    sd = summary.loc[name].get(f"{k}_sd", float("nan"))
+    return f"{summary.loc[name, k]:.3f}" + (f" ± {sd:.3f}" if pd.notna(sd) else "")
+
+
+def ordering(summary: pd.DataFrame) -> str:
+    """The paper's claim, TED < KD < seq in forgetting, checked beyond one standard deviation."""
+    ted = next((a for a in ("ted_gugf", "ted") if a in summary.index), None)
+    if ted is None or not {"seq", "kd"} <= set(summary.index):
+        return ""
+    f = summary["forgetting"]
+    sd = summary.get("forgetting_sd", pd.Series(0.0, index=summary.index)).fillna(0.0)
+    holds = (f[ted] + max(sd[ted], sd["kd"]) < f["kd"]) and (f["kd"] + max(sd["kd"], sd["seq"]) < f["seq"])
+    pl = summary.loc[[ted, "kd", "seq"], "plasticity"]
+    return (f"The paper's ordering (forgetting {ted} < kd < seq, beyond one standard deviation) "
+            f"{'is' if holds else 'is **not**'} reproduced: forgetting {ted} {_pm(summary, ted, 'forgetting')}, "
+            f"kd {_pm(summary, 'kd', 'forgetting')}, seq {_pm(summary, 'seq', 'forgetting')}; plasticity "
+            f"{ted} {pl[ted]:.3f}, kd {pl['kd']:.3f}, seq {pl['seq']:.3f}.")
+
+
+def findings(summary: pd.DataFrame, threshold: float = 0.05) -> list[str]:
+    """Plain sentences read off the summary: does fine-tuning forget, does each method forget less.
+
+    "Forgets" means BWT below -threshold; "less"/"more" compares forgetting (mean drop from each
+    site's best) with seq's by more than `threshold`, else "about as much".
+    """
+    if "seq" not in summary.index:
+        return []
+    seq = summary.loc["seq"]
+    verdict = "forgets" if seq["bwt"] < -threshold else "does not forget measurably"
+    out = [f"Fine-tuning (seq) {verdict}: BWT {_pm(summary, 'seq', 'bwt')}, forgetting "
+           f"{_pm(summary, 'seq', 'forgetting')}."]
+    for name, row in summary.iterrows():
+        if name in ("seq", "joint"):
+            continue
+        diff = row["forgetting"] - seq["forgetting"]
+        how = "less than" if diff < -threshold else "more than" if diff > threshold else "about as much as"
+        out.append(
+            f"{name} forgets {how} seq (forgetting {_pm(summary, str(name), 'forgetting')}, BWT "
+            f"{_pm(summary, str(name), 'bwt')}) with "
+            f"plasticity {row['plasticity']:.3f} (seq {seq['plasticity']:.3f}) and Avg {row['avg']:.3f} "
+            f"(seq {seq['avg']:.3f})."
+        )
+    line = ordering(summary)
+    return [*out, line] if line else out
+
+
+def machine_line(run: RunDir) -> str:
+    text = _read(run, "machine.json")
+    if not text:
+        return "(not recorded: the run predates machine.json)"
+    mi = json.loads(text)
+    return (f"{mi.get('processor', '?')}, {mi.get('cpus', '?')} CPUs, {mi.get('platform', '?')}, "
+            f"Python {mi.get('python', '?')}, torch {mi.get('torch', '?')}"
+            f"{', CUDA' if mi.get('cuda') else ', no GPU'}")
+
+
+def run_verdict(run: RunDir) -> list[str]:
+    """`ted_fl.results.verdict` on the run's summary.csv rows (paired by seed), [] without one."""
+    try:
+        per_seed = run.summary()
+    except FileNotFoundError:
+        return []
+    return verdict(per_seed, site_learning(run.metrics()))
+
+
+MACHINE_SPECIFIC = ("These figures are specific to the machine above: the same command and seeds on another CPU "
+                    "(or a GPU) give slightly different numbers, since floating-point results depend on the "
+                    "hardware and its math libraries.")
+
+
+def readme_block(run: RunDir, target: str) -> str:
+    """The measured figures of one run, compact enough for a README, with how to regenerate them."""
+    _, summary = run_tables(run)
+    command = _read(run, "command.txt") or "(not recorded)"
+    parts = run.parts if isinstance(run, PooledRun) else [run]
+    secs = []
+    for r in parts:
+        done = [ln for ln in (_read(r, "run.log") or "").splitlines() if " done in " in ln]
+        secs += [float(done[-1].split(" done in ")[1].split()[0])] if done else []
+    ray = " (Ray start included)" if "simulate" in (_read(run, "command.txt") or "") else ""
+    whole = "" if len(secs) != len(parts) else (
+        f", {secs[0]:.0f} s in all{ray}" if len(secs) == 1 else
+        f", {sum(secs):.0f} s in all over {len(secs)} runs run side by side ({', '.join(f'{x:.0f}' for x in secs)} s)")
+    command = "`, `".join(command.splitlines())  # pooled runs: one command per run
+    return "\n".join([
+        f"Measured with `{command}` on {machine_line(run)}{whole} (run `{run.path.name}`; this block is "
+        f"written by `python -m ted_fl.results_doc RUN_DIR --readme {target}`):",
+        "",
+        md_table(shown(summary), index=True, index_name="approach"),
+        "",
+        MACHINE_SPECIFIC,
+        "",
+        *(f"- {line}" for line in run_verdict(run)),
+    ])
+
+
+def eval_bn_lines(run: RunDir) -> list[str]:
+    """The run's `python -m ted_fl.diagnose eval-bn` outputs, if any: each mode's summary."""
+    from ted_fl.diagnose import summarize_modes
+
+    out: list[str] = []
+    for part in run.parts if isinstance(run, PooledRun) else [run]:
+        for csv in sorted((part.path / "diagnostics").glob("eval_bn-*.csv")):
+            df = pd.read_csv(csv)
+            out += [f"`python -m ted_fl.diagnose eval-bn` on `{part.path.name}` ({csv.stem[8:]}): the same "
+                    "stage checkpoints scored under both `eval.bn` modes:", "",
+                    md_table(summarize_modes(df)), ""]
+    return out
+
+
+def run_section(run: RunDir, heading_level: int = 2) -> str:
+    h = "#" * heading_level
+    cfg = run.read_config()
+    matrices, summary = run_tables(run)
+    command = _read(run, "command.txt") or "(not recorded: the run predates command.txt)"
+    machine = machine_line(run)
+    order = " -> ".join(next(iter(matrices.values())).columns)
+    out = [
+        f"{h} {cfg.name}: {cfg.data.sites} ({order})",
+        "",
+        f"Run directory `{run.path.name}`; approaches {', '.join(cfg.approaches)}; seeds "
+        f"{', '.join(map(str, cfg.seeds))}.",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Machine: {machine}.",
+        "",
+        "Summary after the last site (Dice; Avg = mean over all sites of the last row of R, BWT = mean "
+        "change on earlier sites since each was learnt, FWT = mean zero-shot gain over the untrained "
+        "model on each site before it is trained on, forgetting = mean drop from each earlier site's "
+        "best, plasticity = mean of R's diagonal; `wall_s` per approach):",
+        "",
+        md_table(shown(summary), index=True, index_name="approach"),
+        "",
+        *(f"- {line}" for line in findings(summary)),
+        "",
+        "Paired by seed against seq (`ted_fl.results.verdict`: mean difference, 95% t-interval):",
+        "",
+        *(f"- {line}" for line in run_verdict(run)),
+        "",
+        "Dice R matrices (row: after training that site; column: test split of that site):",
+        "",
+    ]
+    for approach, r in matrices.items():
+        out += [f"**{approach}**", "", md_table(r, index=True, index_name="stage"), ""]
+    labels = labels_of(run.metrics())
+    if len(labels) > 2:  # several classes / regions (a one-class set's class equals the mean)
+        out += [
+            "Per class and region (the tables above use the mean over them):",
+            "",
+            md_table(label_table(run, spread=True).reset_index().set_index("approach"), index=True, index_name="approach"),
+            "",
+        ]
+        for lab in labels[:-1]:
+            out += [f"<details><summary>Dice R matrices of {lab}</summary>", ""]
+            for approach, r in run_tables(run, lab)[0].items():
+                out += [f"**{approach}**", "", md_table(r, index=True, index_name="stage"), ""]
+            out += ["</details>", ""]
+    out += eval_bn_lines(run)
+    out += [
+        "<details><summary>Resolved configuration (config.toml)</summary>",
+        "",
+        "```toml",
+        dump_toml(to_dict(cfg)).strip(),
+        "```",
+        "",
+        "</details>",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def write_doc(run_dirs: list[str | Path], out: str | Path, title: str = "Results", intro: str = "",
+              intro_path: str = "") -> Path:
+    runs = [open_run(d) for d in run_dirs]
+    regen = "python -m ted_fl.results_doc " + " ".join(map(str, run_dirs)) + f" --out {out}"
+    if intro_path:
+        regen += f" --intro {intro_path}"
+    parts = [
+        f"# {title}",
+        "",
+        "<!-- Generated by ted_fl.results_doc from run directories; do not edit by hand. -->",
+        "",
+        f"Generated from the run directories below with `{regen}"
+        + (f" --title '{title}'" if title != "Results" else "") + "`.",
+        "",
+    ]
+    if intro:
+        parts += [intro.strip(), ""]
+    for run in runs:
+        parts.append(run_section(run))
+    path = Path(out)
+    if path.is_file():  # blocks written by other generators (e.g. the GKD section) stay
+        parts += ["", *marked_sections(path.read_text())]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts).rstrip() + "\n")
+    return path

@@ -1,0 +1,2 @@
+"""Many runs: sweeps (grids of independent cells) and the privacy-utility study built on them.
+"""
