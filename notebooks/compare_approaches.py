@@ -29,9 +29,9 @@ import pandas as pd
 import plotly.express as px
 from IPython.display import display
 
-from ted_fl.cli import run_command
+from ted_fl.commands.shared import run_command
 from ted_fl.continual.metrics import curves, r_matrix
-from ted_fl.results import RunDir
+from ted_fl.run.directory import RunDir
 
 REPO = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
 CONFIG = os.environ.get("TED_FL_CONFIG", str(REPO / "simulations" / "quick.toml"))

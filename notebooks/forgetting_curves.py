@@ -30,7 +30,7 @@ import plotly.express as px
 from IPython.display import display
 
 from ted_fl.continual.metrics import continual_summary, curves, r_matrix
-from ted_fl.results import RunDir, labels_of
+from ted_fl.run.directory import RunDir, labels_of
 
 
 def newest_run() -> Path:

@@ -43,7 +43,7 @@ DPLevel = Literal["off", "sample", "client"]  # sample: Opacus DP-SGD in a site;
 Clipping = Literal["fixed", "adaptive"]
 NoiseSide = Literal["server", "client"]
 TeacherPlace = Literal["server", "site"]  # where the frozen teacher lives (privacy.teacher)
-EvalSlices = Literal["batched", "one"]  # eval.bn = "batch": slices a forward (ted_fl.continual.learner.batch_statistics)
+EvalSlices = Literal["batched", "one"]  # eval.bn = "batch": slices a forward (ted_fl.continual.device.batch_statistics)
 Compile = Literal["off", "on"]  # train.compile: torch.compile the networks' forwards (ted_fl.continual.compiled)
 # Numbers: every float is finite unless its key says what infinity means (privacy.epsilon); a count,
 # a rate or a weight that cannot be negative is refused there, naming the key, not deep inside torch.
@@ -123,7 +123,7 @@ class TrainConfig:
     threads: Positive = 1  # torch threads per trainer (Ray clients and the centralized run alike)
     # Independent schedules (approach x seed x grid point) run at once: "auto" = as many as the machine
     # holds (CPU cores / threads, GPU share, a Ray cluster's own scheduling), or a number (1: one after
-    # another). It never changes a cell's numbers (ted_fl.cells); a cell's identity ignores it.
+    # another). It never changes a cell's numbers (ted_fl.schedule.cells); a cell's identity ignores it.
     cells_in_parallel: CellsInParallel = "auto"
     device: Device = "auto"  # auto: a visible GPU if any, else CPU
     amp: Literal["auto", "bf16", "off"] = "auto"  # mixed precision: auto (bf16 autocast on a GPU that supports it, off on CPU) | bf16 | off

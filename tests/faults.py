@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 
 from ted_fl.federated import client_app as production
 from ted_fl.federated import messages as M
-from ted_fl.federated.audit import audit_mod
+from ted_fl.federated.message_log import audit_mod
 
 FAULT_ENV = "TED_FL_INJECT_FAULT"
 

@@ -25,7 +25,7 @@ import pandas as pd
 from ted_fl.bench import common as C
 from ted_fl.config import ExperimentConfig, project_root
 from ted_fl.errors import TedFlError
-from ted_fl.results import RunDir
+from ted_fl.run.directory import RunDir
 
 APPROACHES = ["seq", "kd", "ted", "ted_gugf", "joint"]
 TUNED = {"kd": ("lambda_d",), "ted": ("lambda_d", "w_akt"), "ted_gugf": ("lambda_d", "w_akt")}
@@ -93,8 +93,8 @@ def with_loss(cfg: ExperimentConfig, loss: dict[str, float]) -> ExperimentConfig
 
 
 def val_score(rows: list[dict[str, Any]], order: list[str]) -> float:
-    """Mean over stages of the mean validation Dice of the sites seen so far (`ted_fl.sweeps`)."""
-    from ted_fl.sweeps import val_score as score
+    """Mean over stages of the mean validation Dice of the sites seen so far (`ted_fl.studies.grid`)."""
+    from ted_fl.studies.grid import val_score as score
 
     return score(rows, order)
 
@@ -103,12 +103,12 @@ def tune(dataset: str, base: ExperimentConfig, approaches: list[str], args: argp
          work: Path) -> tuple[pd.DataFrame, dict[str, dict[str, float]]]:
     """Centralized runs of the grid (seed 0) scored on validation; the best point per approach.
 
-    The grid's cells are independent: they run in parallel through `ted_fl.sweeps` (Ray tasks,
+    The grid's cells are independent: they run in parallel through `ted_fl.studies.grid` (Ray tasks,
     one CPU each), and a rerun with --resume reuses every finished cell (by the hash of its
     resolved configuration; run directories of the older per-point layout are reused too).
     """
     from ted_fl.data import site_order
-    from ted_fl.sweeps import Cell, run_cells
+    from ted_fl.studies.grid import Cell, run_cells
 
     order = site_order(base.data)
     cells: list[Cell] = []

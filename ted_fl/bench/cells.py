@@ -1,4 +1,4 @@
-"""`cells`: the default command with its cells one after another against N at once (`ted_fl.cells`).
+"""`cells`: the default command with its cells one after another against N at once (`ted_fl.schedule.cells`).
 
 `centralized` and `simulate` each run the workload twice in fresh processes, timed end to end (imports,
 Ray's start-up, the report): with train.cells_in_parallel = 1, then with N ("auto" by default: 2 on a
@@ -67,8 +67,8 @@ def identical(a: Any, b: Any) -> bool:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    from ted_fl.cells import cell_slots
     from ted_fl.federated.simulation import federated_slots
+    from ted_fl.schedule.cells import cell_slots
 
     cfg = workload(args)
     work = Path(args.out) / time.strftime("cells-%Y%m%d-%H%M%S")
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         f"Workload: {'the tiny test workload' if args.quick else args.config or 'the bare default command'} "
         f"({len(cfg.approaches)} approaches x {len(cfg.seeds)} seeds = {n_cells} cells), each command run end to "
         f"end in a fresh process with `train.cells_in_parallel = 1`, then with {args.cells} "
-        f"(`ted_fl.cells`: Ray tasks for `centralized`, schedules of one ServerApp on their own SuperNodes for "
+        f"(`ted_fl.schedule.cells`: Ray tasks for `centralized`, schedules of one ServerApp on their own SuperNodes for "
         f"`simulate`). Load average {load:.1f} on {cpus} cores when the command started.\n\n"
         f"{C.md_table(df)}\n\nEvery metric (wall times aside) identical between the two runs: "
         f"**{'yes' if same else 'no'}**. Folders: `{work}`.\n\n`{line}`"

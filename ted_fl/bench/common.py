@@ -16,10 +16,10 @@ from typing import Any
 import pandas as pd
 import psutil
 
-from ted_fl import markdown
 from ted_fl.config import ExperimentConfig, dump_toml, project_root, to_dict
 from ted_fl.errors import TedFlError
-from ted_fl.results import RunDir
+from ted_fl.run import markdown
+from ted_fl.run.directory import RunDir
 
 DOC = project_root() / "docs" / "benchmarks.md"
 SECTIONS = ("accuracy", "sweep", "cells", "overhead", "scaling", "probes", "step", "gpu", "protocol")
@@ -33,7 +33,7 @@ rerun the command.
 
 def machine() -> dict[str, str]:
     """Cores, RAM, CPU model and library versions: the context every figure needs (as machine.json)."""
-    from ted_fl.run import machine_info
+    from ted_fl.schedule.lifecycle import machine_info
 
     m = machine_info()
     return {

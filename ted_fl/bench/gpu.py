@@ -95,10 +95,10 @@ def step_costs(cfg: ExperimentConfig, approaches: list[str], steps: int,
     import psutil
 
     from ted_fl.continual.approaches import get_approach
-    from ted_fl.continual.learner import amp_dtype_for
+    from ted_fl.continual.device import amp_dtype_for
     from ted_fl.data import load_sites
-    from ted_fl.engine import model_weights
-    from ted_fl.worker import SiteWorker, probes_for
+    from ted_fl.schedule.engine import model_weights
+    from ted_fl.schedule.worker import SiteWorker, probes_for
 
     site = load_sites(cfg.data, split_seed_of(cfg))[0]
     worker = SiteWorker(cfg)
@@ -180,7 +180,7 @@ def weights_channels_last(model: torch.nn.Module) -> bool:
 def path_report(cfg: ExperimentConfig, worker: Any, traces: list[dict[str, Any]], peak_mib: float) -> pd.DataFrame:
     """Each switch of the GPU path, its setting and what it did in the measured rounds (read back
     from the tensors the steps used, the model, torch's flags), or why it is absent on this device."""
-    from ted_fl.continual.learner import amp_dtype_for
+    from ted_fl.continual.device import amp_dtype_for
 
     dev = worker.device
     gpu = dev.type == "cuda"
@@ -199,7 +199,7 @@ def path_report(cfg: ExperimentConfig, worker: Any, traces: list[dict[str, Any]]
          layout if gpu else f"{absent} ({layout})"),
         ("cuDNN autotuning", f"train.cudnn_benchmark = {cfg.train.cudnn_benchmark}",
          f"torch.backends.cudnn.benchmark = {torch.backends.cudnn.benchmark}" if gpu else absent),
-        ("split kept on the device", "always on a GPU (learner.on_device)",
+        ("split kept on the device", "always on a GPU (device.on_device)",
          kept if gpu else f"{absent} ({kept})"),
         ("compiled step", "train.compile = on (rows compile = on)",
          compiled[-1]["compiled"] if compiled else "not measured"),
@@ -215,9 +215,10 @@ def eval_costs(cfg: ExperimentConfig) -> tuple[pd.DataFrame, dict[str, float]]:
     """eval.bn = "batch" on the first site's test split: one slice a forward (eval.slices = "one")
     against batches of eval.batch_size ("batched"): seconds per image and whether the two agree
     (the largest logit difference, the share of equal labels, the Dice of each)."""
-    from ted_fl.continual.learner import _predict, batch_statistics, evaluate
+    from ted_fl.continual.device import batch_statistics
+    from ted_fl.continual.evaluation import _predict, evaluate
     from ted_fl.data import load_sites
-    from ted_fl.worker import SiteWorker
+    from ted_fl.schedule.worker import SiteWorker
 
     site = load_sites(cfg.data, split_seed_of(cfg))[0]
     model = SiteWorker(cfg).student
@@ -323,7 +324,7 @@ def overhead_summary(rounds: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, floa
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    from ted_fl.worker import pick_device
+    from ted_fl.schedule.worker import pick_device
 
     t_all = time.perf_counter()
     cfg = workload(args)

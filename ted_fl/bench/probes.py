@@ -21,7 +21,7 @@ import pandas as pd
 
 from ted_fl.bench import common as C
 from ted_fl.config import ExperimentConfig
-from ted_fl.results import RunDir
+from ted_fl.run.directory import RunDir
 
 
 def add_parser(sub: Any) -> None:

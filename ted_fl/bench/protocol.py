@@ -71,7 +71,7 @@ def schedule(cfg: ExperimentConfig, sizes: dict[str, dict[str, int]]) -> pd.Data
     teacher, images evaluated (the untrained model's test counted on the first stage) and importance
     batches. Per seed."""
     from ted_fl.continual.approaches import get_approach
-    from ted_fl.engine import plan_stages
+    from ted_fl.schedule.engine import plan_stages
 
     order = list(sizes)
     all_test = sum(s["test"] for s in sizes.values())
@@ -106,8 +106,8 @@ def measure_steps(cfg: ExperimentConfig, approaches: list[str], steps: int,
     import psutil
 
     from ted_fl.bench.step import Bench
-    from ted_fl.continual.learner import amp_dtype_for
-    from ted_fl.worker import pick_device
+    from ted_fl.continual.device import amp_dtype_for
+    from ted_fl.schedule.worker import pick_device
 
     device = pick_device(cfg.train.device)
     bench = Bench(cfg, device)
@@ -128,10 +128,10 @@ def measure_steps(cfg: ExperimentConfig, approaches: list[str], steps: int,
 def eval_seconds_per_image(cfg: ExperimentConfig, site: Any, slices: str | None = None) -> float:
     """Evaluation (forward, Dice, IoU, HD95) seconds per image, on a site's test split, as the protocol
     evaluates (eval.bn, its rescale and HD95); `slices` overrides eval.slices ("one": the reference's loop)."""
-    from ted_fl.continual.learner import eval_options, evaluate
+    from ted_fl.continual.evaluation import eval_options, evaluate
     from ted_fl.continual.networks import build_model
     from ted_fl.data import resolve_out_channels
-    from ted_fl.worker import pick_device
+    from ted_fl.schedule.worker import pick_device
 
     device = pick_device(cfg.train.device)
     resolve_out_channels(cfg)
@@ -204,8 +204,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from ted_fl.continual.approaches import get_approach
     from ted_fl.continual.networks import build_model
     from ted_fl.data import load_sites, resolve_out_channels
-    from ted_fl.engine import model_weights
-    from ted_fl.worker import pick_device
+    from ted_fl.schedule.engine import model_weights
+    from ted_fl.schedule.worker import pick_device
 
     t_all = time.perf_counter()
     cfg = workload(args)

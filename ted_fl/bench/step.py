@@ -54,9 +54,9 @@ class Bench:
     """A student, a teacher, one batch and its probes: timed steps of any approach."""
 
     def __init__(self, cfg: ExperimentConfig, device: torch.device | None = None) -> None:
-        from ted_fl.continual.learner import set_determinism
         from ted_fl.continual.networks import build_model
         from ted_fl.continual.probes import make_probes
+        from ted_fl.continual.training import set_determinism
         from ted_fl.data import resolve_out_channels
 
         set_determinism(0, cfg.train.threads)

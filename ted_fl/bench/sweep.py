@@ -1,4 +1,4 @@
-"""`sweep`: a small grid run by `ted_fl.sweeps` in parallel (Ray tasks) against one cell after another.
+"""`sweep`: a small grid run by `ted_fl.studies.grid` in parallel (Ray tasks) against one cell after another.
 
 The same cells run twice, in fresh folders: one after another in this process (what `bench
 accuracy` did before), then as Ray tasks (federated.num_cpus = 1 each, so as many at once as
@@ -48,7 +48,7 @@ def comparable(folder: Path) -> pd.DataFrame:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    from ted_fl.sweeps import expand, run_cells, write_outputs
+    from ted_fl.studies.grid import expand, run_cells, write_outputs
 
     base, grid, approaches, seeds = workload(args)
     cells = expand(base, grid, approaches, seeds)
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         f"runner on `{args.config}` ({' -> '.join(site_order(base.data))}, {base.data.size} px, "
         f"{base.train.rounds} rounds x {base.train.steps_per_round} steps of batch {base.train.batch_size} a "
         f"site, 1 torch thread). Run one after another in one process, then as Ray tasks of 1 CPU each "
-        f"(`python -m ted_fl.sweep`'s runner, `ted_fl.sweeps.run_cells`; Ray's start-up included), then "
+        f"(`python -m ted_fl.sweep`'s runner, `ted_fl.studies.grid.run_cells`; Ray's start-up included), then "
         f"again on the parallel sweep's folder, where every cell is reused. The cells' own schedule wall "
         f"times sum to {cell_s:.0f} s in the serial run. The machine is shared with other work (load average "
         f"{load:.1f} on {cpus} cores when the command started), so the speedup is a lower bound of what "

@@ -3,14 +3,14 @@
     python -m ted_fl.centralized --sites prostate --approach seq ted_gugf --config simulations/quick.toml
 
 It is the correctness reference (the federated simulator must reproduce its R matrix) and the
-bare loop against which the simulator's overhead is measured. The executor is `ted_fl.local`.
+bare loop against which the simulator's overhead is measured. The executor is `ted_fl.schedule.in_process`.
 """
 
 from __future__ import annotations
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ted_fl.cli import run_command
+    from ted_fl.commands.shared import run_command
 
     return run_command("centralized", argv)
 

@@ -4,26 +4,14 @@ The command line of ted_fl.run.diagnostics (whose docstring says what each measu
 
 from __future__ import annotations
 
-
 import argparse
-import dataclasses
 from pathlib import Path
-import numpy as np
-import pandas as pd
-import torch
-from ted_fl.config import LossConfig, split_seed_of
-from ted_fl.continual import terms as T
+
 from ted_fl.continual.approaches import get_approach
-from ted_fl.continual.learner import dice, eval_options, evaluate
-from ted_fl.continual.metrics import continual_summary, r_matrix
-from ted_fl.continual.networks import build_model
-from ted_fl.continual.step import freeze, running_stats_frozen, teacher_mode
-from ted_fl.continual.weights import load_weights
-from ted_fl.data import load_sites
-from ted_fl.errors import TedFlError, exit_code
-from ted_fl.markdown import md_table
-from ted_fl.results import RunDir, atomic_write_bytes
+from ted_fl.errors import exit_code
 from ted_fl.run.diagnostics import MODES, eval_bn, recorded_pull, run_approaches, summarize_modes, term_grads
+from ted_fl.run.directory import RunDir, atomic_write_bytes
+from ted_fl.run.markdown import md_table
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -153,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from ted_fl.federated.gkd_server import simulate_generalize
-    from ted_fl.gkd_report import section
-    from ted_fl.markdown import write_section
-    from ted_fl.results import RunDir, atomic_write_bytes
+    from ted_fl.run.directory import RunDir, atomic_write_bytes
+    from ted_fl.run.gkd_page import section
+    from ted_fl.run.markdown import write_section
 
     os.environ.setdefault("PYTHONPATH", os.getcwd())
     run = RunDir.create(cfg.out, cfg.name)

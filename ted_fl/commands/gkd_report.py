@@ -4,17 +4,14 @@ The command line of ted_fl.run.gkd_page."""
 
 from __future__ import annotations
 
-
 import argparse
 import sys
 from pathlib import Path
-import numpy as np
-import pandas as pd
-from ted_fl.config import ExperimentConfig
+
 from ted_fl.errors import TedFlError
-from ted_fl.markdown import md_table, write_section
-from ted_fl.results import RunDir
+from ted_fl.run.directory import RunDir
 from ted_fl.run.gkd_page import read_config, section
+from ted_fl.run.markdown import md_table, write_section
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-
 import argparse
-import base64
-import html
-import io
-import os
-import shutil
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from ted_fl.errors import TedFlError, exit_code
-from ted_fl.results import MEAN_LABEL, RunDir
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import plotly.graph_objects as go  # noqa: E402
-from plotly.subplots import make_subplots  # noqa: E402
-from ted_fl.continual.metrics import curves, r_matrix  # noqa: E402
-from ted_fl.results import labels_of, missing_reason, select_label  # noqa: E402
+
+from ted_fl.errors import exit_code
+from ted_fl.run.directory import MEAN_LABEL, RunDir  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,16 +4,12 @@ The command line of ted_fl.run.results_page."""
 
 from __future__ import annotations
 
-
 import argparse
-import json
 from pathlib import Path
-import pandas as pd
-from ted_fl.config import dump_toml, to_dict
-from ted_fl.continual.metrics import continual_summary, r_matrix
+
 from ted_fl.errors import TedFlError, exit_code
-from ted_fl.markdown import marked_sections, md_table, write_section
-from ted_fl.results import MEAN_LABEL, RunDir, labels_of, select_label, site_learning, verdict
+from ted_fl.run.directory import RunDir
+from ted_fl.run.markdown import write_section
 from ted_fl.run.results_page import open_run, readme_block, write_doc
 
 

@@ -19,7 +19,7 @@ from ted_fl.errors import TedFlError
 if TYPE_CHECKING:  # pandas, torch, Flower and Ray load after the input is parsed and checked
     import pandas as pd
 
-    from ted_fl.results import RunDir
+    from ted_fl.run.directory import RunDir
 
 
 def _site_sets() -> str:
@@ -73,7 +73,7 @@ def print_summary(summary: pd.DataFrame, run: RunDir) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from ted_fl.results import format_cell
+    from ted_fl.run.directory import format_cell
 
     cols = [c for c in ("approach", "seed", "avg", "ravg", "bwt", "fwt", "forgetting", "plasticity",
                         "hd95", "epsilon", "bytes_sent", "bytes_received", "wall_s") if c in summary.columns]
@@ -92,7 +92,7 @@ def print_summary(summary: pd.DataFrame, run: RunDir) -> None:
 def print_verdict(summary: pd.DataFrame, run: RunDir) -> None:
     """The run's answer under its table: which approach forgets least, at what plasticity, paired
     by seed against seq, and whether this budget can separate the approaches at all."""
-    from ted_fl.results import budget_check, site_learning, verdict
+    from ted_fl.run.directory import budget_check, site_learning, verdict
 
     sites = site_learning(run.metrics())
     warnings = budget_check(summary, sites)
@@ -104,11 +104,11 @@ def check_inputs(cfg: ExperimentConfig) -> list:
     """Everything a run checks before it starts (the data loads, the splits it needs exist): the
     same validation for `--check`, a run, `--resume` and `flwr run`."""
     from ted_fl.config import privacy_conflicts
-    from ted_fl.run import check_data
+    from ted_fl.schedule.lifecycle import check_data
 
     privacy_conflicts(cfg)  # [privacy] combinations the configuration alone shows: before torch loads
     sites = check_data(cfg)
-    from ted_fl.continual.privacy import prepare_privacy  # imports torch: after the cheaper checks
+    from ted_fl.privacy.mechanisms import prepare_privacy  # imports torch: after the cheaper checks
 
     # [privacy]: the network's DP compatibility, on a copy: a check changes nothing (start_run converts
     # the network and logs the conversion)
@@ -159,15 +159,15 @@ def _run_command(mode: str, argv: list[str] | None = None) -> int:
     else:
         desc = "Centralized reference run: the same schedule and evaluation as the simulator, in one process."
     args = build_parser(f"python -m ted_fl.{mode}", desc).parse_args(argv)
-    from ted_fl.processes import graceful_signals
+    from ted_fl.run.processes import graceful_signals
 
     run = None
     record = None
     started = False  # the run itself (not its input checks) is under way: a failure marks it
     try:
         with graceful_signals():
-            from ted_fl.processes import ProcessRecord, reap_folder, reap_stale
-            from ted_fl.results import RunDir
+            from ted_fl.run.directory import RunDir
+            from ted_fl.run.processes import ProcessRecord, reap_folder, reap_stale
 
             if args.resume:
                 run = RunDir.open(args.resume)
@@ -196,7 +196,7 @@ def _run_command(mode: str, argv: list[str] | None = None) -> int:
                     federated_split_seed(cfg)
                 sites = check_inputs(cfg)
                 if args.check:
-                    from ted_fl.run import data_warnings
+                    from ted_fl.schedule.lifecycle import data_warnings
 
                     lines = data_warnings(cfg, sites)  # the lines the run would print
                     for line in lines:
@@ -204,7 +204,7 @@ def _run_command(mode: str, argv: list[str] | None = None) -> int:
                     print(describe(cfg, sites, mode, len(lines)))
                     return 0
                 reaped = reap_folder(cfg.out)
-                from ted_fl.run import start_run
+                from ted_fl.schedule.lifecycle import start_run
 
                 run = start_run(cfg, mode, sys.argv[1:] if argv is None else list(argv))
             if reaped:
@@ -239,7 +239,7 @@ def _run_command(mode: str, argv: list[str] | None = None) -> int:
 
 def _failed(run: RunDir, error: str, mode: str, resumed: bool) -> None:
     """`run.mark_run_failed`, and one line saying where the marked run is and how to resume it."""
-    from ted_fl.run import mark_run_failed
+    from ted_fl.schedule.lifecycle import mark_run_failed
 
     resume = f"python -m ted_fl.{mode} --resume {run.path}"
     if mark_run_failed(run, error, resume, new=not resumed) and not (run.path / "summary.csv").is_file():
@@ -249,7 +249,7 @@ def _failed(run: RunDir, error: str, mode: str, resumed: bool) -> None:
 def _shutdown(record: object) -> None:
     """Whatever happened: the ServerApp thread stops waiting, Ray shut down, and no process this run
     started left running."""
-    from ted_fl.processes import stop_waiting
+    from ted_fl.run.processes import stop_waiting
 
     stop_waiting()
     if "ray" in sys.modules:
@@ -264,7 +264,7 @@ def _shutdown(record: object) -> None:
 
 
 def _execute(mode: str, cfg: ExperimentConfig, run: RunDir, args: argparse.Namespace, record: object) -> int:
-    from ted_fl.run import (
+    from ted_fl.schedule.lifecycle import (
         Execute,
         disk_use,
         execute_centralized,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ted_fl.cli import run_command
+    from ted_fl.commands.shared import run_command
 
     return run_command("simulate", argv)
 

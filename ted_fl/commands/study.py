@@ -8,7 +8,7 @@ attack; epsilon = inf runs without DP (privacy.dp = "off"), a finite one with --
 DP-SGD by default). Rerunning with the same --out reuses finished cells. Writes study.csv,
 study_mean.csv, report.md and report.html in --out (and audit.csv with --federated); --doc also
 writes report.md as the section `privacy-<sites>` of a Markdown page (e.g. docs/results.md).
-The work is done by `ted_fl.studies`; this is its command line.
+The work is done by `ted_fl.studies.privacy_utility`; this is its command line.
 """
 
 from __future__ import annotations
@@ -59,9 +59,9 @@ def _privacy(args: argparse.Namespace, argv: list[str]) -> int:
 
     from ted_fl.config import ExperimentConfig, load_experiment, parse_override, set_key
     from ted_fl.data import resolve_out_channels
-    from ted_fl.markdown import write_section
-    from ted_fl.studies import parse_epsilons, study
-    from ted_fl.sweeps import parse_grid
+    from ted_fl.run.markdown import write_section
+    from ted_fl.studies.grid import parse_grid
+    from ted_fl.studies.privacy_utility import parse_epsilons, study
 
     cfg = load_experiment(args.config) if args.config else ExperimentConfig()
     if args.sites:

@@ -6,7 +6,7 @@
 Every cell (approach x seed x grid point x order) runs on Ray's resources (federated.num_cpus /
 num_gpus per cell); rerunning with the same --out reuses the finished cells. Writes
 metrics.csv, summary.csv and report.md (selection on validation, results on test) in --out.
-The work is done by `ted_fl.sweeps`; this is its command line.
+The work is done by `ted_fl.studies.grid`; this is its command line.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from ted_fl.config import ExperimentConfig, load_experiment, parse_override, set_key
 
     args = build_parser().parse_args(argv)
-    from ted_fl.sweeps import parse_grid, sweep  # after parsing: --help answers before torch
+    from ted_fl.studies.grid import parse_grid, sweep  # after parsing: --help answers before torch
 
     try:
         cfg = load_experiment(args.config) if args.config else ExperimentConfig()

@@ -9,7 +9,7 @@ What is compiled: the student's plain forwards in a training step (on the batch 
 probes; AOTAutograd compiles their backward too) and the teacher's plain forwards (under
 inference mode). What is not: forwards that record features with hooks (`forward_features`),
 DP-SGD's per-sample gradients (Opacus hooks the module), evaluation (its batched per-slice path,
-`learner.batch_statistics`, already puts a split through in a few forwards), and Adam.
+`device.batch_statistics`, already puts a split through in a few forwards), and Adam.
 
 The compiled callable wraps the module without replacing it: `state_dict`, `load_state_dict`,
 checkpoints and resume see the module's own keys (never `_orig_mod.`), and weights loaded into the

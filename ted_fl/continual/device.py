@@ -4,33 +4,19 @@ membership-inference attack share)."""
 
 from __future__ import annotations
 
-
 import contextlib
-import copy
 import functools
-import math
-import random
-import warnings
 import weakref
-from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
-from monai.utils import set_determinism as monai_set_determinism
-from scipy import ndimage
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from ted_fl.config import EvalSlices, ExperimentConfig, LossConfig, TrainConfig, choices
-from ted_fl.continual.approaches import Approach
-from ted_fl.continual.compiled import step_begins
-from ted_fl.continual.probes import draw_probes
-from ted_fl.continual.step import train_step
-from ted_fl.data.types import Split
-from ted_fl.errors import TedFlError, unknown
 
+from ted_fl.errors import TedFlError
 
 AMP_MODES = ("auto", "bf16", "off")
 

@@ -29,7 +29,7 @@ from torch import nn
 from ted_fl.config import GKDApproachName, LossConfig
 from ted_fl.continual import terms as T
 from ted_fl.continual.approaches import Approach, WeightedTerm
-from ted_fl.continual.learner import batch_indices
+from ted_fl.continual.training import batch_indices
 from ted_fl.errors import TedFlError, unknown
 
 CODE_DIM = 512  # D

@@ -17,8 +17,8 @@ from torch import nn
 
 from ted_fl.continual import gkd as G
 from ted_fl.continual.approaches import Approach
+from ted_fl.continual.device import batch_statistics
 from ted_fl.continual.fsd import GaussStats
-from ted_fl.continual.learner import batch_statistics
 from ted_fl.continual.step import freeze, train_step
 from ted_fl.data.types import Split
 from ted_fl.errors import unknown

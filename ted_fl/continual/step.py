@@ -127,7 +127,7 @@ def train_step(
     `amp` (e.g. torch.bfloat16) runs the networks' forwards under autocast; their outputs are
     cast back to float32 for the terms (CUDA autocast refuses binary_cross_entropy, and the
     losses' sums want full precision); backward and the optimizer step run outside autocast.
-    `dp` (a `ted_fl.continual.privacy.SampleDP`, privacy.dp = "sample"): the terms on the images
+    `dp` (a `ted_fl.privacy.mechanisms.SampleDP`, privacy.dp = "sample"): the terms on the images
     get per-sample clipping and noise, the data-independent ones (SKA, EWC/MAS) are added after
     the noise; an empty (Poisson) batch makes a noise-only step. `student_fwd` / `teacher_fwd`
     (train.compile, `ted_fl.continual.compiled`): what runs the plain forwards of the student and

@@ -1,36 +1,29 @@
-"""What the centralized runner and the Flower client both call: train locally, evaluate, lr."""
+"""Local training, the same for the centralized runner and the Flower client: a site's steps on its
+split (with DP-SGD when privacy.dp = "sample"), the learning-rate schedule and determinism."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import math
 import random
-import warnings
-import weakref
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
 from monai.utils import set_determinism as monai_set_determinism
-from scipy import ndimage
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from ted_fl.config import EvalSlices, ExperimentConfig, LossConfig, TrainConfig, choices
+from ted_fl.config import LossConfig, TrainConfig
 from ted_fl.continual.approaches import Approach
 from ted_fl.continual.compiled import step_begins
+from ted_fl.continual.device import amp_dtype_for, on_device
 from ted_fl.continual.probes import draw_probes
 from ted_fl.continual.step import train_step
 from ted_fl.data.types import Split
-from ted_fl.errors import TedFlError, unknown
-from ted_fl.continual.device import amp_dtype_for, on_device
-
+from ted_fl.errors import TedFlError
 
 
 def set_determinism(seed: int, threads: int = 1) -> None:
@@ -102,7 +95,7 @@ def local_train(
     and `amp` ("auto", "bf16", "off") picks mixed precision.
 
     `dp` ({"noise_multiplier", "max_grad_norm"}, privacy.dp = "sample"): DP-SGD through
-    `ted_fl.continual.privacy` (Opacus): Poisson batches at rate 1 / ceil(n / batch_size) instead
+    `ted_fl.privacy.mechanisms` (Opacus): Poisson batches at rate 1 / ceil(n / batch_size) instead
     of the permutations, per-sample clipping and noise in the step; the metrics then carry the
     round's accounting inputs (dp_noise_multiplier, dp_sample_rate, dp_steps).
 
@@ -143,7 +136,7 @@ def local_train(
     sums: dict[str, float] = defaultdict(float)
     private = None
     if dp is not None:
-        from ted_fl.continual.privacy import attach
+        from ted_fl.privacy.mechanisms import attach
 
         private = attach(student, optimizer, n, batch_size, float(dp["noise_multiplier"]),
                          float(dp["max_grad_norm"]), seed)
@@ -183,7 +176,7 @@ def local_train(
         trace["batch"] = x
     metrics = {k: v / steps for k, v in sums.items()}
     if private is not None:
-        from ted_fl.continual.privacy import stage_dp_metrics
+        from ted_fl.privacy.mechanisms import stage_dp_metrics
 
         metrics.update(stage_dp_metrics(private))
     return metrics, copy.deepcopy(optimizer.state_dict())

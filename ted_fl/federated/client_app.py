@@ -1,4 +1,4 @@
-"""The ClientApp: one site (or one department of a site), a thin adapter over `ted_fl.worker`.
+"""The ClientApp: one site (or one department of a site), a thin adapter over `ted_fl.schedule.worker`.
 
 A node learns which site it is from its node config (`site`/`client`, or the simulation's
 `partition-id`), loads only that site's files, and keeps across messages the experiment
@@ -25,13 +25,13 @@ from flwr.clientapp import ClientApp
 
 from ted_fl.config import ExperimentConfig, apply_overrides, from_dict, node_overrides, split_seed_of
 from ted_fl.data.types import SiteData, Split
-from ted_fl.engine import derive_seed
 from ted_fl.federated import messages as M
-from ted_fl.federated.audit import audit_mod
+from ted_fl.federated.message_log import audit_mod
 from ted_fl.federated.notices import silence
 from ted_fl.files import atomic_torch_save, atomic_write
 from ted_fl.privacy.policies import PROBE_SITE_TAG, REPLAY_TAG, replay_buffer, replay_share, uses_replay
-from ted_fl.worker import SiteWorker, probes_for
+from ted_fl.schedule.engine import derive_seed
+from ted_fl.schedule.worker import SiteWorker, probes_for
 
 _CACHE: dict[Any, Any] = {}  # per process: parsed configs, loaded site data, workers
 
@@ -104,7 +104,7 @@ def site_data(cfg: ExperimentConfig, site: str, client: int) -> tuple[SiteData, 
     data: SiteData = _CACHE[key]
     seed = split_seed_of(cfg)
     share_key = ("share", *key, seed, cfg.federated.clients_per_site, client)
-    if share_key not in _CACHE:  # the same arrays every round: a GPU keeps one copy (learner.on_device)
+    if share_key not in _CACHE:  # the same arrays every round: a GPU keeps one copy (device.on_device)
         _CACHE[share_key] = partition_split(data.train, cfg.federated.clients_per_site, client, seed)
     return data, _CACHE[share_key]
 
@@ -133,7 +133,7 @@ def _state_file(c: dict, site: str, client: int, context: Context | None = None)
     SuperNode's own disk), else the folder the simulation names in the run directory."""
     node_dir = context.node_config.get("state-dir") if context is not None else None
     d = str(node_dir or c.get("client_state_dir", ""))
-    # one folder per schedule: schedules of one run may train the same site at the same time (ted_fl.cells)
+    # one folder per schedule: schedules of one run may train the same site at the same time (ted_fl.schedule.cells)
     return Path(d) / f"{c['approach']}-s{c['seed']}" / f"{site}-{client}" if d else None
 
 

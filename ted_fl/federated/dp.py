@@ -11,7 +11,7 @@ message also carries the teacher, importances and probes; `client_mod` therefore
 only the weights and the config, and lets the real message through to the app. The strategies keep their
 state (adaptive clip norm) per approach, seed and stage; they do not account (Flower's optional
 accountant needs Google's dp-accounting, and equal weights): ted-fl accounts with Opacus' RDP accountant
-(`ted_fl.continual.privacy.epsilon_spent`) from the noise multiplier and rounds reported per result.
+(`ted_fl.privacy.mechanisms.epsilon_spent`) from the noise multiplier and rounds reported per result.
 
 `StageDP` holds one stage's strategy for both executors and saves the adaptive clip norm with the checkpoint
 (a resumed run goes on with the norm it had reached). `release` / `aggregate_weights` are the in-process
@@ -39,10 +39,10 @@ from flwr.serverapp.strategy import (
 )
 
 from ted_fl.config import PrivacyConfig
-from ted_fl.continual.privacy import client_noise_multiplier
 from ted_fl.continual.weights import Weights
 from ted_fl.errors import TedFlError
 from ted_fl.federated import messages as M
+from ted_fl.privacy.mechanisms import client_noise_multiplier
 
 WEIGHT_KEY = "dp_weight"  # every client counts once in the DP mean (set by the server on each reply)
 

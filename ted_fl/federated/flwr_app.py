@@ -41,7 +41,7 @@ def _toml_value(v: Any) -> str:
 
 def run_app(grid: Any, context: Any) -> None:
     """The whole `flwr run` job; an input error is one `error:` line, never a traceback."""
-    from ted_fl.processes import ProcessRecord
+    from ted_fl.run.processes import ProcessRecord
 
     run_config = dict(context.run_config)
     keep = str(run_config.pop("keep_superlink", False)).lower() in ("1", "true", "yes")
@@ -56,8 +56,8 @@ def run_app(grid: Any, context: Any) -> None:
     record = None
     try:
         cfg, sites = validate(run_config)
-        from ted_fl.processes import reap_folder
-        from ted_fl.run import start_run
+        from ted_fl.run.processes import reap_folder
+        from ted_fl.schedule.lifecycle import start_run
 
         reaped = reap_folder(cfg.out)
         nodes = len(sites) * cfg.federated.clients_per_site
@@ -83,7 +83,7 @@ def run_app(grid: Any, context: Any) -> None:
 
 def _failed(run: Any, error: str) -> None:
     """As the command line does (`run.mark_run_failed`), the error also in run.log."""
-    from ted_fl.run import mark_run_failed
+    from ted_fl.schedule.lifecycle import mark_run_failed
 
     run.log(f"error: {error}")
     mark_run_failed(run, error, f"python -m ted_fl.simulate --resume {run.path}")
@@ -94,10 +94,10 @@ def validate(run_config: dict[str, Any]) -> tuple[Any, list]:
     import copy
 
     from ted_fl.config import federated_split_seed, from_run_config
-    from ted_fl.continual.privacy import prepare_privacy
     from ted_fl.data import resolve_out_channels
     from ted_fl.files import check_creatable
-    from ted_fl.run import check_data
+    from ted_fl.privacy.mechanisms import prepare_privacy
+    from ted_fl.schedule.lifecycle import check_data
 
     cfg = from_run_config(run_config)
     check_creatable(cfg.out, "run config key out")  # before the data and torch load
@@ -112,7 +112,7 @@ def _run(grid: Any, cfg: Any, run: Any, sites: list) -> None:
     import time
 
     from ted_fl.federated.simulation import client_errors_to_log, stoppable_grid
-    from ted_fl.run import (
+    from ted_fl.schedule.lifecycle import (
         Progress,
         disk_use,
         finish_run,
@@ -132,7 +132,7 @@ def _run(grid: Any, cfg: Any, run: Any, sites: list) -> None:
         extras = serve(grid, cfg, run, progress)
     summary = finish_run(cfg, run, extras)
     run.log(f"done in {time.perf_counter() - t0:.1f} s")
-    from ted_fl.results import format_cell
+    from ted_fl.run.directory import format_cell
 
     cols = [c for c in ("approach", "seed", "avg", "ravg", "bwt", "forgetting", "faults_seen", "faults_retried",
                         "faults_unrecovered", "wall_s") if c in summary.columns]

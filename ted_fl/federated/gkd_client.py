@@ -22,14 +22,14 @@ from torch import nn
 from ted_fl.config import ExperimentConfig, GKDConfig, ModelConfig
 from ted_fl.continual import gkd as G
 from ted_fl.continual import gkd_stages as S
-from ted_fl.continual.learner import set_determinism
 from ted_fl.continual.networks import build_model
 from ted_fl.continual.scores import split_scores
-from ted_fl.engine import derive_seed, load_weights, model_weights
+from ted_fl.continual.training import set_determinism
 from ted_fl.federated import messages as M
-from ted_fl.federated.audit import audit_mod
 from ted_fl.federated.client_app import hello, node_task, site_data
-from ted_fl.worker import pick_device
+from ted_fl.federated.message_log import audit_mod
+from ted_fl.schedule.engine import derive_seed, load_weights, model_weights
+from ted_fl.schedule.worker import pick_device
 
 FROZEN = ("teacher", "scratch", "psae", "tan", "san")  # record names of the frozen parts: "frozen.<name>"
 _OPT: dict[Any, Any] = {}  # per process: optimizer state of a stage between its rounds

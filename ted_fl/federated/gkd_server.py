@@ -23,14 +23,14 @@ from flwr.serverapp import Grid
 from ted_fl.config import ExperimentConfig
 from ted_fl.continual import gkd as G
 from ted_fl.continual.fsd import GaussStats, fsd, packed_lengths
-from ted_fl.continual.learner import set_determinism
 from ted_fl.continual.profiling import count_macs, latency_ms, param_count
-from ted_fl.engine import derive_seed, fedavg, model_weights
+from ted_fl.continual.training import set_determinism
 from ted_fl.errors import TedFlError, unknown
 from ted_fl.federated import messages as M
 from ted_fl.federated.gkd_client import FROZEN, build_part
 from ted_fl.federated.server_app import ClientFailure, FlowerExecutor
-from ted_fl.results import MEAN_LABEL, RunDir
+from ted_fl.run.directory import MEAN_LABEL, RunDir
+from ted_fl.schedule.engine import derive_seed, fedavg, model_weights
 
 STAGES = {"teacher": 1, "student": 2, "psae": 3, "act_teacher": 4, "act_student": 4, "distill": 5}
 

@@ -80,7 +80,7 @@ def record_message(audit: dict[str, dict[str, Any]], site: str, kind: str, direc
                    content: RecordDict) -> None:
     """Add one message to the server's audit log: per (site, kind, direction, record) the number
     of messages, their payload bytes and every array's name, shape and dtype (config and metric
-    records: their keys). `ted_fl.privacy.audit` turns the log into audit.csv."""
+    records: their keys). `ted_fl.privacy.leakage` turns the log into audit.csv."""
     for name, rec in content.items():
         key = f"{site}|{kind}|{direction}|{name}"
         entry = audit.setdefault(key, {"site": site, "kind": kind, "direction": direction, "record": name,

@@ -3,7 +3,7 @@
 Down (server -> client): model weights, once per stage the frozen teacher (and any parameter
 importances), the SKA probes (pixels, or the seed they are regenerated from), and a ConfigRecord
 of scalars. Up (client -> server): weights, the number of examples, and metrics. Nothing else:
-`ted_fl.federated.audit` enforces it.
+`ted_fl.federated.message_log` enforces it.
 """
 
 from __future__ import annotations

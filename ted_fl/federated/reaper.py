@@ -60,7 +60,7 @@ def managed_superlink() -> tuple[Any, Any] | None:
     None), or None when this process does not run under one."""
     import psutil
 
-    from ted_fl.processes import cmdline
+    from ted_fl.run.processes import cmdline
 
     for anc in psutil.Process().parents():
         if is_managed_superlink(cmdline(anc)):
@@ -137,7 +137,7 @@ def flower_runs(superlink: Any) -> list[dict[str, Any]] | None:
     import tempfile
     from pathlib import Path
 
-    from ted_fl.processes import cmdline
+    from ted_fl.run.processes import cmdline
 
     cmd = cmdline(superlink)
     try:
@@ -163,7 +163,7 @@ def flower_runs(superlink: Any) -> list[dict[str, Any]] | None:
 
 
 def _proc(spec: str) -> Any:
-    from ted_fl.processes import _alive
+    from ted_fl.run.processes import _alive
 
     pid, start_time = spec.split(":", 1)
     return _alive({"pid": int(pid), "start": float(start_time)})
@@ -175,7 +175,7 @@ def _tree(superlink: Any) -> list[Any]:
 
     import psutil
 
-    from ted_fl.processes import is_gone
+    from ted_fl.run.processes import is_gone
 
     try:
         return [p for p in superlink.children(recursive=True) if p.pid != os.getpid() and not is_gone(p)]
@@ -189,7 +189,7 @@ class Log:
     def __init__(self, superlink: Any) -> None:
         from pathlib import Path
 
-        from ted_fl.processes import cmdline
+        from ted_fl.run.processes import cmdline
 
         cmd = cmdline(superlink)
         self.path = (Path(cmd[cmd.index("--log-file") + 1]).parent / "ted-fl-reaper.log"
@@ -215,7 +215,7 @@ def _pid() -> int:
 def stop_when_unused(superlink: Any, log: Log, own_run_id: str = "", own_pid: int = -1, wait: bool = True) -> bool:
     """End the SuperLink and its tree as soon as no other run uses it (at once, or never when
     not `wait`); log each decision. True when it has ended."""
-    from ted_fl.processes import cmdline, is_gone, terminate
+    from ted_fl.run.processes import cmdline, is_gone, terminate
 
     while not is_gone(superlink):
         tree = _tree(superlink)
@@ -247,7 +247,7 @@ def stop_when_unused(superlink: Any, log: Log, own_run_id: str = "", own_pid: in
 def main(argv: list[str]) -> int:
     import argparse
 
-    from ted_fl.processes import is_gone
+    from ted_fl.run.processes import is_gone
 
     parser = argparse.ArgumentParser(prog="python -m ted_fl.federated.reaper")
     parser.add_argument("specs", nargs="*", help="SUPERLINK_PID:START RUN_PID:START [CLI_PID:START]")
@@ -301,7 +301,7 @@ def stop_idle() -> int:
 
     import psutil
 
-    from ted_fl.processes import cmdline
+    from ted_fl.run.processes import cmdline
 
     home = Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr").expanduser()  # Flower's rule
     log_file = str(home / "local-superlink" / "superlink.log")

@@ -21,12 +21,12 @@ from flwr.serverapp import Grid
 
 from ted_fl.config import ExperimentConfig, dump_toml, to_dict
 from ted_fl.continual.probes import make_probes
-from ted_fl.engine import TrainResult, TrainTask, Weights, derive_seed, run_schedule
 from ted_fl.errors import TedFlError
 from ted_fl.federated import messages as M
-from ted_fl.federated.audit import record_message
+from ted_fl.federated.message_log import record_message
 from ted_fl.privacy.policies import gets_teacher
-from ted_fl.results import RunDir
+from ted_fl.run.directory import RunDir
+from ted_fl.schedule.engine import TrainResult, TrainTask, Weights, derive_seed, run_schedule
 
 
 def short_reason(reason: str) -> str:
@@ -111,7 +111,7 @@ class FlowerExecutor:
         deadline = time.monotonic() + wait
         node_ids: list[int] = []
         seen, stable_since = -1, time.monotonic()
-        from ted_fl import processes
+        from ted_fl.run import processes
 
         stop = processes.STOP
         while time.monotonic() < deadline:
@@ -353,7 +353,7 @@ class FlowerExecutor:
         if self.cfg.privacy.dp == "client" and self._aggregated is not None:
             out, self._aggregated = self._aggregated, None
             return out
-        from ted_fl.engine import fedavg
+        from ted_fl.schedule.engine import fedavg
 
         return fedavg([(r.weights, r.num_examples) for r in results])
 
@@ -392,7 +392,7 @@ class FlowerExecutor:
                                  "computing importances ")
         parts = [(M.from_record(r.content[M.AUX]), int(r.content[M.METRICS]["num_examples"]))
                  for r in replies.values()]
-        from ted_fl.engine import fedavg
+        from ted_fl.schedule.engine import fedavg
 
         return fedavg(parts) if parts else {}
 
@@ -473,8 +473,8 @@ def node_blocks(grid: Grid, cfg: ExperimentConfig, blocks: int, run: RunDir | No
 def serve_one(grid: Grid, cfg: ExperimentConfig, run: RunDir, approach: str, seed: int, progress: Any = None,
               simulated: bool | None = None, nodes: list[int] | None = None) -> dict[str, Any]:
     """One (approach, seed) schedule over `nodes` (its block) or the whole federation: its fault columns."""
-    from ted_fl.continual.privacy import prepare_privacy
     from ted_fl.data import resolve_out_channels
+    from ted_fl.privacy.mechanisms import prepare_privacy
 
     resolve_out_channels(cfg)  # before the hello carries the config to the clients (TOML only, no data)
     prepare_privacy(cfg)  # model.norm under DP, impossible combinations (idempotent; logged at run start)
@@ -488,8 +488,8 @@ def serve_one(grid: Grid, cfg: ExperimentConfig, run: RunDir, approach: str, see
 
 def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, progress: Any = None, simulated: bool | None = None) -> dict:
     """The server's main loop: every approach and seed in turn, over one set of nodes."""
-    from ted_fl.continual.privacy import prepare_privacy
     from ted_fl.data import resolve_out_channels
+    from ted_fl.privacy.mechanisms import prepare_privacy
 
     resolve_out_channels(cfg)  # before the hello carries the config to the clients (TOML only, no data)
     prepare_privacy(cfg)  # model.norm under DP, impossible combinations (idempotent; logged at run start)

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from ted_fl.config import ExperimentConfig
 from ted_fl.errors import TedFlError
-from ted_fl.results import RunDir
+from ted_fl.run.directory import RunDir
 
 T = TypeVar("T")
 
@@ -189,7 +189,7 @@ def launch(cfg: ExperimentConfig, client_app: Any, num_nodes: int, serve: Callab
             error.append(exc)
 
     # Ray's driver would install absl's failure handler for SIGTERM (abort, exit -6, nothing cleaned
-    # up) over ted_fl.processes.graceful_signals; without it SIGTERM shuts Ray down cleanly.
+    # up) over ted_fl.run.processes.graceful_signals; without it SIGTERM shuts Ray down cleanly.
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     with fast_message_polling(cfg.federated.fast_polling) as fast["on"], client_errors_to_log(run):
         run_simulation(server_app=server, client_app=client_app, num_supernodes=num_nodes,
@@ -222,8 +222,8 @@ def simulate_groups(
 def stoppable_grid(grid: Any) -> None:
     """Make the ServerApp thread give up waiting for replies once a signal set `processes.STOP`
     (else Python waits for it at exit, up to federated.timeout, with Ray already gone)."""
-    from ted_fl import processes
-    from ted_fl.processes import Terminated
+    from ted_fl.run import processes
+    from ted_fl.run.processes import Terminated
 
     stop = processes.STOP  # this run's event (the next run in this process gets a fresh one)
     pull = grid.pull_messages
@@ -237,10 +237,10 @@ def stoppable_grid(grid: Any) -> None:
 
 
 def federated_slots(cfg: ExperimentConfig, n_cells: int, run: RunDir | None = None) -> int:
-    """Schedules at once in one simulation (`ted_fl.cells.cell_slots` for federated cells), but one under
+    """Schedules at once in one simulation (`ted_fl.schedule.cells.cell_slots` for federated cells), but one under
     client-level DP: Flower's DP strategies draw the server's noise from numpy's global generator,
     which schedules running as threads of one process would share."""
-    from ted_fl.cells import cell_slots
+    from ted_fl.schedule.cells import cell_slots
 
     slots = cell_slots(cfg, n_cells, federated=True)
     if slots > 1 and cfg.privacy.dp == "client":
@@ -272,10 +272,10 @@ def simulate_cells(cells: list[FedCell], slots: int, progress: Any = None, keep_
     site's disk (`client_app._state_file`).
 
     `cells` must share [data] and clients_per_site (one site set, served by every block). Returns
-    (fault columns by cell name, ted_fl.cells.Failures).
+    (fault columns by cell name, ted_fl.schedule.cells.Failures).
     """
-    from ted_fl.cells import Failures, Job, run_jobs
     from ted_fl.federated.server_app import node_blocks
+    from ted_fl.schedule.cells import Failures, Job, run_jobs
 
     first, run0 = cells[0][1], cells[0][2]
     for _, cfg, _, _, _ in cells:
@@ -306,7 +306,7 @@ def _serve_cell(grid: Any, cfg: ExperimentConfig, run: RunDir, approach: str, se
 def execute_federated(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[tuple[str, int], dict[str, Any]]:
     """Every approach and seed of `cfg` in one Flower simulation (Ray starts once), train.cells_in_parallel
     schedules at once (`simulate_cells`)."""
-    from ted_fl.run import Progress, load_and_record_sites, run_rounds_done, total_rounds
+    from ted_fl.schedule.lifecycle import Progress, load_and_record_sites, run_rounds_done, total_rounds
 
     # The launcher checks the data and writes the synthetic twin's files once; the server never
     # sees the arrays (each client loads its own site).
@@ -316,7 +316,7 @@ def execute_federated(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[t
     if slots > 1:
         run.log(f"{len(cells)} cells, {slots} at once (train.cells_in_parallel = {cfg.train.cells_in_parallel})")
     progress = Progress(total_rounds(cfg, len(sites)), quiet, done=run_rounds_done(cfg, run, len(sites)))
-    record = getattr(run, "record", None)  # ted_fl.processes.ProcessRecord, when a command line runs this
+    record = getattr(run, "record", None)  # ted_fl.run.processes.ProcessRecord, when a command line runs this
     lock = threading.Lock()
 
     def on_round(info: dict[str, Any]) -> None:

@@ -1,5 +1,9 @@
-"""Privacy studies: policies on what travels (policies.py) and measured leakage (mia.py).
+"""Everything privacy below the Flower layer: DP-SGD and the accountant (mechanisms.py), policies on
+what travels (policies.py), the leak check of the message audit (leakage.py) and measured leakage
+(mia.py, the membership-inference attack).
 
-Plain PyTorch and numpy: nothing here imports Flower or Ray; the Flower layer and the
-in-process executor call into it, so both apply the same policies.
+Plain PyTorch, Opacus and numpy: nothing here imports Flower or Ray; the Flower layer (which adds
+client-level DP with Flower's own pieces, `ted_fl.federated.dp`) and the in-process executor call
+into it, so both apply the same policies. It sits in the core layer beside `ted_fl.continual`:
+training calls DP-SGD, and the attack forwards as evaluation does.
 """

@@ -1,6 +1,6 @@
 """The audit summary of a run: per message kind and site, what left it (and what reached it).
 
-The server logs every message it sends and receives (`ted_fl.federated.audit.record_message`,
+The server logs every message it sends and receives (`ted_fl.federated.message_log.record_message`,
 kept in each approach and seed's checkpoint); this module turns that log into `audit.csv`, one
 row per approach, seed, site, kind (train, evaluate, importance, leakage, hello), direction
 ("up": from the site; "down": to it) and record (weights, teacher, aux, probes, metrics, config,

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ted_fl.continual.learner import batch_statistics
+from ted_fl.continual.device import batch_statistics
 from ted_fl.data.types import Split
 
 

@@ -2,7 +2,7 @@
 
 `privacy.teacher` ("server" | "site") decides where the frozen teacher lives and who draws the
 SKA probes; `privacy.replay` bounds what an earlier site keeps for its retention rounds. The
-Flower layer (`ted_fl.federated`) and the in-process executor (`ted_fl.local`) both call these
+Flower layer (`ted_fl.federated`) and the in-process executor (`ted_fl.schedule.in_process`) both call these
 helpers, so a policy gives the same numbers in the simulator and in the centralized run.
 """
 
@@ -22,7 +22,7 @@ REPLAY_TAG = 0xB0F  # mixed into a site's replay-buffer seed
 
 def check_privacy(cfg: ExperimentConfig) -> None:
     """Refuse impossible combinations of the policy keys, one line each, before a run (the DP keys
-    are checked by ted_fl.continual.privacy.prepare_privacy)."""
+    are checked by ted_fl.privacy.mechanisms.prepare_privacy)."""
     p = cfg.privacy
     if p.dp == "off" and math.isfinite(p.epsilon):
         raise TedFlError(f"privacy.epsilon = {p.epsilon:g} needs privacy.dp = 'sample' or 'client' "

@@ -8,18 +8,13 @@ seeds), the student's size and speed against the teacher's, FSD, and the verdict
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
 from ted_fl.config import ExperimentConfig
 from ted_fl.errors import TedFlError
-from ted_fl.markdown import md_table, write_section
-from ted_fl.results import RunDir
-from ted_fl.commands.gkd_report import main
+from ted_fl.run.directory import RunDir
+from ted_fl.run.markdown import md_table
 
 ROW_ORDER = ["teacher", "student", "student_aug", "kd", "kd_aug", "at", "skd", "intra", "inter", "cross", "intra_inter", "gkd"]
 

@@ -15,7 +15,6 @@ label: the mean over the site set's classes and regions by default, or the class
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -25,23 +24,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ted_fl.errors import TedFlError, exit_code
-from ted_fl.results import MEAN_LABEL, RunDir
-
-
-
-
-
-
-
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ted_fl.continual.metrics import curves, r_matrix
-from ted_fl.results import labels_of, missing_reason, select_label
-from ted_fl.commands.report import build_parser, check_runs, main
+from ted_fl.errors import TedFlError
+from ted_fl.run.directory import MEAN_LABEL, RunDir, labels_of, missing_reason, select_label
 
 # Summary columns of the final tables, with their headers (in this order): what the continual
 # metrics say, then what a run cost and leaked (COST_COLUMNS, a second table so neither overflows).
@@ -347,8 +337,8 @@ def summary_table(summary: pd.DataFrame, columns: list[str] | tuple[str, ...] | 
 
 def verdict_html(report: Report, run_dirs: list[Path]) -> str:
     """The page's answer first: which approach forgets least and at what cost in plasticity, paired
-    by seed against seq (ted_fl.results.verdict), each budget warning, and the paired table."""
-    from ted_fl.results import VERDICT_METRICS, budget_check, paired_difference, site_learning, verdict
+    by seed against seq (ted_fl.run.directory.verdict), each budget warning, and the paired table."""
+    from ted_fl.run.directory import VERDICT_METRICS, budget_check, paired_difference, site_learning, verdict
 
     if report.summary.empty:
         return '<p class="note">No summary.csv in these runs: no verdict.</p>'
@@ -425,7 +415,7 @@ def pick_slices(masks: np.ndarray, volumes: np.ndarray, k: int) -> list[int]:
 def slice_dice(pred: np.ndarray, gt: np.ndarray, labels: list[tuple[str, tuple[int, ...]]]) -> float:
     """Dice of one slice as the tables' `mean` label: the mean over the set's classes and regions
     (a region = the union of its classes) of `dice` (1 where both are empty)."""
-    from ted_fl.continual.learner import dice
+    from ted_fl.continual.evaluation import dice
 
     return float(np.mean([dice(np.isin(pred, idx), np.isin(gt, idx)) for _, idx in labels]))
 
@@ -433,7 +423,7 @@ def slice_dice(pred: np.ndarray, gt: np.ndarray, labels: list[tuple[str, tuple[i
 def samples_html(report: Report, per_site: int = 2) -> str:
     """Per run and approach (first seed): image, ground truth, prediction after every stage."""
     from ted_fl.config import split_seed_of
-    from ted_fl.continual.learner import predict_labels
+    from ted_fl.continual.evaluation import predict_labels
     from ted_fl.continual.networks import build_model
     from ted_fl.continual.weights import load_weights
     from ted_fl.data import load_sites
@@ -592,7 +582,7 @@ def mia_table(rows: pd.DataFrame) -> str:
 
 def leakage_html(run_dirs: list[Path]) -> str:
     """Per run: the membership-inference attack per site, and the audit of what travelled."""
-    from ted_fl.privacy.audit import by_kind, leaks
+    from ted_fl.privacy.leakage import by_kind, leaks
 
     parts = []
     for p in run_dirs:
@@ -624,7 +614,7 @@ def leakage_html(run_dirs: list[Path]) -> str:
 
 def label_tables_html(run_dirs: list[Path]) -> str:
     """Per run with several classes / regions: Avg, BWT, forgetting, plasticity of every label."""
-    from ted_fl.results_doc import label_table
+    from ted_fl.run.results_page import label_table
 
     parts = []
     for p in run_dirs:
@@ -647,7 +637,7 @@ def shared_plotlyjs(folder: Path) -> Path:
 
     path = Path(folder) / f"plotly-{plotly.__version__}.min.js"
     if not path.is_file():
-        from ted_fl.results import atomic_write_bytes
+        from ted_fl.run.directory import atomic_write_bytes
 
         atomic_write_bytes(path, plotly.offline.get_plotlyjs().encode())
     return path
@@ -740,7 +730,7 @@ set's classes and regions).</p>
 </body></html>
 """
     out.parent.mkdir(parents=True, exist_ok=True)
-    from ted_fl.results import atomic_write_bytes
+    from ted_fl.run.directory import atomic_write_bytes
 
     atomic_write_bytes(out, page.encode())
     return out

@@ -9,7 +9,6 @@ regions; multi-class sets add a per-label table and R matrices).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -17,10 +16,9 @@ import pandas as pd
 
 from ted_fl.config import dump_toml, to_dict
 from ted_fl.continual.metrics import continual_summary, r_matrix
-from ted_fl.errors import TedFlError, exit_code
-from ted_fl.markdown import marked_sections, md_table, write_section
-from ted_fl.results import MEAN_LABEL, RunDir, labels_of, select_label, site_learning, verdict
-from ted_fl.commands.results_doc import main
+from ted_fl.errors import TedFlError
+from ted_fl.run.directory import MEAN_LABEL, RunDir, labels_of, select_label, site_learning, verdict
+from ted_fl.run.markdown import marked_sections, md_table
 
 SUMMARY_COLUMNS = ["avg", "ravg", "bwt", "fwt", "forgetting", "plasticity"]
 
@@ -206,7 +204,7 @@ def machine_line(run: RunDir) -> str:
 
 
 def run_verdict(run: RunDir) -> list[str]:
-    """`ted_fl.results.verdict` on the run's summary.csv rows (paired by seed), [] without one."""
+    """`ted_fl.run.directory.verdict` on the run's summary.csv rows (paired by seed), [] without one."""
     try:
         per_seed = run.summary()
     except FileNotFoundError:
@@ -247,7 +245,7 @@ def readme_block(run: RunDir, target: str) -> str:
 
 def eval_bn_lines(run: RunDir) -> list[str]:
     """The run's `python -m ted_fl.diagnose eval-bn` outputs, if any: each mode's summary."""
-    from ted_fl.diagnose import summarize_modes
+    from ted_fl.run.diagnostics import summarize_modes
 
     out: list[str] = []
     for part in run.parts if isinstance(run, PooledRun) else [run]:
@@ -287,7 +285,7 @@ def run_section(run: RunDir, heading_level: int = 2) -> str:
         "",
         *(f"- {line}" for line in findings(summary)),
         "",
-        "Paired by seed against seq (`ted_fl.results.verdict`: mean difference, 95% t-interval):",
+        "Paired by seed against seq (`ted_fl.run.directory.verdict`: mean difference, 95% t-interval):",
         "",
         *(f"- {line}" for line in run_verdict(run)),
         "",

@@ -5,7 +5,7 @@ and `simulate`, one (approach, seed, grid point, order) of `sweep` and `study`. 
 own files (its checkpoints in the run directory, or a run directory of its own), so cells may run in
 any order and at once. `run_jobs` runs them, `cell_slots` says how many at once
 (`train.cells_in_parallel`: "auto" or a number), and the caller's progress display is told every
-round of every cell (`ted_fl.run.Progress` counts them all, from what a resumed run had done).
+round of every cell (`ted_fl.schedule.lifecycle.Progress` counts them all, from what a resumed run had done).
 
 Where cells run:
 
@@ -226,7 +226,7 @@ def _ray_jobs(jobs: list[Job], slots: int, say: ProgressFn, resources: dict[str,
             init["address"] = ray_address
         else:  # room for `slots` cells even where it is more than the cores (an explicit number)
             init["num_cpus"] = max(usable_cpus(), int(slots * resources["num_cpus"] + 0.999))
-        # Ray's driver would install absl's failure handler for SIGTERM over ted_fl.processes.graceful_signals
+        # Ray's driver would install absl's failure handler for SIGTERM over ted_fl.run.processes.graceful_signals
         os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
         with warnings.catch_warnings():  # Ray's notice about CUDA_VISIBLE_DEVICES for 0-GPU tasks
             warnings.simplefilter("ignore", FutureWarning)
@@ -273,12 +273,12 @@ _SITES: dict[str, Any] = {}  # per process: the sites a cell loaded, for the nex
 
 def local_schedule(cfg_dict: dict[str, Any], path: str, approach: str, seed: int, *,
                    progress: ProgressFn, slot: int) -> dict[str, Any]:
-    """One (approach, seed) of a run, in-process (`ted_fl.local.LocalExecutor`), into the run directory
+    """One (approach, seed) of a run, in-process (`ted_fl.schedule.in_process.LocalExecutor`), into the run directory
     at `path` (its own checkpoints only: several run at once). Returns the schedule's cost columns."""
     from ted_fl.config import for_seed, from_dict
-    from ted_fl.engine import run_schedule
-    from ted_fl.local import LocalExecutor
-    from ted_fl.results import RunDir
+    from ted_fl.run.directory import RunDir
+    from ted_fl.schedule.engine import run_schedule
+    from ted_fl.schedule.in_process import LocalExecutor
 
     cfg = for_seed(from_dict(ExperimentConfig, cfg_dict, "cell"), seed)  # data.split_seed = "seed": its own split
     st = run_schedule(cfg, approach, seed, LocalExecutor(cfg, sites_of(cfg)), RunDir(path), progress)

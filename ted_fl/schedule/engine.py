@@ -22,15 +22,15 @@ import torch
 
 from ted_fl.config import ExperimentConfig
 from ted_fl.continual.approaches import Approach, get_approach
-from ted_fl.continual.learner import lr_for, set_determinism
 from ted_fl.continual.metrics import continual_summary, r_matrix
 from ted_fl.continual.networks import build_model
+from ted_fl.continual.training import lr_for, set_determinism
 from ted_fl.continual.weights import Weights, load_weights, model_weights  # noqa: F401 (re-exported)
-from ted_fl.results import MEAN_LABEL, RunDir, label_metric, labels_of, select_label
-from ted_fl.worker import WORK_KEYS
+from ted_fl.run.directory import MEAN_LABEL, RunDir, label_metric, labels_of, select_label
+from ted_fl.schedule.worker import WORK_KEYS
 
 # Held while a schedule draws from the process's global generators (its initial model): schedules of a
-# ServerApp run as threads of one process (ted_fl.cells), and another's seeding must not land in between.
+# ServerApp run as threads of one process (ted_fl.schedule.cells), and another's seeding must not land in between.
 GLOBAL_RNG = threading.RLock()
 
 
@@ -414,7 +414,7 @@ def stage_privacy(rows: list[dict[str, Any]], stage: int, delta: float) -> dict[
     and nothing outside these rows (another approach, seed or process) enters. A round with partial
     accounting inputs counts as unbounded (inf): an unknown spend is no guarantee.
     """
-    from ted_fl.continual.privacy import epsilon_spent
+    from ted_fl.privacy.mechanisms import epsilon_spent
 
     hist: dict[str, dict[int, dict[int, dict[str, float]]]] = {}
     for r in rows:

@@ -10,9 +10,9 @@ import numpy as np
 from ted_fl.config import ExperimentConfig
 from ted_fl.continual.approaches import get_approach
 from ted_fl.data.types import SiteData, Split
-from ted_fl.engine import TrainResult, TrainTask, Weights, derive_seed
 from ted_fl.privacy.policies import PROBE_SITE_TAG, REPLAY_TAG, gets_teacher, replay_buffer, uses_replay
-from ted_fl.worker import SiteWorker, probes_for
+from ted_fl.schedule.engine import TrainResult, TrainTask, Weights, derive_seed
+from ted_fl.schedule.worker import SiteWorker, probes_for
 
 
 class LocalExecutor:
@@ -22,7 +22,7 @@ class LocalExecutor:
         from ted_fl.data import set_out_channels
 
         set_out_channels(cfg, sites[0].labels, cfg.data.sites)  # the network follows the sites' classes
-        from ted_fl.continual.privacy import prepare_privacy
+        from ted_fl.privacy.mechanisms import prepare_privacy
 
         prepare_privacy(cfg)  # idempotent: the runners call it at run start (model.norm, checks)
         self.cfg = cfg
@@ -42,7 +42,7 @@ class LocalExecutor:
             self.dp = StageDP(cfg.privacy)
         self._released: list[tuple[Weights, bool]] = []
         # Derived training splits (replay buffers, a joint group's union) are built once and reused
-        # round after round: the same arrays, so a GPU keeps one device copy of each (learner.on_device).
+        # round after round: the same arrays, so a GPU keeps one device copy of each (device.on_device).
         self._derived: dict[tuple, tuple[list[Split], Split]] = {}
 
     def train(self, task: TrainTask) -> list[TrainResult]:
@@ -118,7 +118,7 @@ class LocalExecutor:
         """The round's global model: client-level DP's noised uniform mean of the released weights, else FedAvg."""
         if self.dp is not None:
             return self.dp.aggregate_weights(task.weights, self._released)
-        from ted_fl.engine import fedavg
+        from ted_fl.schedule.engine import fedavg
 
         return fedavg([(r.weights, r.num_examples) for r in results])
 

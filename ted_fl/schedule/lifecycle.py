@@ -1,8 +1,8 @@
-"""What every runner shares, below the command lines: creating and finishing a run directory,
-progress, machine information and the report.
+"""A run's life, shared by every runner below the command lines: creating and finishing a run
+directory, progress, machine information, the report, and the in-process (centralized) execution.
 
-`ted_fl.federated`, `ted_fl.bench` and the command lines import this module; it imports no
-command line and nothing from `ted_fl.federated` (the Flower layer calls down into it, never up).
+`ted_fl.federated`, `ted_fl.studies`, `ted_fl.bench` and the command lines import this module; it
+imports nothing from them (the Flower layer calls down into it, never up).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ted_fl.config import ExperimentConfig, for_seed
 from ted_fl.files import atomic_write_text
-from ted_fl.results import RunDir
+from ted_fl.run.directory import RunDir
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 def start_run(cfg: ExperimentConfig, mode: str, argv: list[str], command: list[str] | None = None) -> RunDir:
     """A new run directory with the config, the exact command and the machine it runs on."""
-    from ted_fl.continual.privacy import prepare_privacy
+    from ted_fl.privacy.mechanisms import prepare_privacy
 
     notes = prepare_privacy(cfg)  # [privacy]: checks, and model.norm under DP, before config.toml is written
     run = RunDir.create(cfg.out, f"{cfg.name}-{mode}")
@@ -40,7 +40,7 @@ def start_run(cfg: ExperimentConfig, mode: str, argv: list[str], command: list[s
 
 class Progress:
     """Stage, round, site, loss and time left, on a rich progress bar (or plain lines), over every
-    schedule of a run, also those running at the same time (ted_fl.cells: it is called from several
+    schedule of a run, also those running at the same time (ted_fl.schedule.cells: it is called from several
     threads). `done`: rounds a resumed run had already finished; the counter starts there and the
     time left is estimated from this session's rounds only."""
 
@@ -142,7 +142,7 @@ Execute = Callable[[ExperimentConfig, RunDir, bool], dict[tuple[str, int], dict[
 
 def finish_run(cfg: ExperimentConfig, run: RunDir, extras: dict[tuple[str, int], dict[str, Any]]) -> pd.DataFrame:
     """Gather every (approach, seed) checkpoint's rows into metrics.csv and summary.csv."""
-    from ted_fl.engine import summarize
+    from ted_fl.schedule.engine import summarize
 
     rows: list[dict[str, Any]] = []
     audit_logs: dict[tuple[str, int], list[dict[str, Any]]] = {}
@@ -158,7 +158,7 @@ def finish_run(cfg: ExperimentConfig, run: RunDir, extras: dict[tuple[str, int],
                     bytes_sent=st["bytes_sent"], bytes_received=st["bytes_received"], wall_s=st["wall"]
                 )
     if audit_logs:
-        from ted_fl.privacy.audit import audit_frame, leaks
+        from ted_fl.privacy.leakage import audit_frame, leaks
 
         audit = audit_frame(audit_logs, (cfg.data.size, cfg.data.size))
         atomic_write_text(run.path / "audit.csv", audit.to_csv(index=False))
@@ -236,7 +236,7 @@ def mark_run_failed(run: RunDir, error: str, resume: str, new: bool = True) -> b
 
 def write_report_if_available(run: RunDir) -> Path | None:
     try:
-        from ted_fl.report import shared_plotlyjs, write_report
+        from ted_fl.run.html_report import shared_plotlyjs, write_report
     except ImportError:
         return None
     try:  # plotly.js once per output folder, beside the run directories
@@ -300,9 +300,16 @@ def load_and_record_sites(cfg: ExperimentConfig, run: RunDir) -> list:
 _NOTED: set[str] = set()  # the notes this process has printed
 
 def execute_centralized(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[tuple[str, int], dict[str, Any]]:
-    """Every (approach, seed) of `cfg` in-process, `train.cells_in_parallel` of them at once (ted_fl.cells)."""
-    from ted_fl.cells import Job, cell_resources, cell_slots, local_schedule, remember_sites, run_jobs
+    """Every (approach, seed) of `cfg` in-process, `train.cells_in_parallel` of them at once (ted_fl.schedule.cells)."""
     from ted_fl.config import to_dict
+    from ted_fl.schedule.cells import (
+        Job,
+        cell_resources,
+        cell_slots,
+        local_schedule,
+        remember_sites,
+        run_jobs,
+    )
 
     sites = load_and_record_sites(cfg, run)
     cells = [(a, s) for a in cfg.approaches for s in cfg.seeds]
@@ -312,7 +319,7 @@ def execute_centralized(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict
     jobs = [Job(f"{a} seed {s}", local_schedule, (data, str(run.path), a, s)) for a, s in cells]
     if slots > 1:
         run.log(f"{len(jobs)} cells, {slots} at once (train.cells_in_parallel = {cfg.train.cells_in_parallel})")
-    record = getattr(run, "record", None)  # ted_fl.processes.ProcessRecord: Ray's processes, once it runs
+    record = getattr(run, "record", None)  # ted_fl.run.processes.ProcessRecord: Ray's processes, once it runs
     progress = Progress(total_rounds(cfg, len(sites)), quiet, done=run_rounds_done(cfg, run, len(sites)))
 
     def on_round(info: dict[str, Any]) -> None:

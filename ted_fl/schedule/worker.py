@@ -16,12 +16,14 @@ import torch
 
 from ted_fl.config import ExperimentConfig
 from ted_fl.continual.approaches import get_approach
-from ted_fl.continual.learner import Labels, eval_options, evaluate, gpu_setup, local_train, set_determinism
+from ted_fl.continual.device import gpu_setup
+from ted_fl.continual.evaluation import Labels, eval_options, evaluate
 from ted_fl.continual.networks import build_model
-from ted_fl.continual.privacy import sample_dp_args
 from ted_fl.continual.probes import make_probes
+from ted_fl.continual.training import local_train, set_determinism
 from ted_fl.continual.weights import Weights, to_tensors
 from ted_fl.data.types import Split
+from ted_fl.privacy.mechanisms import sample_dp_args
 
 # Timing keys a client adds to its round's metrics: the wall and CPU (this thread's) seconds of its
 # own work (train_round: load, steps, validation). The schedule moves them to its "time" rows, where
@@ -122,7 +124,7 @@ class SiteWorker:
 
     def evaluate(self, weights: Weights, split: Split, per_volume: bool,
                  labels: Labels | None = None) -> dict[str, float]:
-        """Scores of `weights` on `split`, per evaluation label and their mean (see learner.score)."""
+        """Scores of `weights` on `split`, per evaluation label and their mean (see evaluation.score)."""
         self.student.load_state_dict(to_tensors(weights))
         return evaluate(self.student, split, per_volume=per_volume, labels=labels, **eval_options(self.cfg))
 

@@ -6,7 +6,7 @@ site order, fully resolved into an `ExperimentConfig`. Its identity is the hash 
 resolved configuration, so a rerun of the same sweep (or of a larger one sharing cells)
 reuses every finished cell and only runs what is missing.
 
-Where cells run: `ted_fl.cells`, the runner of every command: train.cells_in_parallel cells at once
+Where cells run: `ted_fl.schedule.cells`, the runner of every command: train.cells_in_parallel cells at once
 ("auto": as many as the cores, GPU shares or a cluster hold), each a Ray task with train.threads
 CPUs and, on a GPU, a share of it (`federated.ray_address` joins an existing cluster, whose nodes
 must see the same output folder). A cell runs the *centralized* runner (the simulator's schedule,
@@ -40,7 +40,7 @@ import pandas as pd
 
 from ted_fl.config import ExperimentConfig, set_key, to_dict
 from ted_fl.errors import TedFlError
-from ted_fl.results import RunDir
+from ted_fl.run.directory import RunDir
 
 TEST_METRICS = ("avg", "bwt", "fwt", "forgetting", "plasticity", "hd95")
 
@@ -134,9 +134,9 @@ def cell_done(path: Path, cell: Cell) -> bool:
 def run_cell(cfg: ExperimentConfig, path: str, progress: Callable[[dict[str, Any]], None] | None = None
              ) -> dict[str, Any]:
     """Run one cell's schedule (resuming its last round if interrupted) and write its tables."""
-    from ted_fl.cells import sites_of
-    from ted_fl.engine import run_schedule, summarize
-    from ted_fl.local import LocalExecutor
+    from ted_fl.schedule.cells import sites_of
+    from ted_fl.schedule.engine import run_schedule, summarize
+    from ted_fl.schedule.in_process import LocalExecutor
 
     run = RunDir(path)
     run.path.mkdir(parents=True, exist_ok=True)
@@ -154,7 +154,7 @@ def run_cell(cfg: ExperimentConfig, path: str, progress: Callable[[dict[str, Any
 
 def sweep_cell(cfg_dict: dict[str, Any], path: str, *, progress: Callable[[dict[str, Any]], None],
                slot: int) -> dict[str, Any]:
-    """A sweep's cell for `ted_fl.cells.run_jobs` (here, or in a Ray task): rebuild the config, run it."""
+    """A sweep's cell for `ted_fl.schedule.cells.run_jobs` (here, or in a Ray task): rebuild the config, run it."""
     from ted_fl.config import from_dict
 
     return run_cell(from_dict(ExperimentConfig, cfg_dict, "sweep cell"), path, progress)
@@ -168,7 +168,7 @@ def n_sites(cfg: ExperimentConfig) -> int:
 
 def rounds_of(cell: Cell) -> int:
     """Rounds the cell's schedule runs (joint trains joint_rounds_factor times longer)."""
-    from ted_fl.run import schedule_rounds
+    from ted_fl.schedule.lifecycle import schedule_rounds
 
     stages, rounds = schedule_rounds(cell.cfg, cell.approach, n_sites(cell.cfg))
     return stages * rounds
@@ -176,7 +176,7 @@ def rounds_of(cell: Cell) -> int:
 
 def rounds_done_of(cell: Cell, folder: Path) -> int:
     """Rounds an unfinished cell's checkpoint holds (a killed sweep resumes there)."""
-    from ted_fl.run import rounds_done
+    from ted_fl.schedule.lifecycle import rounds_done
 
     path = folder / "cells" / cell.name
     if not path.is_dir():
@@ -210,13 +210,13 @@ class Progress:
 
 def run_cells(cells: list[Cell], folder: str | Path, *, parallel: bool = True, quiet: bool = False,
               num_cpus: int | None = None) -> dict[str, Any]:
-    """Run every unfinished cell (`train.cells_in_parallel` at once on Ray, `ted_fl.cells`, or one
+    """Run every unfinished cell (`train.cells_in_parallel` at once on Ray, `ted_fl.schedule.cells`, or one
     after another here); reuse the rest. `num_cpus`: at most this many CPUs' worth of cells at once.
 
     Raises TedFlError naming the failed cells after the others have finished (those stay
     reusable); returns {"ran": n, "reused": n, "wall_s": s}.
     """
-    from ted_fl.cells import Job, cell_resources, cell_slots, run_jobs
+    from ted_fl.schedule.cells import Job, cell_resources, cell_slots, run_jobs
 
     folder = Path(folder)
     names = [c.name for c in cells]
@@ -317,8 +317,8 @@ def select(summary: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, pd.Dat
 
 def write_outputs(cells: list[Cell], folder: str | Path, title: str = "sweep", command: str = "") -> dict[str, Any]:
     """metrics.csv, summary.csv and report.md across the cells (written atomically)."""
-    from ted_fl.markdown import md_table
-    from ted_fl.results import atomic_write_bytes
+    from ted_fl.run.directory import atomic_write_bytes
+    from ted_fl.run.markdown import md_table
 
     folder = Path(folder)
     metrics, summary = collect(cells, folder)

@@ -1,4 +1,4 @@
-"""Privacy studies: the privacy-utility grid of `python -m ted_fl.study privacy`, on ted_fl.sweeps.
+"""Privacy studies: the privacy-utility grid of `python -m ted_fl.study privacy`, on ted_fl.studies.grid.
 
 A study is a sweep whose first axis is the target epsilon (`privacy.epsilon`; inf = no DP noise,
 `privacy.dp = "off"`; a finite value turns on the chosen DP level, `privacy.dp`), crossed with any
@@ -6,7 +6,7 @@ policy axes (`privacy.teacher`, `federated.probes`, `federated.retention`, `priv
 approaches and seeds. Every cell is one run with the membership-inference attack on
 (`privacy.mia`), identified by the hash of its resolved configuration, so a rerun reuses every
 finished cell. Cells run as the sweep runs them (Ray tasks of the centralized runner,
-train.cells_in_parallel at once, `ted_fl.cells`) or, with `federated=True`, inside ONE Flower
+train.cells_in_parallel at once, `ted_fl.schedule.cells`) or, with `federated=True`, inside ONE Flower
 simulation (Ray starts once; train.cells_in_parallel schedules at once, each on its own SuperNodes):
 then every cell also has the server's audit of what travelled (audit.csv), which is what the byte
 columns of the report come from.
@@ -32,7 +32,16 @@ import pandas as pd
 
 from ted_fl.config import ExperimentConfig
 from ted_fl.errors import TedFlError
-from ted_fl.sweeps import Cell, _mark_done, cell_done, collect, config_hash, expand, run_cells, val_score
+from ted_fl.studies.grid import (
+    Cell,
+    _mark_done,
+    cell_done,
+    collect,
+    config_hash,
+    expand,
+    run_cells,
+    val_score,
+)
 
 EPS_KEY = "privacy.epsilon"
 DP_LEVELS = ("sample", "client")
@@ -63,7 +72,7 @@ def privacy_cells(base: ExperimentConfig, epsilons: list[float], dp: str = "samp
                   grid: dict[str, list[Any]] | None = None, approaches: list[str] | None = None,
                   seeds: list[int] | None = None) -> list[Cell]:
     """Every cell of epsilons x policy grid x approaches x seeds, each checked before anything runs."""
-    from ted_fl.continual.privacy import prepare_privacy
+    from ted_fl.privacy.mechanisms import prepare_privacy
     from ted_fl.privacy.policies import check_privacy
 
     if dp not in DP_LEVELS:
@@ -79,7 +88,7 @@ def privacy_cells(base: ExperimentConfig, epsilons: list[float], dp: str = "samp
         c.cfg.privacy.dp = dp if math.isfinite(c.cfg.privacy.epsilon) else "off"  # type: ignore[assignment]
         c.cfg.privacy.mia = True
         if any_dp and c.cfg.model.norm == "batch":
-            # DP swaps batch norm for group norm (ted_fl.continual.privacy); the epsilon = inf cells
+            # DP swaps batch norm for group norm (ted_fl.privacy.mechanisms); the epsilon = inf cells
             # use the same network, so the curve compares privacy, not two architectures
             c.cfg.model.norm = "group"
         check_privacy(c.cfg)
@@ -92,8 +101,8 @@ def run_cells_federated(cells: list[Cell], folder: Path, quiet: bool = False) ->
     """Run the unfinished cells in one Flower simulation, train.cells_in_parallel at once (each on its
     own block of SuperNodes, `ted_fl.federated.simulation.simulate_cells`); reuse the rest."""
     from ted_fl.federated.simulation import federated_slots, simulate_cells
-    from ted_fl.results import RunDir
-    from ted_fl.run import finish_run, load_and_record_sites
+    from ted_fl.run.directory import RunDir
+    from ted_fl.schedule.lifecycle import finish_run, load_and_record_sites
 
     todo = [c for c in cells if not cell_done(folder / "cells" / c.name, c)]
     if not todo:
@@ -324,9 +333,9 @@ def utility_findings(mean: pd.DataFrame, table: pd.DataFrame, axes: list[str]) -
 
 def write_report(cells: list[Cell], folder: Path, command: str = "", title: str = "privacy study") -> dict[str, Any]:
     """study.csv, study_mean.csv, audit.csv (federated cells), report.md and report.html."""
-    from ted_fl.markdown import md_table
-    from ted_fl.privacy.audit import leaks
-    from ted_fl.results import atomic_write_bytes
+    from ted_fl.privacy.leakage import leaks
+    from ted_fl.run.directory import atomic_write_bytes
+    from ted_fl.run.markdown import md_table
 
     table = tidy(cells, folder)
     axes = [k for k in cells[0].point if k != EPS_KEY]

@@ -1,4 +1,4 @@
-"""Cells at the same time give the numbers of cells one after another, exactly (ted_fl.cells):
+"""Cells at the same time give the numbers of cells one after another, exactly (ted_fl.schedule.cells):
 `centralized` (a Ray task per cell) and `simulate` (schedules as threads of one ServerApp, a block of
 SuperNodes each), a killed concurrent run resumed, and the audit per cell."""
 
@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from ted_fl.config import dump_toml, to_dict
-from ted_fl.results import RunDir
+from ted_fl.run.directory import RunDir
 from tests.conftest import mid_run, tiny_config
 
 pytestmark = pytest.mark.slow  # no xdist group: the module shares only a config file, so its runs spread over both workers

@@ -138,7 +138,7 @@ def flwr_processes(home: Path) -> list:
     it (a zombie, ended but not yet collected by its parent, counts as gone)."""
     import psutil
 
-    from ted_fl.processes import cmdline, is_gone
+    from ted_fl.run.processes import cmdline, is_gone
 
     found = []
     for p in psutil.process_iter():
@@ -151,7 +151,7 @@ def flwr_processes(home: Path) -> list:
 
 
 def describe(procs: list) -> list[str]:
-    from ted_fl.processes import cmdline
+    from ted_fl.run.processes import cmdline
 
     return [f"{p.pid} {' '.join(cmdline(p))[:150]}" for p in procs]
 

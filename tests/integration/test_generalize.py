@@ -34,7 +34,7 @@ def test_generalize_end_to_end(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     df = pd.read_csv(run / "metrics.csv")
-    from ted_fl.results import METRIC_COLUMNS
+    from ted_fl.run.directory import METRIC_COLUMNS
 
     assert list(df.columns) == METRIC_COLUMNS
     assert set(df["approach"]) == {"teacher", "student", "kd", "gkd"}

@@ -12,12 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ted_fl.cli import run_command
+from ted_fl.commands.shared import run_command
 from ted_fl.config import dump_toml, to_dict
 from ted_fl.continual.metrics import continual_summary, r_matrix
 from ted_fl.report import main as report_main
-from ted_fl.results import RunDir, labels_of
 from ted_fl.results_doc import main as doc_main
+from ted_fl.run.directory import RunDir, labels_of
 from tests.conftest import tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_multiclass")]

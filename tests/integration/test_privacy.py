@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ted_fl.cli import run_command
-from ted_fl.continual.privacy import client_noise_multiplier, epsilon_spent
-from ted_fl.results import RunDir
+from ted_fl.commands.shared import run_command
+from ted_fl.privacy.mechanisms import client_noise_multiplier, epsilon_spent
+from ted_fl.run.directory import RunDir
 from tests.integration.test_simulation import run_dir_of, simulate, write_config
 
 pytestmark = pytest.mark.slow

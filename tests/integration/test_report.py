@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from ted_fl.cli import run_command
+from ted_fl.commands.report import main
+from ted_fl.commands.shared import run_command
 from ted_fl.config import dump_toml, to_dict
-from ted_fl.report import find_chromium, main, write_report
-from ted_fl.results import RunDir
-from ted_fl.run import write_report_if_available
+from ted_fl.run.directory import RunDir
+from ted_fl.run.html_report import find_chromium, write_report
+from ted_fl.schedule.lifecycle import write_report_if_available
 from tests.conftest import REPO, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_report")]  # a real centralized run, notebooks and a browser

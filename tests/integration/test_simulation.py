@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 
 from ted_fl.config import dump_toml, to_dict
-from ted_fl.processes import cmdline, is_gone
-from ted_fl.results import RunDir
+from ted_fl.run.directory import RunDir
+from ted_fl.run.processes import cmdline, is_gone
 from tests.conftest import REPO, mid_run, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_simulation")]
@@ -114,7 +114,7 @@ def test_teacher_and_probes_bytes(fed: tuple[Path, RunDir]) -> None:
 
 def test_matches_centralized(fed: tuple[Path, RunDir], tmp_path: Path) -> None:
     """With one client per site and the same seed, the R matrices agree to 1e-4 Dice."""
-    from ted_fl.cli import run_command
+    from ted_fl.commands.shared import run_command
 
     cfg_path, run = fed
     assert run_command("centralized", ["--config", str(cfg_path), "--quiet", "--out", str(tmp_path)]) == 0

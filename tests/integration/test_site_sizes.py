@@ -16,7 +16,7 @@ SIZES = {"RUNMC": 32, "BMC": 48, "I2CVB": 40}
 
 
 def test_per_site_sizes_run_seq_ted_gugf_and_joint(tmp_path: Path) -> None:
-    from ted_fl.cli import run_command
+    from ted_fl.commands.shared import run_command
     from ted_fl.data import load_sites
 
     text = (REPO / "sites" / "prostate.toml").read_text()

@@ -7,7 +7,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.supercore.task_identity import TaskIdentity
 
 from ted_fl.federated import messages as M
-from ted_fl.federated.audit import AUDIT_ERROR_CODE, audit_mod, violations
+from ted_fl.federated.message_log import AUDIT_ERROR_CODE, audit_mod, violations
 
 # Messages built outside a running app need a task identity (as inside a SuperLink).
 TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0

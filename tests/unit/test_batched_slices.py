@@ -14,7 +14,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import ted_fl.continual.zoo  # noqa: F401 - registers the GKD networks
 from ted_fl.config import ModelConfig
-from ted_fl.continual.learner import _predict, batch_statistics, evaluate, per_slice_batchable
+from ted_fl.continual.device import batch_statistics, per_slice_batchable
+from ted_fl.continual.evaluation import _predict, evaluate
 from ted_fl.continual.networks import NETWORKS, build_model, tiny_model_config
 from ted_fl.data.types import Split
 from ted_fl.errors import TedFlError

@@ -1,4 +1,4 @@
-"""The cell runner's parts (ted_fl.cells): how many cells run at once, the thread runner's failures,
+"""The cell runner's parts (ted_fl.schedule.cells): how many cells run at once, the thread runner's failures,
 the progress counter of a resumed run, and the simulated SuperNode blocks."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from ted_fl import cells
-from ted_fl.cells import Job, cell_resources, cell_slots, run_jobs
 from ted_fl.config import ExperimentConfig, set_key
 from ted_fl.errors import TedFlError
-from ted_fl.results import RunDir
-from ted_fl.run import Progress, rounds_done, schedule_rounds
+from ted_fl.run.directory import RunDir
+from ted_fl.schedule import cells
+from ted_fl.schedule.cells import Job, cell_resources, cell_slots, run_jobs
+from ted_fl.schedule.lifecycle import Progress, rounds_done, schedule_rounds
 
 
 def machine(monkeypatch: pytest.MonkeyPatch, cpus: int, gpus: int = 0) -> None:
@@ -65,7 +65,7 @@ def test_the_key_is_refused_in_one_line() -> None:
 
 
 def test_a_cells_identity_ignores_how_many_run_at_once() -> None:
-    from ted_fl.sweeps import config_hash
+    from ted_fl.studies.grid import config_hash
 
     a, b = ExperimentConfig(), ExperimentConfig()
     b.train.cells_in_parallel = 1

@@ -10,8 +10,8 @@ import torch
 from ted_fl.config import LossConfig, TrainConfig
 from ted_fl.continual import compiled as C
 from ted_fl.continual.approaches import get_approach
-from ted_fl.continual.learner import local_train
 from ted_fl.continual.networks import build_model, tiny_model_config
+from ted_fl.continual.training import local_train
 from ted_fl.data.types import Split
 from ted_fl.errors import TedFlError
 

@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ted_fl.cli import run_command
+from ted_fl.commands.shared import run_command
 from ted_fl.config import dump_toml, to_dict
-from ted_fl.engine import active_sites, derive_seed, fedavg
-from ted_fl.results import RunDir
+from ted_fl.run.directory import RunDir
+from ted_fl.schedule.engine import active_sites, derive_seed, fedavg
 from tests.conftest import tiny_config
 
 ORDER = ["A", "B", "C", "D"]
@@ -62,7 +62,7 @@ def test_same_seed_same_numbers_and_resume(cfg_file: Path, tmp_path: Path, monke
     np.testing.assert_array_equal(_dice(first)["value"], _dice(second)["value"])
 
     # Interrupt a third run after a few rounds, then resume it: the same numbers again.
-    import ted_fl.engine as engine
+    import ted_fl.schedule.engine as engine
 
     real = engine.run_schedule
     calls = {"n": 0}
@@ -96,9 +96,9 @@ def test_a_failed_run_is_marked_and_resumable(tmp_path: Path, monkeypatch: pytes
     """A run that dies mid-way (here a RuntimeError as torch raises) leaves FAILED and a status line,
     no metrics.csv or summary.csv; the report refuses it naming the resume command; --resume says it
     resumes a failed run, finishes it, and drops the marker."""
-    import ted_fl.engine as engine
+    import ted_fl.schedule.engine as engine
+    from ted_fl.commands.report import check_runs
     from ted_fl.errors import TedFlError
-    from ted_fl.report import check_runs
 
     cfg = tiny_config(tmp_path, ["seq"])
     path = tmp_path / "exp.toml"

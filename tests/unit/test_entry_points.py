@@ -100,7 +100,7 @@ def test_bench_subcommands_match_their_modules() -> None:
 
 
 def test_resume_of_a_finished_run_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from ted_fl.cli import run_command
+    from ted_fl.commands.shared import run_command
     from ted_fl.config import dump_toml, to_dict
 
     run = tmp_path / "r"
@@ -113,7 +113,7 @@ def test_resume_of_a_finished_run_says_so(tmp_path: Path, capsys: pytest.Capture
 
 def test_check_validates_and_stops(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--check loads the data as a run would, says what would run, and writes nothing."""
-    from ted_fl.cli import run_command
+    from ted_fl.commands.shared import run_command
     from tests.unit.test_site_layouts import N, write_small
 
     toml, data = write_small(tmp_path)
@@ -128,8 +128,8 @@ def test_check_validates_and_stops(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_missing_numbers_are_words() -> None:
-    from ted_fl.report import summary_table
-    from ted_fl.results import format_cell, missing_reason
+    from ted_fl.run.directory import format_cell, missing_reason
+    from ted_fl.run.html_report import summary_table
 
     assert format_cell("ravg", float("nan")) == "needs joint"
     assert format_cell("ravg[LV]", float("nan")) == "needs joint"
@@ -142,7 +142,7 @@ def test_missing_numbers_are_words() -> None:
 
 def test_coinciding_curves_stay_visible() -> None:
     """Two series with the same numbers differ in dash and marker, not only in colour."""
-    from ted_fl.report import _colours, _style
+    from ted_fl.run.html_report import _colours, _style
 
     colours = _colours(["seq", "ted_gugf"])
     a, b = _style(colours, "seq"), _style(colours, "ted_gugf")
@@ -167,7 +167,7 @@ def test_flower_client_tracebacks_go_to_run_log(tmp_path: Path) -> None:
     from flwr.common.logger import FLOWER_LOGGER
 
     from ted_fl.federated.simulation import client_errors_to_log
-    from ted_fl.results import RunDir
+    from ted_fl.run.directory import RunDir
 
     run = RunDir(tmp_path)
     shown: list[str] = []
@@ -199,8 +199,8 @@ def test_flower_client_tracebacks_go_to_run_log(tmp_path: Path) -> None:
 def test_checkpoint_policy_prunes_at_the_end(tmp_path: Path) -> None:
     import torch
 
-    from ted_fl.results import RunDir
-    from ted_fl.run import disk_use, prune_run
+    from ted_fl.run.directory import RunDir
+    from ted_fl.schedule.lifecycle import disk_use, prune_run
 
     for policy, stages_left in (("stages", 3), ("resume", 1), ("all", 3)):
         cfg = tiny_config(tmp_path, ["seq"])
@@ -223,7 +223,7 @@ def test_checkpoint_policy_prunes_at_the_end(tmp_path: Path) -> None:
 
 
 def test_progress_prints_lines_when_not_on_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
-    from ted_fl.run import Progress
+    from ted_fl.schedule.lifecycle import Progress
 
     p = Progress(4, lines=True)
     p(dict(approach="seq", seed=0, stage=0, stages=2, site="A", round=0, rounds=2, loss=0.5))
@@ -263,10 +263,10 @@ def test_a_too_small_simulated_federation_fails_at_once_naming_the_fix(tmp_path:
 def test_check_shows_the_data_warnings_the_run_shows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--check prints every warning the run would (an image without its mask), and a note when
     data.size replaces the sizes the site set declares; `sites check` prints the same."""
-    from ted_fl.cli import run_command
+    from ted_fl.commands.shared import run_command
     from ted_fl.config import DataConfig, ExperimentConfig
     from ted_fl.data import load_sites
-    from ted_fl.run import data_warnings
+    from ted_fl.schedule.lifecycle import data_warnings
     from ted_fl.sites import main as sites_main
     from tests.unit.test_site_layouts import N, write_small
 
@@ -304,8 +304,8 @@ def test_sites_tables_are_whole_when_piped(capsys: pytest.CaptureFixture[str]) -
 
 def test_summary_shows_lower_case_label_columns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`avg[cup]` is a column name, not rich markup (unescaped, every label column read "avg")."""
-    from ted_fl.cli import print_summary
-    from ted_fl.results import RunDir
+    from ted_fl.commands.shared import print_summary
+    from ted_fl.run.directory import RunDir
 
     summary = pd.DataFrame([{"approach": "seq", "seed": 0, "avg": 0.5, "avg[cup]": 0.25, "avg[disc]": 0.75,
                              "bwt": -0.1}])

@@ -2,7 +2,7 @@
 documents, random bytes as image and mask files. The command line must answer every one with
 exit 0 or with exit 2 and exactly one `error:` line: never a traceback, never another code.
 
-Everything runs in-process through `ted_fl.simulate.main(argv)` with `--check` (validation only:
+Everything runs in-process through `ted_fl.commands.simulate.main(argv)` with `--check` (validation only:
 no run directory, no Ray, no Flower). For the option and TOML fuzz the data half of the check is
 replaced by a stub (the data is fuzzed on its own below, with the real check). The number of
 examples per test is `TED_FL_FUZZ_EXAMPLES` (default 20); `pytest --hypothesis-show-statistics`
@@ -86,7 +86,7 @@ def assert_clean(code: int, stderr: str, argv: list[str]) -> None:
 @pytest.fixture
 def no_data(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """The option and TOML fuzz checks the configuration; the data half of --check is a stub."""
-    from ted_fl import run as run_module
+    from ted_fl.schedule import lifecycle as run_module
 
     monkeypatch.setattr(run_module, "check_data", lambda cfg: [])
     monkeypatch.chdir(tmp_path)  # a relative --set out=... or cache path lands in tmp

@@ -250,7 +250,7 @@ def test_audit_allows_declared_sums_only() -> None:
 
     from ted_fl.continual.fsd import GaussStats, packed_lengths
     from ted_fl.federated import messages as M
-    from ted_fl.federated.audit import violations
+    from ted_fl.federated.message_log import violations
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     stats = GaussStats.of(np.random.default_rng(0).normal(size=(5, 4))).to_arrays()
@@ -310,7 +310,7 @@ def test_stage_training_is_deterministic() -> None:
 
 
 def test_regenerated_results_page_keeps_marked_sections(tmp_path) -> None:
-    from ted_fl.markdown import marked_sections, write_section
+    from ted_fl.run.markdown import marked_sections, write_section
 
     doc = tmp_path / "results.md"
     doc.write_text("# Results\n\nold body\n")
@@ -324,8 +324,8 @@ def test_site_worker_trains_a_student_with_a_fixed_teacher(tmp_path) -> None:
     (model.name) learns with the approach's terms plus the fixed teacher's distillation."""
     from ted_fl.config import ExperimentConfig
     from ted_fl.data.types import Split
-    from ted_fl.engine import model_weights
-    from ted_fl.worker import SiteWorker
+    from ted_fl.schedule.engine import model_weights
+    from ted_fl.schedule.worker import SiteWorker
 
     teacher, _ = teacher_student()
     path = tmp_path / "teacher.pt"
@@ -353,7 +353,7 @@ def test_site_worker_trains_a_student_with_a_fixed_teacher(tmp_path) -> None:
 def test_verdict_says_plainly_whether_gkd_beats_kd() -> None:
     import pandas as pd
 
-    from ted_fl.gkd_report import verdict
+    from ted_fl.run.gkd_page import verdict
 
     def frame(gkd: list[float], kd: list[float]) -> pd.DataFrame:
         rows = [{"approach": a, "seed": s, "dice": v, "auc": 0.8} for a, vals in (("gkd", gkd), ("kd", kd))

@@ -16,7 +16,7 @@ from ted_fl.config import LossConfig, ModelConfig
 from ted_fl.continual import gkd as G
 from ted_fl.continual import terms as T
 from ted_fl.continual.approaches import Approach, WeightedTerm
-from ted_fl.continual.learner import batch_statistics
+from ted_fl.continual.device import batch_statistics
 from ted_fl.continual.networks import build_model
 from ted_fl.continual.step import train_step
 from ted_fl.data.types import Split
@@ -159,8 +159,8 @@ def test_dcgd_rows_train_l_seg_on_anchors_only_and_kd_aug_on_the_views_too() -> 
 def test_generalize_reads_the_fair_config_and_the_command_line_overrides_it() -> None:
     import argparse
 
+    from ted_fl.commands.generalize import build_config
     from ted_fl.errors import TedFlError
-    from ted_fl.generalize import build_config
 
     def ns(**kw: object) -> argparse.Namespace:
         base = dict(config="gkd-fair-cpu", sites=None, data_dir=None, source=None, teacher="", student="",

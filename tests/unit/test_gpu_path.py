@@ -8,8 +8,9 @@ import torch
 
 from ted_fl.config import LossConfig
 from ted_fl.continual.approaches import get_approach
-from ted_fl.continual.learner import amp_dtype_for, gpu_setup, local_train, on_device
+from ted_fl.continual.device import amp_dtype_for, gpu_setup, on_device
 from ted_fl.continual.networks import build_model, tiny_model_config
+from ted_fl.continual.training import local_train
 from ted_fl.data.types import Split
 from ted_fl.errors import TedFlError
 
@@ -67,7 +68,7 @@ def test_the_path_report_reads_the_tensors_the_steps_used() -> None:
     split up under "cuda", the cache held it under "cuda:0"). Now it reads the steps' own tensors;
     with the device path forced on the CPU, the flags say what happened."""
     from ted_fl.bench.gpu import data_path, weights_channels_last
-    from ted_fl.continual.learner import on_device_cached
+    from ted_fl.continual.device import on_device_cached
 
     torch.manual_seed(0)
     student = build_model(tiny_model_config())

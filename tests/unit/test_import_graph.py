@@ -1,5 +1,5 @@
-"""Layers point down: no import cycles in ted_fl (imports inside functions count), and no module
-below the command lines imports one."""
+"""Layers point down: no import cycles in ted_fl (imports inside functions count), every module sits in a
+declared layer, and no module imports one of a higher layer (docs/architecture.md draws them)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,25 @@ from pathlib import Path
 import ted_fl
 
 PACKAGE = Path(ted_fl.__file__).parent
-COMMAND_LINES = {
-    "ted_fl.simulate", "ted_fl.centralized", "ted_fl.sites", "ted_fl.generalize", "ted_fl.study",
-    "ted_fl.sweep", "ted_fl.bench.__main__", "ted_fl.cli",
+# The documented `python -m ted_fl.X` names: each a shim that hands over to ted_fl.commands.X.
+SHIMS = ("simulate", "centralized", "sites", "generalize", "study", "sweep", "diagnose", "networks", "report",
+         "results_doc", "gkd_report")
+# Bottom to top: a module may import its own layer and the ones below, never one above.
+LAYERS: list[tuple[str, ...]] = [
+    ("ted_fl", "ted_fl.errors", "ted_fl.files", "ted_fl.config"),  # the schema, errors, atomic writes
+    ("ted_fl.data",),  # site sets and their loaders
+    ("ted_fl.continual", "ted_fl.privacy"),  # plain PyTorch: the learning core and its privacy mechanisms
+    ("ted_fl.run",),  # a run's files and processes: run directory, pages, diagnostics
+    ("ted_fl.schedule",),  # the arrival schedule, the site worker, the in-process executor, cells
+    ("ted_fl.federated",),  # the Flower layer
+    ("ted_fl.studies",),  # many runs: sweeps, the privacy study
+    ("ted_fl.commands", "ted_fl.bench"),  # the command lines
+    tuple(f"ted_fl.{s}" for s in SHIMS),  # their documented names
+]
+# Arrows that run up a layer on purpose, each with its reason (keep this list short).
+UPWARD_ALLOWED = {
+    ("ted_fl.schedule.in_process", "ted_fl.federated.dp"):
+        "client-level DP in-process applies Flower's own DP strategy objects (StageDP) to weight dicts",
 }
 
 
@@ -70,17 +86,47 @@ def test_no_import_cycles() -> None:
     assert not cycle, "import cycle: " + " -> ".join(cycle)
 
 
-def test_nothing_imports_a_command_line() -> None:
+def layer_of(module: str) -> int | None:
+    """The layer of a module: that of the longest declared name it is or sits under."""
+    best: tuple[int, int] | None = None
+    for i, names in enumerate(LAYERS):
+        for n in names:
+            under = module == n or (module.startswith(n + ".") and n != "ted_fl")
+            if under and (best is None or len(n) > best[1]):
+                best = (i, len(n))
+    return None if best is None else best[0]
+
+
+def test_every_module_has_a_layer() -> None:
+    loose = sorted(m for m in import_graph() if layer_of(m) is None)
+    assert not loose, f"modules in no layer (add them to LAYERS or move them into a layer's package): {loose}"
+
+
+def test_no_arrow_runs_up_a_layer() -> None:
     graph = import_graph()
-    bad = sorted(f"{m} imports {t}" for m, ts in graph.items() if m not in COMMAND_LINES
-                 for t in ts & COMMAND_LINES)
-    assert not bad, "; ".join(bad)
+    up = sorted(f"{m} (layer {layer_of(m)}) imports {t} (layer {layer_of(t)})" for m, ts in graph.items()
+                for t in ts if (layer_of(t) or 0) > (layer_of(m) or 0) and (m, t) not in UPWARD_ALLOWED)
+    assert not up, "; ".join(up)
+    stale = [k for k in UPWARD_ALLOWED if k[1] not in graph.get(k[0], set())]
+    assert not stale, f"allowed upward arrows that no longer exist (remove them): {stale}"
+
+
+def test_shims_only_hand_over() -> None:
+    """`ted_fl/X.py` of a documented command is a docstring, one import of its command's main and the guard."""
+    for name in SHIMS:
+        tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+        imports = [n for n in tree.body if isinstance(n, ast.ImportFrom)]
+        assert [(i.module, [a.name for a in i.names]) for i in imports] == [(f"ted_fl.commands.{name}", ["main"])], name
+        assert len(tree.body) == 3, name  # docstring, import, __main__ guard
 
 
 def test_the_checker_sees_a_cycle_hidden_in_a_function() -> None:
     graph = {"a": {"b"}, "b": {"a"}, "c": set()}
     assert find_cycle(graph) == ["a", "b", "a"]
     assert "ted_fl.config" in import_graph()["ted_fl.continual.approaches"]
+    assert layer_of("ted_fl.errors") == 0 and layer_of("ted_fl.simulate") == len(LAYERS) - 1
+    assert layer_of("ted_fl.schedule.engine") > layer_of("ted_fl.run.directory") > layer_of("ted_fl.continual.step")  # type: ignore[operator]
+    assert layer_of("ted_fl.simulator") is None  # a new top-level module must be placed
 
 
 # ---- Figures for docs/architecture.md: `python -m tests.unit.test_import_graph` (radon for the function sizes) ----
@@ -171,13 +217,6 @@ def figures() -> list[str]:
     lines += [f"functions: {len(blocks)}; cyclomatic complexity > 15: {len(complex_)}; over 60 lines: {len(long_)}",
               f"  complexity > 15: {complex_[::-1]}", f"  over 60 lines: {long_[::-1]}"]
     return lines
-
-
-LAYERS: list[tuple[str, ...]] = []
-
-
-def layer_of(module: str) -> int | None:
-    return None
 
 
 if __name__ == "__main__":

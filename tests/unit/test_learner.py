@@ -10,12 +10,13 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-import ted_fl.continual.learner as learner
+import ted_fl.continual.training as learner
 from ted_fl.config import LossConfig, ModelConfig, TrainConfig
 from ted_fl.continual.approaches import get_approach
-from ted_fl.continual.learner import evaluate, local_train, lr_for, set_determinism
+from ted_fl.continual.evaluation import evaluate
 from ted_fl.continual.networks import SegNet, build_model, tiny_model_config
 from ted_fl.continual.probes import make_probes
+from ted_fl.continual.training import local_train, lr_for, set_determinism
 from ted_fl.data.types import Split
 from ted_fl.errors import TedFlError
 

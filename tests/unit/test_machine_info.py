@@ -7,7 +7,7 @@ import importlib.metadata
 
 import pytest
 
-from ted_fl.run import machine_info, package_version
+from ted_fl.schedule.lifecycle import machine_info, package_version
 
 
 def test_versions_fall_back_to_the_module_then_unknown(monkeypatch: pytest.MonkeyPatch) -> None:

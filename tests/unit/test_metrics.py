@@ -88,7 +88,7 @@ def test_curves_per_stage() -> None:
 
 
 def test_r_matrix_reads_one_label_the_mean_by_default() -> None:
-    from ted_fl.results import label_metric
+    from ted_fl.run.directory import label_metric
 
     df = tidy()
     multi = pd.concat([df.assign(label="mean"), df.assign(label="LV", value=df["value"] / 2)])
@@ -102,7 +102,7 @@ def test_r_matrix_reads_one_label_the_mean_by_default() -> None:
 
 
 def test_metrics_written_before_the_label_column_read_as_mean(tmp_path) -> None:  # noqa: ANN001
-    from ted_fl.results import RunDir
+    from ted_fl.run.directory import RunDir
 
     (tmp_path / "config.toml").write_text("")
     pd.DataFrame([

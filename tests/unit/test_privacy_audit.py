@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from ted_fl.federated.audit import record_message
-from ted_fl.privacy.audit import audit_frame, by_kind, leaks
-from ted_fl.studies import bytes_table, probe_findings
+from ted_fl.federated.message_log import record_message
+from ted_fl.privacy.leakage import audit_frame, by_kind, leaks
+from ted_fl.studies.privacy_utility import bytes_table, probe_findings
 
 
 def _weights() -> ArrayRecord:

@@ -118,7 +118,7 @@ def test_adaptive_clipping_with_too_few_clients_is_a_clear_error() -> None:
 def test_accounting_reads_the_mechanisms_own_noise_multiplier(clipping: str) -> None:
     """The accountant's sigma is read back from Flower's strategy; for adaptive clipping Flower's split
     (update z, count c) recombines to the target: epsilon 40 over 1 release is spent, not less."""
-    from ted_fl.continual.privacy import epsilon_spent
+    from ted_fl.privacy.mechanisms import epsilon_spent
 
     sd = dp.StageDP(PrivacyConfig(dp="client", epsilon=40.0, clipping=clipping)).stage("seq", 0, 0, len(NORMS), 1)
     if clipping == "adaptive":

@@ -8,8 +8,8 @@ import opacus  # noqa: F401  (imported at collection: its ~3 s import is no test
 import pytest
 
 from ted_fl.config import SECAGG_UNSUPPORTED, ExperimentConfig, set_key
-from ted_fl.continual.privacy import prepare_privacy
 from ted_fl.errors import TedFlError
+from ted_fl.privacy.mechanisms import prepare_privacy
 
 
 def _cfg(**privacy: object) -> ExperimentConfig:

@@ -11,16 +11,16 @@ import torch
 
 from ted_fl.config import LossConfig
 from ted_fl.continual.approaches import get_approach
-from ted_fl.continual.learner import local_train
 from ted_fl.continual.networks import build_model, tiny_model_config
-from ted_fl.continual.privacy import (
+from ted_fl.continual.training import local_train
+from ted_fl.data.types import Split
+from ted_fl.privacy.mechanisms import (
     attach,
     client_noise_multiplier,
     compatibility_errors,
     epsilon_spent,
     noise_multiplier_for,
 )
-from ted_fl.data.types import Split
 
 
 def _split(n: int = 12, size: int = 16) -> Split:
@@ -118,7 +118,7 @@ def _rows(stage: int, site: str, rounds: int, sigma: float, approach: str = "ted
 def test_stage_accounting_composes_a_clients_own_rounds_only() -> None:
     """Two clients of one site, 2 rounds each at the sigma calibrated for 2 releases: each spends the target
     (not 4 releases' worth); a retained site composes its stages in epsilon_total only; a partial round is inf."""
-    from ted_fl.engine import stage_privacy
+    from ted_fl.schedule.engine import stage_privacy
 
     delta, sigma = 1e-5, client_noise_multiplier(8.0, 1e-5, 2)
     rows = _rows(0, "A/0", 2, sigma) + _rows(0, "A/1", 2, sigma) + _rows(0, "B", 2, 5.0)

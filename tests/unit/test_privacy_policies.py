@@ -15,14 +15,14 @@ from flwr.app import Context, Message, RecordDict
 from ted_fl.config import ExperimentConfig, set_key
 from ted_fl.data import load_sites, resolve_out_channels
 from ted_fl.data.types import Split
-from ted_fl.engine import run_schedule
 from ted_fl.errors import TedFlError
 from ted_fl.federated.client_app import app as client_app
 from ted_fl.federated.server_app import FlowerExecutor
-from ted_fl.local import LocalExecutor
-from ted_fl.privacy.audit import audit_frame, leaks
+from ted_fl.privacy.leakage import audit_frame, leaks
 from ted_fl.privacy.policies import check_privacy, replay_buffer
-from ted_fl.results import RunDir
+from ted_fl.run.directory import RunDir
+from ted_fl.schedule.engine import run_schedule
+from ted_fl.schedule.in_process import LocalExecutor
 from tests.conftest import tiny_config
 
 

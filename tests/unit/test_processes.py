@@ -17,7 +17,7 @@ import pytest
 from ted_fl.errors import TedFlError
 from ted_fl.federated.reaper import in_use, is_flwr_run, is_managed_superlink
 from ted_fl.federated.reaper import main as reaper_main
-from ted_fl.processes import (
+from ted_fl.run.processes import (
     RECORD,
     ProcessRecord,
     Terminated,
@@ -145,7 +145,7 @@ def test_record_ends_a_recorded_process_that_was_reparented(tmp_path: Path) -> N
 def test_sigterm_becomes_an_exception_that_runs_finally_blocks() -> None:
     import threading
 
-    import ted_fl.processes as P
+    import ted_fl.run.processes as P
 
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signal handlers can only be installed in the main thread")

@@ -13,19 +13,13 @@ import torch
 from torch import nn
 
 from ted_fl.config import ExperimentConfig, ModelConfig
-from ted_fl.continual.learner import (
-    _hd95,
-    _hd95_pooled,
-    evaluate,
-    hd95_pooled_slice,
-    lr_for,
-    rescale_percentiles,
-)
+from ted_fl.continual.evaluation import _hd95, _hd95_pooled, evaluate, hd95_pooled_slice, rescale_percentiles
 from ted_fl.continual.networks import NETWORKS, build_model, tiny_model_config
+from ted_fl.continual.training import lr_for
 from ted_fl.data.types import Split
-from ted_fl.engine import TrainResult, TrainTask, run_schedule
 from ted_fl.errors import TedFlError
-from ted_fl.results import RunDir
+from ted_fl.run.directory import RunDir
+from ted_fl.schedule.engine import TrainResult, TrainTask, run_schedule
 
 # The reference UNet2D((1, 192, 192), 2) of TED_DCMIS, counted by running its own
 # unet_fepegar.py / model_utils.py (see ted_fl/continual/reference_unet.py and docs/protocol.md).
@@ -56,7 +50,7 @@ def buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _predictions(model: nn.Module, s: Split, bn: str) -> np.ndarray:
     """Per-image foreground masks the evaluation scores (via a per-image Dice against a full mask)."""
-    from ted_fl.continual import learner
+    from ted_fl.continual import evaluation as learner
 
     return learner._predict(model, s.images, 16, bn)
 
@@ -239,7 +233,7 @@ def _schedule(tmp: Path, approach: str, protocol: str = "ted-fl") -> tuple[Scrip
     cfg.privacy.mia = False  # scripted weights are no network to attack
     ex = ScriptedExecutor(["A", "B", "C"])
     run = RunDir.create(tmp, "scripted")
-    import ted_fl.engine as engine
+    import ted_fl.schedule.engine as engine
 
     real = engine.model_weights
     engine.model_weights = lambda m: {"w": np.array([-1.0], dtype=np.float32)}  # type: ignore[assignment]
@@ -277,7 +271,7 @@ def test_reference_protocol_seq_rate_and_one_run_joint(tmp_path: Path) -> None:
 def pd_rows(run: RunDir) -> Any:
     import pandas as pd
 
-    from ted_fl.engine import ScheduleState
+    from ted_fl.schedule.engine import ScheduleState
 
     st = run.load_checkpoint("joint", 0, "last")
     assert st is not None
@@ -287,7 +281,7 @@ def pd_rows(run: RunDir) -> Any:
 
 
 def test_predict_labels_follows_the_experiment() -> None:
-    from ted_fl.continual.learner import _predict, predict_labels
+    from ted_fl.continual.evaluation import _predict, predict_labels
 
     model = trained_bn_model()
     s = split()
@@ -325,7 +319,7 @@ def _retaining_run(tmp: Path, approach: str = "kd") -> RetainingExecutor:
     cfg.federated.retention = 1  # stage 1: A and B train, stage 2: B and C
     cfg.privacy.mia = False
     ex = RetainingExecutor(["A", "B", "C"])
-    import ted_fl.engine as engine
+    import ted_fl.schedule.engine as engine
 
     real = engine.model_weights
     engine.model_weights = lambda m: {"w": np.array([0.0], dtype=np.float32)}  # type: ignore[assignment]
@@ -366,7 +360,7 @@ def test_executors_aggregate_retained_sites_by_examples() -> None:
     from types import SimpleNamespace
 
     from ted_fl.federated.server_app import FlowerExecutor
-    from ted_fl.local import LocalExecutor
+    from ted_fl.schedule.in_process import LocalExecutor
 
     results = [TrainResult("B", 0, {"w": np.array([10.0], np.float32)}, 6, {}, None),
                TrainResult("C", 0, {"w": np.array([100.0], np.float32)}, 12, {}, None)]

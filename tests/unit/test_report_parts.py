@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ted_fl.continual.learner import class_dice as _slice_dice
-from ted_fl.report import _overlay, mean_std, pick_slices, slice_dice, summary_table
+from ted_fl.continual.evaluation import class_dice as _slice_dice
+from ted_fl.run.html_report import _overlay, mean_std, pick_slices, slice_dice, summary_table
 
 
 def test_pick_slices_prefers_foreground_from_distinct_volumes() -> None:

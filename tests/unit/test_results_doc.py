@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from ted_fl.cli import run_command
+from ted_fl.commands.shared import run_command
 from ted_fl.config import dump_toml, to_dict
-from ted_fl.results import RunDir
 from ted_fl.results_doc import main
+from ted_fl.run.directory import RunDir
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.xdist_group("test_results_doc")  # one shared run per module under -n
@@ -43,7 +43,7 @@ def test_readme_block_replaces_only_its_section(run: RunDir, tmp_path: Path) -> 
     text = readme.read_text()
     assert "old" not in text and "keep" in text and "| seq |" in text
     assert text.count("<!-- results:default-run:start -->") == 1
-    from ted_fl.results import site_learning, verdict
+    from ted_fl.run.directory import site_learning, verdict
 
     assert "specific to the machine above" in text and "another CPU" in text
     for line in verdict(run.summary(), site_learning(run.metrics())):  # the verdict, and any budget warning
@@ -60,11 +60,11 @@ def test_eval_bn_diagnostic(run: RunDir, capsys: pytest.CaptureFixture[str]) -> 
     ones the batch-mode evaluation gives, and a wrong approach is a one-line error."""
     import pandas as pd
 
-    from ted_fl.continual.learner import evaluate
+    from ted_fl.continual.evaluation import evaluate
     from ted_fl.continual.networks import build_model
     from ted_fl.data import load_sites
     from ted_fl.diagnose import main as diagnose
-    from ted_fl.engine import load_weights
+    from ted_fl.schedule.engine import load_weights
 
     assert diagnose(["eval-bn", str(run.path), "--approach", "seq"]) == 0
     df = pd.read_csv(run.path / "diagnostics" / "eval_bn-seq-seed0.csv")
@@ -77,7 +77,7 @@ def test_eval_bn_diagnostic(run: RunDir, capsys: pytest.CaptureFixture[str]) -> 
     got = df[(df["mode"] == "batch") & (df["stage"] == 2) & (df["site"] == site.name)]["value"].item()
     assert got == pytest.approx(evaluate(model, site.test, per_volume=site.per_volume, bn="batch",
                                          labels=site.labels.labels())["dice"])
-    from ted_fl.results import select_label
+    from ted_fl.run.directory import select_label
 
     running = select_label(run.metrics())
     running = running[(running["split"] == "test") & (running["metric"] == "dice") & (running["approach"] == "seq")
@@ -93,7 +93,7 @@ def test_mean_std_and_the_papers_ordering() -> None:
     """Several seeds print mean ± std; the ordering sentence needs gaps beyond one std."""
     import pandas as pd
 
-    from ted_fl.results_doc import findings, ordering, shown
+    from ted_fl.run.results_page import findings, ordering, shown
 
     def summary(f_ted: float, sd: float) -> pd.DataFrame:
         rows = {"seq": (0.5, 0.02), "kd": (0.3, 0.02), "ted_gugf": (f_ted, sd)}
@@ -114,7 +114,7 @@ def test_pooled_runs_of_one_configuration(run: RunDir, tmp_path: Path) -> None:
 
     import pandas as pd
 
-    from ted_fl.results_doc import open_run, run_tables
+    from ted_fl.run.results_page import open_run, run_tables
 
     def copy(seed: int, name: str, **change: object) -> Path:
         dst = tmp_path / name
@@ -143,8 +143,8 @@ def test_pooled_runs_of_one_configuration(run: RunDir, tmp_path: Path) -> None:
 
 def test_terminal_verdict_and_budget_warning(run: RunDir, capsys: pytest.CaptureFixture[str]) -> None:
     """A tiny budget (2 rounds x 3 steps): the summary's verdict says it cannot separate the approaches."""
-    from ted_fl.cli import print_verdict
-    from ted_fl.results import budget_check, site_learning, verdict
+    from ted_fl.commands.shared import print_verdict
+    from ted_fl.run.directory import budget_check, site_learning, verdict
 
     print_verdict(run.summary(), run)
     out = capsys.readouterr().out.splitlines()

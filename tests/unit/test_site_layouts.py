@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ted_fl.cli import run_command
+from ted_fl.commands.shared import run_command
 from ted_fl.config import DataConfig, ExperimentConfig
-from ted_fl.continual.learner import score
+from ted_fl.continual.evaluation import score
 from ted_fl.data import check_sites, check_splits, load_site_set_spec, load_sites, resolve_out_channels
 from ted_fl.errors import TedFlError
 from ted_fl.sites import main as sites_main

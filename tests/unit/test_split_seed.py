@@ -35,7 +35,7 @@ def test_the_split_seed_each_run_seed_draws_with() -> None:
 
 
 def _manifests(cfg: ExperimentConfig, seed: int) -> dict:
-    from ted_fl.run import check_data
+    from ted_fl.schedule.lifecycle import check_data
 
     return {s.name: s.manifest for s in check_data(for_seed(cfg, seed))}
 

@@ -9,7 +9,7 @@ import pytest
 
 from ted_fl.config import ExperimentConfig
 from ted_fl.errors import TedFlError
-from ted_fl.sweeps import config_hash, expand, parse_grid, run_cells, select, sweep
+from ted_fl.studies.grid import config_hash, expand, parse_grid, run_cells, select, sweep
 
 
 def tiny() -> ExperimentConfig:

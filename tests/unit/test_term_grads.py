@@ -11,7 +11,7 @@ import torch
 
 from ted_fl.config import LossConfig
 from ted_fl.continual.networks import build_model, tiny_model_config
-from ted_fl.diagnose import term_grad_ratios
+from ted_fl.run.diagnostics import term_grad_ratios
 
 
 def _nets() -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -92,8 +92,8 @@ def test_at_a_stage_start_the_student_equals_its_teacher_and_kd_and_akt_pull_not
 
 def test_recorded_pull_is_read_back_as_the_stage_mean(tmp_path) -> None:
     from ted_fl.config import ExperimentConfig
-    from ted_fl.diagnose import recorded_pull
-    from ted_fl.results import RunDir
+    from ted_fl.run.diagnostics import recorded_pull
+    from ted_fl.run.directory import RunDir
 
     run = RunDir.create(tmp_path, "x")
     run.write_config(ExperimentConfig())

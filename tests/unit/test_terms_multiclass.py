@@ -17,8 +17,8 @@ import torch
 from ted_fl.config import LossConfig
 from ted_fl.continual import terms as T
 from ted_fl.continual.approaches import get_approach
-from ted_fl.continual.learner import local_train
 from ted_fl.continual.networks import build_model, tiny_model_config
+from ted_fl.continual.training import local_train
 from ted_fl.data.types import Split
 
 # student p: a -> argmax 3, b -> argmax 2; teacher q: c -> argmax 2, d -> argmax 1

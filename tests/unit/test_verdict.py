@@ -1,4 +1,4 @@
-"""The verdict's statistics (ted_fl.results): paired differences against scipy, the budget check."""
+"""The verdict's statistics (ted_fl.run.directory): paired differences against scipy, the budget check."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from ted_fl.results import budget_check, paired_difference, verdict
+from ted_fl.run.directory import budget_check, paired_difference, verdict
 
 
 def summary(rows: dict[str, list[tuple[int, float, float, float]]]) -> pd.DataFrame:
