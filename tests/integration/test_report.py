@@ -103,12 +103,12 @@ def test_bad_run_dir_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_report_failure_does_not_lose_the_run(tiny: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    import ted_fl.report
+    import ted_fl.run.html_report as html_report
 
     def boom(*_: object, **__: object) -> Path:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ted_fl.report, "write_report", boom)
+    monkeypatch.setattr(html_report, "write_report", boom)
     _, run = tiny
     assert write_report_if_available(RunDir(run)) is None
     assert "disk full" in capsys.readouterr().err
