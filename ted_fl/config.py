@@ -10,8 +10,10 @@ that name the key and the fix.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import shlex
 import tomllib
 from dataclasses import field
 from pathlib import Path
@@ -377,7 +379,6 @@ def for_seed(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
     config says "seed" (the config itself otherwise)."""
     if cfg.data.split_seed != "seed":
         return cfg
-    import copy
 
     out = copy.deepcopy(cfg)
     out.data.split_seed = int(seed)
@@ -588,8 +589,6 @@ def from_run_config(run_config: dict[str, Any], source: str = "run config") -> E
     this schema's keys; `set` holds further `KEY=VALUE` overrides separated by spaces (Flower
     refuses run-config keys that pyproject.toml does not list).
     """
-    import shlex
-
     rc = {k: v for k, v in run_config.items() if k not in LAUNCH_KEYS}
     cfg = load_experiment(str(rc.pop("experiment"))) if rc.get("experiment") else ExperimentConfig()
     extra = str(rc.pop("set", "") or "")

@@ -23,9 +23,13 @@ import numpy as np
 import pandas as pd
 
 from ted_fl.bench import common as C
+from ted_fl.bench.federated import simulate_groups
 from ted_fl.config import ExperimentConfig, project_root
+from ted_fl.data import site_order
 from ted_fl.errors import TedFlError
 from ted_fl.run.directory import RunDir
+from ted_fl.studies.grid import Cell, run_cells
+from ted_fl.studies.grid import val_score as score
 
 APPROACHES = ["seq", "kd", "ted", "ted_gugf", "joint"]
 TUNED = {"kd": ("lambda_d",), "ted": ("lambda_d", "w_akt"), "ted_gugf": ("lambda_d", "w_akt")}
@@ -94,8 +98,6 @@ def with_loss(cfg: ExperimentConfig, loss: dict[str, float]) -> ExperimentConfig
 
 def val_score(rows: list[dict[str, Any]], order: list[str]) -> float:
     """Mean over stages of the mean validation Dice of the sites seen so far (`ted_fl.studies.grid`)."""
-    from ted_fl.studies.grid import val_score as score
-
     return score(rows, order)
 
 
@@ -107,9 +109,6 @@ def tune(dataset: str, base: ExperimentConfig, approaches: list[str], args: argp
     one CPU each), and a rerun with --resume reuses every finished cell (by the hash of its
     resolved configuration; run directories of the older per-point layout are reused too).
     """
-    from ted_fl.data import site_order
-    from ted_fl.studies.grid import Cell, run_cells
-
     order = site_order(base.data)
     cells: list[Cell] = []
     runs: dict[tuple[str, int], RunDir] = {}
@@ -172,8 +171,6 @@ def loss_text(point: dict[str, float]) -> str:
 def final_runs(dataset: str, base: ExperimentConfig, chosen: dict[str, dict[str, float]], seeds: list[int],
                work: Path) -> list[RunDir]:
     """Every approach with its selected weights, all seeds, through one Flower simulation."""
-    from ted_fl.bench.federated import simulate_groups
-
     groups: dict[tuple, list[str]] = {}
     free = [a for a, p in chosen.items() if not p]  # seq, joint: no distillation weight to choose
     for a, p in chosen.items():
@@ -302,7 +299,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         t = table.set_index("approach")
         if {"kd", "ted_gugf"} <= set(t.index):
             headline.append(f"{dataset} {t.loc['ted_gugf', '_avg'] / t.loc['kd', '_avg']:.2f}")
-        from ted_fl.data import site_order
 
         settings = (f"sites {base.data.sites} ({' -> '.join(site_order(base.data))}), "
                     f"{f'{base.data.size} px' if base.data.size else 'per-site sizes'}, U-Net channels {base.model.channels}, {base.train.rounds} rounds x "

@@ -19,7 +19,10 @@ from typing import Any
 import pandas as pd
 
 from ted_fl.bench import common as C
-from ted_fl.config import ExperimentConfig, load_experiment, set_key
+from ted_fl.config import ExperimentConfig, load_experiment, parse_override, set_key
+from ted_fl.data import resolve_out_channels
+from ted_fl.federated.simulation import federated_slots
+from ted_fl.schedule.cells import cell_slots
 
 TARGET = 1.6  # speedup of the default command on an idle 2-core CPU (issue 22)
 
@@ -37,9 +40,6 @@ def add_parser(sub: Any) -> None:
 
 
 def workload(args: argparse.Namespace) -> ExperimentConfig:
-    from ted_fl.config import parse_override
-    from ted_fl.data import resolve_out_channels
-
     cfg = load_experiment(args.config) if args.config else ExperimentConfig()
     if args.quick:
         C.tiny(cfg, ["RUNMC", "BMC", "I2CVB"], rounds=1, steps=2, batch=4)
@@ -67,9 +67,6 @@ def identical(a: Any, b: Any) -> bool:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    from ted_fl.federated.simulation import federated_slots
-    from ted_fl.schedule.cells import cell_slots
-
     cfg = workload(args)
     work = Path(args.out) / time.strftime("cells-%Y%m%d-%H%M%S")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

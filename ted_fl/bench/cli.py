@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ted_fl.config import ExperimentConfig, dump_toml, to_dict
+
 HEAVY = ("torch", "flwr", "ray")
 
 # (entry point, arguments): --help, then an input error each (a bad key, a bad value, a missing file).
@@ -71,8 +73,6 @@ def measure(module: str, args: list[str], env: dict[str, str]) -> tuple[float, i
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    from ted_fl.config import ExperimentConfig, dump_toml, to_dict
-
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     with tempfile.TemporaryDirectory() as tmp:
         a_file = Path(tmp) / "data.txt"

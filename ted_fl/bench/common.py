@@ -16,10 +16,11 @@ from typing import Any
 import pandas as pd
 import psutil
 
-from ted_fl.config import ExperimentConfig, dump_toml, project_root, to_dict
+from ted_fl.config import ExperimentConfig, dump_toml, load_experiment, project_root, to_dict
 from ted_fl.errors import TedFlError
 from ted_fl.run import markdown
 from ted_fl.run.directory import RunDir
+from ted_fl.schedule.lifecycle import machine_info
 
 DOC = project_root() / "docs" / "benchmarks.md"
 SECTIONS = ("accuracy", "sweep", "cells", "overhead", "scaling", "probes", "step", "gpu", "protocol")
@@ -33,8 +34,6 @@ rerun the command.
 
 def machine() -> dict[str, str]:
     """Cores, RAM, CPU model and library versions: the context every figure needs (as machine.json)."""
-    from ted_fl.schedule.lifecycle import machine_info
-
     m = machine_info()
     return {
         "cores": str(m["cpus"]), "ram": f"{m['ram_gib']} GiB", "cpu": str(m["processor"]),
@@ -159,8 +158,6 @@ def tiny(cfg: ExperimentConfig, order: list[str] | None = None, rounds: int | No
 
 def workload(args: Any, one_seed: bool = True, **quick: Any) -> ExperimentConfig:
     """The experiment file of --config (its first seed only), made `tiny(**quick)` with --quick."""
-    from ted_fl.config import load_experiment
-
     cfg = load_experiment(args.config)
     if one_seed:
         cfg.seeds = cfg.seeds[:1]

@@ -10,7 +10,9 @@ schedule as `python -m ted_fl.simulate`, without paying Ray's start-up per confi
 from __future__ import annotations
 
 from ted_fl.config import ExperimentConfig
+from ted_fl.federated.simulation import simulate_groups as serve_groups
 from ted_fl.run.directory import RunDir
+from ted_fl.schedule.lifecycle import finish_run, load_and_record_sites
 
 
 def simulate_groups(groups: list[tuple[ExperimentConfig, RunDir]]) -> None:
@@ -19,9 +21,6 @@ def simulate_groups(groups: list[tuple[ExperimentConfig, RunDir]]) -> None:
     All configurations must share the data section (same sites, so the same client nodes).
     Each run directory is finished like a `simulate` run (metrics.csv, summary.csv).
     """
-    from ted_fl.federated.simulation import simulate_groups as serve_groups
-    from ted_fl.schedule.lifecycle import finish_run, load_and_record_sites
-
     first = groups[0][0]
     n_sites = 0
     for cfg, run in groups:

@@ -8,6 +8,7 @@ not import Flower.
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -17,6 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from ted_fl.config import ExperimentConfig
+from ted_fl.federated.simulation import launch
 
 BUSY_S = 0.2  # the busy rows: the client works (sleeps) a seeded uniform 0..BUSY_S before it answers
 
@@ -76,12 +78,9 @@ def flower_floor(cfg: ExperimentConfig, rounds: int, engines: tuple[bool, ...] =
     patch; each with Flower's `send_and_receive` and with ted-fl's. Each row: the round trip as the
     ServerApp sees it, less the client's busy time (ms). `engines`: which of the two (False: Flower's
     own, True: the patch) to launch; `--quick` launches one, to keep the test suite short."""
-    import copy
-
     from ted_fl.continual.networks import build_model
     from ted_fl.continual.weights import model_weights
     from ted_fl.federated import messages as M
-    from ted_fl.federated.simulation import launch
 
     weights = model_weights(build_model(cfg.model))
 

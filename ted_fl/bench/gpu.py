@@ -54,10 +54,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import psutil
 import torch
 
 from ted_fl.bench import common as C
 from ted_fl.config import ExperimentConfig, split_seed_of
+from ted_fl.data import load_sites, site_order
 
 CUDA_CONTEXT_MIB = 500.0  # what a process's CUDA context and allocator reserve besides tensors (typical)
 
@@ -92,11 +94,8 @@ def step_costs(cfg: ExperimentConfig, approaches: list[str], steps: int,
     """Per approach and train.compile setting ("off"; "on" for the approaches in `compiled`):
     seconds per step, images/s and peak device memory of a client's round; and the GPU path's
     switches as the steps really used them (`path_report`, from the worker's trace)."""
-    import psutil
-
     from ted_fl.continual.approaches import get_approach
     from ted_fl.continual.device import amp_dtype_for
-    from ted_fl.data import load_sites
     from ted_fl.schedule.engine import model_weights
     from ted_fl.schedule.worker import SiteWorker, probes_for
 
@@ -217,7 +216,6 @@ def eval_costs(cfg: ExperimentConfig) -> tuple[pd.DataFrame, dict[str, float]]:
     (the largest logit difference, the share of equal labels, the Dice of each)."""
     from ted_fl.continual.device import batch_statistics
     from ted_fl.continual.evaluation import _predict, evaluate
-    from ted_fl.data import load_sites
     from ted_fl.schedule.worker import SiteWorker
 
     site = load_sites(cfg.data, split_seed_of(cfg))[0]
@@ -359,7 +357,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     sim_cfg.approaches = [a for a in args.approach if a != "joint"][-1:] or ["seq"]
     sim_cfg.federated.num_gpus, sim_cfg.federated.retention = num_gpus, 0  # one training client a round
     if not args.quick:  # three sites, three rounds: enough steady rounds, a few minutes on a CPU
-        from ted_fl.data import site_order
 
         sim_cfg.data.order, sim_cfg.train.rounds = site_order(cfg.data)[:3], 3
     work = Path(args.out) / time.strftime("gpu-%Y%m%d-%H%M%S")

@@ -14,6 +14,8 @@ so the share of a round's overhead that is Flower's is measured, not assumed (`-
 from __future__ import annotations
 
 import argparse
+import pickle
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -46,9 +48,6 @@ def workload(args: argparse.Namespace) -> ExperimentConfig:
 
 def message_path(cfg: ExperimentConfig, reps: int = 20) -> pd.DataFrame:
     """Each piece of a round's message path, timed alone on the workload's model (median ms)."""
-    import pickle
-    import tempfile
-
     import torch
     from flwr.app import Array, ArrayRecord, RecordDict
 

@@ -20,7 +20,9 @@ import numpy as np
 import pandas as pd
 
 from ted_fl.bench import common as C
+from ted_fl.bench.federated import simulate_groups
 from ted_fl.config import ExperimentConfig
+from ted_fl.data import site_order
 from ted_fl.run.directory import RunDir
 
 
@@ -63,8 +65,6 @@ def measure(run: RunDir, cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    from ted_fl.bench.federated import simulate_groups
-
     base = workload(args)
     work = Path(args.out) / time.strftime("probes-%Y%m%d-%H%M%S")
     pairs = []
@@ -78,7 +78,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     rows = [measure(run, cfg) for cfg, run in pairs]
     df = pd.DataFrame(rows)
     pix, seed = rows
-    from ted_fl.data import site_order
 
     n_stages = len(site_order(base.data))
     probe_bytes = pix["probe_bytes"] / max(pix["probe_rounds"], 1)

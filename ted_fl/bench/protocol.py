@@ -33,10 +33,13 @@ import time
 from typing import Any
 
 import pandas as pd
+import psutil
 import torch
 
 from ted_fl.bench import common as C
+from ted_fl.bench.step import Bench
 from ted_fl.config import ExperimentConfig, load_experiment, split_seed_of
+from ted_fl.data import load_sites, resolve_out_channels
 
 
 def add_parser(sub: Any) -> None:
@@ -103,9 +106,6 @@ def measure_steps(cfg: ExperimentConfig, approaches: list[str], steps: int,
                   compile: str = "off") -> tuple[dict[str, float], float, str]:  # noqa: A002
     """Seconds per step per approach (with a teacher), the training process's peak memory (MiB), its kind;
     `compile` "on": the steps with train.compile's compiled forwards (the warm-up step pays the compilation)."""
-    import psutil
-
-    from ted_fl.bench.step import Bench
     from ted_fl.continual.device import amp_dtype_for
     from ted_fl.schedule.worker import pick_device
 
@@ -130,7 +130,6 @@ def eval_seconds_per_image(cfg: ExperimentConfig, site: Any, slices: str | None 
     evaluates (eval.bn, its rescale and HD95); `slices` overrides eval.slices ("one": the reference's loop)."""
     from ted_fl.continual.evaluation import eval_options, evaluate
     from ted_fl.continual.networks import build_model
-    from ted_fl.data import resolve_out_channels
     from ted_fl.schedule.worker import pick_device
 
     device = pick_device(cfg.train.device)
@@ -203,7 +202,6 @@ def hours(s: float) -> str:
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     from ted_fl.continual.approaches import get_approach
     from ted_fl.continual.networks import build_model
-    from ted_fl.data import load_sites, resolve_out_channels
     from ted_fl.schedule.engine import model_weights
     from ted_fl.schedule.worker import pick_device
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import time
 import tomllib
 from pathlib import Path
@@ -67,8 +68,6 @@ def workload(n: int, work: Path, approach: str) -> ExperimentConfig:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    import os
-
     counts = args.sites or ([2, 4] if args.quick else [3, 6, 12, 24, 48])
     work = Path(args.out) / time.strftime("scaling-%Y%m%d-%H%M%S")
     work.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ import torch
 
 from ted_fl.bench import common as C
 from ted_fl.config import ExperimentConfig
+from ted_fl.data import resolve_out_channels
 
 APPROACHES = ["seq", "kd", "ska", "akt", "akt_gugf", "ted", "ted_gugf"]
 
@@ -57,7 +58,6 @@ class Bench:
         from ted_fl.continual.networks import build_model
         from ted_fl.continual.probes import make_probes
         from ted_fl.continual.training import set_determinism
-        from ted_fl.data import resolve_out_channels
 
         set_determinism(0, cfg.train.threads)
         resolve_out_channels(cfg)  # out_channels = 0: the site set's classes + background

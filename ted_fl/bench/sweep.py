@@ -19,6 +19,8 @@ import pandas as pd
 
 from ted_fl.bench import common as C
 from ted_fl.config import ExperimentConfig, load_experiment
+from ted_fl.data import site_order
+from ted_fl.studies.grid import expand, run_cells, write_outputs
 
 
 def add_parser(sub: Any) -> None:
@@ -48,8 +50,6 @@ def comparable(folder: Path) -> pd.DataFrame:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    from ted_fl.studies.grid import expand, run_cells, write_outputs
-
     base, grid, approaches, seeds = workload(args)
     cells = expand(base, grid, approaches, seeds)
     work = Path(args.out) / time.strftime("sweep-%Y%m%d-%H%M%S")
@@ -72,7 +72,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     cpus = args.cpus or os.cpu_count()
     line = (f"sweep: {len(cells)} cells, parallel {par:.1f} s vs one after another {serial:.1f} s "
             f"(speedup {serial / par:.2f} on {cpus} cores), results identical: {'yes' if identical else 'NO'}")
-    from ted_fl.data import site_order
 
     body = (
         f"{C.section_head('sweep', argv)}\n\n"

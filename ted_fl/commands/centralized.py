@@ -8,10 +8,10 @@ bare loop against which the simulator's overhead is measured. The executor is `t
 
 from __future__ import annotations
 
+from ted_fl.commands.shared import run_command
+
 
 def main(argv: list[str] | None = None) -> int:
-    from ted_fl.commands.shared import run_command
-
     return run_command("centralized", argv)
 
 

@@ -20,7 +20,15 @@ import os
 import sys
 from pathlib import Path
 
-from ted_fl.config import ExperimentConfig, load_experiment, parse_override, set_key, split_seed_of
+from ted_fl.config import (
+    ExperimentConfig,
+    GKDApproachName,
+    choices,
+    load_experiment,
+    parse_override,
+    set_key,
+    split_seed_of,
+)
 from ted_fl.errors import TedFlError, unknown
 
 DEFAULTS = {"sites": "retina", "data_dir": "", "source": "CHASEDB1", "size": 128, "seed": [0], "out": "runs"}
@@ -124,8 +132,6 @@ def summary_table(rows: list[dict]):  # noqa: ANN201 - a pandas frame
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ted_fl.config import GKDApproachName, choices
-
     GKD_APPROACHES = choices(GKDApproachName)  # noqa: N806 (ted_fl.continual.gkd builds these; no torch to parse)
     p = argparse.ArgumentParser(prog="python -m ted_fl.generalize", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="", help="experiment file (simulations/NAME.toml or NAME, e.g. gkd-fair); "

@@ -7,14 +7,25 @@ print the same summary; only the executor differs (Flower + Ray, or in-process).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import os
 import signal
 import sys
 import time
 from typing import TYPE_CHECKING
 
-from ted_fl.config import ApproachName, ExperimentConfig, choices, load_experiment, parse_override, set_key
+from ted_fl.config import (
+    ApproachName,
+    ExperimentConfig,
+    choices,
+    load_experiment,
+    parse_override,
+    privacy_conflicts,
+    set_key,
+)
 from ted_fl.errors import TedFlError
+from ted_fl.run.processes import graceful_signals, stop_waiting
 
 if TYPE_CHECKING:  # pandas, torch, Flower and Ray load after the input is parsed and checked
     import pandas as pd
@@ -103,7 +114,6 @@ def print_verdict(summary: pd.DataFrame, run: RunDir) -> None:
 def check_inputs(cfg: ExperimentConfig) -> list:
     """Everything a run checks before it starts (the data loads, the splits it needs exist): the
     same validation for `--check`, a run, `--resume` and `flwr run`."""
-    from ted_fl.config import privacy_conflicts
     from ted_fl.schedule.lifecycle import check_data
 
     privacy_conflicts(cfg)  # [privacy] combinations the configuration alone shows: before torch loads
@@ -140,8 +150,6 @@ def run_command(mode: str, argv: list[str] | None = None) -> int:
     """
     code = _run_command(mode, argv)
     if code == 130 and argv is None:
-        import os
-
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -159,7 +167,6 @@ def _run_command(mode: str, argv: list[str] | None = None) -> int:
     else:
         desc = "Centralized reference run: the same schedule and evaluation as the simulator, in one process."
     args = build_parser(f"python -m ted_fl.{mode}", desc).parse_args(argv)
-    from ted_fl.run.processes import graceful_signals
 
     run = None
     record = None
@@ -249,12 +256,8 @@ def _failed(run: RunDir, error: str, mode: str, resumed: bool) -> None:
 def _shutdown(record: object) -> None:
     """Whatever happened: the ServerApp thread stops waiting, Ray shut down, and no process this run
     started left running."""
-    from ted_fl.run.processes import stop_waiting
-
     stop_waiting()
     if "ray" in sys.modules:
-        import contextlib
-
         ray = sys.modules["ray"]
         with contextlib.suppress(Exception):
             if ray.is_initialized():

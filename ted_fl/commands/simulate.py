@@ -7,10 +7,10 @@ Each site is a Flower client that arrives in turn; its images never leave it. Se
 
 from __future__ import annotations
 
+from ted_fl.commands.shared import run_command
+
 
 def main(argv: list[str] | None = None) -> int:
-    from ted_fl.commands.shared import run_command
-
     return run_command("simulate", argv)
 
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
+from ted_fl.config import ApproachName, ExperimentConfig, choices, load_experiment, parse_override, set_key
 from ted_fl.errors import exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ted_fl.config import ApproachName, choices
-
     p = argparse.ArgumentParser(prog="python -m ted_fl.study", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="kind", required=True, metavar="privacy")
     q = sub.add_parser("privacy", help="privacy-utility study: Avg, BWT and attack AUC against epsilon")
@@ -55,9 +55,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _privacy(args: argparse.Namespace, argv: list[str]) -> int:
-    from pathlib import Path
-
-    from ted_fl.config import ExperimentConfig, load_experiment, parse_override, set_key
     from ted_fl.data import resolve_out_channels
     from ted_fl.run.markdown import write_section
     from ted_fl.studies.grid import parse_grid

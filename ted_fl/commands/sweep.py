@@ -15,6 +15,7 @@ import argparse
 import shlex
 import sys
 
+from ted_fl.config import ExperimentConfig, load_experiment, parse_override, set_key
 from ted_fl.errors import TedFlError
 
 
@@ -36,8 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ted_fl.config import ExperimentConfig, load_experiment, parse_override, set_key
-
     args = build_parser().parse_args(argv)
     from ted_fl.studies.grid import parse_grid, sweep  # after parsing: --help answers before torch
 

@@ -29,6 +29,7 @@ from torch import nn
 from ted_fl.config import GKDApproachName, LossConfig
 from ted_fl.continual import terms as T
 from ted_fl.continual.approaches import Approach, WeightedTerm
+from ted_fl.continual.step import running_stats_frozen, teacher_mode
 from ted_fl.continual.training import batch_indices
 from ted_fl.errors import TedFlError, unknown
 
@@ -416,7 +417,6 @@ class DICD(_GKDTerm):
     def compute(self, s: T.StepInputs) -> torch.Tensor | None:
         if s.teacher is None or s.teacher_logits is None or s.images is None:
             return None
-        from ted_fl.continual.step import running_stats_frozen, teacher_mode
 
         b = s.n_anchors or s.images.shape[0]
         x = s.images[:b]

@@ -15,6 +15,7 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from ted_fl.config import ModelConfig, Norm, choices
+from ted_fl.continual.reference_unet import ReferenceUNet
 from ted_fl.errors import TedFlError, unknown
 
 NORMS = choices(Norm)  # the schema owns the allowed values
@@ -144,6 +145,4 @@ def features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str,
 
 @register_network("reference_unet")
 def _reference_unet(cfg: ModelConfig) -> nn.Module:
-    from ted_fl.continual.reference_unet import ReferenceUNet
-
     return ReferenceUNet(cfg)

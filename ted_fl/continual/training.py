@@ -18,12 +18,13 @@ from torch import nn
 
 from ted_fl.config import LossConfig, TrainConfig
 from ted_fl.continual.approaches import Approach
-from ted_fl.continual.compiled import step_begins
+from ted_fl.continual.compiled import compiled, step_begins, warn
 from ted_fl.continual.device import amp_dtype_for, on_device
 from ted_fl.continual.probes import draw_probes
 from ted_fl.continual.step import train_step
 from ted_fl.data.types import Split
 from ted_fl.errors import TedFlError
+from ted_fl.privacy.mechanisms import attach, stage_dp_metrics
 
 
 def set_determinism(seed: int, threads: int = 1) -> None:
@@ -136,8 +137,6 @@ def local_train(
     sums: dict[str, float] = defaultdict(float)
     private = None
     if dp is not None:
-        from ted_fl.privacy.mechanisms import attach
-
         private = attach(student, optimizer, n, batch_size, float(dp["noise_multiplier"]),
                          float(dp["max_grad_norm"]), seed)
     batches = private.batches(steps) if private is not None else batch_indices(n, batch_size, steps, rng)
@@ -176,8 +175,6 @@ def local_train(
         trace["batch"] = x
     metrics = {k: v / steps for k, v in sums.items()}
     if private is not None:
-        from ted_fl.privacy.mechanisms import stage_dp_metrics
-
         metrics.update(stage_dp_metrics(private))
     return metrics, copy.deepcopy(optimizer.state_dict())
 
@@ -186,11 +183,7 @@ def _compiled_forwards(student: nn.Module, teacher: nn.Module | None, setting: s
                        private: bool) -> tuple[Any, Any]:
     """train.compile's forwards of the student and the teacher (None, None: eager). DP-SGD keeps
     them eager (Opacus hooks the module for per-sample gradients): one warning line says so."""
-    from ted_fl.continual.compiled import compiled
-
     if setting == "on" and private:
-        from ted_fl.continual.compiled import warn
-
         warn("privacy.dp = 'sample' computes per-sample gradients through Opacus' hooks")
         return None, None
     return compiled(student, setting), compiled(teacher, setting)

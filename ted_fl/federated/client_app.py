@@ -24,8 +24,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 
 from ted_fl.config import ExperimentConfig, apply_overrides, from_dict, node_overrides, split_seed_of
+from ted_fl.data import load_sites, site_order
 from ted_fl.data.types import SiteData, Split
 from ted_fl.federated import messages as M
+from ted_fl.federated.dp import client_mod
 from ted_fl.federated.message_log import audit_mod
 from ted_fl.federated.notices import silence
 from ted_fl.files import atomic_torch_save, atomic_write
@@ -54,7 +56,6 @@ def identity(context: Context, cfg: ExperimentConfig) -> tuple[str, int]:
     node = context.node_config
     if "site" in node:
         return str(node["site"]), int(node.get("client", 0))
-    from ted_fl.data import site_order
 
     order = site_order(cfg.data)
     k = cfg.federated.clients_per_site
@@ -69,8 +70,6 @@ def serving_partitions(context: Context, cfg: ExperimentConfig) -> int:
     """How many of a simulated federation's partitions serve a site: every whole block of
     sites x clients_per_site (the simulator gives each concurrent cell a block, ted_fl.federated.simulation);
     the rest of a larger federation stays idle."""
-    from ted_fl.data import site_order
-
     block = len(site_order(cfg.data)) * cfg.federated.clients_per_site
     total = int(context.node_config.get("num-partitions", block))
     return max(1, total // block) * block
@@ -96,8 +95,6 @@ def partition_split(split: Split, k: int, index: int, seed: int) -> Split:
 
 def site_data(cfg: ExperimentConfig, site: str, client: int) -> tuple[SiteData, Split]:
     """This node's site (loaded once per process) and its share of the training split."""
-    from ted_fl.data import load_sites
-
     key = ("data", hash(repr(cfg.data)), site)
     if key not in _CACHE:
         (_CACHE[key],) = load_sites(cfg.data, split_seed_of(cfg), only=[site])
@@ -249,7 +246,6 @@ def privacy_mod(msg: Message, context: Context, call_next: Any) -> Message:
     cfg = _config(context, msg.content)
     if cfg.privacy.dp != "client":
         return call_next(msg, context)
-    from ted_fl.federated.dp import client_mod
 
     return client_mod(cfg.privacy, msg, context, call_next)
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp.mod import LocalDpMod, adaptiveclipping_mod, fixedclipping_mod
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
@@ -36,6 +37,13 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAvg,
     Strategy,
+)
+from flwr.supercore.differential_privacy import (
+    adaptive_clip_inputs_inplace,
+    add_gaussian_noise_inplace,
+    compute_adaptive_clip_model_update,
+    compute_clip_model_update,
+    compute_stdv,
 )
 
 from ted_fl.config import PrivacyConfig
@@ -135,12 +143,6 @@ class StageDP:
     def release(self, current: Weights, local: Weights) -> tuple[Weights, bool]:
         """What leaves one client: its weights after the client-side mod (LocalDpMod, fixed- or
         adaptiveclipping_mod), and the adaptive mod's norm bit (the update was clipped)."""
-        from flwr.supercore.differential_privacy import (
-            add_gaussian_noise_inplace,
-            compute_adaptive_clip_model_update,
-            compute_clip_model_update,
-        )
-
         p, keys = self.privacy, list(local)
         new = [np.array(local[k], copy=True) for k in keys]
         cur = [np.asarray(current[k]) for k in keys]
@@ -159,13 +161,6 @@ class StageDP:
     def aggregate_weights(self, current: Weights, released: list[tuple[Weights, bool]]) -> Weights:
         """The wrapper's aggregate_train on released weights: server-side clipping, the adaptive norm's
         update from the (noised) clipped count, the uniform mean, then Gaussian noise sigma * clip / n."""
-        from flwr.supercore.differential_privacy import (
-            adaptive_clip_inputs_inplace,
-            add_gaussian_noise_inplace,
-            compute_clip_model_update,
-            compute_stdv,
-        )
-
         p, s = self.privacy, self.strategy
         keys = list(current)
         cur = [np.asarray(current[k]) for k in keys]
@@ -216,8 +211,6 @@ def aggregate(strategy: Strategy | None, server_round: int, replies: list[Messag
 # ------------------------------------------------------------------------------------ client
 def client_mod(privacy: PrivacyConfig, msg: Message, ctx: Context, call_next: Any) -> Message:
     """Run Flower's client-side DP mod on the train message's weights (see the module docstring)."""
-    from flwr.clientapp.mod import LocalDpMod, adaptiveclipping_mod, fixedclipping_mod
-
     full = msg.content
     view = RecordDict({M.WEIGHTS: full[M.WEIGHTS], M.CONFIG: full[M.CONFIG]})
 

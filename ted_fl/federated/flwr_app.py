@@ -13,16 +13,38 @@ client fault to run.log, and, when `flwr run` started a local SuperLink for it, 
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
+import time
 from typing import Any
 
+from flwr.serverapp import Grid, ServerApp
+
+from ted_fl.config import federated_split_seed, from_run_config
+from ted_fl.data import resolve_out_channels
 from ted_fl.errors import TedFlError
+from ted_fl.federated.reaper import start
 
 # Loaded with the ServerApp, before Flower starts the simulated clients: importing torch and MONAI
 # here, not in the ServerApp thread while the ClientApp loads them in another, avoids MONAI's
 # partially-initialised-module error.
 from ted_fl.federated.server_app import serve  # noqa: E402
+from ted_fl.federated.simulation import client_errors_to_log, stoppable_grid
+from ted_fl.files import check_creatable
+from ted_fl.privacy.mechanisms import prepare_privacy
+from ted_fl.run.directory import format_cell
+from ted_fl.run.processes import ProcessRecord
+from ted_fl.schedule.lifecycle import (
+    Progress,
+    disk_use,
+    finish_run,
+    load_and_record_sites,
+    mark_run_failed,
+    prune_run,
+    total_rounds,
+    write_report_if_available,
+)
 
 
 def command_of(run_config: dict[str, Any], nodes: int) -> list[str]:
@@ -41,13 +63,9 @@ def _toml_value(v: Any) -> str:
 
 def run_app(grid: Any, context: Any) -> None:
     """The whole `flwr run` job; an input error is one `error:` line, never a traceback."""
-    from ted_fl.run.processes import ProcessRecord
-
     run_config = dict(context.run_config)
     keep = str(run_config.pop("keep_superlink", False)).lower() in ("1", "true", "yes")
     if not keep:
-        from ted_fl.federated.reaper import start
-
         try:
             start(os.getpid(), getattr(context, "run_id", ""))
         except Exception as exc:  # never let the clean-up helper stop a run
@@ -83,20 +101,12 @@ def run_app(grid: Any, context: Any) -> None:
 
 def _failed(run: Any, error: str) -> None:
     """As the command line does (`run.mark_run_failed`), the error also in run.log."""
-    from ted_fl.schedule.lifecycle import mark_run_failed
-
     run.log(f"error: {error}")
     mark_run_failed(run, error, f"python -m ted_fl.simulate --resume {run.path}")
 
 
 def validate(run_config: dict[str, Any]) -> tuple[Any, list]:
     """The run config through the schema, then the data: the command line's checks, in its order."""
-    import copy
-
-    from ted_fl.config import federated_split_seed, from_run_config
-    from ted_fl.data import resolve_out_channels
-    from ted_fl.files import check_creatable
-    from ted_fl.privacy.mechanisms import prepare_privacy
     from ted_fl.schedule.lifecycle import check_data
 
     cfg = from_run_config(run_config)
@@ -109,19 +119,6 @@ def validate(run_config: dict[str, Any]) -> tuple[Any, list]:
 
 
 def _run(grid: Any, cfg: Any, run: Any, sites: list) -> None:
-    import time
-
-    from ted_fl.federated.simulation import client_errors_to_log, stoppable_grid
-    from ted_fl.schedule.lifecycle import (
-        Progress,
-        disk_use,
-        finish_run,
-        load_and_record_sites,
-        prune_run,
-        total_rounds,
-        write_report_if_available,
-    )
-
     load_and_record_sites(cfg, run)
     print(f"writing to {run.path.resolve()}", flush=True)
     run.log(f"flwr run: approaches {cfg.approaches}, seeds {cfg.seeds}, sites {cfg.data.sites}")
@@ -132,7 +129,6 @@ def _run(grid: Any, cfg: Any, run: Any, sites: list) -> None:
         extras = serve(grid, cfg, run, progress)
     summary = finish_run(cfg, run, extras)
     run.log(f"done in {time.perf_counter() - t0:.1f} s")
-    from ted_fl.run.directory import format_cell
 
     cols = [c for c in ("approach", "seed", "avg", "ravg", "bwt", "forgetting", "faults_seen", "faults_retried",
                         "faults_unrecovered", "wall_s") if c in summary.columns]
@@ -148,8 +144,6 @@ def _run(grid: Any, cfg: Any, run: Any, sites: list) -> None:
 
 
 def _server_app() -> Any:
-    from flwr.serverapp import Grid, ServerApp
-
     app = ServerApp()
 
     @app.main()

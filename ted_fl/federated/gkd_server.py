@@ -11,8 +11,10 @@ which the server computes FSD(teacher, student) per site and FSD(source, target)
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -28,7 +30,9 @@ from ted_fl.continual.training import set_determinism
 from ted_fl.errors import TedFlError, unknown
 from ted_fl.federated import messages as M
 from ted_fl.federated.gkd_client import FROZEN, build_part
+from ted_fl.federated.gkd_client import app as client_app
 from ted_fl.federated.server_app import ClientFailure, FlowerExecutor
+from ted_fl.federated.simulation import launch
 from ted_fl.run.directory import MEAN_LABEL, RunDir
 from ted_fl.schedule.engine import derive_seed, fedavg, model_weights
 
@@ -202,12 +206,6 @@ def _write_scores(add: Any, approach: str, seed: int, scores: dict[str, tuple[di
 
 def simulate_generalize(cfg: ExperimentConfig, run: RunDir, num_nodes: int, quiet: bool = True) -> list[dict]:
     """Run the protocol in one Flower simulation on Ray: one ClientApp node per site (and client)."""
-    import logging
-    import warnings
-
-    from ted_fl.federated.gkd_client import app as client_app
-    from ted_fl.federated.simulation import launch
-
     logging.getLogger("flwr").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

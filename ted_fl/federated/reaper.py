@@ -26,10 +26,20 @@ invalid `--run-config`) leaves the SuperLink it started.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
+
+from ted_fl.run.processes import _alive, cmdline, is_gone, terminate
 
 GRACE_S = 10.0  # after the run ends: time for `flwr run --stream` to fetch the last lines and exit
 POLL_S = 0.5  # while the run runs
@@ -60,8 +70,6 @@ def managed_superlink() -> tuple[Any, Any] | None:
     None), or None when this process does not run under one."""
     import psutil
 
-    from ted_fl.run.processes import cmdline
-
     for anc in psutil.Process().parents():
         if is_managed_superlink(cmdline(anc)):
             try:
@@ -76,9 +84,6 @@ def managed_superlink() -> tuple[Any, Any] | None:
 def start(run_pid: int, run_id: int | str = "") -> bool:
     """Start the detached reaper for the run process `run_pid` (Flower run `run_id`); False when
     no managed SuperLink runs this process."""
-    import os
-    import subprocess
-
     import psutil
 
     found = managed_superlink()
@@ -130,15 +135,6 @@ def flower_runs(superlink: Any) -> list[dict[str, Any]] | None:
     The CLI is pointed at the SuperLink's address through a throw-away FLWR_HOME naming it
     explicitly: with the default ("local") connection, `flwr ls` would start a new SuperLink
     when this one has just ended."""
-    import json
-    import os
-    import shutil
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
-    from ted_fl.run.processes import cmdline
-
     cmd = cmdline(superlink)
     try:
         address = f"{cmd[cmd.index('--host') + 1]}:{cmd[cmd.index('--port') + 1]}"
@@ -163,19 +159,13 @@ def flower_runs(superlink: Any) -> list[dict[str, Any]] | None:
 
 
 def _proc(spec: str) -> Any:
-    from ted_fl.run.processes import _alive
-
     pid, start_time = spec.split(":", 1)
     return _alive({"pid": int(pid), "start": float(start_time)})
 
 
 def _tree(superlink: Any) -> list[Any]:
     """Every live process under the SuperLink but this one (which may hang below the run it watched)."""
-    import os
-
     import psutil
-
-    from ted_fl.run.processes import is_gone
 
     try:
         return [p for p in superlink.children(recursive=True) if p.pid != os.getpid() and not is_gone(p)]
@@ -187,18 +177,12 @@ class Log:
     """One line per decision beside the SuperLink's own log ($FLWR_HOME/local-superlink/ted-fl-reaper.log)."""
 
     def __init__(self, superlink: Any) -> None:
-        from pathlib import Path
-
-        from ted_fl.run.processes import cmdline
-
         cmd = cmdline(superlink)
         self.path = (Path(cmd[cmd.index("--log-file") + 1]).parent / "ted-fl-reaper.log"
                      if "--log-file" in cmd[:-1] else None)
         self.last = ""
 
     def __call__(self, text: str) -> None:
-        import contextlib
-
         self.last = text
         if self.path is None:
             return
@@ -207,16 +191,12 @@ class Log:
 
 
 def _pid() -> int:
-    import os
-
     return os.getpid()
 
 
 def stop_when_unused(superlink: Any, log: Log, own_run_id: str = "", own_pid: int = -1, wait: bool = True) -> bool:
     """End the SuperLink and its tree as soon as no other run uses it (at once, or never when
     not `wait`); log each decision. True when it has ended."""
-    from ted_fl.run.processes import cmdline, is_gone, terminate
-
     while not is_gone(superlink):
         tree = _tree(superlink)
         others = sum(1 for p in tree if p.pid != own_pid and is_run_process(cmdline(p)))
@@ -245,10 +225,6 @@ def stop_when_unused(superlink: Any, log: Log, own_run_id: str = "", own_pid: in
 
 
 def main(argv: list[str]) -> int:
-    import argparse
-
-    from ted_fl.run.processes import is_gone
-
     parser = argparse.ArgumentParser(prog="python -m ted_fl.federated.reaper")
     parser.add_argument("specs", nargs="*", help="SUPERLINK_PID:START RUN_PID:START [CLI_PID:START]")
     parser.add_argument("--run-id", default="", help="Flower's id of the watched run")
@@ -296,12 +272,7 @@ def main(argv: list[str]) -> int:
 
 def stop_idle() -> int:
     """End this FLWR_HOME's managed local SuperLink(s) when no run uses them (exit 0), say so."""
-    import os
-    from pathlib import Path
-
     import psutil
-
-    from ted_fl.run.processes import cmdline
 
     home = Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr").expanduser()  # Flower's rule
     log_file = str(home / "local-superlink" / "superlink.log")

@@ -11,6 +11,7 @@ configured, and counts the payload bytes of every message in both directions.
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import time
 from typing import Any
@@ -21,12 +22,17 @@ from flwr.serverapp import Grid
 
 from ted_fl.config import ExperimentConfig, dump_toml, to_dict
 from ted_fl.continual.probes import make_probes
+from ted_fl.data import resolve_out_channels, site_order
 from ted_fl.errors import TedFlError
+from ted_fl.federated import dp
 from ted_fl.federated import messages as M
+from ted_fl.federated.dp import StageDP
 from ted_fl.federated.message_log import record_message
+from ted_fl.privacy.mechanisms import prepare_privacy
 from ted_fl.privacy.policies import gets_teacher
+from ted_fl.run import processes
 from ted_fl.run.directory import RunDir
-from ted_fl.schedule.engine import TrainResult, TrainTask, Weights, derive_seed, run_schedule
+from ted_fl.schedule.engine import TrainResult, TrainTask, Weights, derive_seed, fedavg, run_schedule
 
 
 def short_reason(reason: str) -> str:
@@ -38,8 +44,6 @@ def short_reason(reason: str) -> str:
 
 def simulated_federation() -> bool:
     """Whether this ServerApp runs inside Flower's simulation (all nodes exist from the start)."""
-    import os
-
     return os.path.basename(sys.argv[0]).startswith("flwr-simulation")
 
 
@@ -97,8 +101,6 @@ class FlowerExecutor:
         self._teacher: tuple[Weights, dict] | None = None  # this round's teacher, for retries
         self._dp: Any = None  # client-level DP: the stage's strategy (ted_fl.federated.dp.StageDP)
         if cfg.privacy.dp == "client":
-            from ted_fl.federated.dp import StageDP
-
             self._dp = StageDP(cfg.privacy)
         self._aggregated: Weights | None = None
         self._discover()
@@ -111,7 +113,6 @@ class FlowerExecutor:
         deadline = time.monotonic() + wait
         node_ids: list[int] = []
         seen, stable_since = -1, time.monotonic()
-        from ted_fl.run import processes
 
         stop = processes.STOP
         while time.monotonic() < deadline:
@@ -137,8 +138,6 @@ class FlowerExecutor:
         return node_ids
 
     def _discover(self) -> None:
-        from ted_fl.data import site_order
-
         order = site_order(self.cfg.data)
         k = self.cfg.federated.clients_per_site
         expected = len(order) * k
@@ -320,8 +319,6 @@ class FlowerExecutor:
                     self.bytes_by_kind[key] = self.bytes_by_kind.get(key, 0) + content[part].count_bytes()
         self._teacher = (task.teacher, task.aux) if teacher_key else None
         if client_dp:
-            from ted_fl.federated import dp
-
             stage_dp = self._dp.stage(task.approach, task.seed, task.stage, len(trainers), task.stage_rounds)
             strategy, sigma = stage_dp.strategy, stage_dp.sigma
             dp.configure(strategy, task.round + 1, weights, contents, sigma)
@@ -353,7 +350,6 @@ class FlowerExecutor:
         if self.cfg.privacy.dp == "client" and self._aggregated is not None:
             out, self._aggregated = self._aggregated, None
             return out
-        from ted_fl.schedule.engine import fedavg
 
         return fedavg([(r.weights, r.num_examples) for r in results])
 
@@ -392,7 +388,6 @@ class FlowerExecutor:
                                  "computing importances ")
         parts = [(M.from_record(r.content[M.AUX]), int(r.content[M.METRICS]["num_examples"]))
                  for r in replies.values()]
-        from ted_fl.schedule.engine import fedavg
 
         return fedavg(parts) if parts else {}
 
@@ -447,8 +442,6 @@ def node_blocks(grid: Grid, cfg: ExperimentConfig, blocks: int, run: RunDir | No
     One hello to every node (the counts-only identity query; what travels is audited by each
     schedule's own hello to its block, as before).
     """
-    from ted_fl.data import site_order
-
     per = len(site_order(cfg.data)) * cfg.federated.clients_per_site
     probe = FlowerExecutor.__new__(FlowerExecutor)  # only the hello of a full executor: no schedule state
     probe.grid, probe.cfg, probe.run, probe.only, probe.simulated = grid, cfg, run, None, True
@@ -473,9 +466,6 @@ def node_blocks(grid: Grid, cfg: ExperimentConfig, blocks: int, run: RunDir | No
 def serve_one(grid: Grid, cfg: ExperimentConfig, run: RunDir, approach: str, seed: int, progress: Any = None,
               simulated: bool | None = None, nodes: list[int] | None = None) -> dict[str, Any]:
     """One (approach, seed) schedule over `nodes` (its block) or the whole federation: its fault columns."""
-    from ted_fl.data import resolve_out_channels
-    from ted_fl.privacy.mechanisms import prepare_privacy
-
     resolve_out_channels(cfg)  # before the hello carries the config to the clients (TOML only, no data)
     prepare_privacy(cfg)  # model.norm under DP, impossible combinations (idempotent; logged at run start)
     executor = FlowerExecutor(grid, cfg, run, simulated, nodes)
@@ -488,9 +478,6 @@ def serve_one(grid: Grid, cfg: ExperimentConfig, run: RunDir, approach: str, see
 
 def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, progress: Any = None, simulated: bool | None = None) -> dict:
     """The server's main loop: every approach and seed in turn, over one set of nodes."""
-    from ted_fl.data import resolve_out_channels
-    from ted_fl.privacy.mechanisms import prepare_privacy
-
     resolve_out_channels(cfg)  # before the hello carries the config to the clients (TOML only, no data)
     prepare_privacy(cfg)  # model.norm under DP, impossible combinations (idempotent; logged at run start)
     executor = FlowerExecutor(grid, cfg, run, simulated)

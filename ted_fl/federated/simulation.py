@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
+import inspect
+import logging
 import os
 import threading
 import warnings
@@ -11,8 +14,14 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from ted_fl.config import ExperimentConfig
+from ted_fl.data import site_order
 from ted_fl.errors import TedFlError
+from ted_fl.federated.notices import silence
+from ted_fl.run import processes
 from ted_fl.run.directory import RunDir
+from ted_fl.run.processes import Terminated
+from ted_fl.schedule.cells import Failures, Job, cell_slots, run_jobs
+from ted_fl.schedule.lifecycle import Progress, load_and_record_sites, run_rounds_done, total_rounds
 
 T = TypeVar("T")
 
@@ -37,8 +46,6 @@ _HANDOVER_PARAMS = ["state", "queue", "nodes_mapping", "f_stop"]  # vce_api.add_
 
 def polling_patch_problem() -> str:
     """Why the latency patch cannot apply to the installed Flower ('' when it can)."""
-    import inspect
-
     try:
         from flwr.server.superlink.fleet.vce import vce_api
         from flwr.superlink.grid.inmemory_grid import InMemoryGrid
@@ -116,8 +123,6 @@ def fast_grid(grid: Any) -> None:
 def _client_error(record: Any) -> bool:
     """A record Flower logs when a ClientApp call fails (its message and its traceback): the
     server already prints one warning line for it and retries, skips or aborts as configured."""
-    import logging
-
     path = record.pathname.replace("\\", "/")
     return record.levelno >= logging.ERROR and (
         (path.endswith("fleet/vce/vce_api.py") and record.funcName == "worker") or "/ray_transport/" in path)
@@ -127,8 +132,6 @@ def _client_error(record: Any) -> bool:
 def client_errors_to_log(run: RunDir | None) -> Iterator[None]:
     """Route Flower's own logging of a failing client (a 75-line traceback) to `run.log`, off the
     terminal; every other Flower record (and a crash of the runtime itself) still shows."""
-    import logging
-
     from flwr.common.logger import FLOWER_LOGGER
 
     class Divert(logging.Filter):
@@ -149,10 +152,6 @@ def client_errors_to_log(run: RunDir | None) -> Iterator[None]:
 
 def load_app(reference: str) -> Any:
     """The object named by 'module:attribute' (Flower's own way of naming an app)."""
-    import importlib
-
-    from ted_fl.errors import TedFlError
-
     module, _, attr = reference.partition(":")
     try:
         return getattr(importlib.import_module(module), attr or "app")
@@ -169,8 +168,6 @@ def launch(cfg: ExperimentConfig, client_app: Any, num_nodes: int, serve: Callab
     client goes to `run`'s run.log (client_errors_to_log); a signal stops the ServerApp's waits."""
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
-
-    from ted_fl.federated.notices import silence
 
     silence()  # Flower's run_simulation banner and Ray's accelerator tip (see ted_fl.federated.notices)
     out: list[T] = []
@@ -222,9 +219,6 @@ def simulate_groups(
 def stoppable_grid(grid: Any) -> None:
     """Make the ServerApp thread give up waiting for replies once a signal set `processes.STOP`
     (else Python waits for it at exit, up to federated.timeout, with Ray already gone)."""
-    from ted_fl.run import processes
-    from ted_fl.run.processes import Terminated
-
     stop = processes.STOP  # this run's event (the next run in this process gets a fresh one)
     pull = grid.pull_messages
 
@@ -240,8 +234,6 @@ def federated_slots(cfg: ExperimentConfig, n_cells: int, run: RunDir | None = No
     """Schedules at once in one simulation (`ted_fl.schedule.cells.cell_slots` for federated cells), but one under
     client-level DP: Flower's DP strategies draw the server's noise from numpy's global generator,
     which schedules running as threads of one process would share."""
-    from ted_fl.schedule.cells import cell_slots
-
     slots = cell_slots(cfg, n_cells, federated=True)
     if slots > 1 and cfg.privacy.dp == "client":
         if run is not None:
@@ -275,14 +267,12 @@ def simulate_cells(cells: list[FedCell], slots: int, progress: Any = None, keep_
     (fault columns by cell name, ted_fl.schedule.cells.Failures).
     """
     from ted_fl.federated.server_app import node_blocks
-    from ted_fl.schedule.cells import Failures, Job, run_jobs
 
     first, run0 = cells[0][1], cells[0][2]
     for _, cfg, _, _, _ in cells:
         if cfg.data != first.data or cfg.federated.clients_per_site != first.federated.clients_per_site:
             raise TedFlError("cells of one simulation must share [data] and federated.clients_per_site "
                              "(one set of client nodes); drop those keys from --grid")
-    from ted_fl.data import site_order
 
     per = len(site_order(first.data)) * first.federated.clients_per_site
     slots = max(1, min(slots, len(cells)))
@@ -306,8 +296,6 @@ def _serve_cell(grid: Any, cfg: ExperimentConfig, run: RunDir, approach: str, se
 def execute_federated(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[tuple[str, int], dict[str, Any]]:
     """Every approach and seed of `cfg` in one Flower simulation (Ray starts once), train.cells_in_parallel
     schedules at once (`simulate_cells`)."""
-    from ted_fl.schedule.lifecycle import Progress, load_and_record_sites, run_rounds_done, total_rounds
-
     # The launcher checks the data and writes the synthetic twin's files once; the server never
     # sees the arrays (each client loads its own site).
     sites = load_and_record_sites(cfg, run)

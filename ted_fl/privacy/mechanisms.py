@@ -37,8 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from ted_fl.config import privacy_conflicts
+from ted_fl.errors import TedFlError
 
 ACCOUNTANT = "rdp"  # Opacus' RDP accountant (Mironov 2017; the sampled Gaussian of Mironov et al. 2019)
 
@@ -96,7 +98,6 @@ class SampleDP:
         from opacus import GradSampleModule
         from opacus.data_loader import DPDataLoader
         from opacus.optimizers import DPOptimizer
-        from torch.utils.data import DataLoader, TensorDataset
 
         self.n, self.noise_multiplier, self.max_grad_norm = n, float(noise_multiplier), float(max_grad_norm)
         with warnings.catch_warnings():
@@ -212,7 +213,6 @@ def prepare_privacy(cfg: Any) -> list[str]:
     ModuleValidator and refused when they still hold batch norm.
     """
     from ted_fl.continual.networks import build_model
-    from ted_fl.errors import TedFlError
 
     privacy_conflicts(cfg)  # the combinations that need no torch (also checked before any heavy import)
     p, notes = cfg.privacy, []

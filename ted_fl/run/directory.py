@@ -21,11 +21,15 @@ leaves a half-written table.
 from __future__ import annotations
 
 import json
+import math
 import time
+import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ted_fl.config import ExperimentConfig, dump_toml, from_dict, to_dict
 from ted_fl.data.spec import MEAN_LABEL  # the mean over a set's classes and regions: what R, Avg, BWT use
@@ -124,8 +128,6 @@ class RunDir:
         atomic_write_bytes(self.path / "config.toml", dump_toml(to_dict(cfg)).encode())
 
     def read_config(self) -> ExperimentConfig:
-        import tomllib
-
         data = tomllib.loads((self.path / "config.toml").read_text())
         return from_dict(ExperimentConfig, data, str(self.path / "config.toml"))
 
@@ -262,8 +264,6 @@ class Paired:
 
 def per_seed(summary: pd.DataFrame, name: str, metric: str, by: str = "approach") -> pd.Series:
     """One approach's `metric` per seed (finite values only; several rows of a seed averaged)."""
-    import numpy as np
-
     rows = summary[summary[by] == name]
     values = rows.groupby("seed")[metric].mean() if metric in rows else rows.iloc[0:0].groupby("seed").size()
     return values[np.isfinite(values.astype(float))].astype(float)
@@ -273,8 +273,6 @@ def paired_difference(summary: pd.DataFrame, a: str, b: str, metric: str, by: st
     """`a` - `b` in `metric` over the seeds both have (rows of summary.csv: `by`, seed, metric):
     the mean of the per-seed differences d and mean ± t(0.975, n-1) * sd(d) / sqrt(n). Seeds fix
     the data split and the initial weights, so pairing removes what the seeds share."""
-    import math
-
     from scipy import stats
 
     x, y = per_seed(summary, a, metric, by), per_seed(summary, b, metric, by)
@@ -312,8 +310,6 @@ def budget_check(summary: pd.DataFrame, sites: pd.DataFrame | None = None, by: s
     only keep what it learnt: a site that no approach learnt (Dice after its own stage below
     NOT_LEARNT_DICE, or below NOT_LEARNT_FRACTION of the validation Dice its stage reached; mean
     over seeds) leaves nothing to forget."""
-    import math
-
     from scipy import stats
 
     out: list[str] = []

@@ -8,10 +8,13 @@ seeds), the student's size and speed against the teacher's, FSD, and the verdict
 
 from __future__ import annotations
 
+import tomllib
+import typing
+
 import numpy as np
 import pandas as pd
 
-from ted_fl.config import ExperimentConfig
+from ted_fl.config import ExperimentConfig, GKDApproachName, from_dict
 from ted_fl.errors import TedFlError
 from ted_fl.run.directory import RunDir
 from ted_fl.run.markdown import md_table
@@ -29,11 +32,6 @@ def _pm(values: pd.Series) -> str:
 def read_config(run: RunDir) -> ExperimentConfig:
     """The run's configuration; runs written before `gkd.approaches` existed kept the student rows in
     `approaches`, which now names continual approaches only: they are moved across."""
-    import tomllib
-    import typing
-
-    from ted_fl.config import GKDApproachName, from_dict
-
     data = tomllib.loads((run.path / "config.toml").read_text())
     gkd_names = set(typing.get_args(GKDApproachName))
     if any(a in gkd_names for a in data.get("approaches", [])):

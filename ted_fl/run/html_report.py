@@ -26,12 +26,34 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import plotly
+import plotly.colors
 import plotly.graph_objects as go
+import plotly.io as pio
+import plotly.offline
 from plotly.subplots import make_subplots
 
+from ted_fl.config import split_seed_of
 from ted_fl.continual.metrics import curves, r_matrix
+from ted_fl.continual.networks import build_model
+from ted_fl.continual.weights import load_weights
+from ted_fl.data import load_sites
 from ted_fl.errors import TedFlError
-from ted_fl.run.directory import MEAN_LABEL, RunDir, labels_of, missing_reason, select_label
+from ted_fl.privacy.leakage import by_kind, leaks
+from ted_fl.run.directory import (
+    MEAN_LABEL,
+    VERDICT_METRICS,
+    RunDir,
+    atomic_write_bytes,
+    budget_check,
+    labels_of,
+    missing_reason,
+    paired_difference,
+    select_label,
+    site_learning,
+    verdict,
+)
+from ted_fl.run.results_page import label_table
 
 # Summary columns of the final tables, with their headers (in this order): what the continual
 # metrics say, then what a run cost and leaked (COST_COLUMNS, a second table so neither overflows).
@@ -302,8 +324,6 @@ def _style(colours: dict[str, str], label: str) -> dict:
 
 
 def _colours(labels: list[str]) -> dict[str, str]:
-    import plotly.colors
-
     palette = plotly.colors.qualitative.Plotly
     return {lab: palette[i % len(palette)] for i, lab in enumerate(dict.fromkeys(labels))}
 
@@ -338,8 +358,6 @@ def summary_table(summary: pd.DataFrame, columns: list[str] | tuple[str, ...] | 
 def verdict_html(report: Report, run_dirs: list[Path]) -> str:
     """The page's answer first: which approach forgets least and at what cost in plasticity, paired
     by seed against seq (ted_fl.run.directory.verdict), each budget warning, and the paired table."""
-    from ted_fl.run.directory import VERDICT_METRICS, budget_check, paired_difference, site_learning, verdict
-
     if report.summary.empty:
         return '<p class="note">No summary.csv in these runs: no verdict.</p>'
     names = {(s.run.path.name, s.approach): s.label for s in report.series}
@@ -422,11 +440,7 @@ def slice_dice(pred: np.ndarray, gt: np.ndarray, labels: list[tuple[str, tuple[i
 
 def samples_html(report: Report, per_site: int = 2) -> str:
     """Per run and approach (first seed): image, ground truth, prediction after every stage."""
-    from ted_fl.config import split_seed_of
     from ted_fl.continual.evaluation import predict_labels
-    from ted_fl.continual.networks import build_model
-    from ted_fl.continual.weights import load_weights
-    from ted_fl.data import load_sites
 
     parts: list[str] = []
     by_run: dict[Path, list[Series]] = {}
@@ -499,7 +513,6 @@ def export_pngs(figures: dict[str, go.Figure], folder: Path) -> tuple[list[Path]
     if chrome is None:
         return [], "PNG export skipped: no Chrome/Chromium found (install Debian's chromium, or set BROWSER_PATH)."
     os.environ.setdefault("BROWSER_PATH", chrome)
-    import plotly.io as pio
 
     folder.mkdir(parents=True, exist_ok=True)
     files = [folder / f"{name}.png" for name in figures]
@@ -582,8 +595,6 @@ def mia_table(rows: pd.DataFrame) -> str:
 
 def leakage_html(run_dirs: list[Path]) -> str:
     """Per run: the membership-inference attack per site, and the audit of what travelled."""
-    from ted_fl.privacy.leakage import by_kind, leaks
-
     parts = []
     for p in run_dirs:
         run = RunDir.open(p)
@@ -614,8 +625,6 @@ def leakage_html(run_dirs: list[Path]) -> str:
 
 def label_tables_html(run_dirs: list[Path]) -> str:
     """Per run with several classes / regions: Avg, BWT, forgetting, plasticity of every label."""
-    from ted_fl.run.results_page import label_table
-
     parts = []
     for p in run_dirs:
         run = RunDir.open(p)
@@ -632,13 +641,8 @@ def label_tables_html(run_dirs: list[Path]) -> str:
 
 def shared_plotlyjs(folder: Path) -> Path:
     """The one plotly.js file of an output folder, written on first use, named by its version."""
-    import plotly
-    import plotly.offline
-
     path = Path(folder) / f"plotly-{plotly.__version__}.min.js"
     if not path.is_file():
-        from ted_fl.run.directory import atomic_write_bytes
-
         atomic_write_bytes(path, plotly.offline.get_plotlyjs().encode())
     return path
 
@@ -730,7 +734,6 @@ set's classes and regions).</p>
 </body></html>
 """
     out.parent.mkdir(parents=True, exist_ok=True)
-    from ted_fl.run.directory import atomic_write_bytes
 
     atomic_write_bytes(out, page.encode())
     return out

@@ -25,10 +25,14 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from ted_fl.errors import TedFlError
+from ted_fl.files import atomic_write_text
 
 RECORD = "processes.json"
 STOP = threading.Event()  # set on SIGINT / SIGTERM: the ServerApp thread stops waiting for replies
@@ -159,8 +163,6 @@ class ProcessRecord:
         """Write (or refresh) the record: call whenever the run may have started new processes."""
         import psutil
 
-        from ted_fl.files import atomic_write_text
-
         for p in self.children():
             with contextlib.suppress(psutil.Error):
                 self.known[p.pid] = _identity(p)
@@ -183,8 +185,6 @@ class ProcessRecord:
 
 def _ray_session() -> str:
     """The Ray session directory of this process, if Ray runs here (for the record, and a human)."""
-    import sys
-
     if "ray" not in sys.modules:
         return ""
     try:
@@ -199,8 +199,6 @@ def _ray_session() -> str:
 def reap_stale(run_path: str | Path) -> int:
     """End the processes a killed run left (its driver gone); returns how many. A run whose driver
     still runs is not stale: `TedFlError` says so (two drivers must not write one directory)."""
-    from ted_fl.errors import TedFlError
-
     path = Path(run_path) / RECORD
     try:
         data = json.loads(path.read_text())
@@ -221,8 +219,6 @@ def reap_stale(run_path: str | Path) -> int:
 
 def reap_folder(out: str | Path) -> int:
     """`reap_stale` for every run directory of an output folder (a new run cleans up after killed ones)."""
-    from ted_fl.errors import TedFlError
-
     total = 0
     folder = Path(out)
     if not folder.is_dir():

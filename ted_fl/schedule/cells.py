@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ted_fl.config import ExperimentConfig
+from ted_fl.config import ExperimentConfig, for_seed, from_dict, split_seed_of
 from ted_fl.errors import TedFlError
 
 GPU_CELLS = 8  # cells sharing one GPU under "auto" without federated.num_gpus (issue 22: 8 processes ~7x one)
@@ -275,7 +275,6 @@ def local_schedule(cfg_dict: dict[str, Any], path: str, approach: str, seed: int
                    progress: ProgressFn, slot: int) -> dict[str, Any]:
     """One (approach, seed) of a run, in-process (`ted_fl.schedule.in_process.LocalExecutor`), into the run directory
     at `path` (its own checkpoints only: several run at once). Returns the schedule's cost columns."""
-    from ted_fl.config import for_seed, from_dict
     from ted_fl.run.directory import RunDir
     from ted_fl.schedule.engine import run_schedule
     from ted_fl.schedule.in_process import LocalExecutor
@@ -288,7 +287,6 @@ def local_schedule(cfg_dict: dict[str, Any], path: str, approach: str, seed: int
 def sites_of(cfg: ExperimentConfig) -> list[Any]:
     """The sites of `cfg` (loaded once per process and data configuration; one seed's split under
     data.split_seed = "seed")."""
-    from ted_fl.config import split_seed_of
     from ted_fl.data import load_sites
 
     key = repr(cfg.data)

@@ -26,6 +26,8 @@ from ted_fl.continual.metrics import continual_summary, r_matrix
 from ted_fl.continual.networks import build_model
 from ted_fl.continual.training import lr_for, set_determinism
 from ted_fl.continual.weights import Weights, load_weights, model_weights  # noqa: F401 (re-exported)
+from ted_fl.privacy.mechanisms import epsilon_spent
+from ted_fl.privacy.policies import check_privacy
 from ted_fl.run.directory import MEAN_LABEL, RunDir, label_metric, labels_of, select_label
 from ted_fl.schedule.worker import WORK_KEYS
 
@@ -202,8 +204,6 @@ class Schedule:
 
     def __init__(self, cfg: ExperimentConfig, approach_name: str, seed: int, executor: Executor,
                  run: RunDir, progress: ProgressFn | None = None) -> None:
-        from ted_fl.privacy.policies import check_privacy
-
         check_privacy(cfg)  # impossible [privacy] combinations stop here, before any round
         self.cfg, self.name, self.seed, self.executor, self.run_dir = cfg, approach_name, seed, executor, run
         self.progress = progress
@@ -414,8 +414,6 @@ def stage_privacy(rows: list[dict[str, Any]], stage: int, delta: float) -> dict[
     and nothing outside these rows (another approach, seed or process) enters. A round with partial
     accounting inputs counts as unbounded (inf): an unknown spend is no guarantee.
     """
-    from ted_fl.privacy.mechanisms import epsilon_spent
-
     hist: dict[str, dict[int, dict[int, dict[str, float]]]] = {}
     for r in rows:
         if r["split"] == "train" and r["metric"] in DP_KEYS:

@@ -9,9 +9,11 @@ import numpy as np
 
 from ted_fl.config import ExperimentConfig
 from ted_fl.continual.approaches import get_approach
+from ted_fl.data import set_out_channels
 from ted_fl.data.types import SiteData, Split
+from ted_fl.privacy.mechanisms import prepare_privacy
 from ted_fl.privacy.policies import PROBE_SITE_TAG, REPLAY_TAG, gets_teacher, replay_buffer, uses_replay
-from ted_fl.schedule.engine import TrainResult, TrainTask, Weights, derive_seed
+from ted_fl.schedule.engine import TrainResult, TrainTask, Weights, derive_seed, fedavg
 from ted_fl.schedule.worker import SiteWorker, probes_for
 
 
@@ -19,10 +21,7 @@ class LocalExecutor:
     """Trains and evaluates every site in this process, one after another."""
 
     def __init__(self, cfg: ExperimentConfig, sites: list[SiteData]):
-        from ted_fl.data import set_out_channels
-
         set_out_channels(cfg, sites[0].labels, cfg.data.sites)  # the network follows the sites' classes
-        from ted_fl.privacy.mechanisms import prepare_privacy
 
         prepare_privacy(cfg)  # idempotent: the runners call it at run start (model.norm, checks)
         self.cfg = cfg
@@ -118,7 +117,6 @@ class LocalExecutor:
         """The round's global model: client-level DP's noised uniform mean of the released weights, else FedAvg."""
         if self.dp is not None:
             return self.dp.aggregate_weights(task.weights, self._released)
-        from ted_fl.schedule.engine import fedavg
 
         return fedavg([(r.weights, r.num_examples) for r in results])
 

@@ -7,15 +7,23 @@ imports nothing from them (the Flower layer calls down into it, never up).
 
 from __future__ import annotations
 
+import os
+import platform
 import shlex
+import shutil
 import sys
+import threading
+import time
 from collections.abc import Callable
+from importlib import import_module, metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ted_fl.config import ExperimentConfig, for_seed
+from ted_fl.config import ExperimentConfig, for_seed, split_seed_of, to_dict
+from ted_fl.data import check_splits, load_sites, size_note
 from ted_fl.files import atomic_write_text
 from ted_fl.run.directory import RunDir
+from ted_fl.schedule.cells import Job, cell_resources, cell_slots, local_schedule, remember_sites, run_jobs
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -47,9 +55,6 @@ class Progress:
     def __init__(self, total_rounds: int, quiet: bool = False, lines: bool | None = None, done: int = 0):
         """`lines`: one printed line per round instead of a bar (default: when stdout is no terminal,
         e.g. the log stream of `flwr run`, where a bar would only appear at the end)."""
-        import threading
-        import time
-
         self.quiet = quiet
         self.bar: Any = None
         self.total, self.done, self.t0 = total_rounds, done, time.monotonic()
@@ -79,16 +84,12 @@ class Progress:
 
     def left(self) -> float:
         """Seconds left, from this session's rounds (what a resume had done is not this session's speed)."""
-        import time
-
         ran = self.done - self.start
         if ran <= 0:
             return float("nan")
         return (time.monotonic() - self.t0) / ran * max(self.total - self.done, 0)
 
     def __call__(self, info: dict[str, Any]) -> None:
-        import time
-
         desc = (
             f"{info['approach']} s{info['seed']} | stage {info['stage'] + 1}/{info['stages']} "
             f"{info['site']} | round {info['round'] + 1}/{info['rounds']} | loss {info['loss']:.3f}"
@@ -173,9 +174,6 @@ def finish_run(cfg: ExperimentConfig, run: RunDir, extras: dict[tuple[str, int],
 
 def machine_info() -> dict[str, Any]:
     """Where a run ran (CPU, cores, OS, library versions): wall times mean little without it."""
-    import os
-    import platform
-
     import psutil
     import torch
 
@@ -192,8 +190,6 @@ def machine_info() -> dict[str, Any]:
 def package_version(name: str) -> str:
     """A package's version from its installed metadata, else its module's `__version__`, else
     "unknown": a run never dies for want of a dist-info folder (a vendored or copied Ray, a zipapp)."""
-    from importlib import import_module, metadata
-
     try:
         return metadata.version(name)
     except (metadata.PackageNotFoundError, ValueError, OSError):
@@ -216,8 +212,6 @@ def _cpu_model() -> str:
 
 def discard_if_empty(run: RunDir) -> None:
     """A run that failed before completing a single round leaves no directory behind."""
-    import shutil
-
     if not list(run.path.glob("checkpoints/*/last.pt")):
         shutil.rmtree(run.path, ignore_errors=True)
 
@@ -254,9 +248,6 @@ _CHECKED: dict[str, list] = {}  # the sites `check_data` loaded, so a run does n
 def check_data(cfg: ExperimentConfig) -> list:
     """Load (or generate) the sites and check the splits a run needs: the data half of validation,
     shared by every entry point (before a run directory, torch, Flower or Ray)."""
-    from ted_fl.config import split_seed_of
-    from ted_fl.data import check_splits, load_sites
-
     if cfg.data.split_seed == "seed" and len(cfg.seeds) > 1:  # each seed's own split: check them all
         per_seed = [check_data(for_seed(cfg, seed)) for seed in cfg.seeds]
         return per_seed[0]
@@ -274,8 +265,6 @@ def check_data(cfg: ExperimentConfig) -> list:
 def data_warnings(cfg: ExperimentConfig, sites: list) -> list[str]:
     """What the data deserves a word about (a missing mask, a replaced site size): one line each, the
     same lines for --check and the run."""
-    from ted_fl.data import size_note
-
     lines = [f"warning: {s.name}: {w}" for s in sites for w in s.warnings]
     note = size_note(cfg.data)
     return [*lines, f"note: {note}"] if note else lines
@@ -301,16 +290,6 @@ _NOTED: set[str] = set()  # the notes this process has printed
 
 def execute_centralized(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[tuple[str, int], dict[str, Any]]:
     """Every (approach, seed) of `cfg` in-process, `train.cells_in_parallel` of them at once (ted_fl.schedule.cells)."""
-    from ted_fl.config import to_dict
-    from ted_fl.schedule.cells import (
-        Job,
-        cell_resources,
-        cell_slots,
-        local_schedule,
-        remember_sites,
-        run_jobs,
-    )
-
     sites = load_and_record_sites(cfg, run)
     cells = [(a, s) for a in cfg.approaches for s in cfg.seeds]
     slots = cell_slots(cfg, len(cells))
@@ -345,8 +324,6 @@ def run_rounds_done(cfg: ExperimentConfig, run: RunDir, n_sites: int) -> int:
 def prune_run(cfg: ExperimentConfig, run: RunDir) -> None:
     """Keep what `output.checkpoints` asks for once the run has ended (see OutputConfig): the slim
     resume file (its rows and counters, no weights), the stage models, and no client state."""
-    import shutil
-
     policy = cfg.output.checkpoints
     if policy == "all":
         return

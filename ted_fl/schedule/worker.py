@@ -16,6 +16,7 @@ import torch
 
 from ted_fl.config import ExperimentConfig
 from ted_fl.continual.approaches import get_approach
+from ted_fl.continual.combined import load_fixed_teacher, with_fixed_teacher
 from ted_fl.continual.device import gpu_setup
 from ted_fl.continual.evaluation import Labels, eval_options, evaluate
 from ted_fl.continual.networks import build_model
@@ -23,7 +24,9 @@ from ted_fl.continual.probes import make_probes
 from ted_fl.continual.training import local_train, set_determinism
 from ted_fl.continual.weights import Weights, to_tensors
 from ted_fl.data.types import Split
+from ted_fl.errors import TedFlError
 from ted_fl.privacy.mechanisms import sample_dp_args
+from ted_fl.privacy.mia import attack
 
 # Timing keys a client adds to its round's metrics: the wall and CPU (this thread's) seconds of its
 # own work (train_round: load, steps, validation). The schedule moves them to its "time" rows, where
@@ -61,8 +64,6 @@ class SiteWorker:
         if not path:
             return None
         if self._fixed is None or self._fixed[0] != path:
-            from ted_fl.continual.combined import load_fixed_teacher
-
             self._fixed = (path, load_fixed_teacher(path).to(self.device))
         return self._fixed[1]
 
@@ -99,8 +100,6 @@ class SiteWorker:
         appr.term_grads = self.cfg.diagnostics.term_grads  # per-step gradient ratios into the round's metrics
         fixed = self.fixed_teacher()
         if fixed is not None:
-            from ted_fl.continual.combined import with_fixed_teacher
-
             appr = with_fixed_teacher(appr, fixed, self.cfg.gkd.fixed_term, self.cfg.gkd.w_fixed)
         self.student.load_state_dict(to_tensors(weights))
         gpu_setup(self.student, self.device, self.cfg.train.cudnn_benchmark)
@@ -132,8 +131,6 @@ class SiteWorker:
                 seed: int) -> dict[str, float]:
         """Membership-inference scores of `weights` on one site (ted_fl.privacy.mia.attack);
         the reference model is loaded into the teacher's module (forgotten: the next stage reloads)."""
-        from ted_fl.privacy.mia import attack
-
         self.student.load_state_dict(to_tensors(weights))
         self.teacher.load_state_dict(to_tensors(reference))
         self._teacher_key = None
@@ -154,8 +151,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        from ted_fl.errors import TedFlError
-
         raise TedFlError("train.device = 'cuda' but no GPU is visible; use 'auto' or 'cpu'")
     return torch.device(name)
 

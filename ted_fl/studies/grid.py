@@ -38,9 +38,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ted_fl.config import ExperimentConfig, set_key, to_dict
+from ted_fl.config import ExperimentConfig, from_dict, parse_override, set_key, to_dict
+from ted_fl.data import load_site_set_spec, ordered_sites
 from ted_fl.errors import TedFlError
-from ted_fl.run.directory import RunDir
+from ted_fl.run.directory import RunDir, atomic_write_bytes
+from ted_fl.run.markdown import md_table
+from ted_fl.schedule.cells import Job, cell_resources, cell_slots, run_jobs, sites_of
+from ted_fl.schedule.lifecycle import rounds_done, schedule_rounds
 
 TEST_METRICS = ("avg", "bwt", "fwt", "forgetting", "plasticity", "hd95")
 
@@ -134,7 +138,6 @@ def cell_done(path: Path, cell: Cell) -> bool:
 def run_cell(cfg: ExperimentConfig, path: str, progress: Callable[[dict[str, Any]], None] | None = None
              ) -> dict[str, Any]:
     """Run one cell's schedule (resuming its last round if interrupted) and write its tables."""
-    from ted_fl.schedule.cells import sites_of
     from ted_fl.schedule.engine import run_schedule, summarize
     from ted_fl.schedule.in_process import LocalExecutor
 
@@ -155,29 +158,21 @@ def run_cell(cfg: ExperimentConfig, path: str, progress: Callable[[dict[str, Any
 def sweep_cell(cfg_dict: dict[str, Any], path: str, *, progress: Callable[[dict[str, Any]], None],
                slot: int) -> dict[str, Any]:
     """A sweep's cell for `ted_fl.schedule.cells.run_jobs` (here, or in a Ray task): rebuild the config, run it."""
-    from ted_fl.config import from_dict
-
     return run_cell(from_dict(ExperimentConfig, cfg_dict, "sweep cell"), path, progress)
 
 
 def n_sites(cfg: ExperimentConfig) -> int:
-    from ted_fl.data import load_site_set_spec, ordered_sites
-
     return len(ordered_sites(load_site_set_spec(cfg.data.sites), cfg.data.order))
 
 
 def rounds_of(cell: Cell) -> int:
     """Rounds the cell's schedule runs (joint trains joint_rounds_factor times longer)."""
-    from ted_fl.schedule.lifecycle import schedule_rounds
-
     stages, rounds = schedule_rounds(cell.cfg, cell.approach, n_sites(cell.cfg))
     return stages * rounds
 
 
 def rounds_done_of(cell: Cell, folder: Path) -> int:
     """Rounds an unfinished cell's checkpoint holds (a killed sweep resumes there)."""
-    from ted_fl.schedule.lifecycle import rounds_done
-
     path = folder / "cells" / cell.name
     if not path.is_dir():
         return 0
@@ -216,8 +211,6 @@ def run_cells(cells: list[Cell], folder: str | Path, *, parallel: bool = True, q
     Raises TedFlError naming the failed cells after the others have finished (those stay
     reusable); returns {"ran": n, "reused": n, "wall_s": s}.
     """
-    from ted_fl.schedule.cells import Job, cell_resources, cell_slots, run_jobs
-
     folder = Path(folder)
     names = [c.name for c in cells]
     if len(set(names)) != len(names):
@@ -317,9 +310,6 @@ def select(summary: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, pd.Dat
 
 def write_outputs(cells: list[Cell], folder: str | Path, title: str = "sweep", command: str = "") -> dict[str, Any]:
     """metrics.csv, summary.csv and report.md across the cells (written atomically)."""
-    from ted_fl.run.directory import atomic_write_bytes
-    from ted_fl.run.markdown import md_table
-
     folder = Path(folder)
     metrics, summary = collect(cells, folder)
     keys = list(cells[0].point) if cells else []
@@ -360,8 +350,6 @@ def sweep(base: ExperimentConfig, grid: dict[str, list[Any]], folder: str | Path
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
     """['loss.lambda_d=0.01,0.1', ...] -> {'loss.lambda_d': [0.01, 0.1]} (TOML value syntax each)."""
-    from ted_fl.config import parse_override
-
     grid: dict[str, list[Any]] = {}
     for item in items:
         if "=" not in item:

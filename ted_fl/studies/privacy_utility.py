@@ -32,6 +32,11 @@ import pandas as pd
 
 from ted_fl.config import ExperimentConfig
 from ted_fl.errors import TedFlError
+from ted_fl.privacy.leakage import leaks
+from ted_fl.privacy.policies import check_privacy
+from ted_fl.run.directory import RunDir, atomic_write_bytes
+from ted_fl.run.markdown import md_table
+from ted_fl.schedule.lifecycle import finish_run, load_and_record_sites
 from ted_fl.studies.grid import (
     Cell,
     _mark_done,
@@ -73,7 +78,6 @@ def privacy_cells(base: ExperimentConfig, epsilons: list[float], dp: str = "samp
                   seeds: list[int] | None = None) -> list[Cell]:
     """Every cell of epsilons x policy grid x approaches x seeds, each checked before anything runs."""
     from ted_fl.privacy.mechanisms import prepare_privacy
-    from ted_fl.privacy.policies import check_privacy
 
     if dp not in DP_LEVELS:
         raise TedFlError(f"--dp {dp}: not a DP level; use one of {', '.join(DP_LEVELS)}")
@@ -101,8 +105,6 @@ def run_cells_federated(cells: list[Cell], folder: Path, quiet: bool = False) ->
     """Run the unfinished cells in one Flower simulation, train.cells_in_parallel at once (each on its
     own block of SuperNodes, `ted_fl.federated.simulation.simulate_cells`); reuse the rest."""
     from ted_fl.federated.simulation import federated_slots, simulate_cells
-    from ted_fl.run.directory import RunDir
-    from ted_fl.schedule.lifecycle import finish_run, load_and_record_sites
 
     todo = [c for c in cells if not cell_done(folder / "cells" / c.name, c)]
     if not todo:
@@ -333,10 +335,6 @@ def utility_findings(mean: pd.DataFrame, table: pd.DataFrame, axes: list[str]) -
 
 def write_report(cells: list[Cell], folder: Path, command: str = "", title: str = "privacy study") -> dict[str, Any]:
     """study.csv, study_mean.csv, audit.csv (federated cells), report.md and report.html."""
-    from ted_fl.privacy.leakage import leaks
-    from ted_fl.run.directory import atomic_write_bytes
-    from ted_fl.run.markdown import md_table
-
     table = tidy(cells, folder)
     axes = [k for k in cells[0].point if k != EPS_KEY]
     mean = means(table)
