@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.test_simulation import dice_rows, run_dir_of, simulate, write_config
+from tests.integration.simulation_helpers import dice_rows, run_dir_of, simulate, write_config
 
 pytestmark = [
     pytest.mark.slow,

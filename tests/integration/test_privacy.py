@@ -12,7 +12,7 @@ import pytest
 from ted_fl.commands.shared import run_command
 from ted_fl.privacy.mechanisms import client_noise_multiplier, epsilon_spent
 from ted_fl.run.directory import RunDir
-from tests.integration.test_simulation import run_dir_of, simulate, write_config
+from tests.integration.simulation_helpers import run_dir_of, simulate, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.test_simulation import dice_rows, run_dir_of, simulate, write_config
+from tests.integration.simulation_helpers import dice_rows, run_dir_of, simulate, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("ray") is None, reason="ray CLI not installed")]
 
