@@ -348,7 +348,9 @@ def run_section(run: RunDir, heading_level: int = 2) -> str:
         f"{h} {cfg.name}: {cfg.data.sites} ({order})",
         "",
         f"Run directory `{run.path.name}`; approaches {', '.join(cfg.approaches)}; seeds "
-        f"{', '.join(map(str, cfg.seeds))}.",
+        f"{', '.join(map(str, cfg.seeds))}."
+        + (f" **{run.missing} cell(s) of this sweep had not finished when this page was written**; the "
+           "tables hold the finished ones." if isinstance(run, SweepRun) and run.missing else ""),
         "",
         "```bash",
         command,
