@@ -95,9 +95,13 @@ def headline_findings(rows: pd.DataFrame, sites: pd.DataFrame | None = None) -> 
 
         n = len(bwt)
         half = float(stats.t.ppf(0.975, n - 1)) * float(bwt.std(ddof=1)) / math.sqrt(n) if n > 1 else math.nan
-        interval = f" [95% CI {bwt.mean() - half:+.3f}, {bwt.mean() + half:+.3f}]" if n > 1 else " (one seed)"
-        out.append(f"Fine-tuning (seq): BWT {bwt.mean():+.3f}{interval} over {n} seed(s) "
-                   f"({'it forgets' if n > 1 and bwt.mean() + half < 0 else 'forgetting not established'}).")
+        if n > 1:
+            forgets = "it forgets" if bwt.mean() + half < 0 else "forgetting not established: the interval reaches 0"
+            out.append(f"Fine-tuning (seq): BWT {bwt.mean():+.3f} [95% CI {bwt.mean() - half:+.3f}, "
+                       f"{bwt.mean() + half:+.3f}] over {n} seed(s) ({forgets}).")
+        else:
+            out.append(f"Fine-tuning (seq): BWT {bwt.mean():+.3f} over one seed (no interval, so forgetting "
+                       "is not established).")
     for a, b in ORDERING:
         if {a, b} <= have:
             out.append("Paper's ordering: " + _pair_line(rows, a, b))
