@@ -141,13 +141,15 @@ class LossConfig:
     """Weights and switches of the loss terms (see ted_fl.continual.terms).
 
     lambda_d defaults to 0.01, not the paper's 0.001 (simulations/prostate-ted.toml keeps 0.001):
-    the CPU-sized schedule has 80 steps a site. At the end of a site's stage on the twin,
-    lambda_d * |grad| / |grad L_seg| is about 0.02 for KD and SKA and 0.9 for AKT + GUGF at
-    0.01 (batch 8; AKT averages over the disagreeing pixels only and the reference's
-    batch-broadcast GUGF multiplies it by up to the batch size). At 0.001 kd and ted_gugf were
+    the CPU-sized schedule has 80 steps a site. At 0.01 KD's and SKA's gradients are a few percent of
+    L_seg's and AKT + GUGF's is of the order of L_seg's (AKT averages over the disagreeing pixels
+    only and the reference's batch-broadcast GUGF multiplies it by up to the batch size): measured on
+    each approach's own checkpoints and over a stage's steps by `python -m ted_fl.diagnose
+    term-grads`, docs/results-twin.md (section "Term gradients on each approach's own
+    checkpoints"). At 0.001 kd and ted_gugf were
     indistinguishable from seq on the twin (seed 0: BWT -0.369 / -0.386 against seq's -0.388);
     at 0.01 ted_gugf forgot less (-0.221) and learnt each new site less (plasticity 0.777 against
-    0.833). The values come from docs/results.md's runs, not from tuning for TED.
+    0.833). The values come from docs/results-twin.md's runs, not from tuning for TED.
     """
 
     lambda_d: Weight = 0.01  # distillation weight shared by KD, SKA and AKT (reference: 0.001)
@@ -168,7 +170,7 @@ class LossConfig:
     # is evaluated: with eval.bn = "running" set teacher_mode = "eval" too. Under eval.bn = "batch"
     # an "eval" teacher is another function than the model R[t-1] scores (on the twin, RUNMC's model
     # scores Dice 0.39 on BMC's images with its running statistics, 0.63 with batch statistics), and
-    # AKT + GUGF distil it hard (docs/results.md, "GUGF strength").
+    # AKT + GUGF distil it hard (docs/results-twin.md, "Term gradients on each approach's own checkpoints").
     teacher_mode: TeacherMode = "train"
     gugf: GugfMode = "batch"  # batch: the reference's broadcasting (see ted_fl.continual.terms.GUGF)
     temperature: Rate = 2.0  # LwF

@@ -1,4 +1,4 @@
-"""The GKD section of the results page: `python -m ted_fl.gkd_report RUN_DIR [--doc docs/results.md]`.
+"""The GKD section of the results page: `python -m ted_fl.gkd_report RUN_DIR [--doc docs/results-gkd.md]`.
 
 The documented name of `python -m ted_fl.gkd_report`; the command lives in `ted_fl.commands.gkd_report`.
 """

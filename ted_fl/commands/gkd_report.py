@@ -1,4 +1,4 @@
-"""The GKD section of the results page: `python -m ted_fl.gkd_report RUN_DIR [--doc docs/results.md]`.
+"""The GKD section of the results page: `python -m ted_fl.gkd_report RUN_DIR [--doc docs/results-gkd.md]`.
 
 The command line of ted_fl.run.gkd_page."""
 

@@ -1,14 +1,17 @@
 """Write a Markdown results page from run directories: `python -m ted_fl.results_doc RUN_DIR ... --out FILE`.
 
-The command line of ted_fl.run.results_page."""
+The command line of ted_fl.run.results_page; `--headline NAME` writes one data set's headline block
+(ted_fl.run.headline) into a page instead. A RUN_DIR may also be a sweep folder (its cells pooled)."""
 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from ted_fl.errors import TedFlError, exit_code
 from ted_fl.run.directory import RunDir
+from ted_fl.run.headline import headline_block
 from ted_fl.run.markdown import write_section
 from ted_fl.run.results_page import open_run, readme_block, write_doc
 
@@ -26,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--readme", metavar="FILE",
                    help="instead of a page, write the (single) run's figures into FILE's "
                         "<!-- results:default-run --> block, e.g. README.md")
+    p.add_argument("--headline", metavar="NAME",
+                   help="instead of a page, write the (single) run's or sweep's headline (one table, budget, "
+                        "command, findings with paired comparisons) into the <!-- headline:NAME --> block "
+                        "of --out, leaving the rest of that file as it is")
     args = p.parse_args(argv)
     return exit_code(lambda: _write(args))
 
@@ -46,6 +53,18 @@ def _write(args: argparse.Namespace) -> int:
         target = Path(args.readme)
         write_section(target, "default-run", readme_block(open_run(args.runs[0]), args.readme), tag="results")
         print(f"wrote the default-run block of {target}")
+        return 0
+    if args.headline:
+        if len(args.runs) != 1 or args.out is None:
+            raise TedFlError("--headline takes exactly one run directory (or sweep folder, or RUN+RUN pooled "
+                             "seeds) and --out FILE, e.g. --out docs/results.md")
+        if not re.fullmatch(r"[\w.-]+", args.headline):
+            raise TedFlError(f"--headline {args.headline!r}: use letters, digits, '.', '_' or '-' (it names a block)")
+        target = Path(args.out)
+        regen = f"python -m ted_fl.results_doc {args.runs[0]} --headline {args.headline} --out {args.out}"
+        block = headline_block(open_run(args.runs[0]), args.headline, regen)
+        write_section(target, args.headline, block, tag="headline")
+        print(f"wrote the {args.headline} headline block of {target}")
         return 0
     intro = ""
     if args.intro:

@@ -7,7 +7,7 @@ Each cell (approach x seed x epsilon x policy point) is one run with the members
 attack; epsilon = inf runs without DP (privacy.dp = "off"), a finite one with --dp (sample-level
 DP-SGD by default). Rerunning with the same --out reuses finished cells. Writes study.csv,
 study_mean.csv, report.md and report.html in --out (and audit.csv with --federated); --doc also
-writes report.md as the section `privacy-<sites>` of a Markdown page (e.g. docs/results.md).
+writes report.md as the section `privacy-<sites>` of a Markdown page (e.g. docs/results-privacy.md).
 The work is done by `ted_fl.studies.privacy_utility`; this is its command line.
 """
 
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--federated", action="store_true",
                    help="run the cells in one Flower simulation (audited bytes per kind) instead of Ray tasks")
     q.add_argument("--out", help="study folder (default runs/study-privacy-SITES); the same folder reuses cells")
-    q.add_argument("--doc", metavar="FILE", help="also write the report as a marked section of FILE (e.g. docs/results.md)")
+    q.add_argument("--doc", metavar="FILE", help="also write the report as a marked section of FILE (e.g. docs/results-privacy.md)")
     q.add_argument("--section", help="that section's name (default privacy-<sites>)")
     q.add_argument("--serial", action="store_true", help="centralized cells one after another in this process")
     q.add_argument("--cpus", type=int, help="CPUs of the local Ray instance (default: all)")

@@ -1,6 +1,6 @@
 """The GKD section of the results page, generated from a `python -m ted_fl.generalize` run directory.
 
-`python -m ted_fl.gkd_report RUN_DIR [--doc docs/results.md]` prints the section (and writes it
+`python -m ted_fl.gkd_report RUN_DIR [--doc docs/results-gkd.md]` prints the section (and writes it
 between `<!-- section:gkd:start/end -->` markers of the page, leaving every other section alone).
 Tables: per target domain, Dice and AUC of the teacher and of each student row (mean +- sd over
 seeds), the student's size and speed against the teacher's, FSD, and the verdict against KD.

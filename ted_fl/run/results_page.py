@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ted_fl.config import dump_toml, to_dict
+from ted_fl.config import ApproachName, choices, dump_toml, to_dict
 from ted_fl.continual.metrics import continual_summary, r_matrix
 from ted_fl.errors import TedFlError
 from ted_fl.run.directory import MEAN_LABEL, RunDir, labels_of, select_label, site_learning, verdict
@@ -54,8 +54,70 @@ class PooledRun(RunDir):
         return pd.concat([r.summary() for r in self.parts], ignore_index=True)
 
 
+class SweepRun(RunDir):
+    """A sweep folder (`python -m ted_fl.sweep --out FOLDER`) read as one run: its finished cells
+    (one approach x one seed each, `cells/<cell>/cell.json` written) pooled, approaches and seeds
+    united, the command taken from the sweep's report.md. Unfinished cells are left out and counted
+    (`missing`), so a sweep still running can be read. Refused when the cells differ beyond the
+    approach and the seed (a grid or several site orders: read each point's cells on their own)."""
+
+    IGNORED = ("approaches", "seeds", "out")
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
+        cells = sorted(p for p in (folder / "cells").iterdir() if p.is_dir())
+        done = [RunDir(p) for p in cells if (p / "cell.json").is_file() and (p / "summary.csv").is_file()]
+        rank = {a: i for i, a in enumerate(choices(ApproachName))}  # the schema's order: seq, joint, kd, ...
+
+        def key(r: RunDir) -> tuple[int, list[int]]:
+            c = r.read_config()
+            return min(rank.get(a, len(rank)) for a in c.approaches), list(c.seeds)
+
+        self.parts = sorted(done, key=key)
+        self.missing = len(cells) - len(self.parts)
+        if not self.parts:
+            raise TedFlError(f"{folder}: no finished cell under cells/ yet; wait for the sweep or pass a run directory")
+        base = {k: v for k, v in to_dict(self.parts[0].read_config()).items() if k not in self.IGNORED}
+        for r in self.parts[1:]:
+            other = {k: v for k, v in to_dict(r.read_config()).items() if k not in self.IGNORED}
+            if other != base:
+                keys = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
+                raise TedFlError(f"{r.path}: this cell's configuration differs from {self.parts[0].path.name}'s "
+                                 f"beyond the approach and the seed (in {', '.join(keys)}); a sweep with a grid or "
+                                 "several orders cannot be read as one run")
+
+    @staticmethod
+    def is_sweep(path: Path) -> bool:
+        return (path / "cells").is_dir() and not (path / "config.toml").is_file()
+
+    def read_config(self):  # type: ignore[no-untyped-def]
+        cfg = self.parts[0].read_config()
+        cfgs = [r.read_config() for r in self.parts]
+        cfg.approaches = list(dict.fromkeys(a for c in cfgs for a in c.approaches))
+        cfg.seeds = sorted({s for c in cfgs for s in c.seeds})
+        return cfg
+
+    def metrics(self) -> pd.DataFrame:
+        return pd.concat([r.metrics() for r in self.parts], ignore_index=True)
+
+    def summary(self) -> pd.DataFrame:
+        return pd.concat([r.summary() for r in self.parts], ignore_index=True)
+
+    def command(self) -> str | None:
+        """The sweep's command line, from the `Command: `...`` line its report.md opens with."""
+        report = self.path / "report.md"
+        if not report.is_file():
+            return None
+        for line in report.read_text().splitlines():
+            if line.startswith("Command: `") and line.rstrip().endswith("`"):
+                return line.rstrip()[len("Command: `"):-1]
+        return None
+
+
 def open_run(spec: str | Path) -> RunDir:
     """A run directory, or several joined by '+' (one configuration, different seeds) pooled."""
+    if "+" not in str(spec) and SweepRun.is_sweep(Path(spec)):
+        return SweepRun(Path(spec))
     parts = [RunDir.open(p) for p in str(spec).split("+")]
     for part in parts:
         part.refuse_if_failed()
@@ -63,6 +125,11 @@ def open_run(spec: str | Path) -> RunDir:
 
 
 def _read(run: RunDir, name: str) -> str | None:
+    if isinstance(run, SweepRun):
+        if name == "command.txt":
+            return run.command() or (f"(the sweep in {run.path} has not finished: its report.md, which "
+                                     "records the command, is written when every cell is done)")
+        return _read(run.parts[0], name)
     if isinstance(run, PooledRun):
         texts = [_read(r, name) for r in run.parts]
         if name == "command.txt":
@@ -72,12 +139,13 @@ def _read(run: RunDir, name: str) -> str | None:
     return p.read_text().strip() if p.is_file() else None
 
 
-def run_tables(run: RunDir, label: str = MEAN_LABEL) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
-    """Per approach the Dice R matrix (mean over seeds, 'untrained' row first) and a summary table.
+def per_seed_rows(run: RunDir, label: str = MEAN_LABEL) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+    """Per approach the Dice R matrix (mean over seeds, 'untrained' row first), and one row per
+    approach and seed: `continual_summary` of that seed's R matrix (approach, seed, avg, ravg, bwt,
+    fwt, forgetting, plasticity). The summary table and the paired comparisons both read these rows.
 
-    The summary has one row per approach: the metrics of `continual_summary` per seed, averaged
-    over the seeds; rAvg uses the run's own joint approach when it has one. `label` picks a
-    class or region of the site set; the default is the mean over them.
+    rAvg uses the run's own joint approach when it has one. `label` picks a class or region of the
+    site set; the default is the mean over them.
     """
     m = run.metrics()
     test = m[m["split"] == "test"]
@@ -103,17 +171,29 @@ def run_tables(run: RunDir, label: str = MEAN_LABEL) -> tuple[dict[str, pd.DataF
             r0.index = ["untrained"]
             r = pd.concat([r0, r])
         matrices[str(approach)] = r
-        per_seed = []
-        for _, gs in g.groupby("seed"):
+        for seed, gs in g.groupby("seed"):
             tr, ini = gs[gs["stage"] >= 0], gs[(gs["stage"] < 0) & (gs["metric"] == "dice")]
             b = ini.set_index("site")["value"] if len(ini) else None
-            per_seed.append(continual_summary(r_matrix(tr, "dice", order, label), joint=joint, initial=b))
-        s = pd.DataFrame(per_seed).mean()
-        sd = pd.DataFrame(per_seed).std(ddof=1) if len(per_seed) > 1 else pd.Series(dtype=float)
+            s = continual_summary(r_matrix(tr, "dice", order, label), joint=joint, initial=b)
+            rows.append({"approach": str(approach), "seed": seed, **{k: s[k] for k in SUMMARY_COLUMNS}})
+    return matrices, pd.DataFrame(rows, columns=["approach", "seed", *SUMMARY_COLUMNS])
+
+
+def run_tables(run: RunDir, label: str = MEAN_LABEL) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+    """Per approach the Dice R matrix (mean over seeds, 'untrained' row first) and a summary table.
+
+    The summary has one row per approach: the metrics of `continual_summary` per seed
+    (`per_seed_rows`), averaged over the seeds, with their standard deviation (`<metric>_sd`).
+    """
+    matrices, seeds = per_seed_rows(run, label)
+    rows = []
+    for approach, g in seeds.groupby("approach", sort=False):
+        s, n = g[SUMMARY_COLUMNS].mean(), len(g)
+        sd = g[SUMMARY_COLUMNS].std(ddof=1) if n > 1 else pd.Series(dtype=float)
         rows.append({"approach": approach, "seeds": int(g["seed"].nunique()), **{k: s[k] for k in SUMMARY_COLUMNS},
                      **{f"{k}_sd": float(sd.get(k, float("nan"))) for k in SUMMARY_COLUMNS}})
     summary = pd.DataFrame(rows).set_index("approach")
-    if joint is None:
+    if not (seeds["approach"] == "joint").any():
         summary = summary.drop(columns=["ravg", "ravg_sd"])
     try:
         wall = run.summary().groupby("approach")["wall_s"].mean()
@@ -268,7 +348,9 @@ def run_section(run: RunDir, heading_level: int = 2) -> str:
         f"{h} {cfg.name}: {cfg.data.sites} ({order})",
         "",
         f"Run directory `{run.path.name}`; approaches {', '.join(cfg.approaches)}; seeds "
-        f"{', '.join(map(str, cfg.seeds))}.",
+        f"{', '.join(map(str, cfg.seeds))}."
+        + (f" **{run.missing} cell(s) of this sweep had not finished when this page was written**; the "
+           "tables hold the finished ones." if isinstance(run, SweepRun) and run.missing else ""),
         "",
         "```bash",
         command,

@@ -166,3 +166,90 @@ def test_default_page_goes_into_the_run_directory(run: RunDir, tmp_path: Path, m
     (run.path / "results.md").unlink()
     assert main([str(run.path), str(run.path)]) == 2
     assert "name the page with --out FILE" in capsys.readouterr().err
+
+
+def test_seeds_to_detect_matches_the_paired_t_tables() -> None:
+    """A paired t-test at 5 %, power 0.8: effect size delta / sd = 1 needs 10 seeds, 0.5 needs 34
+    (the one-sample t-test's textbook sample sizes); no spread needs the minimum, none measured: unknown."""
+    from ted_fl.run.headline import seeds_to_detect
+
+    assert seeds_to_detect(0.02, 0.02) == 10
+    assert seeds_to_detect(0.04, 0.02) == 34
+    assert seeds_to_detect(0.0) == 2 and seeds_to_detect(float("nan")) is None
+
+
+def test_headline_findings_are_paired_by_seed() -> None:
+    """Each finding carries the paired mean difference and its 95 % t-interval, computed by hand here:
+    d = ted - seq = (-0.05, -0.06, -0.04) has mean -0.05 and sd 0.01, so the interval is
+    -0.05 ± t(0.975, 2) * 0.01 / sqrt(3) = [-0.075, -0.025]; seq's and kd's seeds shifted alike
+    give a difference of exactly +0.02 with no spread, which 2 seeds detect."""
+    import pandas as pd
+
+    from ted_fl.run.headline import headline_findings
+
+    f = {"seq": [0.10, 0.12, 0.14], "ted": [0.05, 0.06, 0.10], "kd": [0.12, 0.14, 0.16]}
+    rows = pd.DataFrame([{"approach": a, "seed": s, "avg": 0.5, "bwt": -v, "forgetting": v, "plasticity": 0.7}
+                         for a, vs in f.items() for s, v in enumerate(vs)])
+    lines = headline_findings(rows)
+    assert lines[0] == "Fine-tuning (seq): BWT -0.120 [95% CI -0.170, -0.070] over 3 seed(s) (it forgets)."
+    ted_kd = next(x for x in lines if "ted - kd" in x)
+    assert ted_kd.startswith("Paper's ordering: ted forgets less than kd")
+    ted_seq = next(x for x in lines if "ted - seq" in x)
+    assert "ted - seq = -0.050 [95% CI -0.075, -0.025] (n=3)" in ted_seq
+    assert "seeds to detect 0.02 at this spread: 5" in ted_seq  # sd 0.01: effect size 2
+    kd_seq = next(x for x in lines if "kd - seq" in x)
+    assert "+0.020" in kd_seq and "kd forgets more than seq" in kd_seq and "at this spread: 2" in kd_seq
+
+
+def test_headline_block_from_a_sweep_folder(run: RunDir, tmp_path: Path) -> None:
+    """A sweep folder's finished cells (one approach each) read as one run give the same table as the
+    run they were cut from; the headline block replaces only itself in the page."""
+    import json
+    import shutil
+
+    import pandas as pd
+
+    from ted_fl.run.results_page import SweepRun, open_run, run_tables
+
+    sweep = tmp_path / "sweep"
+    for a in ("seq", "kd"):
+        cell = sweep / "cells" / f"{a}-s0-x"
+        shutil.copytree(run.path, cell, ignore=shutil.ignore_patterns("checkpoints", "client_state", "*.parquet"))
+        cfg = RunDir(cell).read_config()
+        cfg.approaches = [a]
+        RunDir(cell).write_config(cfg)
+        for f in ("metrics.csv", "summary.csv"):
+            df = pd.read_csv(cell / f)
+            df[df["approach"] == a].to_csv(cell / f, index=False)
+        (cell / "cell.json").write_text(json.dumps({"approach": a, "seed": 0}))
+    (sweep / "cells" / "kd-s1-y").mkdir()  # a cell still running: left out, counted
+    pooled = open_run(sweep)
+    assert isinstance(pooled, SweepRun) and pooled.missing == 1 and pooled.read_config().approaches == ["seq", "kd"]
+    cols = ["avg", "bwt", "forgetting", "plasticity"]
+    pd.testing.assert_frame_equal(run_tables(pooled)[1][cols].sort_index(), run_tables(run)[1][cols].sort_index())
+    page = tmp_path / "results.md"
+    page.write_text("# Results\n\nkept\n\n<!-- headline:twin:start -->\nSTALE\n<!-- headline:twin:end -->\n")
+    assert main([str(sweep), "--headline", "twin", "--out", str(page)]) == 0
+    text = page.read_text()
+    assert "kept" in text and "STALE" not in text and text.count("<!-- headline:twin:start -->") == 1
+    summary = run.summary().set_index("approach")
+    assert f"{summary.loc['kd', 'avg']:.3f}" in text and "| kd | 1 |" in text
+    assert "1 cell(s) of this sweep had not finished" in text
+    assert f"--headline twin --out {page}" in text  # the command that regenerates the block
+    assert main([str(sweep), "--headline", "twin"]) == 2  # --out is required
+
+
+def test_sweep_of_a_grid_is_refused(run: RunDir, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import shutil
+
+    for name, lam in (("a", 1.0), ("b", 0.5)):
+        cell = tmp_path / "cells" / name
+        shutil.copytree(run.path, cell, ignore=shutil.ignore_patterns("checkpoints", "client_state"))
+        cfg = RunDir(cell).read_config()
+        cfg.loss.lambda_d = lam
+        RunDir(cell).write_config(cfg)
+        (cell / "cell.json").write_text(json.dumps({}))
+    assert main([str(tmp_path), "--headline", "x", "--out", str(tmp_path / "p.md")]) == 2
+    err = capsys.readouterr().err
+    assert "differs" in err and "in loss" in err

@@ -1,5 +1,5 @@
 """`diagnose term-grads`' ratios: the batch-broadcast GUGF grows with the batch size (the reference's
-behaviour, which the GUGF-strength measurement in docs/results.md rests on), the per-sample one does
+behaviour, which the term-gradient measurements in docs/results-twin.md rest on), the per-sample one does
 not, and a student equal to its batch-statistics teacher has nothing for AKT to distil."""
 
 from __future__ import annotations
