@@ -443,6 +443,25 @@ def privacy_conflicts(cfg: ExperimentConfig) -> None:
                          "at a fixed norm); set privacy.clipping = 'fixed'")
 
 
+def strategy_conflicts(cfg: ExperimentConfig) -> None:
+    """federated.* keys the chosen federated.strategy would not read (a one-line TedFlError naming the key):
+    proximal_mu outside fedprox, the server optimizer's keys outside fedadam / fedyogi / fedadagrad, and
+    beta_1 / beta_2 with fedadagrad (Flower's FedAdagrad fixes them at 0)."""
+    fed = cfg.federated
+    server = ("fedadam", "fedyogi", "fedadagrad")
+    for key in ("eta", "beta_1", "beta_2", "tau"):
+        value = getattr(fed, key)
+        if value == "flower":
+            continue
+        if fed.strategy not in server or (fed.strategy == "fedadagrad" and key.startswith("beta")):
+            users = "fedadam or fedyogi" if key.startswith("beta") else "fedadam, fedyogi or fedadagrad"
+            raise TedFlError(f"federated.{key} = {value} is read by federated.strategy = {users}, not "
+                             f"'{fed.strategy}'; remove federated.{key} or change federated.strategy")
+    if fed.proximal_mu and fed.strategy != "fedprox":
+        raise TedFlError(f"federated.proximal_mu = {fed.proximal_mu} is read by federated.strategy = 'fedprox', not "
+                         f"'{fed.strategy}'; set federated.strategy = 'fedprox' or remove federated.proximal_mu")
+
+
 def _describe(err: dict[str, Any], where: str) -> str:
     """One line for pydantic's first error: where, the dotted key, what is wrong, how to fix it."""
     # a union's member tag ('constrained-int', "literal['seed']") is no key: data.split_seed, not data.split_seed.int

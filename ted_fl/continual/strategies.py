@@ -48,12 +48,11 @@ def server_settings(fed: FederatedConfig) -> dict[str, float]:
     out = dict(FLOWER_DEFAULTS[fed.strategy])
     for key in out:
         value = getattr(fed, key)
-        if value == "flower":
-            continue
-        if fed.strategy == "fedadagrad" and key in ("beta_1", "beta_2"):
-            raise TedFlError(f"federated.{key} = {value}: FedAdagrad has no moment decay (Flower fixes it at 0); "
-                             f"remove federated.{key} or set federated.strategy = 'fedadam' / 'fedyogi'")
-        out[key] = float(value)
+        if value != "flower":
+            if fed.strategy == "fedadagrad" and key.startswith("beta"):
+                raise TedFlError(f"federated.{key} = {value}: FedAdagrad has no moment decay (Flower fixes it at 0); "
+                                 f"remove federated.{key} or set federated.strategy = 'fedadam' / 'fedyogi'")
+            out[key] = float(value)
     return out
 
 

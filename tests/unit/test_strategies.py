@@ -16,7 +16,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYogi
 
-from ted_fl.config import ExperimentConfig, FederatedConfig, StrategyName, choices, set_key
+from ted_fl.config import ExperimentConfig, FederatedConfig, StrategyName, choices, set_key, strategy_conflicts
 from ted_fl.continual import terms as T
 from ted_fl.continual.approaches import get_approach
 from ted_fl.continual.strategies import (
@@ -127,6 +127,11 @@ def test_beta_keys_reach_fedadam_and_fedyogi() -> None:
             w = a
     with pytest.raises(TedFlError, match="federated.beta_1"):
         ServerOptimizer.of(FederatedConfig(strategy="fedadagrad", beta_1=0.5))
+    cfg = ExperimentConfig()
+    set_key(cfg, "federated.strategy", "fedadagrad")
+    set_key(cfg, "federated.beta_2", 0.5)
+    with pytest.raises(TedFlError, match="federated.beta_2 = 0.5 is read by federated.strategy = fedadam or fedyogi"):
+        strategy_conflicts(cfg)
 
 
 def test_moments_start_anew_each_stage_and_skip_integer_buffers() -> None:
@@ -207,6 +212,18 @@ def test_bad_values_name_the_key() -> None:
                              ("federated.eta", -1, "federated.eta")]:
         with pytest.raises(TedFlError, match=text.replace("(", r"\(")):
             set_key(cfg, key, value)
+
+
+@pytest.mark.parametrize("setting", ["federated.strategy=fedsgd", "federated.fraction_train=0",
+                                     "federated.proximal_mu=-1", "federated.beta_1=1.0",
+                                     "federated.eta=0.5",  # read by a server optimizer only (strategy fedavg)
+                                     "federated.proximal_mu=0.1"])  # read by fedprox only
+def test_command_line_exits_2_with_one_line(setting: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from ted_fl.simulate import main
+
+    assert main(["--set", setting]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and setting.split("=")[0] in err
 
 
 class Recording(FlowerExecutor):
