@@ -159,6 +159,18 @@ def sample_clients(seed: int, stage: int, rnd: int, site: int, clients: list[int
     return [c for i, c in enumerate(clients) if i in chosen]
 
 
+def sample_trainers(trainers: list[tuple[str, int, int]], seed: int, stage: int, rnd: int, order: list[str],
+                    fraction: float) -> list[tuple[str, int, int]]:
+    """The (site, node, client) triples of `trainers` that train in (stage, rnd): each site's clients
+    drawn by `sample_clients`, the site numbered by its place in `order` (the Flower server's seam)."""
+    if fraction == 1:
+        return list(trainers)
+    keep = {site: set(sample_clients(seed, stage, rnd, order.index(site),
+                                     sorted({c for s, _, c in trainers if s == site}), fraction))
+            for site in {s for s, _, _ in trainers}}
+    return [t for t in trainers if t[2] in keep[t[0]]]
+
+
 def with_proximal(approach: Approach, model: torch.nn.Module, fed: FederatedConfig) -> Approach:
     """fedprox: the approach plus mu/2 ||w - w_global||^2, w_global the parameters `model` holds now (the
     round's global model, loaded before local training); other strategies: the approach unchanged."""

@@ -16,7 +16,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYogi
 
-from ted_fl.config import ExperimentConfig, FederatedConfig, StrategyName, choices, set_key, strategy_conflicts
+from ted_fl.config import (
+    ExperimentConfig,
+    FederatedConfig,
+    StrategyName,
+    choices,
+    set_key,
+    strategy_conflicts,
+)
 from ted_fl.continual import terms as T
 from ted_fl.continual.approaches import get_approach
 from ted_fl.continual.strategies import (
