@@ -1,7 +1,7 @@
 """federated.strategy and federated.fraction_train (ted_fl.continual.strategies): the same replies given to
 Flower's own strategies (`aggregate_train` on Messages, after `configure_train` as Flower's `start` calls
 it) and to ted-fl's arithmetic give the same model; FedProx's term has gradient mu (w - w_global); the
-client draw is seeded, respects the fraction and is Flower's sample size; a tiny two-site run through the
+client draw is seeded, respects the fraction and is Flower's sample size; a tiny one-site run through the
 real ServerApp executor and ClientApp (no Ray) equals the centralized run."""
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ def test_fraction_train_draws_the_same_clients_in_the_flower_run(tmp_path: Path)
     cfg.data.order = ["RUNMC", "BMC"]
     run = RunDir.create(tmp_path / "runs", "fraction")
     ex = Recording(InProcessGrid(4), cfg, run)  # type: ignore[arg-type]
-    run_schedule(cfg, "ted_gugf", 0, ex, run)
+    run_schedule(cfg, "seq", 0, ex, run)
     expected = [(stage, rnd, site, c) for stage in (0, 1) for rnd in (0, 1) for i, site in enumerate(cfg.data.order)
                 if i <= stage for c in sample_clients(0, stage, rnd, i, [0, 1], 0.5)]
     assert sorted(ex.trained) == sorted(expected)
@@ -264,15 +264,17 @@ def test_fraction_train_draws_the_same_clients_in_the_flower_run(tmp_path: Path)
                                        train__steps_per_round=2)],
                          ids=["fedadam", "fedprox"])
 def test_flower_run_equals_the_centralized_run(tmp_path: Path, keys: dict[str, Any]) -> None:
-    """One tiny two-stage run through the real ServerApp executor and ClientApp equals the in-process run,
+    """One tiny one-site run through the real ServerApp executor and ClientApp equals the in-process run,
     and differs from FedAvg's."""
     cfg = _cfg(tmp_path, **keys)
+    cfg.data.order = ["RUNMC"]
     run = RunDir.create(tmp_path / "runs", "fed")
-    w_fed = run_schedule(cfg, "ted_gugf", 0, FlowerExecutor(InProcessGrid(2), cfg, run), run).weights  # type: ignore[arg-type]
+    w_fed = run_schedule(cfg, "seq", 0, FlowerExecutor(InProcessGrid(1), cfg, run), run).weights  # type: ignore[arg-type]
     run = RunDir.create(tmp_path / "runs", "local")
-    st = run_schedule(cfg, "ted_gugf", 0, LocalExecutor(cfg, load_sites(cfg.data, cfg.data.split_seed)), run)
+    st = run_schedule(cfg, "seq", 0, LocalExecutor(cfg, load_sites(cfg.data, cfg.data.split_seed)), run)
     assert all(np.allclose(w_fed[k], st.weights[k], rtol=0, atol=1e-6) for k in w_fed)
     base = _cfg(tmp_path, train__steps_per_round=cfg.train.steps_per_round)
+    base.data.order = ["RUNMC"]
     run = RunDir.create(tmp_path / "runs", "fedavg")
-    w_avg = run_schedule(base, "ted_gugf", 0, LocalExecutor(base, load_sites(base.data, base.data.split_seed)), run).weights
+    w_avg = run_schedule(base, "seq", 0, LocalExecutor(base, load_sites(base.data, base.data.split_seed)), run).weights
     assert not all(np.allclose(w_avg[k], st.weights[k], atol=1e-6) for k in w_avg)
