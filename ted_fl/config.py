@@ -47,6 +47,8 @@ NoiseSide = Literal["server", "client"]
 TeacherPlace = Literal["server", "site"]  # where the frozen teacher lives (privacy.teacher)
 EvalSlices = Literal["batched", "one"]  # eval.bn = "batch": slices a forward (ted_fl.continual.device.batch_statistics)
 Compile = Literal["off", "on"]  # train.compile: torch.compile the networks' forwards (ted_fl.continual.compiled)
+# federated.strategy: Flower's Message-API strategies that make sense inside a stage (ted_fl.continual.strategies)
+StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"]
 # Numbers: every float is finite unless its key says what infinity means (privacy.epsilon); a count,
 # a rate or a weight that cannot be negative is refused there, naming the key, not deep inside torch.
 Positive = Annotated[int, Field(ge=1)]
@@ -55,6 +57,8 @@ Real = Annotated[float, Field(allow_inf_nan=False)]
 Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # a loss weight or multiplier: 0 switches it off
 Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # a learning rate, factor, temperature, time-out
 Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+Beta = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]  # a moment's decay rate
+FlowerDefault = Literal["flower"]  # a server-optimizer key left at its strategy's Flower default
 CellsInParallel = Literal["auto"] | Positive  # train.cells_in_parallel: "auto" or how many cells at once
 
 
@@ -198,6 +202,17 @@ class FederatedConfig:
     on_failure: OnFailure = "retry"
     client_app: str = "ted_fl.federated.client_app:app"  # module:attribute of the ClientApp the simulation runs
     fast_polling: bool = False  # patch Flower's 0.1 s message polling in the simulation (ted_fl.federated.simulation)
+    # How a stage's rounds combine the clients' models (ted_fl.continual.strategies): fedavg; fedprox (FedAvg
+    # plus mu/2 ||w - w_global||^2 in every local step); fedadam / fedyogi / fedadagrad (a server optimizer
+    # over the averaged update, its state kept across the rounds of one stage). Keys and defaults are Flower's.
+    strategy: StrategyName = "fedavg"
+    fraction_train: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0  # of a site's clients, each round
+    proximal_mu: Weight = 0.0  # fedprox's mu (Flower's default 0: FedAvg)
+    # The server optimizer's keys, Flower's names; "flower": the chosen strategy's own default in Flower
+    eta: Rate | FlowerDefault = "flower"  # server learning rate
+    beta_1: Beta | FlowerDefault = "flower"  # first-moment decay (fedadam, fedyogi; FedAdagrad has none)
+    beta_2: Beta | FlowerDefault = "flower"  # second-moment decay (fedadam, fedyogi)
+    tau: Rate | FlowerDefault = "flower"  # adaptivity: added to sqrt(v) in the step's denominator
 
 
 @dataclass(config=SCHEMA)
@@ -426,6 +441,25 @@ def privacy_conflicts(cfg: ExperimentConfig) -> None:
     if p.dp == "client" and p.noise == "client" and p.clipping == "adaptive":
         raise TedFlError("privacy.clipping = 'adaptive' needs privacy.noise = 'server' (Flower's LocalDpMod clips "
                          "at a fixed norm); set privacy.clipping = 'fixed'")
+
+
+def strategy_conflicts(cfg: ExperimentConfig) -> None:
+    """federated.* keys the chosen federated.strategy would not read (a one-line TedFlError naming the key):
+    proximal_mu outside fedprox, the server optimizer's keys outside fedadam / fedyogi / fedadagrad, and
+    beta_1 / beta_2 with fedadagrad (Flower's FedAdagrad fixes them at 0)."""
+    fed = cfg.federated
+    server = ("fedadam", "fedyogi", "fedadagrad")
+    for key in ("eta", "beta_1", "beta_2", "tau"):
+        value = getattr(fed, key)
+        if value == "flower":
+            continue
+        if fed.strategy not in server or (fed.strategy == "fedadagrad" and key.startswith("beta")):
+            users = "fedadam or fedyogi" if key.startswith("beta") else "fedadam, fedyogi or fedadagrad"
+            raise TedFlError(f"federated.{key} = {value} is read by federated.strategy = {users}, not "
+                             f"'{fed.strategy}'; remove federated.{key} or change federated.strategy")
+    if fed.proximal_mu and fed.strategy != "fedprox":
+        raise TedFlError(f"federated.proximal_mu = {fed.proximal_mu} is read by federated.strategy = 'fedprox', not "
+                         f"'{fed.strategy}'; set federated.strategy = 'fedprox' or remove federated.proximal_mu")
 
 
 def _describe(err: dict[str, Any], where: str) -> str:

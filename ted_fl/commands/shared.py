@@ -23,6 +23,7 @@ from ted_fl.config import (
     parse_override,
     privacy_conflicts,
     set_key,
+    strategy_conflicts,
 )
 from ted_fl.errors import TedFlError
 from ted_fl.run.processes import graceful_signals, stop_waiting
@@ -117,6 +118,7 @@ def check_inputs(cfg: ExperimentConfig) -> list:
     from ted_fl.schedule.lifecycle import check_data
 
     privacy_conflicts(cfg)  # [privacy] combinations the configuration alone shows: before torch loads
+    strategy_conflicts(cfg)  # federated.* keys the chosen federated.strategy would not read
     sites = check_data(cfg)
     from ted_fl.privacy.mechanisms import prepare_privacy  # imports torch: after the cheaper checks
 

@@ -466,3 +466,28 @@ class MAS(Term):
 
     def compute(self, s: StepInputs) -> torch.Tensor | None:
         return _penalty(s.model, s.aux, "importance")
+
+
+class Proximal(Term):
+    """L_prox = 1/2 sum_i (theta_i - theta^g_i)^2, weighted by mu: FedProx's mu/2 ||w - w_global||^2
+    (Li et al. 2020; Flower's FedProx sends proximal_mu for its clients to add it).
+
+    theta^g are the parameters of the round's global model, fixed when the round starts
+    (`ted_fl.continual.strategies.with_proximal`); its gradient is mu (theta - theta^g).
+    """
+
+    name = "prox"
+    data_independent = True  # a penalty on the weights: outside DP-SGD's per-sample clipping
+
+    def __init__(self, anchor: Mapping[str, torch.Tensor]) -> None:
+        self.anchor = dict(anchor)
+
+    def __call__(self, model: nn.Module) -> torch.Tensor:
+        total = torch.zeros((), device=next(model.parameters()).device)
+        for name, param in model.named_parameters():
+            if name in self.anchor:
+                total = total + (param - self.anchor[name].to(param)).pow(2).sum()
+        return 0.5 * total
+
+    def compute(self, s: StepInputs) -> torch.Tensor:
+        return self(s.model)

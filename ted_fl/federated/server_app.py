@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 
 from ted_fl.config import ExperimentConfig, dump_toml, to_dict
 from ted_fl.continual.probes import make_probes
+from ted_fl.continual.strategies import sample_trainers
 from ted_fl.data import resolve_out_channels, site_order
 from ted_fl.errors import TedFlError
 from ted_fl.federated import dp
@@ -267,6 +268,8 @@ class FlowerExecutor:
         fed = self.cfg.federated
         weights = M.to_record(task.weights)
         trainers = [(s, node, client) for s in task.sites for node, client, _ in self.nodes[s]]
+        # federated.fraction_train: the clients of each site that train this round (all of them at 1.0)
+        trainers = sample_trainers(trainers, task.seed, task.stage, task.round, self.sites, fed.fraction_train)
         single = len(trainers) == 1
         client_dp = self.cfg.privacy.dp == "client"
         teacher_key = f"{task.approach}|{task.seed}|{task.stage}" if task.teacher is not None else ""

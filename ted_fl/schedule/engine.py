@@ -24,6 +24,7 @@ from ted_fl.config import ExperimentConfig
 from ted_fl.continual.approaches import Approach, get_approach
 from ted_fl.continual.metrics import continual_summary, r_matrix
 from ted_fl.continual.networks import build_model
+from ted_fl.continual.strategies import server_step, validates_locally
 from ted_fl.continual.training import lr_for, set_determinism
 from ted_fl.continual.weights import Weights, load_weights, model_weights  # noqa: F401 (re-exported)
 from ted_fl.privacy.mechanisms import epsilon_spent
@@ -134,6 +135,7 @@ class ScheduleState:
     bytes_sent: int = 0
     bytes_received: int = 0
     executor: dict[str, Any] = field(default_factory=dict)
+    server_opt: dict[str, Any] = field(default_factory=dict)  # federated.strategy's server moments (this stage)
     done: bool = False
 
 
@@ -312,7 +314,8 @@ class Schedule:
             aux=st.aux, steps=plan.steps, lr=lr_for(stage, rnd, cfg.train, self.constant_lr),
             probe_seed=derive_seed(self.seed, stage, rnd, 0x5CA) if uses_probes else None,
             probe_count=plan.probe_count if uses_probes else 0,
-            probe_shape=tuple(executor.image_shape), want_val=cfg.train.select_best,
+            probe_shape=tuple(executor.image_shape),
+            want_val=cfg.train.select_best and validates_locally(cfg.federated),
             stage_rounds=plan.n_rounds,
         )
         t0 = time.perf_counter()
@@ -321,6 +324,8 @@ class Schedule:
         train_s = time.perf_counter() - t0
         aggregate = getattr(executor, "aggregate", None)  # client-level DP: Flower's DP strategy aggregates
         st.weights = aggregate(task, results) if aggregate else fedavg([(r.weights, r.num_examples) for r in results])
+        # federated.strategy: a server optimizer's step over the mean (FedAdam, ...), the same in both executors
+        st.weights = server_step(cfg.federated, st.server_opt, stage, rnd + 1, task.weights, st.weights)
         split_clients = len({r.site for r in results}) < len(results)
         for r in results:
             key = f"{r.site}/{r.client}" if split_clients else r.site

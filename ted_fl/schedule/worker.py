@@ -21,6 +21,7 @@ from ted_fl.continual.device import gpu_setup
 from ted_fl.continual.evaluation import Labels, eval_options, evaluate
 from ted_fl.continual.networks import build_model
 from ted_fl.continual.probes import make_probes
+from ted_fl.continual.strategies import with_proximal
 from ted_fl.continual.training import local_train, set_determinism
 from ted_fl.continual.weights import Weights, to_tensors
 from ted_fl.data.types import Split
@@ -104,6 +105,7 @@ class SiteWorker:
         self.student.load_state_dict(to_tensors(weights))
         gpu_setup(self.student, self.device, self.cfg.train.cudnn_benchmark)
         gpu_setup(self.teacher, self.device, self.cfg.train.cudnn_benchmark)
+        appr = with_proximal(appr, self.student, self.cfg.federated)  # fedprox: mu/2 ||w - w_global||^2
         metrics, opt_state = local_train(
             self.student, teacher, appr, data,
             steps=steps, batch_size=self.cfg.train.batch_size, lr=lr,
