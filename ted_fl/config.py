@@ -402,47 +402,6 @@ def for_seed(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
     return out
 
 
-SECAGG_UNSUPPORTED = (
-    "privacy.secagg = true: Flower 1.41's SecAgg+ runs only on the legacy path (SecAggPlusWorkflow needs a "
-    "LegacyContext with a legacy Strategy's configure_fit / aggregate_fit, and secaggplus_mod reads the legacy "
-    "'fitres.*' records), not with the Message-API ServerApp and strategies ted-fl uses; see docs/privacy.md; "
-    "set privacy.secagg = false"
-)
-
-
-# Approach properties the privacy check needs before torch loads (tests/unit/test_privacy_config.py
-# checks them against ted_fl.continual.approaches).
-IMPORTANCE_APPROACHES = frozenset({"ewc", "mas"})  # send parameter importances computed on a site's images
-GUGF_APPROACHES = frozenset({"akt_gugf", "ted_gugf"})  # weight AKT by GUGF's uncertainty
-
-
-def privacy_conflicts(cfg: ExperimentConfig) -> None:
-    """Refuse the impossible [privacy] combinations that the configuration alone shows (one-line
-    TedFlError naming the key and the fix); no torch, so an entry point answers at once."""
-    p = cfg.privacy
-    if p.secagg:
-        raise TedFlError(SECAGG_UNSUPPORTED)
-    if p.dp == "off":
-        return
-    where = f"privacy.dp = '{p.dp}'"
-    if p.dp == "sample" and cfg.diagnostics.term_grads:
-        raise TedFlError(f"{where}: diagnostics.term_grads measures non-private gradients of a site's images; "
-                         "set diagnostics.term_grads = false")
-    for name in cfg.approaches:
-        if name in IMPORTANCE_APPROACHES:
-            raise TedFlError(f"{where}: approach '{name}' sends parameter importances computed on a site's "
-                             f"images outside any DP mechanism; remove '{name}' from approaches or set privacy.dp = 'off'")
-        if p.dp == "sample" and name in GUGF_APPROACHES and cfg.loss.gugf != "sample":
-            raise TedFlError(f"{where}: loss.gugf = '{cfg.loss.gugf}' mixes the images of a batch, so a per-sample "
-                             f"gradient is not one image's; set loss.gugf = 'sample'")
-        if p.dp == "sample" and name == "plop" and cfg.loss.baseline_variant == "reference":
-            raise TedFlError(f"{where}: PLOP's reference variant takes one Dice over the whole batch; "
-                             f"set loss.baseline_variant = 'paper'")
-    if p.dp == "client" and p.noise == "client" and p.clipping == "adaptive":
-        raise TedFlError("privacy.clipping = 'adaptive' needs privacy.noise = 'server' (Flower's LocalDpMod clips "
-                         "at a fixed norm); set privacy.clipping = 'fixed'")
-
-
 def strategy_conflicts(cfg: ExperimentConfig) -> None:
     """federated.* keys the chosen federated.strategy would not read (a one-line TedFlError naming the key):
     proximal_mu outside fedprox, the server optimizer's keys outside fedadam / fedyogi / fedadagrad, and

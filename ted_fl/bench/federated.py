@@ -12,6 +12,7 @@ from __future__ import annotations
 from ted_fl.config import ExperimentConfig
 from ted_fl.federated.simulation import simulate_groups as serve_groups
 from ted_fl.run.directory import RunDir
+from ted_fl.schedule.experiment import resolve
 from ted_fl.schedule.lifecycle import finish_run, load_and_record_sites
 
 
@@ -19,8 +20,10 @@ def simulate_groups(groups: list[tuple[ExperimentConfig, RunDir]]) -> None:
     """Run every (config, run directory) pair in turn inside one Flower simulation.
 
     All configurations must share the data section (same sites, so the same client nodes).
-    Each run directory is finished like a `simulate` run (metrics.csv, summary.csv).
+    Each run directory is finished like a `simulate` run (metrics.csv, summary.csv). Each configuration
+    is resolved here, once (`resolve`); the server checks nothing again.
     """
+    groups = [(resolve(cfg).cfg, run) for cfg, run in groups]
     first = groups[0][0]
     n_sites = 0
     for cfg, run in groups:

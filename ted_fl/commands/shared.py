@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import os
 import signal
 import sys
@@ -21,9 +20,7 @@ from ted_fl.config import (
     choices,
     load_experiment,
     parse_override,
-    privacy_conflicts,
     set_key,
-    strategy_conflicts,
 )
 from ted_fl.errors import TedFlError
 from ted_fl.run.processes import graceful_signals, stop_waiting
@@ -32,6 +29,7 @@ if TYPE_CHECKING:  # pandas, torch, Flower and Ray load after the input is parse
     import pandas as pd
 
     from ted_fl.run.directory import RunDir
+    from ted_fl.schedule.experiment import ResolvedExperiment
 
 
 def _site_sets() -> str:
@@ -63,7 +61,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
-    """Experiment file, then the dedicated options, then --set overrides: one schema for all."""
+    """Experiment file, then the dedicated options, then --set overrides: one schema for all (as the
+    user wrote it; `ted_fl.schedule.experiment.resolve` derives and checks the rest)."""
     cfg = load_experiment(args.config) if args.config else ExperimentConfig()
     options = {"data.sites": ("--sites", args.sites or None), "data.data_dir": ("--data-dir", args.data_dir),
                "approaches": ("--approach", args.approach), "train.rounds": ("--rounds", args.rounds),
@@ -74,9 +73,6 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
     for item in args.set:
         key, value = parse_override(item)
         set_key(cfg, key, value)
-    from ted_fl.data import resolve_out_channels
-
-    resolve_out_channels(cfg)  # the network's outputs follow the site set's classes
     return cfg
 
 
@@ -112,20 +108,15 @@ def print_verdict(summary: pd.DataFrame, run: RunDir) -> None:
         print(("warning: " if line in warnings else "verdict: ") + line)
 
 
-def check_inputs(cfg: ExperimentConfig) -> list:
-    """Everything a run checks before it starts (the data loads, the splits it needs exist): the
-    same validation for `--check`, a run, `--resume` and `flwr run`."""
+def check_inputs(mode: str, cfg: ExperimentConfig) -> tuple[ResolvedExperiment, list]:
+    """Everything a run checks before it starts, the same for `--check`, a run and `--resume`: the
+    experiment resolved once (`resolve`: out channels, every [privacy] rule, the network under DP;
+    nothing below checks it again), then its data (the sites load, the splits it needs exist)."""
+    from ted_fl.schedule.experiment import resolve
     from ted_fl.schedule.lifecycle import check_data
 
-    privacy_conflicts(cfg)  # [privacy] combinations the configuration alone shows: before torch loads
-    strategy_conflicts(cfg)  # federated.* keys the chosen federated.strategy would not read
-    sites = check_data(cfg)
-    from ted_fl.privacy.mechanisms import prepare_privacy  # imports torch: after the cheaper checks
-
-    # [privacy]: the network's DP compatibility, on a copy: a check changes nothing (start_run converts
-    # the network and logs the conversion)
-    prepare_privacy(copy.deepcopy(cfg))
-    return sites
+    exp = resolve(cfg, federated=mode == "simulate")
+    return exp, check_data(exp.cfg)
 
 
 def describe(cfg: ExperimentConfig, sites: list, mode: str, warnings: int = 0) -> str:
@@ -188,7 +179,7 @@ def _run_command(mode: str, argv: list[str] | None = None) -> int:
                           + (f" (report: {report})" if report.is_file() else
                              f" (write its report: python -m ted_fl.report {run.path})"))
                     return 0
-                check_inputs(cfg)
+                exp, _ = check_inputs(mode, cfg)
                 failed = run.failure()
                 if failed:
                     print(f"note: resuming a run that failed ({failed})", file=sys.stderr)
@@ -199,23 +190,19 @@ def _run_command(mode: str, argv: list[str] | None = None) -> int:
                 from ted_fl.files import check_creatable
 
                 check_creatable(cfg.out, "--out / out")  # before the data and torch load
-                if mode == "simulate":
-                    from ted_fl.config import federated_split_seed
-
-                    federated_split_seed(cfg)
-                sites = check_inputs(cfg)
+                exp, sites = check_inputs(mode, cfg)
                 if args.check:
                     from ted_fl.schedule.lifecycle import data_warnings
 
-                    lines = data_warnings(cfg, sites)  # the lines the run would print
+                    lines = data_warnings(exp.cfg, sites)  # the lines the run would print
                     for line in lines:
                         print(line, file=sys.stderr)
-                    print(describe(cfg, sites, mode, len(lines)))
+                    print(describe(exp.cfg, sites, mode, len(lines)))
                     return 0
-                reaped = reap_folder(cfg.out)
+                reaped = reap_folder(exp.cfg.out)
                 from ted_fl.schedule.lifecycle import start_run
 
-                run = start_run(cfg, mode, sys.argv[1:] if argv is None else list(argv))
+                run = start_run(exp, mode, sys.argv[1:] if argv is None else list(argv))
             if reaped:
                 msg = f"ended {reaped} process(es) left by a killed run (Ray, Flower)"
                 print(f"note: {msg}", file=sys.stderr)
@@ -223,7 +210,7 @@ def _run_command(mode: str, argv: list[str] | None = None) -> int:
             record = ProcessRecord(run.path)
             record.update("starting")
             started = True
-            return _execute(mode, cfg, run, args, record)
+            return _execute(mode, exp, run, args, record)
     except TedFlError as exc:
         if run is not None and (started or not args.resume):
             _failed(run, str(exc), mode, bool(args.resume))
@@ -268,7 +255,8 @@ def _shutdown(record: object) -> None:
         record.close()  # type: ignore[attr-defined]
 
 
-def _execute(mode: str, cfg: ExperimentConfig, run: RunDir, args: argparse.Namespace, record: object) -> int:
+def _execute(mode: str, exp: ResolvedExperiment, run: RunDir, args: argparse.Namespace, record: object) -> int:
+    """Run the resolved experiment (the executors receive it as resolved), then its summary and report."""
     from ted_fl.schedule.lifecycle import (
         Execute,
         disk_use,
@@ -283,10 +271,11 @@ def _execute(mode: str, cfg: ExperimentConfig, run: RunDir, args: argparse.Names
         from ted_fl.federated.simulation import execute_federated as execute
     else:
         execute = execute_centralized
+    cfg = exp.cfg
     run.log(f"{mode}: approaches {cfg.approaches}, seeds {cfg.seeds}, sites {cfg.data.sites}")
     t0 = time.perf_counter()
     run.record = record  # type: ignore[attr-defined]  # the executors refresh it once Ray runs
-    extras = execute(cfg, run, args.quiet)
+    extras = execute(exp, run, args.quiet)
     summary = finish_run(cfg, run, extras)
     run.log(f"done in {time.perf_counter() - t0:.1f} s")
     print_summary(summary, run)

@@ -13,7 +13,6 @@ client fault to run.log, and, when `flwr run` started a local SuperLink for it, 
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 import time
@@ -21,8 +20,7 @@ from typing import Any
 
 from flwr.serverapp import Grid, ServerApp
 
-from ted_fl.config import federated_split_seed, from_run_config
-from ted_fl.data import resolve_out_channels
+from ted_fl.config import from_run_config
 from ted_fl.errors import TedFlError
 from ted_fl.federated.reaper import start
 
@@ -32,9 +30,9 @@ from ted_fl.federated.reaper import start
 from ted_fl.federated.server_app import serve  # noqa: E402
 from ted_fl.federated.simulation import client_errors_to_log, stoppable_grid
 from ted_fl.files import check_creatable
-from ted_fl.privacy.mechanisms import prepare_privacy
 from ted_fl.run.directory import format_cell
 from ted_fl.run.processes import ProcessRecord
+from ted_fl.schedule.experiment import ResolvedExperiment, resolve
 from ted_fl.schedule.lifecycle import (
     Progress,
     disk_use,
@@ -73,13 +71,14 @@ def run_app(grid: Any, context: Any) -> None:
     run = None
     record = None
     try:
-        cfg, sites = validate(run_config)
+        exp, sites = validate(run_config)
+        cfg = exp.cfg
         from ted_fl.run.processes import reap_folder
         from ted_fl.schedule.lifecycle import start_run
 
         reaped = reap_folder(cfg.out)
         nodes = len(sites) * cfg.federated.clients_per_site
-        run = start_run(cfg, "flwr", [], command=command_of(run_config, nodes))
+        run = start_run(exp, "flwr", [], command=command_of(run_config, nodes))
         if reaped:
             run.log(f"note: ended {reaped} process(es) left by a killed run")
         record = ProcessRecord(run.path)
@@ -105,17 +104,16 @@ def _failed(run: Any, error: str) -> None:
     mark_run_failed(run, error, f"python -m ted_fl.simulate --resume {run.path}")
 
 
-def validate(run_config: dict[str, Any]) -> tuple[Any, list]:
-    """The run config through the schema, then the data: the command line's checks, in its order."""
+def validate(run_config: dict[str, Any]) -> tuple[ResolvedExperiment, list]:
+    """The run config through the schema, the experiment resolved once (`resolve`: one split per Flower
+    run, out channels, every [privacy] rule, the network under DP), then the data: the command line's
+    checks, in its order."""
     from ted_fl.schedule.lifecycle import check_data
 
     cfg = from_run_config(run_config)
     check_creatable(cfg.out, "run config key out")  # before the data and torch load
-    federated_split_seed(cfg)  # data.split_seed = "seed": one seed per Flower run
-    resolve_out_channels(cfg)  # the network's outputs follow the site set's classes (read from TOML only)
-    sites = check_data(cfg)
-    prepare_privacy(copy.deepcopy(cfg))  # [privacy]: a check on a copy (start_run converts the network, logs it)
-    return cfg, sites
+    exp = resolve(cfg, federated=True)
+    return exp, check_data(exp.cfg)
 
 
 def _run(grid: Any, cfg: Any, run: Any, sites: list) -> None:

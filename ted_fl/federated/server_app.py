@@ -23,13 +23,12 @@ from flwr.serverapp import Grid
 from ted_fl.config import ExperimentConfig, dump_toml, to_dict
 from ted_fl.continual.probes import make_probes
 from ted_fl.continual.strategies import sample_trainers
-from ted_fl.data import resolve_out_channels, site_order
+from ted_fl.data import site_order
 from ted_fl.errors import TedFlError
 from ted_fl.federated import dp
 from ted_fl.federated import messages as M
 from ted_fl.federated.dp import StageDP
 from ted_fl.federated.message_log import record_message
-from ted_fl.privacy.mechanisms import prepare_privacy
 from ted_fl.privacy.policies import gets_teacher
 from ted_fl.run import processes
 from ted_fl.run.directory import RunDir
@@ -468,9 +467,8 @@ def node_blocks(grid: Grid, cfg: ExperimentConfig, blocks: int, run: RunDir | No
 
 def serve_one(grid: Grid, cfg: ExperimentConfig, run: RunDir, approach: str, seed: int, progress: Any = None,
               simulated: bool | None = None, nodes: list[int] | None = None) -> dict[str, Any]:
-    """One (approach, seed) schedule over `nodes` (its block) or the whole federation: its fault columns."""
-    resolve_out_channels(cfg)  # before the hello carries the config to the clients (TOML only, no data)
-    prepare_privacy(cfg)  # model.norm under DP, impossible combinations (idempotent; logged at run start)
+    """One (approach, seed) schedule over `nodes` (its block) or the whole federation: its fault columns.
+    `cfg` is resolved (`ted_fl.schedule.experiment.resolve` at the entry point) and not checked again."""
     executor = FlowerExecutor(grid, cfg, run, simulated, nodes)
     record = getattr(run, "record", None)  # processes.ProcessRecord: Ray's processes are up now
     if record is not None:
@@ -480,9 +478,8 @@ def serve_one(grid: Grid, cfg: ExperimentConfig, run: RunDir, approach: str, see
 
 
 def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, progress: Any = None, simulated: bool | None = None) -> dict:
-    """The server's main loop: every approach and seed in turn, over one set of nodes."""
-    resolve_out_channels(cfg)  # before the hello carries the config to the clients (TOML only, no data)
-    prepare_privacy(cfg)  # model.norm under DP, impossible combinations (idempotent; logged at run start)
+    """The server's main loop: every approach and seed in turn, over one set of nodes (`cfg` resolved at
+    the entry point, `ted_fl.schedule.experiment.resolve`, and not checked again)."""
     executor = FlowerExecutor(grid, cfg, run, simulated)
     extras: dict[tuple[str, int], dict[str, Any]] = {}
     for approach in cfg.approaches:

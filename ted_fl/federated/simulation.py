@@ -21,6 +21,7 @@ from ted_fl.run import processes
 from ted_fl.run.directory import RunDir
 from ted_fl.run.processes import Terminated
 from ted_fl.schedule.cells import Failures, Job, cell_slots, run_jobs
+from ted_fl.schedule.experiment import ResolvedExperiment
 from ted_fl.schedule.lifecycle import Progress, load_and_record_sites, run_rounds_done, total_rounds
 
 T = TypeVar("T")
@@ -293,9 +294,10 @@ def _serve_cell(grid: Any, cfg: ExperimentConfig, run: RunDir, approach: str, se
     return serve_one(grid, cfg, run, approach, seed, progress, simulated=True, nodes=blocks[slot])
 
 
-def execute_federated(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[tuple[str, int], dict[str, Any]]:
-    """Every approach and seed of `cfg` in one Flower simulation (Ray starts once), train.cells_in_parallel
-    schedules at once (`simulate_cells`)."""
+def execute_federated(exp: ResolvedExperiment, run: RunDir, quiet: bool) -> dict[tuple[str, int], dict[str, Any]]:
+    """Every approach and seed of the resolved experiment in one Flower simulation (Ray starts once),
+    train.cells_in_parallel schedules at once (`simulate_cells`; the server checks nothing again)."""
+    cfg = exp.cfg
     # The launcher checks the data and writes the synthetic twin's files once; the server never
     # sees the arrays (each client loads its own site).
     sites = load_and_record_sites(cfg, run)

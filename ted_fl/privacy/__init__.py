@@ -1,4 +1,5 @@
-"""Everything privacy below the Flower layer: DP-SGD and the accountant (mechanisms.py), policies on
+"""Everything privacy below the Flower layer: every rule of [privacy] (checks.py, run once per
+experiment by `ted_fl.schedule.experiment.resolve`), DP-SGD and the accountant (mechanisms.py), policies on
 what travels (policies.py), the leak check of the message audit (leakage.py) and measured leakage
 (mia.py, the membership-inference attack).
 

@@ -39,9 +39,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ted_fl.config import privacy_conflicts
-from ted_fl.errors import TedFlError
-
 ACCOUNTANT = "rdp"  # Opacus' RDP accountant (Mironov 2017; the sampled Gaussian of Mironov et al. 2019)
 
 
@@ -198,45 +195,3 @@ def stage_dp_metrics(dp: Any) -> dict[str, float]:
         return {}
     sigma, q, steps = hist[0]
     return {"dp_noise_multiplier": sigma, "dp_sample_rate": q, "dp_steps": float(steps)}
-
-
-# --------------------------------------------------------------------------- run-start checks
-def prepare_privacy(cfg: Any) -> list[str]:
-    """Check the [privacy] keys against the rest of the experiment and make the network compatible.
-
-    Called at run start, before anything builds a network (like `resolve_out_channels`). Returns
-    the notes for run.log; an impossible combination is a one-line TedFlError naming the key.
-    Under any DP level, batch norm becomes group norm (model.norm = "group"): Opacus cannot
-    compute per-sample gradients through batch statistics, and for client-level DP the running
-    statistics are data-dependent buffers outside the clipped parameters (the integer batch counter
-    cannot take Gaussian noise at all). Networks that ignore model.norm are checked with Opacus'
-    ModuleValidator and refused when they still hold batch norm.
-    """
-    from ted_fl.continual.networks import build_model
-
-    privacy_conflicts(cfg)  # the combinations that need no torch (also checked before any heavy import)
-    p, notes = cfg.privacy, []
-    if p.dp == "off":
-        return notes
-    where = f"privacy.dp = '{p.dp}'"
-    if cfg.model.norm == "batch":
-        cfg.model.norm = "group"
-        notes.append(f"privacy: {where}: model.norm 'batch' -> 'group' (GroupNorm: Opacus computes no per-sample "
-                     "gradient through batch statistics, and running statistics are unclipped data-dependent buffers)")
-    errors = compatibility_errors(build_model(cfg.model))
-    if errors:
-        raise TedFlError(f"{where}: model.name = '{cfg.model.name}' is not DP-compatible ({errors[0]}); "
-                         f"use model.name = 'monai_unet' or 'reference_unet' with model.norm = 'group'")
-    if math.isinf(p.epsilon):
-        notes.append(f"privacy: {where} with epsilon = inf: clipping only, no noise (no privacy guarantee)")
-    if p.dp == "sample":
-        notes.append(f"privacy: DP-SGD (Opacus, Poisson sampling, RDP accountant): target epsilon {p.epsilon:g} per "
-                     f"site and stage at delta {p.delta:g}, per-sample clipping at {p.max_grad_norm:g}")
-    else:
-        side = "central DP, Flower's DifferentialPrivacy" + (
-            f"{'ClientSide' if p.clip_on == 'client' else 'ServerSide'}{p.clipping.capitalize()}Clipping"
-            if p.noise == "server" else "") if p.noise == "server" else "local DP, Flower's LocalDpMod"
-        notes.append(f"privacy: client-level DP ({side}): target epsilon {p.epsilon:g} per client and stage at "
-                     f"delta {p.delta:g}, updates clipped at {p.clip_norm:g}" + (" (initial, adaptive)"
-                                                                                  if p.clipping == "adaptive" else ""))
-    return notes

@@ -8,28 +8,13 @@ helpers, so a policy gives the same numbers in the simulator and in the centrali
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from ted_fl.config import ExperimentConfig
 from ted_fl.data.types import Split
-from ted_fl.errors import TedFlError
 
 PROBE_SITE_TAG = 0x517E  # mixed into a site's own probe seed (privacy.teacher = "site")
 REPLAY_TAG = 0xB0F  # mixed into a site's replay-buffer seed
-
-
-def check_privacy(cfg: ExperimentConfig) -> None:
-    """Refuse impossible combinations of the policy keys, one line each, before a run (the DP keys
-    are checked by ted_fl.privacy.mechanisms.prepare_privacy)."""
-    p = cfg.privacy
-    if p.dp == "off" and math.isfinite(p.epsilon):
-        raise TedFlError(f"privacy.epsilon = {p.epsilon:g} needs privacy.dp = 'sample' or 'client' "
-                         "(dp = 'off' adds no noise); set privacy.dp or privacy.epsilon = inf")
-    if p.replay > 0 and cfg.federated.retention == 0:
-        raise TedFlError(f"privacy.replay = {p.replay} keeps images for retention rounds, but "
-                         "federated.retention = 0 has none; set federated.retention = k (or -1) or replay = 0")
 
 
 def uses_replay(cfg: ExperimentConfig, site_index: int, stage: int) -> bool:

@@ -28,7 +28,6 @@ from ted_fl.continual.strategies import server_step, validates_locally
 from ted_fl.continual.training import lr_for, set_determinism
 from ted_fl.continual.weights import Weights, load_weights, model_weights  # noqa: F401 (re-exported)
 from ted_fl.privacy.mechanisms import epsilon_spent
-from ted_fl.privacy.policies import check_privacy
 from ted_fl.run.directory import MEAN_LABEL, RunDir, label_metric, labels_of, select_label
 from ted_fl.schedule.worker import WORK_KEYS
 
@@ -206,7 +205,6 @@ class Schedule:
 
     def __init__(self, cfg: ExperimentConfig, approach_name: str, seed: int, executor: Executor,
                  run: RunDir, progress: ProgressFn | None = None) -> None:
-        check_privacy(cfg)  # impossible [privacy] combinations stop here, before any round
         self.cfg, self.name, self.seed, self.executor, self.run_dir = cfg, approach_name, seed, executor, run
         self.progress = progress
         self.approach: Approach = get_approach(approach_name, cfg.loss)

@@ -9,9 +9,7 @@ import numpy as np
 
 from ted_fl.config import ExperimentConfig
 from ted_fl.continual.approaches import get_approach
-from ted_fl.data import set_out_channels
 from ted_fl.data.types import SiteData, Split
-from ted_fl.privacy.mechanisms import prepare_privacy
 from ted_fl.privacy.policies import PROBE_SITE_TAG, REPLAY_TAG, gets_teacher, replay_buffer, uses_replay
 from ted_fl.schedule.engine import TrainResult, TrainTask, Weights, derive_seed, fedavg
 from ted_fl.schedule.worker import SiteWorker, probes_for
@@ -21,9 +19,7 @@ class LocalExecutor:
     """Trains and evaluates every site in this process, one after another."""
 
     def __init__(self, cfg: ExperimentConfig, sites: list[SiteData]):
-        set_out_channels(cfg, sites[0].labels, cfg.data.sites)  # the network follows the sites' classes
-
-        prepare_privacy(cfg)  # idempotent: the runners call it at run start (model.norm, checks)
+        """`cfg`: a resolved experiment's (ted_fl.schedule.experiment.resolve), checked there once."""
         self.cfg = cfg
         self.data = {s.name: s for s in sites}
         self.sites = [s.name for s in sites]

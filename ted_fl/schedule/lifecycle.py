@@ -24,19 +24,19 @@ from ted_fl.data import check_splits, load_sites, size_note
 from ted_fl.files import atomic_write_text
 from ted_fl.run.directory import RunDir
 from ted_fl.schedule.cells import Job, cell_resources, cell_slots, local_schedule, remember_sites, run_jobs
+from ted_fl.schedule.experiment import ResolvedExperiment
 
 if TYPE_CHECKING:
     import pandas as pd
 
 
-def start_run(cfg: ExperimentConfig, mode: str, argv: list[str], command: list[str] | None = None) -> RunDir:
-    """A new run directory with the config, the exact command and the machine it runs on."""
-    from ted_fl.privacy.mechanisms import prepare_privacy
-
-    notes = prepare_privacy(cfg)  # [privacy]: checks, and model.norm under DP, before config.toml is written
+def start_run(exp: ResolvedExperiment, mode: str, argv: list[str], command: list[str] | None = None) -> RunDir:
+    """A new run directory with the resolved config (what runs: out channels, the network under DP),
+    the notes of its resolution, the exact command and the machine it runs on."""
+    cfg = exp.cfg
     run = RunDir.create(cfg.out, f"{cfg.name}-{mode}")
     run.write_config(cfg)
-    for note in notes:
+    for note in exp.notes:
         print(note, file=sys.stderr)
         run.log(note)
     # The exact command, so reports and docs can say how the numbers were made.
@@ -138,7 +138,7 @@ def total_rounds(cfg: ExperimentConfig, n_sites: int) -> int:
     return total * len(cfg.seeds)
 
 
-Execute = Callable[[ExperimentConfig, RunDir, bool], dict[tuple[str, int], dict[str, Any]]]
+Execute = Callable[[ResolvedExperiment, RunDir, bool], dict[tuple[str, int], dict[str, Any]]]
 
 
 def finish_run(cfg: ExperimentConfig, run: RunDir, extras: dict[tuple[str, int], dict[str, Any]]) -> pd.DataFrame:
@@ -288,8 +288,10 @@ def load_and_record_sites(cfg: ExperimentConfig, run: RunDir) -> list:
 
 _NOTED: set[str] = set()  # the notes this process has printed
 
-def execute_centralized(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[tuple[str, int], dict[str, Any]]:
-    """Every (approach, seed) of `cfg` in-process, `train.cells_in_parallel` of them at once (ted_fl.schedule.cells)."""
+def execute_centralized(exp: ResolvedExperiment, run: RunDir, quiet: bool) -> dict[tuple[str, int], dict[str, Any]]:
+    """Every (approach, seed) of the resolved experiment in-process, `train.cells_in_parallel` of them at once
+    (ted_fl.schedule.cells; each cell gets the resolved config and checks nothing again)."""
+    cfg = exp.cfg
     sites = load_and_record_sites(cfg, run)
     cells = [(a, s) for a in cfg.approaches for s in cfg.seeds]
     slots = cell_slots(cfg, len(cells))

@@ -44,6 +44,7 @@ from ted_fl.errors import TedFlError
 from ted_fl.run.directory import RunDir, atomic_write_bytes
 from ted_fl.run.markdown import md_table
 from ted_fl.schedule.cells import Job, cell_resources, cell_slots, run_jobs, sites_of
+from ted_fl.schedule.experiment import ResolvedExperiment, resolve
 from ted_fl.schedule.lifecycle import rounds_done, schedule_rounds
 
 TEST_METRICS = ("avg", "bwt", "fwt", "forgetting", "plasticity", "hd95")
@@ -137,7 +138,8 @@ def cell_done(path: Path, cell: Cell) -> bool:
 
 def run_cell(cfg: ExperimentConfig, path: str, progress: Callable[[dict[str, Any]], None] | None = None
              ) -> dict[str, Any]:
-    """Run one cell's schedule (resuming its last round if interrupted) and write its tables."""
+    """Run one cell's schedule (resuming its last round if interrupted) and write its tables (`cfg`: the
+    cell's resolved config, `run_cells`)."""
     from ted_fl.schedule.engine import run_schedule, summarize
     from ted_fl.schedule.in_process import LocalExecutor
 
@@ -203,6 +205,13 @@ class Progress:
               f"{el:.0f} s{left}" + (f" | {note}" if note else ""), flush=True)
 
 
+def resolve_cells(cells: list[Cell]) -> dict[str, ResolvedExperiment]:
+    """Each cell's experiment resolved once, by cell name: a cell is an entry point (its own
+    experiment); its runner receives the resolved config and checks nothing again. The cell's own
+    `cfg` is left as expanded, so its hash (its folder name) is what it always was."""
+    return {c.name: resolve(c.cfg) for c in cells}
+
+
 def run_cells(cells: list[Cell], folder: str | Path, *, parallel: bool = True, quiet: bool = False,
               num_cpus: int | None = None) -> dict[str, Any]:
     """Run every unfinished cell (`train.cells_in_parallel` at once on Ray, `ted_fl.schedule.cells`, or one
@@ -216,6 +225,7 @@ def run_cells(cells: list[Cell], folder: str | Path, *, parallel: bool = True, q
     if len(set(names)) != len(names):
         raise TedFlError("sweep: two cells resolve to the same configuration; remove the duplicate grid values")
     todo = [c for c in cells if not cell_done(folder / "cells" / c.name, c)]
+    resolved = resolve_cells(todo)  # every bad cell is one line before any cell runs
     reused = len(cells) - len(todo)
     total = sum(rounds_of(c) for c in cells)
     prog = Progress(total, len(cells), quiet)
@@ -232,7 +242,7 @@ def run_cells(cells: list[Cell], folder: str | Path, *, parallel: bool = True, q
         if num_cpus:
             slots = max(1, min(slots, int(num_cpus // max(1, todo[0].cfg.train.threads))))
     by_name = {c.name: c for c in todo}
-    jobs = [Job(c.name, sweep_cell, (to_dict(c.cfg), str(folder / "cells" / c.name))) for c in todo]
+    jobs = [Job(c.name, sweep_cell, (to_dict(resolved[c.name].cfg), str(folder / "cells" / c.name))) for c in todo]
 
     def done(job: Job, _: Any) -> None:
         _mark_done(folder, by_name[job.name])

@@ -21,7 +21,6 @@ over seeds).
 
 from __future__ import annotations
 
-import copy
 import html
 import math
 from pathlib import Path
@@ -33,7 +32,6 @@ import pandas as pd
 from ted_fl.config import ExperimentConfig
 from ted_fl.errors import TedFlError
 from ted_fl.privacy.leakage import leaks
-from ted_fl.privacy.policies import check_privacy
 from ted_fl.run.directory import RunDir, atomic_write_bytes
 from ted_fl.run.markdown import md_table
 from ted_fl.schedule.lifecycle import finish_run, load_and_record_sites
@@ -44,6 +42,7 @@ from ted_fl.studies.grid import (
     collect,
     config_hash,
     expand,
+    resolve_cells,
     run_cells,
     val_score,
 )
@@ -76,9 +75,8 @@ def parse_epsilons(items: list[str]) -> list[float]:
 def privacy_cells(base: ExperimentConfig, epsilons: list[float], dp: str = "sample",
                   grid: dict[str, list[Any]] | None = None, approaches: list[str] | None = None,
                   seeds: list[int] | None = None) -> list[Cell]:
-    """Every cell of epsilons x policy grid x approaches x seeds, each checked before anything runs."""
-    from ted_fl.privacy.mechanisms import prepare_privacy
-
+    """Every cell of epsilons x policy grid x approaches x seeds (each resolved, so checked, once by
+    its runner, `run_cells` / `run_cells_federated`, before any cell runs)."""
     if dp not in DP_LEVELS:
         raise TedFlError(f"--dp {dp}: not a DP level; use one of {', '.join(DP_LEVELS)}")
     if not epsilons:
@@ -95,8 +93,6 @@ def privacy_cells(base: ExperimentConfig, epsilons: list[float], dp: str = "samp
             # DP swaps batch norm for group norm (ted_fl.privacy.mechanisms); the epsilon = inf cells
             # use the same network, so the curve compares privacy, not two architectures
             c.cfg.model.norm = "group"
-        check_privacy(c.cfg)
-        prepare_privacy(copy.deepcopy(c.cfg))  # impossible DP combinations: one line before anything runs
         c.key = config_hash(c.cfg)  # the DP level is part of the cell's identity
     return cells
 
@@ -109,9 +105,10 @@ def run_cells_federated(cells: list[Cell], folder: Path, quiet: bool = False) ->
     todo = [c for c in cells if not cell_done(folder / "cells" / c.name, c)]
     if not todo:
         return {"ran": 0, "reused": len(cells)}
-    first = todo[0].cfg
-    for c in todo:
-        if c.cfg.data != first.data or c.cfg.federated.clients_per_site != first.federated.clients_per_site:
+    resolved = {name: exp.cfg for name, exp in resolve_cells(todo).items()}  # one line before any cell runs
+    first = resolved[todo[0].name]
+    for cfg in resolved.values():
+        if cfg.data != first.data or cfg.federated.clients_per_site != first.federated.clients_per_site:
             raise TedFlError("study --federated: every cell must share [data] and federated.clients_per_site "
                              "(one set of client nodes); drop those keys from --grid")
     runs, orders = {}, {}
@@ -120,10 +117,10 @@ def run_cells_federated(cells: list[Cell], folder: Path, quiet: bool = False) ->
         path.mkdir(parents=True, exist_ok=True)
         (path / "cell.json").unlink(missing_ok=True)
         run = RunDir(path)
-        run.write_config(c.cfg)
-        orders[c.name] = [s.name for s in load_and_record_sites(c.cfg, run)]
+        run.write_config(resolved[c.name])
+        orders[c.name] = [s.name for s in load_and_record_sites(resolved[c.name], run)]
         runs[c.name] = run
-    slots = min(federated_slots(c.cfg, len(todo)) for c in todo)  # one cell under client-level DP: all one
+    slots = min(federated_slots(resolved[c.name], len(todo)) for c in todo)  # one cell under client-level DP: all one
     if not quiet:
         print(f"[study] {len(todo)} cell(s) in one Flower simulation, {slots} at once, "
               f"{len(cells) - len(todo)} reused", flush=True)
@@ -132,12 +129,12 @@ def run_cells_federated(cells: list[Cell], folder: Path, quiet: bool = False) ->
     def done(job: Any, extras: dict[str, Any]) -> None:
         c = by_name[job.name]
         run = runs[c.name]
-        summary = finish_run(c.cfg, run, {(c.approach, c.seed): extras})
+        summary = finish_run(resolved[c.name], run, {(c.approach, c.seed): extras})
         summary["val_score"] = val_score(run.metrics(), orders[c.name])
         run.write_summary(summary)
         _mark_done(folder, c)
 
-    _, failures = simulate_cells([(c.name, c.cfg, runs[c.name], c.approach, c.seed) for c in todo], slots,
+    _, failures = simulate_cells([(c.name, resolved[c.name], runs[c.name], c.approach, c.seed) for c in todo], slots,
                                  keep_going=True, on_done=done)
     failures.raise_first("study cell")
     return {"ran": len(todo), "reused": len(cells) - len(todo)}

@@ -10,14 +10,16 @@ from pathlib import Path
 import pytest
 
 from ted_fl.commands.shared import run_command
+from ted_fl.config import to_dict
 from ted_fl.privacy.mechanisms import client_noise_multiplier, epsilon_spent
 from ted_fl.run.directory import RunDir
 from tests.integration.simulation_helpers import run_dir_of, simulate, write_config
+from tests.unit.test_privacy_checks import count_checks
 
 pytestmark = pytest.mark.slow
 
 
-def test_dp_client_and_sample_reach_summary(tmp_path: Path) -> None:
+def test_dp_client_and_sample_reach_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for level, extra in (("client", ["--set", "federated.clients_per_site=2", "--set", "train.rounds=2"]),
                          ("sample", ["--set", "train.rounds=1", "--set", 'loss.gugf="sample"'])):
         (tmp_path / level).mkdir()
@@ -43,10 +45,16 @@ def test_dp_client_and_sample_reach_summary(tmp_path: Path) -> None:
     # centralized, retention 1, one round: a retained site releases in two stages (2 x sigma calibrated for 1)
     (tmp_path / "central").mkdir()
     cfg_path = write_config(tmp_path / "central", federated__retention=1)
+    counted = count_checks(monkeypatch)
     assert run_command("centralized", ["--config", str(cfg_path), "--approach", "seq", "--quiet", "--set",
                                        'privacy.dp="client"', "--set", "privacy.epsilon=8", "--set",
                                        "train.rounds=1"]) == 0
     run = RunDir(next(p for p in (tmp_path / "central" / "runs").iterdir() if p.is_dir()))
+    # resolved and checked once at the entry point; the executors, the schedule and the run directory
+    # neither check again nor change the resolved config (config.toml is the resolved experiment)
+    assert len(counted["check"]) == 1 and len(counted["resolve"]) == 1
+    exp, as_resolved = counted["resolve"][0]
+    assert to_dict(exp.cfg) == as_resolved == to_dict(run.read_config()) and exp.cfg.model.norm == "group"
     m = run.metrics()
     accounting = m["metric"].isin(["epsilon", "epsilon_total", "delta", "noise_multiplier", "steps"])
     priv = m[(m["split"] == "privacy") & accounting].pivot_table(index=["stage", "site"], columns="metric", values="value")

@@ -19,7 +19,7 @@ from ted_fl.errors import TedFlError
 from ted_fl.federated.client_app import app as client_app
 from ted_fl.federated.server_app import FlowerExecutor
 from ted_fl.privacy.leakage import audit_frame, leaks
-from ted_fl.privacy.policies import check_privacy, replay_buffer
+from ted_fl.privacy.policies import replay_buffer
 from ted_fl.run.directory import RunDir
 from ted_fl.schedule.engine import run_schedule
 from ted_fl.schedule.in_process import LocalExecutor
@@ -131,15 +131,8 @@ def test_site_teacher_and_replay_match_the_centralized_run(tmp_path: Path) -> No
     assert kinds_s["train_down.teacher"] >= 2 * sum(v.nbytes for v in w_fed.values())
 
 
-def test_impossible_combinations_are_one_line(tmp_path: Path) -> None:
-    cfg = ExperimentConfig()
-    cfg.privacy.replay = 4
-    with pytest.raises(TedFlError, match="federated.retention"):
-        check_privacy(cfg)
-    cfg = ExperimentConfig()
-    cfg.privacy.epsilon = 4.0
-    with pytest.raises(TedFlError, match="privacy.dp"):
-        check_privacy(cfg)
+def test_bad_policy_values_are_one_line(tmp_path: Path) -> None:
+    """(The policies' impossible combinations are rules of ted_fl.privacy.checks: test_privacy_checks.py.)"""
     with pytest.raises(TedFlError, match="replay"):
         set_key(ExperimentConfig(), "privacy.replay", -1)
     with pytest.raises(TedFlError, match="teacher"):

@@ -63,7 +63,10 @@ def test_select_takes_the_best_mean_validation_point_and_reports_its_test() -> N
 
 
 @pytest.mark.slow
-def test_serial_sweep_writes_tables_and_reuses_finished_cells(tmp_path: Path) -> None:
+def test_serial_sweep_writes_tables_and_reuses_finished_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.unit.test_privacy_checks import count_checks
+
+    counted = count_checks(monkeypatch)
     out = sweep(tiny(), {"loss.lambda_d": [0.1, 1.0]}, tmp_path / "s", approaches=["kd"], seeds=[0],
                 parallel=False, quiet=True)
     assert out["ran"] == 2 and out["reused"] == 0
@@ -77,6 +80,7 @@ def test_serial_sweep_writes_tables_and_reuses_finished_cells(tmp_path: Path) ->
     more = sweep(tiny(), {"loss.lambda_d": [0.1, 1.0, 10.0]}, tmp_path / "s", approaches=["kd"], seeds=[0],
                  parallel=False, quiet=True)
     assert more["ran"] == 1 and more["reused"] == 2
+    assert len(counted["check"]) == 3  # resolved (so checked) once per cell run, never for a reused cell
 
 
 def test_command_line_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
