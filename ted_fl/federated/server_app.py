@@ -17,22 +17,23 @@ import time
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from ted_fl.config import ExperimentConfig, dump_toml, to_dict
-from ted_fl.continual.probes import make_probes
 from ted_fl.data import resolve_out_channels, site_order
 from ted_fl.errors import TedFlError
-from ted_fl.federated import dp
+from ted_fl.federated import codec, dp
 from ted_fl.federated import messages as M
 from ted_fl.federated.dp import StageDP
 from ted_fl.federated.message_log import record_message
+from ted_fl.federated.stage_strategy import StageStrategy, inner
 from ted_fl.privacy.mechanisms import prepare_privacy
-from ted_fl.privacy.policies import gets_teacher
 from ted_fl.run import processes
 from ted_fl.run.directory import RunDir
 from ted_fl.schedule.engine import TrainResult, TrainTask, Weights, derive_seed, fedavg, run_schedule
+from ted_fl.schedule.orders import SiteOrder, plan_round
 
 
 def short_reason(reason: str) -> str:
@@ -99,9 +100,11 @@ class FlowerExecutor:
         self.audit_hello: dict[str, dict[str, Any]] = {}
         self.site_of: dict[int, tuple[str, int]] = {}
         self._teacher: tuple[Weights, dict] | None = None  # this round's teacher, for retries
-        self._dp: Any = None  # client-level DP: the stage's strategy (ted_fl.federated.dp.StageDP)
+        self._dp: StageDP | None = None  # client-level DP: the stage's DP wrapper and its state
         if cfg.privacy.dp == "client":
             self._dp = StageDP(cfg.privacy)
+        self._strategy = StageStrategy()  # FedAvg over the round's orders (aggregation: `aggregate` below)
+        self._local_dp_strategy = StageStrategy(uniform=True)  # local DP: the uniform mean of noised updates
         self._aggregated: Weights | None = None
         self._discover()
 
@@ -176,6 +179,7 @@ class FlowerExecutor:
         self.train_sizes = {s: sum(n for _, _, n in v) for s, v in self.nodes.items()}
         self.image_shape = shape or (1, self.cfg.data.size, self.cfg.data.size)
         self.site_of = {node: (site, client) for site, v in self.nodes.items() for node, client, _ in v}
+        self.node_of = {sc: node for node, sc in self.site_of.items()}
 
     # --------------------------------------------------------------- messages
     def _count(self, kind: str, nbytes: int, up: bool) -> None:
@@ -264,86 +268,74 @@ class FlowerExecutor:
 
     # -------------------------------------------------------------- executor
     def train(self, task: TrainTask) -> list[TrainResult]:
-        fed = self.cfg.federated
+        """Plan the round's orders (ted_fl.schedule.orders), let the stage's Flower strategy configure them
+        (ted_fl.federated.stage_strategy, wrapped by Flower's DP wrapper under client-level DP), exchange
+        them, decode the replies; under client-level DP the strategy aggregates them too."""
+        orders = plan_round(task, self.cfg, self.sites, {s: [c for _, c, _ in self.nodes[s]] for s in task.sites})
         weights = M.to_record(task.weights)
-        trainers = [(s, node, client) for s in task.sites for node, client, _ in self.nodes[s]]
-        single = len(trainers) == 1
-        client_dp = self.cfg.privacy.dp == "client"
-        teacher_key = f"{task.approach}|{task.seed}|{task.stage}" if task.teacher is not None else ""
+        strategy = self._stage_strategy(task, len(orders))
+        inner(strategy).orders = self._encode(task, orders, weights)
+        messages = strategy.configure_train(task.round + 1, weights, ConfigRecord(), self.grid)
+        contents = {m.metadata.dst_node_id: m.content for m in messages}
+        replies = self._exchange_train(contents, task)
+        results = [self._result(o, replies[self.node_of[(o.site, o.client)]]) for o in orders
+                   if self.node_of[(o.site, o.client)] in replies]
+        if not results:
+            raise ClientFailure(f"no training site answered in stage {task.stage} round {task.round}")
+        if self._dp is not None:
+            if len(replies) != len(contents):
+                raise ClientFailure(f"client-level DP needs every client's update in stage {task.stage} round "
+                                    f"{task.round} (the noise is calibrated to {len(contents)} clients); "
+                                    "see federated.on_failure")
+            arrays, _ = strategy.aggregate_train(task.round + 1, [replies[n] for n in contents])
+            if arrays is None:
+                raise ClientFailure("client-level DP aggregation failed (a reply was missing or inconsistent)")
+            self._aggregated = M.from_record(arrays)
+        return results
+
+    def _stage_strategy(self, task: TrainTask, n_clients: int) -> Strategy:
+        """The stage's strategy: Flower's DP wrapper around it under client-level DP (its state: StageDP)."""
+        if self._dp is None:
+            return self._strategy
+        stage_dp = self._dp.stage(task.approach, task.seed, task.stage, n_clients, task.stage_rounds)
+        return stage_dp.strategy or self._local_dp_strategy  # noise = "client": the clients' mods add it
+
+    def _result(self, order: SiteOrder, reply: Message) -> TrainResult:
+        """A train reply as the schedule's result (with the round's DP accounting inputs)."""
+        r = reply.content
+        metrics = dict(r[M.METRICS])
+        n = int(metrics.pop("num_examples"))
+        if self._dp is not None:
+            metrics.update(dp.reply_metrics(self._dp.accounted_sigma()))
+        return TrainResult(order.site, order.client, M.from_record(r[M.WEIGHTS]), n,
+                           {k: float(v) for k, v in metrics.items()}, dict(r[M.VAL]) if M.VAL in r else None)
+
+    def _encode(self, task: TrainTask, orders: list[SiteOrder], weights: ArrayRecord) -> dict[int, RecordDict]:
+        """Each order's train message: the teacher (and importances) only to a node that lacks this stage's,
+        the probes' pixels when the order says they are sent; per-kind byte counts of both."""
+        state_dir = str(self.run.client_state_dir) if self.run else ""
         teacher_rec = aux_rec = probes_rec = None
-        base: dict[str, Any] = dict(
-            approach=task.approach, seed=task.seed, stage=task.stage, round=task.round,
-            steps=task.steps, lr=task.lr, stage_rounds=task.stage_rounds,
-            # client-level DP: the released (noised) model is scored by the server's evaluate, not the raw local one
-            want_val=bool(task.want_val and single and not client_dp),
-            client_state_dir=str(self.run.client_state_dir) if self.run else "",
-        )
-        site_held = self.cfg.privacy.teacher == "site"
-        if task.probe_seed is not None and not site_held:
-            if fed.probes == "pixels":
-                probes = make_probes(task.probe_seed, task.probe_count, task.probe_shape, self.cfg.loss)
-                probes_rec = ArrayRecord({"probes": Array(probes.numpy())})
-            else:
-                base.update(probe_seed=task.probe_seed, probe_count=task.probe_count,
-                            probe_shape=list(task.probe_shape))
         contents: dict[int, RecordDict] = {}
-        for site, node, _client in trainers:
-            index = self.sites.index(site)
-            # privacy.teacher = "site": only the arriving site holds the teacher (ted_fl.privacy.policies)
-            holds = bool(teacher_key) and gets_teacher(self.cfg, index, task.stage)
-            node_cfg: dict[str, Any] = {**base, "site_index": index, "teacher_key": teacher_key if holds else ""}
-            content = RecordDict({M.WEIGHTS: weights})
-            if holds and self.teacher_sent.get(node) != teacher_key:
-                if site_held and task.round == 0:
-                    # The round's weights are the stage's teacher: the site freezes them itself.
-                    node_cfg["teacher_from_weights"] = True
-                    if task.aux:
-                        aux_rec = aux_rec or M.to_record(task.aux)
-                        content[M.AUX] = aux_rec
-                else:
-                    teacher_rec = teacher_rec or M.to_record(task.teacher)  # type: ignore[arg-type]
-                    aux_rec = aux_rec or M.to_record(task.aux)
-                    content[M.TEACHER] = teacher_rec
-                    content[M.AUX] = aux_rec
-            if site_held and holds and task.probe_seed is not None:
-                # The site draws its own probes from its own seed: neither pixels nor a seed travel.
-                node_cfg.update(probe_local=True, probe_count=task.probe_count, probe_shape=list(task.probe_shape))
-            if probes_rec is not None:
-                content[M.PROBES] = probes_rec
-            content[M.CONFIG] = M.config_record(node_cfg)
-            contents[node] = content
+        for order in orders:
+            node = self.node_of[(order.site, order.client)]
+            teacher = aux = None
+            if order.teacher.held and self.teacher_sent.get(node) != order.teacher.key:
+                if not order.teacher.from_weights:
+                    teacher = teacher_rec = teacher_rec or M.to_record(task.teacher)  # type: ignore[arg-type]
+                if task.aux or not order.teacher.from_weights:
+                    aux = aux_rec = aux_rec or M.to_record(task.aux)
+            if order.probes.source == "sent":
+                probes_rec = probes_rec or codec.probe_pixels(order, self.cfg)
+            contents[node] = content = codec.encode_train(
+                order, weights, teacher=teacher, aux=aux, probes=probes_rec if order.probes.source == "sent" else None,
+                state_dir=state_dir)
             # Breakdown of train_down (already counted there): what the teacher and the probes cost.
             for part in (M.TEACHER, M.PROBES):
                 if part in content:
                     key = f"train_down.{part}"
                     self.bytes_by_kind[key] = self.bytes_by_kind.get(key, 0) + content[part].count_bytes()
-        self._teacher = (task.teacher, task.aux) if teacher_key else None
-        if client_dp:
-            stage_dp = self._dp.stage(task.approach, task.seed, task.stage, len(trainers), task.stage_rounds)
-            strategy, sigma = stage_dp.strategy, stage_dp.sigma
-            dp.configure(strategy, task.round + 1, weights, contents, sigma)
-        replies = self._exchange_train(contents, task)
-        results = []
-        for site, node, client in trainers:
-            if node not in replies:
-                continue
-            r = replies[node].content
-            metrics = dict(r[M.METRICS])
-            n = int(metrics.pop("num_examples"))
-            val = dict(r[M.VAL]) if M.VAL in r else None
-            if client_dp:
-                metrics.update(dp.reply_metrics(stage_dp.accounted_sigma()))
-            results.append(TrainResult(site, client, M.from_record(r[M.WEIGHTS]), n,
-                                       {k: float(v) for k, v in metrics.items()}, val))
-        if not results:
-            raise ClientFailure(f"no training site answered in stage {task.stage} round {task.round}")
-        if client_dp:
-            if len(replies) != len(contents):
-                raise ClientFailure(f"client-level DP needs every client's update in stage {task.stage} round "
-                                    f"{task.round} (the noise is calibrated to {len(contents)} clients); "
-                                    "see federated.on_failure")
-            self._aggregated = M.from_record(dp.aggregate(strategy, task.round + 1, [replies[n] for n in contents]))
-        return results
+        self._teacher = (task.teacher, task.aux) if task.teacher is not None else None  # for a retry
+        return contents
 
     def aggregate(self, task: TrainTask, results: list[TrainResult]) -> Weights:
         """The round's global model: Flower's DP strategy's noised mean under client-level DP, else FedAvg."""
