@@ -10,6 +10,8 @@ gives `o` back (a "sent" order's probe seed stays on the server: its pixels trav
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
@@ -72,18 +74,18 @@ def encode_train(order: SiteOrder, weights: ArrayRecord, *, teacher: ArrayRecord
 
 def decode_train(content: RecordDict, cfg: ExperimentConfig, site: str, client: int) -> SiteOrder:
     """The order a node received (`site`, `client`: the node's own identity, which does not travel)."""
-    c = dict(content[M.CONFIG])
+    c: dict[str, Any] = dict(content.config_records[M.CONFIG])
     seed, stage, rnd, index = int(c["seed"]), int(c["stage"]), int(c["round"]), int(c["site_index"])
     stage_rounds = int(c.get("stage_rounds", 1))
     if M.PROBES in content:
-        shape = tuple(int(x) for x in content[M.PROBES]["probes"].shape)
+        shape = tuple(int(x) for x in content.array_records[M.PROBES]["probes"].shape)
         probes = ProbeOrder("sent", None, shape[0], shape[1:])
     elif c.get("probe_local"):
         probes = ProbeOrder("site", site_probe_seed(seed, stage, rnd, index, client), int(c["probe_count"]),
-                            tuple(int(x) for x in c["probe_shape"]))  # type: ignore[union-attr]
+                            tuple(int(x) for x in c["probe_shape"]))
     elif c.get("probe_seed") is not None and int(c.get("probe_count", 0)):
         probes = ProbeOrder("seeded", int(c["probe_seed"]), int(c["probe_count"]),
-                            tuple(int(x) for x in c["probe_shape"]))  # type: ignore[union-attr]
+                            tuple(int(x) for x in c["probe_shape"]))
     else:
         probes = ProbeOrder()
     dp: DPOrder = dp_order(cfg, stage_rounds)
@@ -103,4 +105,4 @@ def sent_probes(content: RecordDict) -> torch.Tensor | None:
     """The probes' pixels a message carries, as a tensor (None: none travelled)."""
     if M.PROBES not in content:
         return None
-    return torch.from_numpy(content[M.PROBES]["probes"].numpy())
+    return torch.from_numpy(content.array_records[M.PROBES]["probes"].numpy())

@@ -12,6 +12,7 @@ bytes of every message in both directions and the audit log).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -148,31 +149,39 @@ class FlowerExecutor:
                            {k: float(v) for k, v in metrics.items()}, dict(r[M.VAL]) if M.VAL in r else None)
 
     def _encode(self, task: TrainTask, orders: list[SiteOrder], weights: ArrayRecord) -> dict[int, RecordDict]:
-        """Each order's train message: the teacher (and importances) only to a node that lacks this stage's,
-        the probes' pixels when the order says they are sent; per-kind byte counts of both."""
+        """Each order's train message (ted_fl.federated.codec), with the teacher and the probes' pixels where
+        they travel; per-kind byte counts of both. Each record is built once a round and shared."""
         state_dir = str(self.run.client_state_dir) if self.run else ""
-        teacher_rec = aux_rec = probes_rec = None
+        built: dict[str, ArrayRecord | None] = {}
+
+        def once(name: str, make: Callable[[], ArrayRecord | None]) -> ArrayRecord | None:
+            if name not in built:
+                built[name] = make()
+            return built[name]
+
         contents: dict[int, RecordDict] = {}
         for order in orders:
             node = self.transport.node_of[(order.site, order.client)]
             teacher = aux = None
-            if order.teacher.held and self.teacher_sent.get(node) != order.teacher.key:
-                if not order.teacher.from_weights:
-                    teacher = teacher_rec = teacher_rec or M.to_record(task.teacher)  # type: ignore[arg-type]
-                if task.aux or not order.teacher.from_weights:
-                    aux = aux_rec = aux_rec or M.to_record(task.aux)
-            if order.probes.source == "sent":
-                probes_rec = probes_rec or codec.probe_pixels(order, self.cfg)
-            contents[node] = content = codec.encode_train(
-                order, weights, teacher=teacher, aux=aux, probes=probes_rec if order.probes.source == "sent" else None,
-                state_dir=state_dir)
-            # Breakdown of train_down (already counted there): what the teacher and the probes cost.
-            for part in (M.TEACHER, M.PROBES):
-                if part in content:
-                    key = f"train_down.{part}"
-                    self.transport.bytes_by_kind[key] = self.transport.bytes_by_kind.get(key, 0) + content[part].count_bytes()
+            if order.teacher.held and self.teacher_sent.get(node) != order.teacher.key:  # once per node and stage
+                if not order.teacher.from_weights:  # (the site freezes this round's weights itself)
+                    teacher = once(M.TEACHER, lambda: M.to_record(task.teacher))  # type: ignore[arg-type]
+                if task.aux or teacher is not None:
+                    aux = once(M.AUX, lambda: M.to_record(task.aux))
+            probes = (once(M.PROBES, lambda o=order: codec.probe_pixels(o, self.cfg))  # type: ignore[misc]
+                      if order.probes.source == "sent" else None)
+            contents[node] = codec.encode_train(order, weights, teacher=teacher, aux=aux, probes=probes,
+                                                state_dir=state_dir)
+            self._count_parts(contents[node])
         self._teacher = (task.teacher, task.aux) if task.teacher is not None else None  # for a retry
         return contents
+
+    def _count_parts(self, content: RecordDict) -> None:
+        """Breakdown of train_down (counted there when sent): what the teacher and the probes cost."""
+        kinds = self.transport.bytes_by_kind
+        for part in (M.TEACHER, M.PROBES):
+            if part in content:
+                kinds[f"train_down.{part}"] = kinds.get(f"train_down.{part}", 0) + content[part].count_bytes()
 
     def aggregate(self, task: TrainTask, results: list[TrainResult]) -> Weights:
         """The round's global model: Flower's DP strategy's noised mean under client-level DP, else FedAvg."""

@@ -43,8 +43,9 @@ class StageOrders:
         """The round's encoded orders as train messages, with what a wrapper added to `config`."""
         messages = []
         for node, content in self.orders.items():
+            order = content.config_records[M.CONFIG]
             for key, value in config.items():
-                content[M.CONFIG][key] = value
+                order[key] = value
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         return messages
 
@@ -55,7 +56,7 @@ class StageOrders:
         replies = list(replies)
         if self.uniform:
             for r in replies:
-                r.content[M.METRICS][UNIFORM_KEY] = 1.0
+                r.content.metric_records[M.METRICS][UNIFORM_KEY] = 1.0
         return super().aggregate_train(server_round, replies)  # type: ignore[misc]
 
 

@@ -32,7 +32,6 @@ class RoundTask(Protocol):
     stage: int
     round: int
     sites: list[str]
-    teacher: object
     steps: int
     lr: float
     probe_seed: int | None
@@ -40,6 +39,9 @@ class RoundTask(Protocol):
     probe_shape: tuple[int, ...]
     want_val: bool
     stage_rounds: int
+
+    @property
+    def teacher(self) -> object: ...  # only whether there is one (read-only: any weights type will do)
 
 
 ProbeSource = Literal["none", "sent", "seeded", "site"]
