@@ -26,14 +26,14 @@ from flwr.clientapp import ClientApp
 from ted_fl.config import ExperimentConfig, apply_overrides, from_dict, node_overrides, split_seed_of
 from ted_fl.data import load_sites, site_order
 from ted_fl.data.types import SiteData, Split
+from ted_fl.federated import codec
 from ted_fl.federated import messages as M
 from ted_fl.federated.dp import client_mod
 from ted_fl.federated.message_log import audit_mod
 from ted_fl.federated.notices import silence
 from ted_fl.files import atomic_torch_save, atomic_write
-from ted_fl.privacy.policies import PROBE_SITE_TAG, REPLAY_TAG, replay_buffer, replay_share, uses_replay
-from ted_fl.schedule.engine import derive_seed
-from ted_fl.schedule.worker import SiteWorker, probes_for
+from ted_fl.privacy.policies import replay_buffer
+from ted_fl.schedule.worker import SiteWorker
 
 _CACHE: dict[Any, Any] = {}  # per process: parsed configs, loaded site data, workers
 
@@ -275,47 +275,34 @@ def hello(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """Decode the site's order (ted_fl.federated.codec), carry it out (SiteWorker.run), reply."""
     cfg = _config(context, msg.content)
     c = dict(msg.content[M.CONFIG])
     site, client = identity(context, cfg)
     data, share = site_data(cfg, site, client)
-    w = worker(cfg)
-    teacher_mod, aux = None, {}
-    site_index = int(c["site_index"])
-    if c.get("teacher_key"):
-        if c.get("teacher_from_weights") and M.TEACHER not in msg.content:
+    order = codec.decode_train(msg.content, cfg, site, client)
+    teacher, aux = None, {}
+    if order.teacher.held:
+        if order.teacher.from_weights and M.TEACHER not in msg.content:
             # privacy.teacher = "site": this round's weights are the stage's teacher; keep them as such.
-            _keep_teacher(context, c, site, client, str(c["teacher_key"]), msg.content[M.WEIGHTS],
-                          msg.content.get(M.AUX))
-        teacher, aux = _teacher(context, c, site, client, msg.content, str(c["teacher_key"]))
+            _keep_teacher(context, c, site, client, order.teacher.key, msg.content[M.WEIGHTS], msg.content.get(M.AUX))
+        teacher, aux = _teacher(context, c, site, client, msg.content, order.teacher.key)
+    replay = order.replay[0]
+    if replay.size:  # an earlier site keeps only its replay buffer
+        replay_key = ("replay", site, client, replay.size, order.seed, id(share))
+        if replay_key not in _CACHE:  # built once per seed: the same arrays every round
+            _CACHE[replay_key] = replay_buffer(share, replay.size, replay.seed)
+        share = _CACHE[replay_key]
+    out = worker(cfg).run(
         # The key names the schedule's stage; with the configuration's, two cells of a study (same approach,
         # seed and stage, another epsilon) served by this process never share a loaded teacher.
-        teacher_mod = w.set_teacher((str(c["teacher_key"]), hash(str(context.state["experiment"]["toml"]))),
-                                    teacher)
-    if M.PROBES in msg.content:
-        probes = torch.from_numpy(msg.content[M.PROBES]["probes"].numpy())
-    elif c.get("probe_local"):  # the site draws its own probes (privacy.teacher = "site")
-        own = derive_seed(int(c["seed"]), int(c["stage"]), int(c["round"]), site_index, client, PROBE_SITE_TAG)
-        probes = probes_for(cfg, own, int(c["probe_count"]), tuple(c["probe_shape"]))
-    else:
-        probes = probes_for(cfg, c.get("probe_seed"), int(c.get("probe_count", 0)),
-                            tuple(c.get("probe_shape", [])))
-    if uses_replay(cfg, site_index, int(c["stage"])):  # an earlier site keeps only its replay buffer
-        n = replay_share(cfg.privacy.replay, cfg.federated.clients_per_site)
-        replay_key = ("replay", site, client, n, int(c["seed"]), id(share))
-        if replay_key not in _CACHE:  # built once per seed: the same arrays every round
-            _CACHE[replay_key] = replay_buffer(share, n, derive_seed(int(c["seed"]), site_index, REPLAY_TAG, client))
-        share = _CACHE[replay_key]
-    out = w.train_round(
-        approach=str(c["approach"]), data=share, weights=M.from_record(msg.content[M.WEIGHTS]),
-        teacher=teacher_mod, aux=aux, steps=int(c["steps"]), lr=float(c["lr"]),
-        seed=derive_seed(int(c["seed"]), int(c["stage"]), int(c["round"]), site_index, client),
-        probes=probes, optimizer_state=_load_optimizer(context, c, site, client),
-        val=data.val if c.get("want_val") else None, per_volume=data.per_volume, labels=data.labels.labels(),
-        stage_rounds=int(c.get("stage_rounds", 1)),
+        order, data=share, weights=M.from_record(msg.content[M.WEIGHTS]), teacher=teacher,
+        teacher_id=(order.teacher.key, hash(str(context.state["experiment"]["toml"]))), aux=aux,
+        optimizer_state=_load_optimizer(context, c, site, client), val=data.val, per_volume=data.per_volume,
+        labels=data.labels.labels(), probes=codec.sent_probes(msg.content),
     )
     _save_optimizer(context, c, site, client, out.optimizer_state)
-    if c.get("teacher_key") and int(c["round"]) + 1 >= int(c.get("stage_rounds", 1)):
+    if order.teacher.held and order.round + 1 >= order.stage_rounds:
         _drop_teacher(context, c, site, client)
     content = RecordDict({
         M.WEIGHTS: M.to_record(out.weights),

@@ -1,9 +1,9 @@
 """Client-level differential privacy with Flower 1.41's own Message-API pieces (thin adapters).
 
 Server: one of `flwr.serverapp.strategy.DifferentialPrivacy{ClientSide,ServerSide}{Fixed,Adaptive}Clipping`
-wraps `StageFedAvg`, a FedAvg over the messages `FlowerExecutor` built for one round of one stage (the
-arriving site's nodes, and any retained ones), aggregating them uniformly (the wrappers' noise std
-sigma * clip / n assumes a plain mean). Client: `fixedclipping_mod` / `adaptiveclipping_mod` (clip_on =
+wraps the stage's strategy (`ted_fl.federated.stage_strategy.StageStrategy`, a FedAvg whose configure_train
+returns the round's orders: the arriving site's nodes, and any retained ones), aggregating them uniformly
+(the wrappers' noise std sigma * clip / n assumes a plain mean). Client: `fixedclipping_mod` / `adaptiveclipping_mod` (clip_on =
 "client") or `LocalDpMod` (noise = "client") run on the train message's weights.
 
 Flower's mods require exactly one ArrayRecord and one ConfigRecord in the incoming message, but a TED train
@@ -23,19 +23,16 @@ the mods and wrappers apply them (tests/unit/test_privacy_client.py checks it ag
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.mod import LocalDpMod, adaptiveclipping_mod, fixedclipping_mod
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
-    FedAvg,
     Strategy,
 )
 from flwr.supercore.differential_privacy import (
@@ -50,9 +47,8 @@ from ted_fl.config import PrivacyConfig
 from ted_fl.continual.weights import Weights
 from ted_fl.errors import TedFlError
 from ted_fl.federated import messages as M
+from ted_fl.federated.stage_strategy import StageStrategy
 from ted_fl.privacy.mechanisms import client_noise_multiplier
-
-WEIGHT_KEY = "dp_weight"  # every client counts once in the DP mean (set by the server on each reply)
 
 STRATEGIES = {
     ("client", "fixed"): DifferentialPrivacyClientSideFixedClipping,
@@ -60,25 +56,6 @@ STRATEGIES = {
     ("server", "fixed"): DifferentialPrivacyServerSideFixedClipping,
     ("server", "adaptive"): DifferentialPrivacyServerSideAdaptiveClipping,
 }
-
-
-class StageFedAvg(FedAvg):
-    """FedAvg over the executor's own messages of one round: no node sampling, uniform weights."""
-
-    def __init__(self) -> None:
-        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_evaluate_nodes=1,
-                         min_available_nodes=1, weighted_by_key=WEIGHT_KEY, arrayrecord_key=M.WEIGHTS,
-                         configrecord_key=M.CONFIG)
-        self.contents: dict[int, RecordDict] = {}
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        """Put what the DP wrapper added to `config` (the clipping norm) into the executor's messages, which
-        the executor sends itself (with its retries and byte counts): nothing to return."""
-        for content in self.contents.values():
-            for key, value in config.items():
-                content[M.CONFIG][key] = value
-        return []
 
 
 def make_strategy(privacy: PrivacyConfig, n_clients: int, stage_rounds: int,
@@ -91,13 +68,13 @@ def make_strategy(privacy: PrivacyConfig, n_clients: int, stage_rounds: int,
     cls = STRATEGIES[(privacy.clip_on, privacy.clipping)]
     if privacy.clipping == "adaptive":
         try:
-            return cls(StageFedAvg(), sigma, n_clients,
+            return cls(StageStrategy(uniform=True), sigma, n_clients,
                        initial_clipping_norm=float(clip_norm or privacy.clip_norm)), sigma
         except ValueError as e:  # the clipped count's noise (n / 20) cannot carry this noise multiplier
             raise TedFlError(f"privacy.clipping = 'adaptive' with {n_clients} client(s) in a stage and noise "
                              f"multiplier {sigma:.3g} (epsilon {privacy.epsilon:g}): {e}; set privacy.clipping = "
                              "'fixed', or raise privacy.epsilon / the clients per stage") from None
-    return cls(StageFedAvg(), sigma, float(privacy.clip_norm), n_clients), sigma
+    return cls(StageStrategy(uniform=True), sigma, float(privacy.clip_norm), n_clients), sigma
 
 
 class StageDP:
@@ -181,31 +158,6 @@ class StageDP:
             add_gaussian_noise_inplace(mean, compute_stdv(float(s.noise_multiplier),  # type: ignore[attr-defined]
                                                           float(s.clipping_norm), self.n))  # type: ignore[attr-defined]
         return dict(zip(keys, mean, strict=True))
-
-
-def configure(strategy: Strategy | None, server_round: int, weights: ArrayRecord,
-              contents: dict[int, RecordDict], sigma: float) -> None:
-    """Let the wrapper configure the round's messages in place (e.g. the clipping norm for the mods)."""
-    for content in contents.values():
-        content[M.CONFIG]["dp_noise_multiplier"] = float(sigma)  # LocalDpMod's noise (noise = "client")
-    if strategy is None:
-        return
-    inner: StageFedAvg = strategy.strategy  # type: ignore[attr-defined]
-    inner.contents = contents
-    strategy.configure_train(server_round, weights, ConfigRecord({}), None)  # type: ignore[arg-type]
-
-
-def aggregate(strategy: Strategy | None, server_round: int, replies: list[Message]) -> ArrayRecord:
-    """The noised mean of the replies' weights (central DP), or their plain mean (local DP: already noised)."""
-    for r in replies:
-        r.content[M.METRICS][WEIGHT_KEY] = 1.0
-    if strategy is None:
-        arrays, _ = StageFedAvg().aggregate_train(server_round, replies)
-    else:
-        arrays, _ = strategy.aggregate_train(server_round, replies)
-    if arrays is None:
-        raise RuntimeError("client-level DP aggregation failed (a reply was missing or inconsistent)")
-    return arrays
 
 
 # ------------------------------------------------------------------------------------ client

@@ -31,19 +31,23 @@ from ted_fl.errors import TedFlError, unknown
 from ted_fl.federated import messages as M
 from ted_fl.federated.gkd_client import FROZEN, build_part
 from ted_fl.federated.gkd_client import app as client_app
-from ted_fl.federated.server_app import ClientFailure, FlowerExecutor
 from ted_fl.federated.simulation import launch
+from ted_fl.federated.transport import ClientFailure, Transport
 from ted_fl.run.directory import MEAN_LABEL, RunDir
 from ted_fl.schedule.engine import derive_seed, fedavg, model_weights
 
 STAGES = {"teacher": 1, "student": 2, "psae": 3, "act_teacher": 4, "act_student": 4, "distill": 5}
 
 
-class GKDExecutor(FlowerExecutor):
-    """Sends the stages to the source site's nodes and the scoring to every site's first node."""
+class GKDExecutor:
+    """Sends the stages to the source site's nodes and the scoring to every site's first node, through the
+    schedule's transport (discovery, retries, byte counts and audit: ted_fl.federated.transport)."""
 
     def __init__(self, grid: Grid, cfg: ExperimentConfig, run: RunDir | None = None) -> None:
-        super().__init__(grid, cfg, run)
+        self.cfg, self.run = cfg, run
+        self.transport = t = Transport(grid, cfg, run)
+        self.sites, self.nodes, self.image_shape = t.sites, t.nodes, t.image_shape
+        self._exchange, self._label = t.exchange, t.label
         if cfg.gkd.source not in self.sites:
             raise unknown("source site", cfg.gkd.source, self.sites, "--source / gkd.source")
         self.frozen_sent: dict[tuple[int, str], str] = {}
@@ -179,7 +183,8 @@ def serve_generalize(grid: Grid, cfg: ExperimentConfig, run: RunDir, quiet: bool
             _write_scores(add, approach, seed, s_scores, sizes["student"], t_scores, g.source)
             run.write_metrics(rows)
         run.log(f"seed {seed} done in {time.monotonic() - t0:.0f} s")
-    run.write_json("bytes.json", {"sent": ex.bytes_sent, "received": ex.bytes_received, "by_kind": ex.bytes_by_kind})
+    run.write_json("bytes.json", {"sent": ex.transport.bytes_sent, "received": ex.transport.bytes_received,
+                                  "by_kind": ex.transport.bytes_by_kind})
     if not rows:
         raise TedFlError("the protocol produced no result")
     return rows

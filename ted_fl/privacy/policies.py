@@ -2,8 +2,8 @@
 
 `privacy.teacher` ("server" | "site") decides where the frozen teacher lives and who draws the
 SKA probes; `privacy.replay` bounds what an earlier site keeps for its retention rounds. The
-Flower layer (`ted_fl.federated`) and the in-process executor (`ted_fl.schedule.in_process`) both call these
-helpers, so a policy gives the same numbers in the simulator and in the centralized run.
+round's planner (`ted_fl.schedule.orders`) is their one caller: both executors carry out its orders,
+so a policy gives the same numbers in the simulator and in the centralized run.
 """
 
 from __future__ import annotations

@@ -29,16 +29,12 @@ from ted_fl.continual.training import lr_for, set_determinism
 from ted_fl.continual.weights import Weights, load_weights, model_weights  # noqa: F401 (re-exported)
 from ted_fl.privacy.mechanisms import epsilon_spent
 from ted_fl.run.directory import MEAN_LABEL, RunDir, label_metric, labels_of, select_label
+from ted_fl.schedule.seeds import derive_seed  # noqa: F401 (re-exported)
 from ted_fl.schedule.worker import WORK_KEYS
 
 # Held while a schedule draws from the process's global generators (its initial model): schedules of a
 # ServerApp run as threads of one process (ted_fl.schedule.cells), and another's seeding must not land in between.
 GLOBAL_RNG = threading.RLock()
-
-
-def derive_seed(*parts: int) -> int:
-    """A stable 31-bit seed from (seed, stage, round, client...): every draw is reproducible."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0] >> 1)
 
 
 def fedavg(results: list[tuple[Weights, int]]) -> Weights:

@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 
 from ted_fl.config import ExperimentConfig
-from ted_fl.continual.approaches import get_approach
 from ted_fl.data.types import SiteData, Split
-from ted_fl.privacy.policies import PROBE_SITE_TAG, REPLAY_TAG, gets_teacher, replay_buffer, uses_replay
+from ted_fl.privacy.policies import replay_buffer
 from ted_fl.schedule.engine import TrainResult, TrainTask, Weights, derive_seed, fedavg
-from ted_fl.schedule.worker import SiteWorker, probes_for
+from ted_fl.schedule.orders import Replay, plan_round
+from ted_fl.schedule.worker import SiteWorker
 
 
 class LocalExecutor:
@@ -41,42 +41,24 @@ class LocalExecutor:
         self._derived: dict[tuple, tuple[list[Split], Split]] = {}
 
     def train(self, task: TrainTask) -> list[TrainResult]:
-        appr = get_approach(task.approach, self.cfg.loss)
-        cfg = self.cfg
-        teacher = self.worker.set_teacher((task.approach, task.seed, task.stage), task.teacher)
-        probes = probes_for(cfg, task.probe_seed, task.probe_count, task.probe_shape)
-        groups = [task.sites] if appr.joint else [[s] for s in task.sites]
+        """Carry out the round's orders (ted_fl.schedule.orders.plan_round) one after another."""
+        orders = plan_round(task, self.cfg, self.sites)
         results = []
         if self.dp is not None:
-            self.dp.stage(task.approach, task.seed, task.stage, len(groups), task.stage_rounds)
+            self.dp.stage(task.approach, task.seed, task.stage, len(orders), task.stage_rounds)
             self._released = []
-        for group in groups:
-            site = group[-1]
-            index = self.sites.index(site)
-            key = "+".join(group)
+        for order in orders:
+            site, key = order.site, "+".join(order.sites)
             stage_opt = self.optim.get(key)
-            opt_state = stage_opt[1] if stage_opt and stage_opt[0] == task.stage else None
-            # The policies of [privacy], as the Flower client applies them (ted_fl.privacy.policies).
-            holds = teacher is not None and (appr.joint or gets_teacher(cfg, index, task.stage))
-            site_probes = probes
-            if holds and cfg.privacy.teacher == "site" and task.probe_count:
-                site_probes = probes_for(cfg, derive_seed(task.seed, task.stage, task.round, index, 0, PROBE_SITE_TAG),
-                                         task.probe_count, task.probe_shape)
-            out = self.worker.train_round(
-                approach=task.approach,
-                data=self._union([self._train_split(s, task) for s in group]),
-                weights=task.weights, teacher=teacher if holds else None, aux=task.aux,
-                steps=task.steps, lr=task.lr,
-                seed=derive_seed(task.seed, task.stage, task.round, index, 0),
-                probes=site_probes if holds else None, optimizer_state=opt_state,
-                # client-level DP: the released (noised) model is scored by evaluate, not the raw local one
-                val=self.data[site].val if task.want_val and len(groups) == 1 and self.dp is None else None,
-                per_volume=self.data[site].per_volume, labels=self.data[site].labels.labels(),
-                stage_rounds=task.stage_rounds,
+            out = self.worker.run(
+                order, data=self._union([self._train_split(r, task.seed) for r in order.replay]),
+                weights=task.weights, teacher=task.teacher, teacher_id=(task.approach, task.seed, task.stage),
+                aux=task.aux, optimizer_state=stage_opt[1] if stage_opt and stage_opt[0] == task.stage else None,
+                val=self.data[site].val, per_volume=self.data[site].per_volume, labels=self.data[site].labels.labels(),
             )
             self.optim[key] = (task.stage, out.optimizer_state)
             weights, metrics = out.weights, dict(out.metrics)
-            if self.dp is not None:
+            if self.dp is not None:  # what leaves the client: Flower's client-side mod, applied to the weights
                 from ted_fl.federated.dp import reply_metrics
 
                 weights, bit = self.dp.release(task.weights, out.weights)
@@ -85,16 +67,13 @@ class LocalExecutor:
             results.append(TrainResult(site, 0, weights, out.num_examples, metrics, out.val))
         return results
 
-    def _train_split(self, site: str, task: TrainTask) -> Split:
-        """The site's training split, or its replay buffer when it trains after its own stage."""
-        index = self.sites.index(site)
-        if not uses_replay(self.cfg, index, task.stage):
-            return self.data[site].train
-        key = ("replay", site, task.seed)
+    def _train_split(self, replay: Replay, seed: int) -> Split:
+        """The site's training split, or the replay buffer its order names (an earlier site, privacy.replay)."""
+        if not replay.size:
+            return self.data[replay.site].train
+        key = ("replay", replay.site, seed)
         if key not in self._derived:
-            buf = replay_buffer(self.data[site].train, self.cfg.privacy.replay,
-                                derive_seed(task.seed, index, REPLAY_TAG, 0))
-            self._derived[key] = ([], buf)
+            self._derived[key] = ([], replay_buffer(self.data[replay.site].train, replay.size, replay.seed))
         return self._derived[key][1]
 
     def _union(self, parts: list[Split]) -> Split:

@@ -28,6 +28,7 @@ from ted_fl.data.types import Split
 from ted_fl.errors import TedFlError
 from ted_fl.privacy.mechanisms import sample_dp_args
 from ted_fl.privacy.mia import attack
+from ted_fl.schedule.orders import DPOrder, SiteOrder
 
 # Timing keys a client adds to its round's metrics: the wall and CPU (this thread's) seconds of its
 # own work (train_round: load, steps, validation). The schedule moves them to its "time" rows, where
@@ -77,6 +78,25 @@ class SiteWorker:
             self._teacher_key = key
         return self.teacher
 
+    def run(self, order: SiteOrder, *, data: Split, weights: Weights, teacher: Weights | None = None,
+            teacher_id: Any = None, aux: dict[str, np.ndarray] | None = None,
+            optimizer_state: dict[str, Any] | None = None, val: Split | None = None, per_volume: bool = False,
+            labels: Labels | None = None, probes: torch.Tensor | None = None) -> RoundOutput:
+        """Carry out one site's order (ted_fl.schedule.orders) on its training data `data` (its share, or the
+        replay buffer the order names). What the order names but the site does not have in hand comes
+        from its seeds: the probes (unless their pixels travelled) and the training seed. `teacher_id`
+        identifies the loaded teacher (default: the order's key); `val` is used when the order validates."""
+        teacher_mod = (self.set_teacher(teacher_id if teacher_id is not None else order.teacher.key, teacher)
+                       if order.teacher.held else None)
+        if probes is None and order.probes.source != "none":
+            probes = probes_for(self.cfg, order.probes.seed, order.probes.count, order.probes.shape)
+        return self.train_round(
+            approach=order.approach, data=data, weights=weights, teacher=teacher_mod, aux=aux or {},
+            steps=order.steps, lr=order.lr, seed=order.train_seed, probes=probes,
+            optimizer_state=optimizer_state, val=val if order.validate else None, per_volume=per_volume,
+            labels=labels, stage_rounds=order.stage_rounds, dp=order.dp,
+        )
+
     def train_round(
         self,
         *,
@@ -94,8 +114,10 @@ class SiteWorker:
         per_volume: bool,
         labels: Labels | None = None,
         stage_rounds: int = 1,
+        dp: DPOrder | None = None,
     ) -> RoundOutput:
-        """One round of local training (`stage_rounds`: the stage's rounds, for DP-SGD's calibration)."""
+        """One round of local training (`stage_rounds`: the stage's rounds, for DP-SGD's calibration;
+        `dp`: the order's DP, else privacy's keys)."""
         t0, c0 = time.perf_counter(), time.thread_time()
         appr = get_approach(approach, self.cfg.loss)
         appr.term_grads = self.cfg.diagnostics.term_grads  # per-step gradient ratios into the round's metrics
@@ -106,14 +128,16 @@ class SiteWorker:
         gpu_setup(self.student, self.device, self.cfg.train.cudnn_benchmark)
         gpu_setup(self.teacher, self.device, self.cfg.train.cudnn_benchmark)
         appr = with_proximal(appr, self.student, self.cfg.federated)  # fedprox: mu/2 ||w - w_global||^2
+        sgd_steps = steps or math.ceil(len(data) / self.cfg.train.batch_size)
+        sgd_args = (dp.sgd_args(len(data), self.cfg.train.batch_size, sgd_steps, stage_rounds) if dp is not None else
+                    sample_dp_args(self.cfg.privacy, len(data), self.cfg.train.batch_size, sgd_steps, stage_rounds))
         metrics, opt_state = local_train(
             self.student, teacher, appr, data,
             steps=steps, batch_size=self.cfg.train.batch_size, lr=lr,
             optimizer_state=optimizer_state, seed=seed, probes=probes,
             aux={k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in aux.items()} or None,
             loss_cfg=self.cfg.loss, amp=self.cfg.train.amp, compile=self.cfg.train.compile, trace=self.trace,
-            dp=sample_dp_args(self.cfg.privacy, len(data), self.cfg.train.batch_size,
-                              steps or math.ceil(len(data) / self.cfg.train.batch_size), stage_rounds),
+            dp=sgd_args,
         )
         out = {k: v.detach().cpu().numpy().copy() for k, v in self.student.state_dict().items()}
         scores = (evaluate(self.student, val, per_volume=per_volume, labels=labels, **eval_options(self.cfg))

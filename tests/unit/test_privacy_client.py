@@ -13,6 +13,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from ted_fl.config import PrivacyConfig
 from ted_fl.federated import dp
 from ted_fl.federated import messages as M
+from ted_fl.federated.stage_strategy import StageStrategy, inner
 
 TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0  # Messages outside a running app
 
@@ -31,22 +32,29 @@ def _locals() -> list[dict[str, np.ndarray]]:
 
 
 def _message_path(p: PrivacyConfig, seed: int) -> tuple[dict, dp.StageDP]:
+    """The Flower path: the stage strategy (wrapped by Flower's DP wrapper) configures the round's orders,
+    each client's reply passes Flower's client-side mod, the strategy aggregates."""
     sd = dp.StageDP(p).stage("ted_gugf", 0, 0, len(NORMS), 1)
-    contents = {n: RecordDict({M.WEIGHTS: M.to_record(CUR), M.CONFIG: ConfigRecord({"round": 0})})
-                for n in range(len(NORMS))}
-    dp.configure(sd.strategy, 1, M.to_record(CUR), contents, sd.sigma)
+    strategy = sd.strategy or StageStrategy(uniform=True)  # local DP: no wrapper, the mods add the noise
+    # what the codec puts in an order's config under client-level DP (the order's noise multiplier)
+    inner(strategy).orders = {n + 1: RecordDict({M.WEIGHTS: M.to_record(CUR),
+                                                 M.CONFIG: ConfigRecord({"round": 0, "dp_noise_multiplier": sd.sigma})})
+                              for n in range(len(NORMS))}
+    messages = list(strategy.configure_train(1, M.to_record(CUR), ConfigRecord(), None))  # type: ignore[arg-type]
+    assert [m.metadata.dst_node_id for m in messages] == [1, 2, 3, 4]
     np.random.seed(seed)
     replies = []
-    for n, local in enumerate(_locals()):
-        msg = Message(contents[n], dst_node_id=n + 1, message_type="train")
+    for msg, local in zip(messages, _locals(), strict=True):
 
         def app(m: Message, c: Context, w: dict = local) -> Message:
             return Message(RecordDict({M.WEIGHTS: M.to_record(w), M.METRICS: MetricRecord({"num_examples": 8})}),
                            reply_to=m)
 
-        ctx = Context(run_id=1, node_id=n + 1, node_config={}, state=RecordDict(), run_config={})
+        ctx = Context(run_id=1, node_id=msg.metadata.dst_node_id, node_config={}, state=RecordDict(), run_config={})
         replies.append(dp.client_mod(p, msg, ctx, app))
-    return M.from_record(dp.aggregate(sd.strategy, 1, replies)), sd
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    return M.from_record(arrays), sd
 
 
 def _in_process(p: PrivacyConfig, seed: int) -> tuple[dict, dp.StageDP]:

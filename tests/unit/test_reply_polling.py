@@ -1,4 +1,4 @@
-"""The ServerApp's exchange (server_app.send_and_receive): Flower's public push/pull, with a wait for
+"""The ServerApp's exchange (transport.send_and_receive): Flower's public push/pull, with a wait for
 replies that adds at most max(PULL_MIN_S, PULL_SHARE x the wait) to a round, and a timeout kept."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from ted_fl.federated import server_app as S
+from ted_fl.federated import transport as S
 
 
 class Clock:
