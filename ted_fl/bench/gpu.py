@@ -58,7 +58,7 @@ import psutil
 import torch
 
 from ted_fl.bench import common as C
-from ted_fl.config import ExperimentConfig, split_seed_of
+from ted_fl.config import Compile, EvalSlices, ExperimentConfig, choices, split_seed_of
 from ted_fl.data import load_sites, site_order
 
 CUDA_CONTEXT_MIB = 500.0  # what a process's CUDA context and allocator reserve besides tensors (typical)
@@ -111,7 +111,7 @@ def step_costs(cfg: ExperimentConfig, approaches: list[str], steps: int,
         appr = get_approach(name, cfg.loss)
         teacher = worker.set_teacher((name, 0), weights) if appr.needs_teacher else None
         probes = probes_for(cfg, 1, count, shape) if appr.needs_probes else None
-        for setting in ["off", "on"] if name in compiled else ["off"]:
+        for setting in choices(Compile) if name in compiled else ["off"]:
             worker.cfg = copy.deepcopy(cfg)
             worker.cfg.train.compile = setting  # type: ignore[assignment]
             times = []
@@ -224,7 +224,7 @@ def eval_costs(cfg: ExperimentConfig) -> tuple[pd.DataFrame, dict[str, float]]:
     dev = next(model.parameters()).device
     clock = time.perf_counter if dev.type == "cuda" else time.process_time
     rows, labels = [], {}
-    for slices in ("one", "batched"):
+    for slices in choices(EvalSlices):  # one (the reference) first
         evaluate(model, site.val, per_volume=site.per_volume, bn="batch", slices=slices,
                  batch_size=cfg.eval.batch_size)  # warm-up
         if dev.type == "cuda":

@@ -21,7 +21,7 @@ import pandas as pd
 
 from ted_fl.bench import common as C
 from ted_fl.bench.federated import simulate_groups
-from ted_fl.config import ExperimentConfig
+from ted_fl.config import ExperimentConfig, ProbeTransport, choices
 from ted_fl.data import site_order
 from ted_fl.run.directory import RunDir
 
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     base = workload(args)
     work = Path(args.out) / time.strftime("probes-%Y%m%d-%H%M%S")
     pairs = []
-    for mode in ("pixels", "seed"):
+    for mode in choices(ProbeTransport):
         cfg = copy.deepcopy(base)
         cfg.federated.probes = mode
         pairs.append((cfg, RunDir.create(work, f"probes-{mode}")))

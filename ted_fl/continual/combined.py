@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ted_fl.config import ModelConfig
+from ted_fl.config import FixedTerm, ModelConfig, choices
 from ted_fl.continual import gkd as G
 from ted_fl.continual import terms as T
 from ted_fl.continual.approaches import Approach, WeightedTerm
 from ted_fl.continual.networks import build_model, features
 from ted_fl.errors import TedFlError, unknown
 
-FIXED_TERMS = ("kd", "at", "skd")
+FIXED_TERMS = choices(FixedTerm)  # the schema owns the allowed values
 
 
 def load_fixed_teacher(path: str | Path) -> nn.Module:

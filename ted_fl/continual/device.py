@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ted_fl.config import AmpMode, choices
 from ted_fl.errors import TedFlError
 
-AMP_MODES = ("auto", "bf16", "off")
+AMP_MODES = choices(AmpMode)  # the schema owns the allowed values
 
 
 def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:

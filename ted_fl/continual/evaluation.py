@@ -13,12 +13,12 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
 from scipy import ndimage
 from torch import nn
 
-from ted_fl.config import EvalSlices, ExperimentConfig, choices
+from ted_fl.config import EvalBN, EvalSlices, ExperimentConfig, choices
 from ted_fl.continual.device import batch_statistics, on_device
 from ted_fl.data.types import Split
 from ted_fl.errors import TedFlError, unknown
 
-EVAL_BN = ("running", "batch")
+EVAL_BN = choices(EvalBN)  # the schema owns the allowed values
 
 
 EVAL_SLICES = choices(EvalSlices)  # the schema owns the allowed values

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ted_fl.config import GugfMode, choices
+from ted_fl.config import BaselineVariant, GugfMode, KDReduce, choices
 from ted_fl.errors import unknown
 
 EPS = 1e-8
@@ -45,8 +45,8 @@ def class_argmax(x: torch.Tensor) -> torch.Tensor:
 
 
 
-KD_REDUCE = ("class", "reference")
-BASELINE_VARIANTS = ("paper", "reference")
+KD_REDUCE = choices(KDReduce)  # the schema owns the allowed values
+BASELINE_VARIANTS = choices(BaselineVariant)
 
 
 def cross_entropy(p: torch.Tensor, q: torch.Tensor, reduce: str = "class") -> torch.Tensor:

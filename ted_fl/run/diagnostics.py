@@ -32,9 +32,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ted_fl.config import LossConfig, split_seed_of
+from ted_fl.config import LossConfig, TeacherMode, choices, split_seed_of
 from ted_fl.continual import terms as T
-from ted_fl.continual.evaluation import dice, eval_options, evaluate
+from ted_fl.continual.evaluation import EVAL_BN, dice, eval_options, evaluate
 from ted_fl.continual.metrics import continual_summary, r_matrix
 from ted_fl.continual.networks import build_model
 from ted_fl.continual.step import freeze, running_stats_frozen, teacher_mode
@@ -43,7 +43,7 @@ from ted_fl.data import load_sites
 from ted_fl.errors import TedFlError
 from ted_fl.run.directory import RunDir
 
-MODES = ("running", "batch")
+MODES = EVAL_BN  # every eval.bn mode, the schema's order
 
 
 def eval_bn(run: RunDir, approach: str, seed: int) -> pd.DataFrame:
@@ -135,7 +135,7 @@ def term_grads(run: RunDir, approach: str, seed: int, stage: int, batches: int) 
     gen = torch.Generator().manual_seed(seed)
     bs = min(cfg.train.batch_size, len(train))
     rows = []
-    for mode in ("train", "eval"):
+    for mode in choices(TeacherMode):
         loss = dataclasses.replace(cfg.loss, teacher_mode=mode)
         acc: dict[str, list[float]] = {}
         for _ in range(batches):
