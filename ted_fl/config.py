@@ -32,6 +32,10 @@ SCHEMA = ConfigDict(extra="forbid", validate_assignment=True)
 ApproachName = Literal[
     "seq", "joint", "kd", "kd_ref", "ska", "akt", "akt_gugf", "ted", "ted_gugf", "ewc", "mas", "mib", "plop", "lwf"
 ]
+# The rows every comparison is read against, by role (the reports and summaries name them through these):
+# fine-tuning with no term against forgetting, and training on every site seen so far.
+LOWER_BOUND: ApproachName = "seq"
+UPPER_BOUND: ApproachName = "joint"
 # The student rows of `python -m ted_fl.generalize` (ted_fl.continual.gkd.gkd_approach builds them).
 GKDApproachName = Literal["student", "student_aug", "kd", "kd_aug", "at", "skd", "gkd", "intra", "inter", "cross", "intra_inter"]
 Norm = Literal["batch", "instance", "group"]

@@ -283,7 +283,7 @@ def _execute(mode: str, cfg: ExperimentConfig, run: RunDir, args: argparse.Names
         execute = execute_centralized
     run.log(f"{mode}: approaches {cfg.approaches}, seeds {cfg.seeds}, sites {cfg.data.sites}")
     t0 = time.perf_counter()
-    run.record = record  # type: ignore[attr-defined]  # the executors refresh it once Ray runs
+    run.record = record  # the executors refresh it once Ray runs
     extras = execute(cfg, run, args.quiet)
     summary = finish_run(cfg, run, extras)
     run.log(f"done in {time.perf_counter() - t0:.1f} s")

@@ -11,6 +11,7 @@ the fixed teacher in eval mode under no_grad. Configured by gkd.fixed_teacher (a
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -82,4 +83,4 @@ def with_fixed_teacher(approach: Approach, teacher: nn.Module | None, kind: str,
     if teacher is None or weight == 0:
         return approach
     terms = [*approach.terms, WeightedTerm(FixedTeacherDistill(teacher, kind), weight)]
-    return Approach(approach.name, approach.loss_cfg, terms, approach.joint, approach.importance, approach.term_grads)
+    return dataclasses.replace(approach, terms=terms)

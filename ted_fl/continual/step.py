@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ from ted_fl.continual.approaches import Approach
 from ted_fl.continual.networks import features
 from ted_fl.continual.probes import draw_probes
 from ted_fl.errors import unknown
+
+if TYPE_CHECKING:
+    from ted_fl.privacy.mechanisms import SampleDP
 
 TEACHER_MODES = choices(TeacherMode)  # the schema owns the allowed values
 
@@ -113,7 +116,7 @@ def train_step(
     fuse_teacher: bool = True,
     amp: torch.dtype | None = None,
     n_anchors: int | None = None,
-    dp: Any = None,
+    dp: SampleDP | None = None,
     student_fwd: Callable[[torch.Tensor], torch.Tensor] | None = None,
     teacher_fwd: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
@@ -193,7 +196,7 @@ def _forward_terms(
     fuse_teacher: bool,
     amp: torch.dtype | None = None,
     n_anchors: int | None = None,
-    dp: Any = None,
+    dp: SampleDP | None = None,
     student_fwd: Callable[[torch.Tensor], torch.Tensor] | None = None,
     teacher_fwd: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float], T.StepInputs]:
@@ -203,7 +206,7 @@ def _forward_terms(
     run_teacher = teacher_fwd or teacher
     student.train()
     use_teacher = teacher is not None and approach.needs_teacher
-    own = any(getattr(t.term, "own_teacher", False) and t.term.needs_features for t in approach.terms)
+    own = any(t.term.own_teacher and t.term.needs_features for t in approach.terms)
     want_feats = (use_teacher and approach.needs_features) or own  # own: a term that brings its teacher
     with autocast(images.device, amp):
         if want_feats:
@@ -265,7 +268,7 @@ def _forward_terms(
         total = total + wt.weight * value
         if approach.term_grads:
             s.cache[TERM_PREFIX + wt.name] = wt.weight * value
-        public = bool(getattr(wt.term, "data_independent", False))
+        public = wt.term.data_independent
         parts[public] = parts[public] + wt.weight * value
     s.private_total, s.public_total = parts[False], parts[True]
     return total, out, s

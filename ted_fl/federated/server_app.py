@@ -99,7 +99,7 @@ class FlowerExecutor:
         self.audit_hello: dict[str, dict[str, Any]] = {}
         self.site_of: dict[int, tuple[str, int]] = {}
         self._teacher: tuple[Weights, dict] | None = None  # this round's teacher, for retries
-        self._dp: Any = None  # client-level DP: the stage's strategy (ted_fl.federated.dp.StageDP)
+        self._dp: StageDP | None = None  # client-level DP: the stage's strategy (ted_fl.federated.dp.StageDP)
         if cfg.privacy.dp == "client":
             self._dp = StageDP(cfg.privacy)
         self._aggregated: Weights | None = None
@@ -469,7 +469,7 @@ def serve_one(grid: Grid, cfg: ExperimentConfig, run: RunDir, approach: str, see
     resolve_out_channels(cfg)  # before the hello carries the config to the clients (TOML only, no data)
     prepare_privacy(cfg)  # model.norm under DP, impossible combinations (idempotent; logged at run start)
     executor = FlowerExecutor(grid, cfg, run, simulated, nodes)
-    record = getattr(run, "record", None)  # processes.ProcessRecord: Ray's processes are up now
+    record = run.record  # processes.ProcessRecord: Ray's processes are up now
     if record is not None:
         record.update(f"{approach} seed {seed}")
     st = run_schedule(cfg, approach, seed, executor, run, progress)
@@ -484,7 +484,7 @@ def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, progress: Any = None, 
     extras: dict[tuple[str, int], dict[str, Any]] = {}
     for approach in cfg.approaches:
         for seed in cfg.seeds:
-            record = getattr(run, "record", None)  # processes.ProcessRecord: Ray's processes are up now
+            record = run.record  # processes.ProcessRecord: Ray's processes are up now
             if record is not None:
                 record.update(f"{approach} seed {seed}")
             st = run_schedule(cfg, approach, seed, executor, run, progress)

@@ -304,7 +304,7 @@ def execute_federated(cfg: ExperimentConfig, run: RunDir, quiet: bool) -> dict[t
     if slots > 1:
         run.log(f"{len(cells)} cells, {slots} at once (train.cells_in_parallel = {cfg.train.cells_in_parallel})")
     progress = Progress(total_rounds(cfg, len(sites)), quiet, done=run_rounds_done(cfg, run, len(sites)))
-    record = getattr(run, "record", None)  # ted_fl.run.processes.ProcessRecord, when a command line runs this
+    record = run.record  # when a command line runs this
     lock = threading.Lock()
 
     def on_round(info: dict[str, Any]) -> None:

@@ -32,6 +32,7 @@ import functools
 import math
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ted_fl.config import privacy_conflicts
+from ted_fl.config import PrivacyConfig, privacy_conflicts
 from ted_fl.errors import TedFlError
 
 ACCOUNTANT = "rdp"  # Opacus' RDP accountant (Mironov 2017; the sampled Gaussian of Mironov et al. 2019)
@@ -181,17 +182,26 @@ def compatibility_errors(model: nn.Module) -> list[str]:
     return [str(e).splitlines()[0] for e in ModuleValidator.validate(model, strict=False)]
 
 
-def sample_dp_args(privacy: Any, n: int, batch_size: int, steps: int, stage_rounds: int) -> dict[str, float] | None:
+@dataclass(frozen=True)
+class SampleDPArgs:
+    """DP-SGD's arguments for one round of one site (what `local_train(dp=...)` takes)."""
+
+    noise_multiplier: float  # sigma: the noise's std over max_grad_norm, calibrated per stage
+    max_grad_norm: float  # the per-sample clipping bound (privacy.max_grad_norm)
+
+
+def sample_dp_args(privacy: PrivacyConfig, n: int, batch_size: int, steps: int,
+                   stage_rounds: int) -> SampleDPArgs | None:
     """DP-SGD's arguments for one round of a site (None unless privacy.dp = "sample"): sigma calibrated to
     spend privacy.epsilon over the stage's stage_rounds x steps Poisson steps at q = 1 / ceil(n / batch_size)."""
     if privacy.dp != "sample":
         return None
     q = 1.0 / math.ceil(n / batch_size)
     sigma = noise_multiplier_for(float(privacy.epsilon), float(privacy.delta), q, max(1, stage_rounds) * steps)
-    return {"noise_multiplier": sigma, "max_grad_norm": float(privacy.max_grad_norm)}
+    return SampleDPArgs(noise_multiplier=sigma, max_grad_norm=float(privacy.max_grad_norm))
 
 
-def stage_dp_metrics(dp: Any) -> dict[str, float]:
+def stage_dp_metrics(dp: SampleDP) -> dict[str, float]:
     """The round's accounting inputs, reported as train metrics (composed by the server per stage)."""
     hist = dp.history()
     if not hist:

@@ -33,7 +33,7 @@ import plotly.io as pio
 import plotly.offline
 from plotly.subplots import make_subplots
 
-from ted_fl.config import split_seed_of
+from ted_fl.config import UPPER_BOUND, split_seed_of
 from ted_fl.continual.metrics import curves, r_matrix
 from ted_fl.continual.networks import build_model
 from ted_fl.continual.weights import load_weights
@@ -188,7 +188,7 @@ def load(run_dirs: list[Path], label: str = MEAN_LABEL) -> Report:
 
 def joint_final(series: list[Series]) -> pd.Series | None:
     """The joint upper bound's last-stage Dice per site (mean over seeds), for rAvg curves."""
-    joint = [s for s in series if s.approach == "joint"]
+    joint = [s for s in series if s.approach == UPPER_BOUND]
     if not joint:
         return None
     rows = [r.iloc[-1] for r in joint[0].rs.values()]
