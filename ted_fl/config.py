@@ -70,8 +70,9 @@ Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 CellsInParallel = Literal["auto"] | Positive  # train.cells_in_parallel: "auto" or how many cells at once
 
 
-def choices(literal: Any) -> tuple[str, ...]:
-    """The allowed values of one of the `Literal` types above (for command-line choices)."""
+def choices(literal: Any) -> tuple[Any, ...]:
+    """The allowed values of one of the `Literal` types above (for command-line choices and loops over
+    every value); typed Any so that a value passes where the schema expects that Literal."""
     return tuple(get_args(literal))
 
 
@@ -466,7 +467,7 @@ def _describe(err: dict[str, Any], where: str) -> str:
 def _first_error(exc: ValidationError) -> dict[str, Any]:
     """pydantic's first error; for a Literal | int union, with the int's lower bound as "number"."""
     errors = exc.errors()
-    err = dict(errors[0])
+    err: dict[str, Any] = dict(errors[0])
     if err["type"] == "literal_error" and len(errors) > 1 and errors[1]["type"] == "greater_than_equal":
         err["number"] = errors[1]["ctx"]["ge"]
         err["loc"] = tuple(p for p in err["loc"] if not str(p).startswith("literal["))

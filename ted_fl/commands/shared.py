@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # pandas, torch, Flower and Ray load after the input is parse
     import pandas as pd
 
     from ted_fl.run.directory import RunDir
+    from ted_fl.run.processes import ProcessRecord
 
 
 def _site_sets() -> str:
@@ -169,7 +170,7 @@ def _run_command(mode: str, argv: list[str] | None = None) -> int:
     args = build_parser(f"python -m ted_fl.{mode}", desc).parse_args(argv)
 
     run = None
-    record = None
+    record: ProcessRecord | None = None
     started = False  # the run itself (not its input checks) is under way: a failure marks it
     try:
         with graceful_signals():
@@ -253,7 +254,7 @@ def _failed(run: RunDir, error: str, mode: str, resumed: bool) -> None:
         print(f"{run.path}: marked failed (FAILED; no results written); resume with {resume}", file=sys.stderr)
 
 
-def _shutdown(record: object) -> None:
+def _shutdown(record: ProcessRecord | None) -> None:
     """Whatever happened: the ServerApp thread stops waiting, Ray shut down, and no process this run
     started left running."""
     stop_waiting()
@@ -263,10 +264,10 @@ def _shutdown(record: object) -> None:
             if ray.is_initialized():
                 ray.shutdown()
     if record is not None:
-        record.close()  # type: ignore[attr-defined]
+        record.close()
 
 
-def _execute(mode: str, cfg: ExperimentConfig, run: RunDir, args: argparse.Namespace, record: object) -> int:
+def _execute(mode: str, cfg: ExperimentConfig, run: RunDir, args: argparse.Namespace, record: ProcessRecord | None) -> int:
     from ted_fl.schedule.lifecycle import (
         Execute,
         disk_use,

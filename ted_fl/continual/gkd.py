@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ted_fl.config import GKDApproachName, LossConfig
+from ted_fl.config import GKDApproachName, LossConfig, TeacherMode
 from ted_fl.continual import terms as T
 from ted_fl.continual.approaches import Approach, WeightedTerm
 from ted_fl.continual.step import running_stats_frozen, teacher_mode
@@ -498,7 +498,7 @@ NEEDS_ALIGNMENT = frozenset({"gkd", "intra", "inter", "cross", "intra_inter"})
 DCGD_ROWS = frozenset({"gkd", "intra", "inter", "intra_inter"})  # rows whose batch holds views for DCGD
 AUGMENTED_ROWS = frozenset({"student_aug", "kd_aug"})  # rows that train L_seg (and KD) on the views too
 SCRATCH_ROW = "student"  # the scratch student itself: trained in the student stage, never distilled
-TEACHER_MODE = "eval"  # every GKD row: the teacher's running statistics (as it is scored and ACT fits TAN)
+TEACHER_MODE: TeacherMode = "eval"  # every GKD row: the teacher's running statistics (as it is scored and ACT fits TAN)
 # the rows whose batch is anchors + K views (`uses_views`); kept for callers of the old name
 USES_VIEWS = AUGMENTED_ROWS | DCGD_ROWS
 

@@ -225,7 +225,8 @@ def prepare_privacy(cfg: Any) -> list[str]:
     from ted_fl.continual.networks import build_model
 
     privacy_conflicts(cfg)  # the combinations that need no torch (also checked before any heavy import)
-    p, notes = cfg.privacy, []
+    p = cfg.privacy
+    notes: list[str] = []
     if p.dp == "off":
         return notes
     where = f"privacy.dp = '{p.dp}'"

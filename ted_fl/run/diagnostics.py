@@ -170,7 +170,7 @@ def run_approaches(run: RunDir, requested: list[str] | None, seed: int, stage: i
     cfg = run.read_config()
     if requested:
         return list(requested)
-    have = [a for a in cfg.approaches
+    have: list[str] = [a for a in cfg.approaches
             if all((run.ckpt_dir(a, seed) / f"stage{k}.pt").is_file() for k in (stage, stage + 1))]
     if not have:
         raise TedFlError(f"{run.path}: no approach has stage{stage} and stage{stage + 1} checkpoints for seed {seed} "
