@@ -145,8 +145,9 @@ def data_path(traces: list[dict[str, Any]], device: torch.device) -> tuple[str, 
     """(split kept on the device, channels-last input), read from the tensors the steps used (each
     round's `trace`): the batches' source tensor on `device` and one storage across every round
     (one copy of the split, reused); the last batch in channels-last layout."""
-    sources = [t.get("source") for t in traces]
-    if not sources or any(s is None for s in sources):
+    found = [t.get("source") for t in traces]
+    sources = [s for s in found if s is not None]
+    if not sources or len(sources) < len(found):
         kept = "off: batches built from the numpy arrays each step"
     elif any(s.device.type != device.type for s in sources):
         kept = f"off: the split was on {sources[0].device}, not {device}"

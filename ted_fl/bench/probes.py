@@ -48,7 +48,7 @@ def model_bytes(cfg: ExperimentConfig) -> int:
 
 
 def measure(run: RunDir, cfg: ExperimentConfig) -> dict[str, Any]:
-    st = run.load_checkpoint("ted_gugf", cfg.seeds[0], "last")
+    st = run.checkpoint("ted_gugf", cfg.seeds[0], "last")
     kinds = st["executor"]["bytes_by_kind"]
     t = C.time_rows(run)
     rounds = t[t["metric"] == "round_s"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ def load_fixed_teacher(path: str | Path) -> nn.Module:
     if not isinstance(ck, dict) or not {"name", "weights"} <= set(ck):
         raise TedFlError(f"{p}: not a teacher checkpoint (needs 'name' and 'weights'); use generalize's teacher.pt")
     channels = list(ck.get("channels") or [])
-    kw = {"channels": channels, "strides": [2] * (len(channels) - 1)} if channels else {}
+    kw: dict[str, Any] = {"channels": channels, "strides": [2] * (len(channels) - 1)} if channels else {}
     model = build_model(ModelConfig(name=str(ck["name"]), in_channels=int(ck.get("in_channels", 1)),
                                     out_channels=int(ck.get("out_channels", 2)), **kw))
     model.load_state_dict({k: torch.from_numpy(np.asarray(v).copy()) for k, v in ck["weights"].items()})

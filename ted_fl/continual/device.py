@@ -43,7 +43,7 @@ def gpu_setup(model: nn.Module, device: torch.device, cudnn_benchmark: bool = Tr
         torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
         torch.backends.cudnn.deterministic = not cudnn_benchmark
         if cudnn_benchmark:
-            model.to(memory_format=torch.channels_last)
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs omit it
     return model
 
 
@@ -137,5 +137,5 @@ def batch_statistics(model: nn.Module, batched: bool = False) -> Iterator[bool]:
                 m.forward = forward  # type: ignore[method-assign]
         for m, track in bns:
             m.track_running_stats = track
-        for m, mode in modes:
-            m.training = mode
+        for module, mode in modes:
+            module.training = mode

@@ -72,7 +72,7 @@ def dice(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> floa
     p = torch.as_tensor(np.asarray(pred) > 0 if not torch.is_tensor(pred) else pred > 0, dtype=torch.float32)
     g = torch.as_tensor(np.asarray(gt) > 0 if not torch.is_tensor(gt) else gt > 0, dtype=torch.float32)
     metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
-    return float(metric(p[None, None], g[None, None]).reshape(-1)[0])
+    return float(torch.as_tensor(metric(p[None, None], g[None, None])).reshape(-1)[0])  # MONAI: a tensor
 
 
 def class_dice(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -154,7 +154,7 @@ def _hd95(pred: np.ndarray, gt: np.ndarray) -> float:
     metric = HausdorffDistanceMetric(include_background=True, percentile=95.0, reduction="none")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        values = metric(p, g).reshape(-1).numpy().astype(np.float64)
+        values = torch.as_tensor(metric(p, g)).reshape(-1).numpy().astype(np.float64)
     values = np.where(np.isfinite(values), values, diag)
     return float(values.mean())
 
@@ -250,6 +250,6 @@ def _score_binary(
         if not per_volume:
             p, g = p[:, :, 0], g[:, :, 0]  # (1, 1, H, W)
         dices.append(dice(p[0, 0], g[0, 0]))
-        iou.append(float(iou_m(p, g).reshape(-1)[0]))
+        iou.append(float(torch.as_tensor(iou_m(p, g)).reshape(-1)[0]))
         hd.append(hd_fn(pred[idx], gt[idx]))
     return {"dice": float(np.mean(dices)), "iou": float(np.mean(iou)), "hd95": float(np.mean(hd))}

@@ -171,7 +171,8 @@ def term_gradient_ratios(student: nn.Module, s: T.StepInputs) -> dict[str, float
         if not key.startswith(TERM_PREFIX) or not value.requires_grad:
             continue
         grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
-        norms[key[len(TERM_PREFIX):]] = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None)))
+        norms[key[len(TERM_PREFIX):]] = float(torch.sqrt(sum(((g.double() ** 2).sum() for g in grads if g is not None),
+                                                              torch.zeros((), dtype=torch.float64))))
     seg = norms.pop("seg", 0.0)
     out = {f"grad_ratio_{name}": n / max(seg, 1e-30) for name, n in norms.items()}
     out["grad_seg"] = seg
@@ -203,7 +204,6 @@ def _forward_terms(
     """The forwards and the weighted sum of the terms (everything of a step before backward)."""
     cfg = approach.loss_cfg
     run_student = student_fwd or student
-    run_teacher = teacher_fwd or teacher
     student.train()
     use_teacher = teacher is not None and approach.needs_teacher
     own = any(t.term.own_teacher and t.term.needs_features for t in approach.terms)
@@ -220,26 +220,28 @@ def _forward_terms(
 
     if use_teacher:
         assert teacher is not None
+        run_teacher = teacher_fwd or teacher
         freeze(teacher)
         s.teacher = teacher
+        probe_batch = torch.empty(0)  # the SKA probes on the images' device (when the approach has them)
         if approach.needs_probes:
             if probes is None:
                 count = cfg.ska_count or images.shape[0]
                 probes = draw_probes(None, count, tuple(images.shape[1:]), cfg)
-            probes = probes.to(images)
+            probe_batch = probes.to(images)
         fuse = (fuse_teacher and approach.needs_probes and not want_feats
                 and per_sample_teacher(teacher, cfg.teacher_mode))
         # Inference tensors (no autograd bookkeeping) out; the probabilities below are computed
         # outside inference mode, so the terms may save them for the student's backward.
         with teacher_mode(teacher, cfg.teacher_mode), torch.inference_mode(), autocast(images.device, amp):
             if fuse:
-                t_all = run_teacher(torch.cat([images, probes]))
+                t_all = run_teacher(torch.cat([images, probe_batch]))
             elif want_feats:
                 t_logits, s.teacher_feats = features(teacher, images)
             else:
                 t_logits = run_teacher(images)
             if approach.needs_probes and not fuse:
-                t_probe = run_teacher(probes)
+                t_probe = run_teacher(probe_batch)
         if fuse:
             t_all = _fp32(t_all)
             q_all = T.probabilities(t_all)
@@ -253,7 +255,7 @@ def _forward_terms(
         if approach.needs_probes:
             public = dp.public() if dp is not None else contextlib.nullcontext()  # probes are not site data
             with running_stats_frozen(student, not cfg.probe_bn_update), autocast(images.device, amp), public:
-                p_logits = run_student(probes)
+                p_logits = run_student(probe_batch)
             s.p_probe = T.probabilities(_fp32(p_logits))
 
     total = torch.zeros((), device=logits.device)
@@ -268,7 +270,7 @@ def _forward_terms(
         total = total + wt.weight * value
         if approach.term_grads:
             s.cache[TERM_PREFIX + wt.name] = wt.weight * value
-        public = wt.term.data_independent
-        parts[public] = parts[public] + wt.weight * value
+        free = wt.term.data_independent  # outside DP-SGD's clipping
+        parts[free] = parts[free] + wt.weight * value
     s.private_total, s.public_total = parts[False], parts[True]
     return total, out, s

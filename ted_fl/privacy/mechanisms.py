@@ -147,10 +147,10 @@ class SampleDP:
                 private.backward()
         else:  # an empty Poisson batch: no sample, the step is noise only (as the analysis assumes)
             for p in params:
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]  # Opacus's
         if self.optimizer.pre_step():  # clip, sum, noise, divide by the expected batch size
             for p, g in zip(params, g_pub, strict=True):
-                if g is not None:
+                if g is not None and p.grad is not None:
                     p.grad.add_(g)
             self.optimizer.original_optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

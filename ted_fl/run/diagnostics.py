@@ -107,7 +107,7 @@ def term_grad_ratios(student: torch.nn.Module, teacher: torch.nn.Module, x: torc
     norms = {}
     for name, v in values.items():
         g = torch.autograd.grad(v, params, retain_graph=True, allow_unused=True)
-        norms[name] = float(torch.sqrt(sum((gg.double() ** 2).sum() for gg in g if gg is not None)))
+        norms[name] = float(torch.sqrt(sum(((gg.double() ** 2).sum() for gg in g if gg is not None), torch.zeros((), dtype=torch.float64))))
     student.train(was)
     out = {name: loss.lambda_d * norms[name] / max(norms["seg"], 1e-30) for name in GRAD_TERMS}
     out["akt_mask_frac"] = float((T.class_argmax(p.detach()) != T.class_argmax(q)).float().mean())
@@ -143,8 +143,8 @@ def term_grads(run: RunDir, approach: str, seed: int, stage: int, batches: int) 
             x = torch.as_tensor(train.images[idx], dtype=torch.float32)
             y = torch.as_tensor(train.masks[idx], dtype=torch.long)
             probes = cfg.loss.ska_mean + cfg.loss.ska_std * torch.randn(x.shape, generator=gen)
-            for k, v in term_grad_ratios(student, teacher, x, y, probes, loss).items():
-                acc.setdefault(k, []).append(v)
+            for term, ratio in term_grad_ratios(student, teacher, x, y, probes, loss).items():
+                acc.setdefault(term, []).append(ratio)
         rows += [{"teacher_mode": mode, "quantity": k, "value": float(np.mean(v))} for k, v in acc.items()]
     return pd.DataFrame(rows)
 

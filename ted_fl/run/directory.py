@@ -192,6 +192,14 @@ class RunDir:
 
         return torch.load(p, map_location="cpu", weights_only=False)
 
+    def checkpoint(self, approach: str, seed: int, name: str) -> dict[str, Any]:
+        """`load_checkpoint` where the checkpoint must exist: a one-line error naming it otherwise."""
+        out = self.load_checkpoint(approach, seed, name)
+        if out is None:
+            raise TedFlError(f"{self.ckpt_dir(approach, seed) / (name + '.pt')}: no such checkpoint; "
+                             "pass a run directory whose run wrote it (output.checkpoints)")
+        return out
+
     # ------------------------------------------------------------------ status
     def mark_failed(self, error: str, resume: str) -> None:
         """Mark a run that stopped on an error: FAILED (the error, the resume command) and run.log;

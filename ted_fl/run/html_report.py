@@ -410,7 +410,7 @@ def _png(rgb: np.ndarray) -> str:
     side = max(im.size)
     scale = SAMPLE_TILE / side
     im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                   Image.NEAREST if scale >= 1 else Image.BILINEAR)
+                   Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.BILINEAR)
     buf = io.BytesIO()
     im.save(buf, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -465,7 +465,7 @@ def samples_html(report: Report, per_site: int = 2) -> str:
                 continue
             preds: dict[int, dict[str, np.ndarray]] = {}
             for t in stages:
-                ck = run.load_checkpoint(s.approach, seed, f"stage{t}")
+                ck = run.checkpoint(s.approach, seed, f"stage{t}")
                 load_weights(model, ck["weights"])
                 preds[t] = {  # as the run scored them: eval.bn and the protocol's rescale
                     site.name: predict_labels(model, site.test, site.per_volume, cfg)[picks[site.name]]
