@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -36,7 +37,17 @@ def predict_labels(model: nn.Module, split: Split, per_volume: bool, cfg: Experi
                         str(opts["slices"]))
 
 
-def eval_options(cfg: ExperimentConfig) -> dict[str, object]:
+class EvalOptions(TypedDict):
+    """`evaluate`'s keyword options that an experiment fixes (`eval_options`)."""
+
+    bn: str
+    batch_size: int
+    slices: str
+    rescale: bool
+    hd95: str
+
+
+def eval_options(cfg: ExperimentConfig) -> EvalOptions:
     """`evaluate`'s keyword options for an experiment: eval.bn, and protocol "reference"'s
     evaluation rescale and pooled HD95."""
     ref = cfg.protocol == "reference"
