@@ -33,8 +33,7 @@ def predict_labels(model: nn.Module, split: Split, per_volume: bool, cfg: Experi
     opts = eval_options(cfg)
     images = rescale_percentiles(split.images, _groups(split, per_volume)) if opts["rescale"] else split.images
     with torch.no_grad():
-        return _predict(model, images, int(opts["batch_size"]), str(opts["bn"]),  # type: ignore[call-overload]
-                        str(opts["slices"]))
+        return _predict(model, images, opts["batch_size"], opts["bn"], opts["slices"])
 
 
 class EvalOptions(TypedDict):

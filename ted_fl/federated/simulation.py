@@ -190,7 +190,7 @@ def launch(cfg: ExperimentConfig, client_app: Any, num_nodes: int, serve: Callab
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     with fast_message_polling(cfg.federated.fast_polling) as fast["on"], client_errors_to_log(run):
         run_simulation(server_app=server, client_app=client_app, num_supernodes=num_nodes,
-                       backend_config=backend_config(cfg))  # type: ignore[arg-type]
+                       backend_config=backend_config(cfg))
     if error:
         raise error[0]
     if not out:

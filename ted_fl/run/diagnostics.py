@@ -61,7 +61,7 @@ def eval_bn(run: RunDir, approach: str, seed: int) -> pd.DataFrame:
             opts = {**eval_options(cfg), "bn": mode}
             for site in sites:
                 dice = evaluate(model, site.test, per_volume=site.per_volume, labels=site.labels.labels(),
-                                **opts)["dice"]  # type: ignore[arg-type]
+                                **opts)["dice"]
                 rows.append({"mode": mode, "stage": stage, "stage_site": stage_site, "site": site.name,
                              "metric": "dice", "value": dice})
     return pd.DataFrame(rows)
