@@ -129,8 +129,10 @@ def local_train(
     amp_dtype = amp_dtype_for(amp, device)
     on_gpu = device.type != "cpu" if keep_on_device is None else keep_on_device
     images_d = masks_d = torch.empty(0)  # the split on the device (on_gpu only)
+    source: torch.Tensor | None = None  # what the batches are drawn from: None for the numpy arrays
     if on_gpu:  # the whole split and the round's probes cross to the device once
         images_d, masks_d = on_device(data.images, device), on_device(data.masks, device)
+        source = images_d
         probes = probes.to(device=device, dtype=torch.float32) if probes is not None else None
     probe_gen = torch.Generator().manual_seed(int(seed))
     rng = np.random.default_rng(seed)
@@ -141,7 +143,7 @@ def local_train(
     batches = private.batches(steps) if private is not None else batch_indices(n, batch_size, steps, rng)
     student_fwd, teacher_fwd = _compiled_forwards(student, teacher, compile, private is not None)
     if trace is not None:
-        trace.update(source=images_d if on_gpu else None, compiled=student_fwd.state if student_fwd is not None else "off: eager")
+        trace.update(source=source, compiled=student_fwd.state if student_fwd is not None else "off: eager")
     with torch.random.fork_rng(devices=[]), (contextlib.closing(private) if private else contextlib.nullcontext()):
         torch.manual_seed(seed)
         for i, idx in enumerate(batches):
