@@ -32,12 +32,16 @@ SCHEMA = ConfigDict(extra="forbid", validate_assignment=True)
 ApproachName = Literal[
     "seq", "joint", "kd", "kd_ref", "ska", "akt", "akt_gugf", "ted", "ted_gugf", "ewc", "mas", "mib", "plop", "lwf"
 ]
+# The rows every comparison is read against, by role (the reports and summaries name them through these):
+# fine-tuning with no term against forgetting, and training on every site seen so far.
+LOWER_BOUND: ApproachName = "seq"
+UPPER_BOUND: ApproachName = "joint"
 # The student rows of `python -m ted_fl.generalize` (ted_fl.continual.gkd.gkd_approach builds them).
 GKDApproachName = Literal["student", "student_aug", "kd", "kd_aug", "at", "skd", "gkd", "intra", "inter", "cross", "intra_inter"]
 Norm = Literal["batch", "instance", "group"]
 Device = Literal["auto", "cpu", "cuda"]
 Distribution = Literal["normal", "uniform"]
-TeacherMode = Literal["eval", "train"]
+TeacherMode = Literal["train", "eval"]
 GugfMode = Literal["batch", "normalized", "sample"]
 ProbeTransport = Literal["pixels", "seed"]  # pixels: the server sends the noise; seed: clients regenerate it
 OnFailure = Literal["retry", "skip", "abort"]
@@ -45,10 +49,18 @@ DPLevel = Literal["off", "sample", "client"]  # sample: Opacus DP-SGD in a site;
 Clipping = Literal["fixed", "adaptive"]
 NoiseSide = Literal["server", "client"]
 TeacherPlace = Literal["server", "site"]  # where the frozen teacher lives (privacy.teacher)
-EvalSlices = Literal["batched", "one"]  # eval.bn = "batch": slices a forward (ted_fl.continual.device.batch_statistics)
+EvalSlices = Literal["one", "batched"]  # eval.bn = "batch": slices a forward (ted_fl.continual.device.batch_statistics)
 Compile = Literal["off", "on"]  # train.compile: torch.compile the networks' forwards (ted_fl.continual.compiled)
 # federated.strategy: Flower's Message-API strategies that make sense inside a stage (ted_fl.continual.strategies)
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"]
+AmpMode = Literal["auto", "bf16", "off"]  # train.amp (ted_fl.continual.device.amp_dtype_for)
+BaselineVariant = Literal["paper", "reference"]  # loss.baseline_variant: ewc/mas/mib/plop as their papers or the reference code
+KDReduce = Literal["class", "reference"]  # loss.kd_reduce (ted_fl.continual.terms.cross_entropy)
+EvalBN = Literal["running", "batch"]  # eval.bn: batch statistics per image (the reference) or running ones
+FixedTerm = Literal["kd", "at", "skd"]  # gkd.fixed_term (ted_fl.continual.combined.FixedTeacherDistill)
+Augment = Literal["spec", "mild"]  # gkd.augment (ted_fl.continual.gkd.AUGMENT)
+Checkpoints = Literal["resume", "stages", "all"]  # output.checkpoints
+ProtocolName = Literal["ted-fl", "reference"]  # protocol (docs/protocol.md)
 # Numbers: every float is finite unless its key says what infinity means (privacy.epsilon); a count,
 # a rate or a weight that cannot be negative is refused there, naming the key, not deep inside torch.
 Positive = Annotated[int, Field(ge=1)]
@@ -62,8 +74,9 @@ FlowerDefault = Literal["flower"]  # a server-optimizer key left at its strategy
 CellsInParallel = Literal["auto"] | Positive  # train.cells_in_parallel: "auto" or how many cells at once
 
 
-def choices(literal: Any) -> tuple[str, ...]:
-    """The allowed values of one of the `Literal` types above (for command-line choices)."""
+def choices(literal: Any) -> tuple[Any, ...]:
+    """The allowed values of one of the `Literal` types above (for command-line choices and loops over
+    every value); typed Any so that a value passes where the schema expects that Literal."""
     return tuple(get_args(literal))
 
 
@@ -132,7 +145,7 @@ class TrainConfig:
     # another). It never changes a cell's numbers (ted_fl.schedule.cells); a cell's identity ignores it.
     cells_in_parallel: CellsInParallel = "auto"
     device: Device = "auto"  # auto: a visible GPU if any, else CPU
-    amp: Literal["auto", "bf16", "off"] = "auto"  # mixed precision: auto (bf16 autocast on a GPU that supports it, off on CPU) | bf16 | off
+    amp: AmpMode = "auto"  # mixed precision: auto (bf16 autocast on a GPU that supports it, off on CPU) | bf16 | off
     cudnn_benchmark: bool = True  # on a GPU: cuDNN autotuning and channels-last (false: deterministic cuDNN)
     # on: the networks' training forwards (and backward) through torch.compile: CUDA graphs on a GPU
     # ("reduce-overhead"), Inductor's C++ on a CPU (eager, with one warning, without a C++ compiler);
@@ -182,8 +195,8 @@ class LossConfig:
     mas_lambda: Weight = 1.0
     plop_threshold: Fraction = 0.5  # PLOP pseudo-label confidence quantile
     pod_weight: Weight = 0.0  # PLOP's POD feature term, only when asked (> 0); the reference has none
-    baseline_variant: Literal["paper", "reference"] = "paper"  # paper | reference: ewc/mas/mib/plop as their papers or as the reference code
-    kd_reduce: Literal["class", "reference"] = "class"  # class | reference (the reference's width-axis sum for kd/ska/akt/akt_gugf; never ted)
+    baseline_variant: BaselineVariant = "paper"  # paper | reference: ewc/mas/mib/plop as their papers or as the reference code
+    kd_reduce: KDReduce = "class"  # class | reference (the reference's width-axis sum for kd/ska/akt/akt_gugf; never ted)
 
 
 @dataclass(config=SCHEMA)
@@ -239,7 +252,7 @@ class GKDConfig:
     crop: Count = 0  # random square training crops (0: whole images); evaluation is on whole images
     lr: Rate = 1e-3  # Adam
     views: Positive = 4  # K augmented views per anchor (DCGD)
-    augment: Literal["spec", "mild"] = "spec"  # spec (gamma, contrast, blur, noise, flips) | mild (no blur, narrower): gkd.AUGMENT
+    augment: Augment = "spec"  # spec (gamma, contrast, blur, noise, flips) | mild (no blur, narrower): gkd.AUGMENT
     seg_on_views: bool = False  # true: the old rule, L_seg also on the views in gkd / intra / inter / cross (spec 2.5 now: anchors only)
     tau: Rate = 0.1
     w_intra: Weight = 1.0
@@ -254,7 +267,7 @@ class GKDConfig:
     latency_repeats: Positive = 5
     # continual combination: a checkpoint written by `generalize` (checkpoints/teacher-seed<N>/teacher.pt)
     fixed_teacher: str = ""
-    fixed_term: Literal["kd", "at", "skd"] = "kd"  # kd | at | skd: how the fixed teacher distils into the student
+    fixed_term: FixedTerm = "kd"  # kd | at | skd: how the fixed teacher distils into the student
     w_fixed: Weight = 1.0
 
 
@@ -273,7 +286,7 @@ class EvalConfig:
     reference's loop, one slice a forward.
     """
 
-    bn: Literal["batch", "running"] = "batch"  # batch (the reference's protocol) | running
+    bn: EvalBN = "batch"  # batch (the reference's protocol) | running
     batch_size: Positive = 16  # images per forward (under bn = "batch" with slices = "batched" too)
     slices: EvalSlices = "batched"  # bn = "batch": batched (same numbers, batch_size a forward) | one
 
@@ -328,7 +341,7 @@ class OutputConfig:
     resume state, a checkpoint after every round, and the sites' optimizer state.
     """
 
-    checkpoints: Literal["resume", "stages", "all"] = "stages"
+    checkpoints: Checkpoints = "stages"
 
 
 @dataclass(config=SCHEMA)
@@ -355,7 +368,7 @@ class ExperimentConfig:
     # "reference": the reference code's evaluation rescale (percentiles 0.1-99), pooled HD95,
     # joint as one run over all sites selected on the first site, seq keeping lr_first;
     # "ted-fl": this simulator's choices (docs/protocol.md has the table)
-    protocol: Literal["ted-fl", "reference"] = "ted-fl"
+    protocol: ProtocolName = "ted-fl"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -447,7 +460,7 @@ def _describe(err: dict[str, Any], where: str) -> str:
 def _first_error(exc: ValidationError) -> dict[str, Any]:
     """pydantic's first error; for a Literal | int union, with the int's lower bound as "number"."""
     errors = exc.errors()
-    err = dict(errors[0])
+    err: dict[str, Any] = dict(errors[0])
     if err["type"] == "literal_error" and len(errors) > 1 and errors[1]["type"] == "greater_than_equal":
         err["number"] = errors[1]["ctx"]["ge"]
         err["loc"] = tuple(p for p in err["loc"] if not str(p).startswith("literal["))

@@ -30,7 +30,7 @@ def umask() -> int:
     return mask
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp)` on a temporary file in `path`'s folder, flush it to disk, rename it to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,14 +17,14 @@ import copy
 import itertools
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
 
 from ted_fl.bench import common as C
 from ted_fl.bench.federated import simulate_groups
-from ted_fl.config import ExperimentConfig, project_root
+from ted_fl.config import ApproachName, ExperimentConfig, project_root
 from ted_fl.data import site_order
 from ted_fl.errors import TedFlError
 from ted_fl.run.directory import RunDir
@@ -122,7 +122,7 @@ def tune(dataset: str, base: ExperimentConfig, approaches: list[str], args: argp
         points_of[approach] = points
         for i, point in enumerate(points):
             cfg = with_loss(base, point)
-            cfg.approaches, cfg.seeds, cfg.train.eval_val_all = [approach], [0], True
+            cfg.approaches, cfg.seeds, cfg.train.eval_val_all = [cast(ApproachName, approach)], [0], True
             label = "-".join(f"{k}{v:g}" for k, v in point.items())
             old = finished(work / "tune", f"{dataset}-{approach}-{label}-", approach)
             if old is not None:
@@ -138,7 +138,7 @@ def tune(dataset: str, base: ExperimentConfig, approaches: list[str], args: argp
         scores = []
         for i, point in enumerate(points):
             label = "-".join(f"{k}{v:g}" for k, v in point.items())
-            st = runs[(approach, i)].load_checkpoint(approach, 0, "last")
+            st = runs[(approach, i)].checkpoint(approach, 0, "last")
             score = val_score(st["rows"], order)
             scores.append(score)
             rows.append(dict(approach=approach, **point, val_score=score, seconds=float(st["wall"])))
@@ -180,14 +180,15 @@ def final_runs(dataset: str, base: ExperimentConfig, chosen: dict[str, dict[str,
         groups[()] = []
     first = next(iter(groups))
     groups[first] = free + groups[first]
-    pairs, runs_done = [], []
+    pairs: list[tuple[ExperimentConfig, RunDir]] = []
+    runs_done: list[RunDir] = []
     for key, approaches in groups.items():
         cfg = with_loss(base, dict(key))
-        cfg.approaches = [a for a in APPROACHES if a in approaches]
+        cfg.approaches = [cast(ApproachName, a) for a in APPROACHES if a in approaches]
         cfg.seeds = seeds
         label = "-".join(f"{k}{v:g}" for k, v in key) or "default"
-        old = sorted((work / "final").glob(f"{dataset}-{label}-2*")) if (work / "final").is_dir() else []
-        old = [RunDir(p) for p in old if (p / "summary.csv").is_file()]
+        found = sorted((work / "final").glob(f"{dataset}-{label}-2*")) if (work / "final").is_dir() else []
+        old = [RunDir(p) for p in found if (p / "summary.csv").is_file()]
         if old and set(old[-1].summary()["approach"]) == set(cfg.approaches):
             runs_done.append(old[-1])
         else:

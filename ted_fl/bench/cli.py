@@ -68,7 +68,7 @@ def measure(module: str, args: list[str], env: dict[str, str]) -> tuple[float, i
     os.close(w)
     with os.fdopen(r) as fh:
         text = fh.read()
-    out = json.loads(text) if text else {"code": proc.returncode, "heavy": ["?"]}
+    out: dict[str, Any] = json.loads(text) if text else {"code": proc.returncode, "heavy": ["?"]}
     return wall, int(out["code"]), list(out["heavy"])
 
 

@@ -58,7 +58,7 @@ import psutil
 import torch
 
 from ted_fl.bench import common as C
-from ted_fl.config import ExperimentConfig, split_seed_of
+from ted_fl.config import Compile, EvalSlices, ExperimentConfig, choices, split_seed_of
 from ted_fl.data import load_sites, site_order
 
 CUDA_CONTEXT_MIB = 500.0  # what a process's CUDA context and allocator reserve besides tensors (typical)
@@ -111,7 +111,7 @@ def step_costs(cfg: ExperimentConfig, approaches: list[str], steps: int,
         appr = get_approach(name, cfg.loss)
         teacher = worker.set_teacher((name, 0), weights) if appr.needs_teacher else None
         probes = probes_for(cfg, 1, count, shape) if appr.needs_probes else None
-        for setting in ["off", "on"] if name in compiled else ["off"]:
+        for setting in choices(Compile) if name in compiled else ["off"]:
             worker.cfg = copy.deepcopy(cfg)
             worker.cfg.train.compile = setting  # type: ignore[assignment]
             times = []
@@ -145,8 +145,9 @@ def data_path(traces: list[dict[str, Any]], device: torch.device) -> tuple[str, 
     """(split kept on the device, channels-last input), read from the tensors the steps used (each
     round's `trace`): the batches' source tensor on `device` and one storage across every round
     (one copy of the split, reused); the last batch in channels-last layout."""
-    sources = [t.get("source") for t in traces]
-    if not sources or any(s is None for s in sources):
+    found = [t.get("source") for t in traces]
+    sources = [s for s in found if s is not None]
+    if not sources or len(sources) < len(found):
         kept = "off: batches built from the numpy arrays each step"
     elif any(s.device.type != device.type for s in sources):
         kept = f"off: the split was on {sources[0].device}, not {device}"
@@ -224,7 +225,7 @@ def eval_costs(cfg: ExperimentConfig) -> tuple[pd.DataFrame, dict[str, float]]:
     dev = next(model.parameters()).device
     clock = time.perf_counter if dev.type == "cuda" else time.process_time
     rows, labels = [], {}
-    for slices in ("one", "batched"):
+    for slices in choices(EvalSlices):  # one (the reference) first
         evaluate(model, site.val, per_volume=site.per_volume, bn="batch", slices=slices,
                  batch_size=cfg.eval.batch_size)  # warm-up
         if dev.type == "cuda":

@@ -21,7 +21,7 @@ import pandas as pd
 
 from ted_fl.bench import common as C
 from ted_fl.bench.federated import simulate_groups
-from ted_fl.config import ExperimentConfig
+from ted_fl.config import ExperimentConfig, ProbeTransport, choices
 from ted_fl.data import site_order
 from ted_fl.run.directory import RunDir
 
@@ -48,7 +48,7 @@ def model_bytes(cfg: ExperimentConfig) -> int:
 
 
 def measure(run: RunDir, cfg: ExperimentConfig) -> dict[str, Any]:
-    st = run.load_checkpoint("ted_gugf", cfg.seeds[0], "last")
+    st = run.checkpoint("ted_gugf", cfg.seeds[0], "last")
     kinds = st["executor"]["bytes_by_kind"]
     t = C.time_rows(run)
     rounds = t[t["metric"] == "round_s"]
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     base = workload(args)
     work = Path(args.out) / time.strftime("probes-%Y%m%d-%H%M%S")
     pairs = []
-    for mode in ("pixels", "seed"):
+    for mode in choices(ProbeTransport):
         cfg = copy.deepcopy(base)
         cfg.federated.probes = mode
         pairs.append((cfg, RunDir.create(work, f"probes-{mode}")))

@@ -30,6 +30,7 @@ import argparse
 import copy
 import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
@@ -147,7 +148,7 @@ def eval_seconds_per_image(cfg: ExperimentConfig, site: Any, slices: str | None 
     return (clock() - t0) / len(site.test)
 
 
-def costs(cfg: ExperimentConfig, sched: pd.DataFrame, step_s: dict[str, float], eval_s: float,
+def costs(cfg: ExperimentConfig, sched: pd.DataFrame, step_s: Mapping[str, float], eval_s: float,
           seeds: int) -> pd.DataFrame:
     """Each stage's seconds (all seeds): steps x the measured step time (seq's for an approach's
     teacher-free steps, its own with a teacher), importance batches at seq's step time, and images
@@ -177,7 +178,8 @@ def best_settings(cfg: ExperimentConfig, args: argparse.Namespace, site: Any, si
                                          (["seq"] if args.quick else cfg.approaches))]))
     on, _, _ = measure_steps(cfg, [a for a in timed if a != "seq"], steps, compile="on")
     ratio = on["seq"] / eager["seq"]
-    rows, best_step = [], {}
+    rows: list[dict[str, Any]] = []
+    best_step: dict[str, float] = {}
     for a in dict.fromkeys(["seq", *cfg.approaches]):
         compiled_s = on.get(a, eager[a] * ratio)
         best_step[a] = min(eager[a], compiled_s)

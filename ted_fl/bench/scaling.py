@@ -16,12 +16,12 @@ import os
 import time
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 
 from ted_fl.bench import common as C
-from ted_fl.config import ExperimentConfig, dump_toml, project_root
+from ted_fl.config import ApproachName, ExperimentConfig, dump_toml, project_root
 
 
 def add_parser(sub: Any) -> None:
@@ -59,7 +59,7 @@ def workload(n: int, work: Path, approach: str) -> ExperimentConfig:
     path.write_text(site_set_toml(n))
     cfg = ExperimentConfig()
     cfg.name = f"scaling{n}"
-    cfg.approaches, cfg.seeds = [approach], [0]
+    cfg.approaches, cfg.seeds = [cast(ApproachName, approach)], [0]
     cfg.data.sites, cfg.data.cache_dir = str(path), str(work / "cache")
     C.tiny(cfg, rounds=2, steps=5, batch=4)
     cfg.train.lr_first, cfg.train.lr_later = 1e-3, 5e-4

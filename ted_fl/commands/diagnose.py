@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ted_fl.config import TeacherMode, choices
 from ted_fl.continual.approaches import get_approach
 from ted_fl.errors import exit_code
 from ted_fl.run.diagnostics import MODES, eval_bn, recorded_pull, run_approaches, summarize_modes, term_grads
@@ -43,8 +44,9 @@ def _term_grads_command(args: argparse.Namespace) -> int:
             print()
         df = term_grads(run, approach, seed, args.stage, args.batches)
         table = df.pivot(index="quantity", columns="teacher_mode", values="value")
-        table = table.reindex(df["quantity"].drop_duplicates())[["train", "eval"]].reset_index()
-        table.columns = ["quantity", "end of stage, teacher train", "end of stage, teacher eval"]
+        modes = list(choices(TeacherMode))
+        table = table.reindex(df["quantity"].drop_duplicates())[modes].reset_index()
+        table.columns = ["quantity", *(f"end of stage, teacher {m}" for m in modes)]
         print(f"### {approach}: its own checkpoints (teacher stage{args.stage}, student stage{args.stage + 1}), seed {seed}")
         print()
         print(md_table(table))

@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # pandas, torch, Flower and Ray load after the input is parse
     import pandas as pd
 
     from ted_fl.run.directory import RunDir
+    from ted_fl.run.processes import ProcessRecord
     from ted_fl.schedule.experiment import ResolvedExperiment
 
 
@@ -162,7 +163,7 @@ def _run_command(mode: str, argv: list[str] | None = None) -> int:
     args = build_parser(f"python -m ted_fl.{mode}", desc).parse_args(argv)
 
     run = None
-    record = None
+    record: ProcessRecord | None = None
     started = False  # the run itself (not its input checks) is under way: a failure marks it
     try:
         with graceful_signals():
@@ -242,7 +243,7 @@ def _failed(run: RunDir, error: str, mode: str, resumed: bool) -> None:
         print(f"{run.path}: marked failed (FAILED; no results written); resume with {resume}", file=sys.stderr)
 
 
-def _shutdown(record: object) -> None:
+def _shutdown(record: ProcessRecord | None) -> None:
     """Whatever happened: the ServerApp thread stops waiting, Ray shut down, and no process this run
     started left running."""
     stop_waiting()
@@ -252,10 +253,11 @@ def _shutdown(record: object) -> None:
             if ray.is_initialized():
                 ray.shutdown()
     if record is not None:
-        record.close()  # type: ignore[attr-defined]
+        record.close()
 
 
-def _execute(mode: str, exp: ResolvedExperiment, run: RunDir, args: argparse.Namespace, record: object) -> int:
+def _execute(mode: str, exp: ResolvedExperiment, run: RunDir, args: argparse.Namespace,
+             record: ProcessRecord | None) -> int:
     """Run the resolved experiment (the executors receive it as resolved), then its summary and report."""
     from ted_fl.schedule.lifecycle import (
         Execute,
@@ -274,7 +276,7 @@ def _execute(mode: str, exp: ResolvedExperiment, run: RunDir, args: argparse.Nam
     cfg = exp.cfg
     run.log(f"{mode}: approaches {cfg.approaches}, seeds {cfg.seeds}, sites {cfg.data.sites}")
     t0 = time.perf_counter()
-    run.record = record  # type: ignore[attr-defined]  # the executors refresh it once Ray runs
+    run.record = record  # the executors refresh it once Ray runs
     extras = execute(exp, run, args.quiet)
     summary = finish_run(cfg, run, extras)
     run.log(f"done in {time.perf_counter() - t0:.1f} s")

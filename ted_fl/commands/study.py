@@ -18,7 +18,15 @@ import shlex
 import sys
 from pathlib import Path
 
-from ted_fl.config import ApproachName, ExperimentConfig, choices, load_experiment, parse_override, set_key
+from ted_fl.config import (
+    ApproachName,
+    DPLevel,
+    ExperimentConfig,
+    choices,
+    load_experiment,
+    parse_override,
+    set_key,
+)
 from ted_fl.errors import exit_code
 
 
@@ -31,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config", help="experiment file: simulations/NAME.toml or NAME (default: the defaults)")
     q.add_argument("--epsilon", nargs="+", default=["inf"], metavar="EPS",
                    help="target epsilons per site and stage; inf = no DP (default: inf)")
-    q.add_argument("--dp", default="sample", help="DP level of the finite epsilons: sample | client (default sample)")
+    levels = [d for d in choices(DPLevel) if d != "off"]  # the schema's levels that are on
+    q.add_argument("--dp", default="sample", choices=levels, metavar="LEVEL",
+                   help=f"DP level of the finite epsilons: {' | '.join(levels)} (default sample)")
     q.add_argument("--approach", nargs="+", choices=choices(ApproachName), metavar="APPROACH",
                    help="approaches (default: the config's)")
     q.add_argument("--seed", type=int, nargs="+", help="seeds (default: the config's)")

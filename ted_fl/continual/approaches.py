@@ -42,6 +42,7 @@ class Approach:
     joint: bool = False  # the runner trains on the union of the sites seen so far
     importance: str = ""  # "" | "fisher" (EWC) | "importance" (MAS)
     term_grads: bool = False  # record each term's gradient-norm ratio at every step (diagnostics.term_grads)
+    keeps_first_lr: bool = False  # protocol "reference": the reference's agent trains every site at lr_first (its seq)
 
     @property
     def needs_teacher(self) -> bool:
@@ -58,6 +59,11 @@ class Approach:
     @property
     def uses_gugf(self) -> bool:
         return any(isinstance(t.term, T.AKT) and t.term.gugf is not None for t in self.terms)
+
+    @property
+    def sends_importance(self) -> bool:
+        """Whether a site leaves parameter importances computed on its images (EWC, MAS) in the aux state."""
+        return bool(self.importance)
 
     @property
     def term_names(self) -> list[str]:
@@ -189,7 +195,7 @@ def _mas(c: LossConfig) -> Approach:
 Builder = Callable[[LossConfig], Approach]
 
 APPROACHES: dict[str, Builder] = {
-    "seq": lambda c: Approach("seq", c, [_seg()]),
+    "seq": lambda c: Approach("seq", c, [_seg()], keeps_first_lr=True),
     "joint": lambda c: Approach("joint", c, [_seg()], joint=True),
     # kd_reduce = "reference" reproduces the reference's width-axis CE in its kd/ska/akt agents
     # only; its TED agent reduces over the classes, so ted / ted_gugf always do.

@@ -11,20 +11,22 @@ the fixed teacher in eval mode under no_grad. Configured by gkd.fixed_teacher (a
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ted_fl.config import ModelConfig
+from ted_fl.config import FixedTerm, ModelConfig, choices
 from ted_fl.continual import gkd as G
 from ted_fl.continual import terms as T
 from ted_fl.continual.approaches import Approach, WeightedTerm
 from ted_fl.continual.networks import build_model, features
 from ted_fl.errors import TedFlError, unknown
 
-FIXED_TERMS = ("kd", "at", "skd")
+FIXED_TERMS = choices(FixedTerm)  # the schema owns the allowed values
 
 
 def load_fixed_teacher(path: str | Path) -> nn.Module:
@@ -37,7 +39,7 @@ def load_fixed_teacher(path: str | Path) -> nn.Module:
     if not isinstance(ck, dict) or not {"name", "weights"} <= set(ck):
         raise TedFlError(f"{p}: not a teacher checkpoint (needs 'name' and 'weights'); use generalize's teacher.pt")
     channels = list(ck.get("channels") or [])
-    kw = {"channels": channels, "strides": [2] * (len(channels) - 1)} if channels else {}
+    kw: dict[str, Any] = {"channels": channels, "strides": [2] * (len(channels) - 1)} if channels else {}
     model = build_model(ModelConfig(name=str(ck["name"]), in_channels=int(ck.get("in_channels", 1)),
                                     out_channels=int(ck.get("out_channels", 2)), **kw))
     model.load_state_dict({k: torch.from_numpy(np.asarray(v).copy()) for k, v in ck["weights"].items()})
@@ -82,4 +84,4 @@ def with_fixed_teacher(approach: Approach, teacher: nn.Module | None, kind: str,
     if teacher is None or weight == 0:
         return approach
     terms = [*approach.terms, WeightedTerm(FixedTeacherDistill(teacher, kind), weight)]
-    return Approach(approach.name, approach.loss_cfg, terms, approach.joint, approach.importance, approach.term_grads)
+    return dataclasses.replace(approach, terms=terms)

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ted_fl.config import AmpMode, choices
 from ted_fl.errors import TedFlError
 
-AMP_MODES = ("auto", "bf16", "off")
+AMP_MODES = choices(AmpMode)  # the schema owns the allowed values
 
 
 def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
@@ -42,7 +43,7 @@ def gpu_setup(model: nn.Module, device: torch.device, cudnn_benchmark: bool = Tr
         torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
         torch.backends.cudnn.deterministic = not cudnn_benchmark
         if cudnn_benchmark:
-            model.to(memory_format=torch.channels_last)
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs omit it
     return model
 
 
@@ -136,5 +137,5 @@ def batch_statistics(model: nn.Module, batched: bool = False) -> Iterator[bool]:
                 m.forward = forward  # type: ignore[method-assign]
         for m, track in bns:
             m.track_running_stats = track
-        for m, mode in modes:
-            m.training = mode
+        for module, mode in modes:
+            module.training = mode

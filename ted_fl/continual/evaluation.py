@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -13,12 +14,12 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
 from scipy import ndimage
 from torch import nn
 
-from ted_fl.config import EvalSlices, ExperimentConfig, choices
+from ted_fl.config import EvalBN, EvalSlices, ExperimentConfig, choices
 from ted_fl.continual.device import batch_statistics, on_device
 from ted_fl.data.types import Split
 from ted_fl.errors import TedFlError, unknown
 
-EVAL_BN = ("running", "batch")
+EVAL_BN = choices(EvalBN)  # the schema owns the allowed values
 
 
 EVAL_SLICES = choices(EvalSlices)  # the schema owns the allowed values
@@ -32,11 +33,20 @@ def predict_labels(model: nn.Module, split: Split, per_volume: bool, cfg: Experi
     opts = eval_options(cfg)
     images = rescale_percentiles(split.images, _groups(split, per_volume)) if opts["rescale"] else split.images
     with torch.no_grad():
-        return _predict(model, images, int(opts["batch_size"]), str(opts["bn"]),  # type: ignore[call-overload]
-                        str(opts["slices"]))
+        return _predict(model, images, opts["batch_size"], opts["bn"], opts["slices"])
 
 
-def eval_options(cfg: ExperimentConfig) -> dict[str, object]:
+class EvalOptions(TypedDict):
+    """`evaluate`'s keyword options that an experiment fixes (`eval_options`)."""
+
+    bn: str
+    batch_size: int
+    slices: str
+    rescale: bool
+    hd95: str
+
+
+def eval_options(cfg: ExperimentConfig) -> EvalOptions:
     """`evaluate`'s keyword options for an experiment: eval.bn, and protocol "reference"'s
     evaluation rescale and pooled HD95."""
     ref = cfg.protocol == "reference"
@@ -72,7 +82,7 @@ def dice(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> floa
     p = torch.as_tensor(np.asarray(pred) > 0 if not torch.is_tensor(pred) else pred > 0, dtype=torch.float32)
     g = torch.as_tensor(np.asarray(gt) > 0 if not torch.is_tensor(gt) else gt > 0, dtype=torch.float32)
     metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
-    return float(metric(p[None, None], g[None, None]).reshape(-1)[0])
+    return float(torch.as_tensor(metric(p[None, None], g[None, None])).reshape(-1)[0])  # MONAI: a tensor
 
 
 def class_dice(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -154,7 +164,7 @@ def _hd95(pred: np.ndarray, gt: np.ndarray) -> float:
     metric = HausdorffDistanceMetric(include_background=True, percentile=95.0, reduction="none")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        values = metric(p, g).reshape(-1).numpy().astype(np.float64)
+        values = torch.as_tensor(metric(p, g)).reshape(-1).numpy().astype(np.float64)
     values = np.where(np.isfinite(values), values, diag)
     return float(values.mean())
 
@@ -250,6 +260,6 @@ def _score_binary(
         if not per_volume:
             p, g = p[:, :, 0], g[:, :, 0]  # (1, 1, H, W)
         dices.append(dice(p[0, 0], g[0, 0]))
-        iou.append(float(iou_m(p, g).reshape(-1)[0]))
+        iou.append(float(torch.as_tensor(iou_m(p, g)).reshape(-1)[0]))
         hd.append(hd_fn(pred[idx], gt[idx]))
     return {"dice": float(np.mean(dices)), "iou": float(np.mean(iou)), "hd95": float(np.mean(hd))}

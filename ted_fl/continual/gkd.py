@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ted_fl.config import GKDApproachName, LossConfig
+from ted_fl.config import GKDApproachName, LossConfig, TeacherMode
 from ted_fl.continual import terms as T
 from ted_fl.continual.approaches import Approach, WeightedTerm
+from ted_fl.continual.networks import features
 from ted_fl.continual.step import running_stats_frozen, teacher_mode
 from ted_fl.continual.training import batch_indices
 from ted_fl.errors import TedFlError, unknown
@@ -37,12 +38,31 @@ CODE_DIM = 512  # D
 CODE_SIDE = 16  # s
 
 
+def _hw(f: torch.Tensor) -> tuple[int, int]:
+    """The spatial size (H, W) of a (..., H, W) tensor."""
+    return int(f.shape[-2]), int(f.shape[-1])
+
+
 # --------------------------------------------------------------------- bottlenecks
+@typing.runtime_checkable
+class HasBottleneck(typing.Protocol):
+    """A network that names its bottleneck module itself (the zoo networks, SegNet)."""
+
+    def bottleneck_module(self) -> nn.Module: ...
+
+
+@typing.runtime_checkable
+class HasFeatureModules(typing.Protocol):
+    """A network with named feature points (ted_fl.continual.networks' MONAI U-Net)."""
+
+    def feature_modules(self) -> dict[str, nn.Module]: ...
+
+
 def bottleneck_module(model: nn.Module) -> nn.Module:
     """The module whose output is `model`'s bottleneck (zoo networks, SegNet, any `feature_modules`)."""
-    if hasattr(model, "bottleneck_module"):
+    if isinstance(model, HasBottleneck):
         return model.bottleneck_module()
-    if hasattr(model, "feature_modules") and "bottleneck" in model.feature_modules():
+    if isinstance(model, HasFeatureModules) and "bottleneck" in model.feature_modules():
         return model.feature_modules()["bottleneck"]
     raise TedFlError(f"network {type(model).__name__} exposes no bottleneck; give it bottleneck_module() "
                      "or a 'bottleneck' entry in feature_modules() to use it in generalizable distillation")
@@ -81,9 +101,9 @@ def bottleneck_shape(model: nn.Module, image_shape: tuple[int, ...]) -> tuple[in
     return seen[0]
 
 
-def cross_logits(model: nn.Module, msan: nn.Module, code: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def cross_logits(model: nn.Module, msan: MSAN, code: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Dec_m(H_m(code); skips_m(x)): `model` on x with its bottleneck replaced by msan.decode(code)."""
-    with swap_bottleneck(model, lambda f: msan.decode(code, tuple(f.shape[-2:]))):
+    with swap_bottleneck(model, lambda f: msan.decode(code, _hw(f))):
         return model(x)
 
 
@@ -135,7 +155,7 @@ class MSAN(nn.Module):
         return F.interpolate(g, size=size, mode="bilinear", align_corners=False)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(f), tuple(f.shape[-2:]))
+        return self.decode(self.encode(f), _hw(f))
 
 
 def build_msan(model: nn.Module, image_shape: tuple[int, ...], dim: int = CODE_DIM,
@@ -251,14 +271,14 @@ def act_loss(model: nn.Module, msan: MSAN, psae: PSAE, x: torch.Tensor, y: torch
              x_aug: torch.Tensor) -> dict[str, torch.Tensor]:
     """The four ACT terms (2.2) for a frozen `model` (in the mode its caller set) and its trainable MSAN."""
     with torch.no_grad():
-        _, feats = model.forward_features(x)
+        _, feats = features(model, x)
         f = feats["bottleneck"]
         z_p = psae.encode((y > 0).float().unsqueeze(1))
-        f_aug = model.forward_features(x_aug)[1]["bottleneck"]
+        f_aug = features(model, x_aug)[1]["bottleneck"]
     z = msan.encode(f)
     out = {
         "act_align": F.mse_loss(z, z_p),
-        "act_recon": F.mse_loss(msan.decode(z, tuple(f.shape[-2:])), f),
+        "act_recon": F.mse_loss(msan.decode(z, _hw(f)), f),
         "act_seg": F.cross_entropy(cross_logits(model, msan, z, x), y.long()),
         "act_consist": F.mse_loss(z, msan.encode(f_aug)),
     }
@@ -463,7 +483,7 @@ class AttentionTransfer(T.Term):
         for name in self.layers:
             if name in s.feats and name in s.teacher_feats:
                 f_s = s.feats[name]
-                size = tuple(f_s.shape[-2:])
+                size = _hw(f_s)
                 total = total + (attention_map(f_s, size) - attention_map(s.teacher_feats[name].detach(), size)
                                  ).norm(dim=1).mean()
         return total
@@ -497,7 +517,8 @@ GKD_APPROACHES: tuple[str, ...] = typing.get_args(GKDApproachName)  # student, s
 NEEDS_ALIGNMENT = frozenset({"gkd", "intra", "inter", "cross", "intra_inter"})
 DCGD_ROWS = frozenset({"gkd", "intra", "inter", "intra_inter"})  # rows whose batch holds views for DCGD
 AUGMENTED_ROWS = frozenset({"student_aug", "kd_aug"})  # rows that train L_seg (and KD) on the views too
-TEACHER_MODE = "eval"  # every GKD row: the teacher's running statistics (as it is scored and ACT fits TAN)
+SCRATCH_ROW = "student"  # the scratch student itself: trained in the student stage, never distilled
+TEACHER_MODE: TeacherMode = "eval"  # every GKD row: the teacher's running statistics (as it is scored and ACT fits TAN)
 # the rows whose batch is anchors + K views (`uses_views`); kept for callers of the old name
 USES_VIEWS = AUGMENTED_ROWS | DCGD_ROWS
 

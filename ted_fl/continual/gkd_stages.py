@@ -19,6 +19,7 @@ from ted_fl.continual import gkd as G
 from ted_fl.continual.approaches import Approach
 from ted_fl.continual.device import batch_statistics
 from ted_fl.continual.fsd import GaussStats
+from ted_fl.continual.networks import features
 from ted_fl.continual.step import freeze, train_step
 from ted_fl.data.types import Split
 from ted_fl.errors import unknown
@@ -117,6 +118,6 @@ def code_stats(model: nn.Module, msan: G.MSAN, images: np.ndarray, batch_size: i
     stats = GaussStats.zeros(msan.dim)
     for i in range(0, len(images), batch_size):
         x = torch.as_tensor(images[i : i + batch_size], dtype=torch.float32, device=_device(model))
-        _, feats = model.forward_features(x)
+        _, feats = features(model, x)
         stats = stats + GaussStats.of(msan.encode(feats["bottleneck"]).double().cpu().numpy())
     return stats

@@ -9,6 +9,7 @@ distillation of features, analysis). A new network is one builder registered wit
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol, cast, runtime_checkable
 
 import torch
 from monai.networks.nets import UNet
@@ -19,6 +20,13 @@ from ted_fl.continual.reference_unet import ReferenceUNet
 from ted_fl.errors import TedFlError, unknown
 
 NORMS = choices(Norm)  # the schema owns the allowed values
+
+
+@runtime_checkable
+class FeatureNetwork(Protocol):
+    """A network whose intermediate features are reachable (every registered network is one)."""
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
 def _norm_arg(cfg: ModelConfig) -> str | tuple:
@@ -67,7 +75,7 @@ class SegNet(nn.Module):
     def feature_modules(self) -> dict[str, nn.Module]:
         """Named feature points: enc0..encK (down blocks), bottleneck, decoder (input of the head)."""
         out: dict[str, nn.Module] = {}
-        seq = self.unet.model
+        seq = cast(nn.Sequential, self.unet.model)
         out["decoder"] = seq[1]  # skip connection at full level: concat of enc0 and the decoded map
         level = 0
         while True:
@@ -76,7 +84,7 @@ class SegNet(nn.Module):
             if isinstance(inner, nn.Sequential) and len(inner) == 3:
                 seq, level = inner, level + 1
                 continue
-            out["bottleneck"] = inner
+            out["bottleneck"] = cast(nn.Module, inner)
             return out
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -131,14 +139,14 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     return NETWORKS[cfg.name](cfg)
 
 
-def tiny_model_config(norm: str = "batch") -> ModelConfig:
+def tiny_model_config(norm: Norm = "batch") -> ModelConfig:
     """A three-level 4-8-16 U-Net: fast enough for unit tests on 32 px images."""
     return ModelConfig(channels=[4, 8, 16], strides=[2, 2], norm=norm)
 
 
 def features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`forward_features` when the network has it; a plain module gives its logits and no features."""
-    if hasattr(model, "forward_features"):
+    if isinstance(model, FeatureNetwork):
         return model.forward_features(x)
     return model(x), {}
 

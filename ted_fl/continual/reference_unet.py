@@ -29,11 +29,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ted_fl.config import ModelConfig
+from ted_fl.config import ModelConfig, Norm, choices
 from ted_fl.errors import TedFlError, unknown
 
 REFERENCE_PARAMETERS = 2_313_906  # the reference UNet2D((1, 192, 192), 2), counted as above
-NORMS = ("batch", "instance", "group")
+NORMS = choices(Norm)  # the schema owns the allowed values
 
 
 def _norm(kind: str, channels: int) -> nn.Module:

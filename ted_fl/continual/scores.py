@@ -39,7 +39,7 @@ def pooled_scores(prob: np.ndarray, gt: np.ndarray) -> dict[str, float]:
     if gt.all() or not gt.any():
         out["auc"] = float("nan")  # undefined with a single class
     else:
-        out["auc"] = float(compute_roc_auc(torch.as_tensor(prob), torch.as_tensor(gt.astype(np.float64))))
+        out["auc"] = float(torch.as_tensor(compute_roc_auc(torch.as_tensor(prob), torch.as_tensor(gt.astype(np.float64)))))
     return {k: float(np.nan_to_num(v, nan=0.0)) if k != "auc" else v for k, v in out.items()}
 
 

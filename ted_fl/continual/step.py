@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ from ted_fl.continual.approaches import Approach
 from ted_fl.continual.networks import features
 from ted_fl.continual.probes import draw_probes
 from ted_fl.errors import unknown
+
+if TYPE_CHECKING:
+    from ted_fl.privacy.mechanisms import SampleDP
 
 TEACHER_MODES = choices(TeacherMode)  # the schema owns the allowed values
 
@@ -113,7 +116,7 @@ def train_step(
     fuse_teacher: bool = True,
     amp: torch.dtype | None = None,
     n_anchors: int | None = None,
-    dp: Any = None,
+    dp: SampleDP | None = None,
     student_fwd: Callable[[torch.Tensor], torch.Tensor] | None = None,
     teacher_fwd: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
@@ -168,7 +171,8 @@ def term_gradient_ratios(student: nn.Module, s: T.StepInputs) -> dict[str, float
         if not key.startswith(TERM_PREFIX) or not value.requires_grad:
             continue
         grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
-        norms[key[len(TERM_PREFIX):]] = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None)))
+        norms[key[len(TERM_PREFIX):]] = float(torch.sqrt(sum(((g.double() ** 2).sum() for g in grads if g is not None),
+                                                              torch.zeros((), dtype=torch.float64))))
     seg = norms.pop("seg", 0.0)
     out = {f"grad_ratio_{name}": n / max(seg, 1e-30) for name, n in norms.items()}
     out["grad_seg"] = seg
@@ -193,17 +197,16 @@ def _forward_terms(
     fuse_teacher: bool,
     amp: torch.dtype | None = None,
     n_anchors: int | None = None,
-    dp: Any = None,
+    dp: SampleDP | None = None,
     student_fwd: Callable[[torch.Tensor], torch.Tensor] | None = None,
     teacher_fwd: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float], T.StepInputs]:
     """The forwards and the weighted sum of the terms (everything of a step before backward)."""
     cfg = approach.loss_cfg
     run_student = student_fwd or student
-    run_teacher = teacher_fwd or teacher
     student.train()
     use_teacher = teacher is not None and approach.needs_teacher
-    own = any(getattr(t.term, "own_teacher", False) and t.term.needs_features for t in approach.terms)
+    own = any(t.term.own_teacher and t.term.needs_features for t in approach.terms)
     want_feats = (use_teacher and approach.needs_features) or own  # own: a term that brings its teacher
     with autocast(images.device, amp):
         if want_feats:
@@ -217,26 +220,28 @@ def _forward_terms(
 
     if use_teacher:
         assert teacher is not None
+        run_teacher = teacher_fwd or teacher
         freeze(teacher)
         s.teacher = teacher
+        probe_batch = torch.empty(0)  # the SKA probes on the images' device (when the approach has them)
         if approach.needs_probes:
             if probes is None:
                 count = cfg.ska_count or images.shape[0]
                 probes = draw_probes(None, count, tuple(images.shape[1:]), cfg)
-            probes = probes.to(images)
+            probe_batch = probes.to(images)
         fuse = (fuse_teacher and approach.needs_probes and not want_feats
                 and per_sample_teacher(teacher, cfg.teacher_mode))
         # Inference tensors (no autograd bookkeeping) out; the probabilities below are computed
         # outside inference mode, so the terms may save them for the student's backward.
         with teacher_mode(teacher, cfg.teacher_mode), torch.inference_mode(), autocast(images.device, amp):
             if fuse:
-                t_all = run_teacher(torch.cat([images, probes]))
+                t_all = run_teacher(torch.cat([images, probe_batch]))
             elif want_feats:
                 t_logits, s.teacher_feats = features(teacher, images)
             else:
                 t_logits = run_teacher(images)
             if approach.needs_probes and not fuse:
-                t_probe = run_teacher(probes)
+                t_probe = run_teacher(probe_batch)
         if fuse:
             t_all = _fp32(t_all)
             q_all = T.probabilities(t_all)
@@ -250,7 +255,7 @@ def _forward_terms(
         if approach.needs_probes:
             public = dp.public() if dp is not None else contextlib.nullcontext()  # probes are not site data
             with running_stats_frozen(student, not cfg.probe_bn_update), autocast(images.device, amp), public:
-                p_logits = run_student(probes)
+                p_logits = run_student(probe_batch)
             s.p_probe = T.probabilities(_fp32(p_logits))
 
     total = torch.zeros((), device=logits.device)
@@ -265,7 +270,7 @@ def _forward_terms(
         total = total + wt.weight * value
         if approach.term_grads:
             s.cache[TERM_PREFIX + wt.name] = wt.weight * value
-        public = bool(getattr(wt.term, "data_independent", False))
-        parts[public] = parts[public] + wt.weight * value
+        free = wt.term.data_independent  # outside DP-SGD's clipping
+        parts[free] = parts[free] + wt.weight * value
     s.private_total, s.public_total = parts[False], parts[True]
     return total, out, s

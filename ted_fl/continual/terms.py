@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ted_fl.config import GugfMode, choices
+from ted_fl.config import BaselineVariant, GugfMode, KDReduce, choices
 from ted_fl.errors import unknown
 
 EPS = 1e-8
@@ -45,8 +45,8 @@ def class_argmax(x: torch.Tensor) -> torch.Tensor:
 
 
 
-KD_REDUCE = ("class", "reference")
-BASELINE_VARIANTS = ("paper", "reference")
+KD_REDUCE = choices(KDReduce)  # the schema owns the allowed values
+BASELINE_VARIANTS = choices(BaselineVariant)
 
 
 def cross_entropy(p: torch.Tensor, q: torch.Tensor, reduce: str = "class") -> torch.Tensor:
@@ -89,13 +89,18 @@ class StepInputs:
 
 
 class Term:
-    """A named loss term; subclasses set the flags the step uses to compute only what is needed."""
+    """A named loss term; subclasses set the flags the step uses to compute only what is needed.
+
+    These are every flag the training step (ted_fl.continual.step) reads; a term sets them as
+    class or instance attributes, never new ones.
+    """
 
     name = "term"
     data_independent = False  # True: reads no site data given the weights (outside DP-SGD's clipping)
-    needs_teacher = False
-    needs_probes = False
-    needs_features = False
+    needs_teacher = False  # the previous model's outputs on the batch (q, teacher_logits)
+    needs_probes = False  # the SKA noise probes and both models' outputs on them
+    needs_features = False  # intermediate features (of the student, and of the teacher when there is one)
+    own_teacher = False  # brings its own teacher (gkd.fixed_teacher): features even without a previous model
 
     def compute(self, s: StepInputs) -> torch.Tensor | None:  # pragma: no cover - interface
         raise NotImplementedError

@@ -24,7 +24,7 @@ from ted_fl.continual.probes import draw_probes
 from ted_fl.continual.step import train_step
 from ted_fl.data.types import Split
 from ted_fl.errors import TedFlError
-from ted_fl.privacy.mechanisms import attach, stage_dp_metrics
+from ted_fl.privacy.mechanisms import SampleDPArgs, attach, stage_dp_metrics
 
 
 def set_determinism(seed: int, threads: int = 1) -> None:
@@ -76,7 +76,7 @@ def local_train(
     aux: Mapping[str, torch.Tensor] | None = None,
     loss_cfg: LossConfig,
     amp: str = "off",
-    dp: Mapping[str, float] | None = None,
+    dp: SampleDPArgs | None = None,
     keep_on_device: bool | None = None,
     compile: str = "off",  # noqa: A002 - the config key's name
     trace: dict[str, Any] | None = None,
@@ -95,7 +95,7 @@ def local_train(
     (see `gpu_setup`) the split and the probes are moved to the device once, not per step,
     and `amp` ("auto", "bf16", "off") picks mixed precision.
 
-    `dp` ({"noise_multiplier", "max_grad_norm"}, privacy.dp = "sample"): DP-SGD through
+    `dp` (`SampleDPArgs`: noise multiplier and clipping bound, privacy.dp = "sample"): DP-SGD through
     `ted_fl.privacy.mechanisms` (Opacus): Poisson batches at rate 1 / ceil(n / batch_size) instead
     of the permutations, per-sample clipping and noise in the step; the metrics then carry the
     round's accounting inputs (dp_noise_multiplier, dp_sample_rate, dp_steps).
@@ -128,21 +128,22 @@ def local_train(
     per_step = probes is not None and probes.shape[0] == steps * count
     amp_dtype = amp_dtype_for(amp, device)
     on_gpu = device.type != "cpu" if keep_on_device is None else keep_on_device
-    images_d = None
+    images_d = masks_d = torch.empty(0)  # the split on the device (on_gpu only)
+    source: torch.Tensor | None = None  # what the batches are drawn from: None for the numpy arrays
     if on_gpu:  # the whole split and the round's probes cross to the device once
         images_d, masks_d = on_device(data.images, device), on_device(data.masks, device)
+        source = images_d
         probes = probes.to(device=device, dtype=torch.float32) if probes is not None else None
     probe_gen = torch.Generator().manual_seed(int(seed))
     rng = np.random.default_rng(seed)
     sums: dict[str, float] = defaultdict(float)
     private = None
     if dp is not None:
-        private = attach(student, optimizer, n, batch_size, float(dp["noise_multiplier"]),
-                         float(dp["max_grad_norm"]), seed)
+        private = attach(student, optimizer, n, batch_size, dp.noise_multiplier, dp.max_grad_norm, seed)
     batches = private.batches(steps) if private is not None else batch_indices(n, batch_size, steps, rng)
     student_fwd, teacher_fwd = _compiled_forwards(student, teacher, compile, private is not None)
     if trace is not None:
-        trace.update(source=images_d, compiled=student_fwd.state if student_fwd is not None else "off: eager")
+        trace.update(source=source, compiled=student_fwd.state if student_fwd is not None else "off: eager")
     with torch.random.fork_rng(devices=[]), (contextlib.closing(private) if private else contextlib.nullcontext()):
         torch.manual_seed(seed)
         for i, idx in enumerate(batches):

@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,8 +33,9 @@ def read_image(path: Path, channel: str = "gray") -> np.ndarray:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im.load()
+        with Image.open(path) as opened:
+            opened.load()
+            im: Image.Image = opened
             if im.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LA"):
                 im = im.convert("RGB")
                 arr = np.asarray(im, dtype=np.float32)
@@ -56,8 +58,9 @@ def read_mask(path: Path) -> np.ndarray:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im.load()
+        with Image.open(path) as opened:
+            opened.load()
+            im: Image.Image = opened
             if im.mode in ("1", "RGB", "RGBA", "LA"):
                 im = im.convert("L")
             return np.asarray(im).astype(np.int64)
@@ -74,7 +77,7 @@ def _read_nifti(path: Path, integer: bool) -> np.ndarray:
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))  # a spatial image (dataobj, get_fdata) for every suffix read here
         if integer:
             arr = np.asanyarray(img.dataobj)
             return (np.rint(arr) if arr.dtype.kind == "f" else arr).astype(np.int64)

@@ -89,9 +89,10 @@ def crop_or_pad(arr: np.ndarray, crop: int) -> np.ndarray:
     """Centre crop/pad (n, H, W) to (n, crop, crop), as the M&Ms protocol does."""
     if crop <= 0:
         return arr
+    import torch
     from monai.transforms import ResizeWithPadOrCrop
 
-    out = ResizeWithPadOrCrop(spatial_size=(crop, crop))(arr)
+    out = ResizeWithPadOrCrop(spatial_size=(crop, crop))(torch.as_tensor(arr))
     return np.asarray(out).astype(arr.dtype, copy=False)
 
 

@@ -83,7 +83,7 @@ def run_app(grid: Any, context: Any) -> None:
             run.log(f"note: ended {reaped} process(es) left by a killed run")
         record = ProcessRecord(run.path)
         record.update("starting")
-        run.record = record  # type: ignore[attr-defined]
+        run.record = record
         _run(grid, cfg, run, sites)
     except TedFlError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

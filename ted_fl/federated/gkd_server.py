@@ -51,6 +51,7 @@ class GKDExecutor:
         if cfg.gkd.source not in self.sites:
             raise unknown("source site", cfg.gkd.source, self.sites, "--source / gkd.source")
         self.frozen_sent: dict[tuple[int, str], str] = {}
+        self.quiet = True  # False: progress lines on stderr too (serve_generalize's caller decides)
 
     def fit(self, task: str, weights: M.Weights, seed: int, *, approach: str = "",
             frozen: dict[str, M.Weights] | None = None) -> tuple[M.Weights, dict[str, float]]:
@@ -118,7 +119,7 @@ class GKDExecutor:
     def _note_progress(self, text: str) -> None:
         if self.run is not None:
             self.run.log(text)
-        if not getattr(self, "quiet", True):
+        if not self.quiet:
             print(text, file=sys.stderr, flush=True)
 
 
@@ -137,7 +138,7 @@ def profile(part: str, cfg: ExperimentConfig, shape: tuple[int, ...]) -> dict[st
 def serve_generalize(grid: Grid, cfg: ExperimentConfig, run: RunDir, quiet: bool = True) -> list[dict[str, Any]]:
     """Every seed and approach of the protocol; returns the tidy metric rows (also written)."""
     ex = GKDExecutor(grid, cfg, run)
-    ex.quiet = quiet  # type: ignore[attr-defined]
+    ex.quiet = quiet
     g = cfg.gkd
     shape = tuple(ex.image_shape)
     rows: list[dict[str, Any]] = []
@@ -169,7 +170,7 @@ def serve_generalize(grid: Grid, cfg: ExperimentConfig, run: RunDir, quiet: bool
         if tan is not None and san is not None:
             frozen.update(tan=tan, san=san)
         for approach in cfg.gkd.approaches:
-            if approach == "student":
+            if approach == G.SCRATCH_ROW:
                 weights = scratch
             else:
                 fresh = model_weights(_init("student", cfg, shape, seed, 2))  # the scratch student's init

@@ -291,7 +291,7 @@ def serve_one(grid: Grid, cfg: ExperimentConfig, run: RunDir, approach: str, see
     """One (approach, seed) schedule over `nodes` (its block) or the whole federation: its fault columns.
     `cfg` is resolved (`ted_fl.schedule.experiment.resolve` at the entry point) and not checked again."""
     executor = FlowerExecutor(grid, cfg, run, simulated, nodes)
-    record = getattr(run, "record", None)  # processes.ProcessRecord: Ray's processes are up now
+    record = run.record  # processes.ProcessRecord: Ray's processes are up now
     if record is not None:
         record.update(f"{approach} seed {seed}")
     st = run_schedule(cfg, approach, seed, executor, run, progress)
@@ -305,7 +305,7 @@ def serve(grid: Grid, cfg: ExperimentConfig, run: RunDir, progress: Any = None, 
     extras: dict[tuple[str, int], dict[str, Any]] = {}
     for approach in cfg.approaches:
         for seed in cfg.seeds:
-            record = getattr(run, "record", None)  # processes.ProcessRecord: Ray's processes are up now
+            record = run.record  # processes.ProcessRecord: Ray's processes are up now
             if record is not None:
                 record.update(f"{approach} seed {seed}")
             st = run_schedule(cfg, approach, seed, executor, run, progress)

@@ -191,7 +191,7 @@ def launch(cfg: ExperimentConfig, client_app: Any, num_nodes: int, serve: Callab
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     with fast_message_polling(cfg.federated.fast_polling) as fast["on"], client_errors_to_log(run):
         run_simulation(server_app=server, client_app=client_app, num_supernodes=num_nodes,
-                       backend_config=backend_config(cfg))  # type: ignore[arg-type]
+                       backend_config=backend_config(cfg))
     if error:
         raise error[0]
     if not out:
@@ -306,7 +306,7 @@ def execute_federated(exp: ResolvedExperiment, run: RunDir, quiet: bool) -> dict
     if slots > 1:
         run.log(f"{len(cells)} cells, {slots} at once (train.cells_in_parallel = {cfg.train.cells_in_parallel})")
     progress = Progress(total_rounds(cfg, len(sites)), quiet, done=run_rounds_done(cfg, run, len(sites)))
-    record = getattr(run, "record", None)  # ted_fl.run.processes.ProcessRecord, when a command line runs this
+    record = run.record  # when a command line runs this
     lock = threading.Lock()
 
     def on_round(info: dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ class StageOrders:
         kwargs = {"fraction_train": 1.0, "min_train_nodes": 1, "min_evaluate_nodes": 1, "min_available_nodes": 1,
                   "weighted_by_key": UNIFORM_KEY if uniform else EXAMPLES_KEY, "arrayrecord_key": M.WEIGHTS,
                   "configrecord_key": M.CONFIG, **kwargs}
-        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        super().__init__(*args, **kwargs)
         self.uniform = uniform
         self.orders: dict[int, RecordDict] = {}  # node -> the encoded order of the round being configured
 
@@ -65,7 +65,7 @@ def stage_strategy(base: type[Strategy] = FedAvg, **kwargs: Any) -> Strategy:
     cls = _CLASSES.get(base)
     if cls is None:
         cls = _CLASSES[base] = type(f"Stage{base.__name__}", (StageOrders, base), {})
-    return cls(**kwargs)  # type: ignore[no-any-return]
+    return cls(**kwargs)
 
 
 class StageStrategy(StageOrders, FedAvg):

@@ -145,9 +145,10 @@ class Transport:
         self.nodes: dict[str, list[tuple[int, int, int]]] = {s: [] for s in order}
         self.sizes: dict[str, tuple[int, int, int]] = {}
         shape: tuple[int, ...] | None = None
-        self.partition_of = {n: int(r.content[M.IDENTITY].get("partition", -1)) for n, r in replies.items()}
-        for node, reply in replies.items():
-            ident = reply.content[M.IDENTITY]
+        identity: dict[int, dict[str, Any]] = {n: dict(r.content[M.IDENTITY]) for n, r in replies.items()}
+        self.partition_of = {n: int(identity[n].get("partition", -1)) for n in replies}
+        for node in replies:
+            ident = identity[node]
             site = str(ident["site"])
             if bool(ident.get("idle", False)):  # an idle node of a larger simulated federation
                 continue
@@ -156,7 +157,7 @@ class Transport:
             if site not in self.nodes:
                 raise TedFlError(f"node {node} serves unknown site '{site}'; sites: {', '.join(order)}")
             self.nodes[site].append((node, int(ident["client"]), int(ident["n_train"])))
-            shape = tuple(int(x) for x in ident["image_shape"])  # type: ignore[union-attr]
+            shape = tuple(int(x) for x in ident["image_shape"])
         missing = [s for s, v in self.nodes.items() if not v]
         if missing:
             raise TedFlError(f"no client node serves site(s) {', '.join(missing)}")
@@ -205,7 +206,7 @@ class Transport:
                     reasons[node] = f"no reply within {timeout:g} s"
                     failed[node] = content
                 elif reply.has_error():
-                    reasons[node] = short_reason(reply.error.reason)
+                    reasons[node] = short_reason(reply.error.reason or "")
                     failed[node] = content
                 else:
                     self.count(kind, M.record_bytes(reply.content), up=True)

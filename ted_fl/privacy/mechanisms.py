@@ -32,12 +32,15 @@ import functools
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from ted_fl.config import PrivacyConfig
 
 ACCOUNTANT = "rdp"  # Opacus' RDP accountant (Mironov 2017; the sampled Gaussian of Mironov et al. 2019)
 
@@ -143,10 +146,10 @@ class SampleDP:
                 private.backward()
         else:  # an empty Poisson batch: no sample, the step is noise only (as the analysis assumes)
             for p in params:
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]  # Opacus's
         if self.optimizer.pre_step():  # clip, sum, noise, divide by the expected batch size
             for p, g in zip(params, g_pub, strict=True):
-                if g is not None:
+                if g is not None and p.grad is not None:
                     p.grad.add_(g)
             self.optimizer.original_optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -178,17 +181,39 @@ def compatibility_errors(model: nn.Module) -> list[str]:
     return [str(e).splitlines()[0] for e in ModuleValidator.validate(model, strict=False)]
 
 
-def sample_dp_args(privacy: Any, n: int, batch_size: int, steps: int, stage_rounds: int) -> dict[str, float] | None:
+@dataclass(frozen=True)
+class SampleDPArgs:
+    """DP-SGD's arguments for one round of one site (what `local_train(dp=...)` takes)."""
+
+    noise_multiplier: float  # sigma: the noise's std over max_grad_norm, calibrated per stage
+    max_grad_norm: float  # the per-sample clipping bound (privacy.max_grad_norm)
+
+
+class SampleDPKeys(Protocol):
+    """The privacy keys sample_dp_args reads (a PrivacyConfig, or a round's order)."""
+
+    @property
+    def dp(self) -> str: ...
+    @property
+    def epsilon(self) -> float: ...
+    @property
+    def delta(self) -> float: ...
+    @property
+    def max_grad_norm(self) -> float: ...
+
+
+def sample_dp_args(privacy: SampleDPKeys | PrivacyConfig, n: int, batch_size: int, steps: int,
+                   stage_rounds: int) -> SampleDPArgs | None:
     """DP-SGD's arguments for one round of a site (None unless privacy.dp = "sample"): sigma calibrated to
     spend privacy.epsilon over the stage's stage_rounds x steps Poisson steps at q = 1 / ceil(n / batch_size)."""
     if privacy.dp != "sample":
         return None
     q = 1.0 / math.ceil(n / batch_size)
     sigma = noise_multiplier_for(float(privacy.epsilon), float(privacy.delta), q, max(1, stage_rounds) * steps)
-    return {"noise_multiplier": sigma, "max_grad_norm": float(privacy.max_grad_norm)}
+    return SampleDPArgs(noise_multiplier=sigma, max_grad_norm=float(privacy.max_grad_norm))
 
 
-def stage_dp_metrics(dp: Any) -> dict[str, float]:
+def stage_dp_metrics(dp: SampleDP) -> dict[str, float]:
     """The round's accounting inputs, reported as train metrics (composed by the server per stage)."""
     hist = dp.history()
     if not hist:

@@ -32,9 +32,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ted_fl.config import LossConfig, split_seed_of
+from ted_fl.config import LossConfig, TeacherMode, choices, split_seed_of
 from ted_fl.continual import terms as T
-from ted_fl.continual.evaluation import dice, eval_options, evaluate
+from ted_fl.continual.evaluation import EVAL_BN, dice, eval_options, evaluate
 from ted_fl.continual.metrics import continual_summary, r_matrix
 from ted_fl.continual.networks import build_model
 from ted_fl.continual.step import freeze, running_stats_frozen, teacher_mode
@@ -43,7 +43,7 @@ from ted_fl.data import load_sites
 from ted_fl.errors import TedFlError
 from ted_fl.run.directory import RunDir
 
-MODES = ("running", "batch")
+MODES = EVAL_BN  # every eval.bn mode, the schema's order
 
 
 def eval_bn(run: RunDir, approach: str, seed: int) -> pd.DataFrame:
@@ -61,7 +61,7 @@ def eval_bn(run: RunDir, approach: str, seed: int) -> pd.DataFrame:
             opts = {**eval_options(cfg), "bn": mode}
             for site in sites:
                 dice = evaluate(model, site.test, per_volume=site.per_volume, labels=site.labels.labels(),
-                                **opts)["dice"]  # type: ignore[arg-type]
+                                **opts)["dice"]
                 rows.append({"mode": mode, "stage": stage, "stage_site": stage_site, "site": site.name,
                              "metric": "dice", "value": dice})
     return pd.DataFrame(rows)
@@ -107,7 +107,7 @@ def term_grad_ratios(student: torch.nn.Module, teacher: torch.nn.Module, x: torc
     norms = {}
     for name, v in values.items():
         g = torch.autograd.grad(v, params, retain_graph=True, allow_unused=True)
-        norms[name] = float(torch.sqrt(sum((gg.double() ** 2).sum() for gg in g if gg is not None)))
+        norms[name] = float(torch.sqrt(sum(((gg.double() ** 2).sum() for gg in g if gg is not None), torch.zeros((), dtype=torch.float64))))
     student.train(was)
     out = {name: loss.lambda_d * norms[name] / max(norms["seg"], 1e-30) for name in GRAD_TERMS}
     out["akt_mask_frac"] = float((T.class_argmax(p.detach()) != T.class_argmax(q)).float().mean())
@@ -135,7 +135,7 @@ def term_grads(run: RunDir, approach: str, seed: int, stage: int, batches: int) 
     gen = torch.Generator().manual_seed(seed)
     bs = min(cfg.train.batch_size, len(train))
     rows = []
-    for mode in ("train", "eval"):
+    for mode in choices(TeacherMode):
         loss = dataclasses.replace(cfg.loss, teacher_mode=mode)
         acc: dict[str, list[float]] = {}
         for _ in range(batches):
@@ -143,8 +143,8 @@ def term_grads(run: RunDir, approach: str, seed: int, stage: int, batches: int) 
             x = torch.as_tensor(train.images[idx], dtype=torch.float32)
             y = torch.as_tensor(train.masks[idx], dtype=torch.long)
             probes = cfg.loss.ska_mean + cfg.loss.ska_std * torch.randn(x.shape, generator=gen)
-            for k, v in term_grad_ratios(student, teacher, x, y, probes, loss).items():
-                acc.setdefault(k, []).append(v)
+            for term, ratio in term_grad_ratios(student, teacher, x, y, probes, loss).items():
+                acc.setdefault(term, []).append(ratio)
         rows += [{"teacher_mode": mode, "quantity": k, "value": float(np.mean(v))} for k, v in acc.items()]
     return pd.DataFrame(rows)
 
@@ -170,7 +170,7 @@ def run_approaches(run: RunDir, requested: list[str] | None, seed: int, stage: i
     cfg = run.read_config()
     if requested:
         return list(requested)
-    have = [a for a in cfg.approaches
+    have: list[str] = [a for a in cfg.approaches
             if all((run.ckpt_dir(a, seed) / f"stage{k}.pt").is_file() for k in (stage, stage + 1))]
     if not have:
         raise TedFlError(f"{run.path}: no approach has stage{stage} and stage{stage + 1} checkpoints for seed {seed} "

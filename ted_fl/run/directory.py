@@ -39,6 +39,8 @@ from ted_fl.files import atomic_torch_save, atomic_write_bytes  # noqa: F401 (re
 if TYPE_CHECKING:  # pandas and torch load on first use: the command lines answer before importing them
     import pandas as pd
 
+    from ted_fl.run.processes import ProcessRecord
+
 FAILED = "FAILED"  # the marker a failed run leaves (RunDir.mark_failed)
 METRIC_COLUMNS = ["approach", "seed", "stage", "stage_site", "round", "site", "split", "label", "metric", "value"]
 SCORE_SPLITS = frozenset({"test", "val", "test_round", "val_stage"})  # rows that carry scores per label
@@ -98,6 +100,9 @@ class RunDir:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        # Ray's processes of this run (ted_fl.run.processes), when a command line started it; the
+        # executors refresh it once Ray runs
+        self.record: ProcessRecord | None = None
 
     # ----------------------------------------------------------------- creation
     @classmethod
@@ -186,6 +191,14 @@ class RunDir:
         import torch
 
         return torch.load(p, map_location="cpu", weights_only=False)
+
+    def checkpoint(self, approach: str, seed: int, name: str) -> dict[str, Any]:
+        """`load_checkpoint` where the checkpoint must exist: a one-line error naming it otherwise."""
+        out = self.load_checkpoint(approach, seed, name)
+        if out is None:
+            raise TedFlError(f"{self.ckpt_dir(approach, seed) / (name + '.pt')}: no such checkpoint; "
+                             "pass a run directory whose run wrote it (output.checkpoints)")
+        return out
 
     # ------------------------------------------------------------------ status
     def mark_failed(self, error: str, resume: str) -> None:

@@ -51,7 +51,7 @@ def headline_block(run: RunDir, name: str, regen: str) -> str:
     table = shown(summary)
     order = " -> ".join(next(iter(matrices.values())).columns)
     command = (_read(run, "command.txt") or "(not recorded)").splitlines()
-    missing = getattr(run, "missing", 0)
+    missing = run.missing if isinstance(run, SweepRun) else 0
     partial = (f" **{missing} cell(s) of this sweep had not finished when this block was written**; the table "
                "holds the finished ones." if isinstance(run, SweepRun) and missing else "")
     return "\n".join([

@@ -33,7 +33,7 @@ import plotly.io as pio
 import plotly.offline
 from plotly.subplots import make_subplots
 
-from ted_fl.config import split_seed_of
+from ted_fl.config import UPPER_BOUND, split_seed_of
 from ted_fl.continual.metrics import curves, r_matrix
 from ted_fl.continual.networks import build_model
 from ted_fl.continual.weights import load_weights
@@ -188,7 +188,7 @@ def load(run_dirs: list[Path], label: str = MEAN_LABEL) -> Report:
 
 def joint_final(series: list[Series]) -> pd.Series | None:
     """The joint upper bound's last-stage Dice per site (mean over seeds), for rAvg curves."""
-    joint = [s for s in series if s.approach == "joint"]
+    joint = [s for s in series if s.approach == UPPER_BOUND]
     if not joint:
         return None
     rows = [r.iloc[-1] for r in joint[0].rs.values()]
@@ -410,7 +410,7 @@ def _png(rgb: np.ndarray) -> str:
     side = max(im.size)
     scale = SAMPLE_TILE / side
     im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                   Image.NEAREST if scale >= 1 else Image.BILINEAR)
+                   Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.BILINEAR)
     buf = io.BytesIO()
     im.save(buf, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -465,7 +465,7 @@ def samples_html(report: Report, per_site: int = 2) -> str:
                 continue
             preds: dict[int, dict[str, np.ndarray]] = {}
             for t in stages:
-                ck = run.load_checkpoint(s.approach, seed, f"stage{t}")
+                ck = run.checkpoint(s.approach, seed, f"stage{t}")
                 load_weights(model, ck["weights"])
                 preds[t] = {  # as the run scored them: eval.bn and the protocol's rescale
                     site.name: predict_labels(model, site.test, site.per_volume, cfg)[picks[site.name]]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ted_fl.config import ApproachName, choices, dump_toml, to_dict
+from ted_fl.config import ApproachName, ExperimentConfig, choices, dump_toml, to_dict
 from ted_fl.continual.metrics import continual_summary, r_matrix
 from ted_fl.errors import TedFlError
 from ted_fl.run.directory import MEAN_LABEL, RunDir, labels_of, select_label, site_learning, verdict
@@ -43,7 +43,7 @@ class PooledRun(RunDir):
         if len(set(seeds)) != len(seeds):
             raise TedFlError(f"pooled runs repeat a seed ({seeds}); pool runs of distinct seeds")
 
-    def read_config(self):  # type: ignore[no-untyped-def]
+    def read_config(self) -> ExperimentConfig:
         cfg = self.parts[0].read_config()
         cfg.seeds = [s for r in self.parts for s in r.read_config().seeds]
         return cfg
@@ -91,7 +91,7 @@ class SweepRun(RunDir):
     def is_sweep(path: Path) -> bool:
         return (path / "cells").is_dir() and not (path / "config.toml").is_file()
 
-    def read_config(self):  # type: ignore[no-untyped-def]
+    def read_config(self) -> ExperimentConfig:
         cfg = self.parts[0].read_config()
         cfgs = [r.read_config() for r in self.parts]
         cfg.approaches = list(dict.fromkeys(a for c in cfgs for a in c.approaches))

@@ -234,8 +234,8 @@ def _ray_jobs(jobs: list[Job], slots: int, say: ProgressFn, resources: dict[str,
     try:
         if on_start:
             on_start()
-        inbox = ray.remote(num_cpus=0)(_Inbox).remote()
-        task = ray.remote(_remote).options(num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"],
+        inbox: Any = ray.remote(num_cpus=0)(_Inbox).remote()  # an actor handle
+        task: Any = ray.remote(_remote).options(num_cpus=resources["num_cpus"], num_gpus=resources["num_gpus"],
                                            max_retries=0)
         queue = list(enumerate(jobs))
         running: dict[Any, tuple[int, Job]] = {}

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ted_fl.config import ExperimentConfig
+from ted_fl.config import UPPER_BOUND, ExperimentConfig
 from ted_fl.continual.approaches import Approach, get_approach
 from ted_fl.continual.metrics import continual_summary, r_matrix
 from ted_fl.continual.networks import build_model
@@ -95,6 +95,11 @@ class Executor(Protocol):
     bytes_received: int
 
     def train(self, task: TrainTask) -> list[TrainResult]: ...
+
+    def aggregate(self, task: TrainTask, results: list[TrainResult]) -> Weights:
+        """The round's global model from its results: FedAvg (`fedavg`), or client-level DP's noised
+        mean of the released updates (Flower's DP strategy) where the executor applies it."""
+        ...
 
     def evaluate(self, weights: Weights, split: str, sites: list[str]) -> dict[str, dict[str, float]]: ...
 
@@ -207,7 +212,7 @@ class Schedule:
         # protocol "reference": joint is one run over every site, its best round chosen on the first
         # site's validation split (the reference's main.py); seq keeps lr_first on every site.
         self.one_run = self.approach.joint and cfg.protocol == "reference"
-        self.constant_lr = cfg.protocol == "reference" and approach_name == "seq"
+        self.constant_lr = cfg.protocol == "reference" and self.approach.keeps_first_lr
         self.order = list(executor.sites)
         self.tag = dict(approach=approach_name, seed=seed)
         saved = run.load_checkpoint(approach_name, seed, "last")
@@ -316,8 +321,7 @@ class Schedule:
         sent0, recv0 = executor.bytes_sent, executor.bytes_received
         results = executor.train(task)
         train_s = time.perf_counter() - t0
-        aggregate = getattr(executor, "aggregate", None)  # client-level DP: Flower's DP strategy aggregates
-        st.weights = aggregate(task, results) if aggregate else fedavg([(r.weights, r.num_examples) for r in results])
+        st.weights = executor.aggregate(task, results)
         # federated.strategy: a server optimizer's step over the mean (FedAdam, ...), the same in both executors
         st.weights = server_step(cfg.federated, st.server_opt, stage, rnd + 1, task.weights, st.weights)
         split_clients = len({r.site for r in results}) < len(results)
@@ -460,8 +464,8 @@ def summarize(metrics: pd.DataFrame, extras: dict[tuple[str, int], dict[str, Any
     test = select_label(all_test)
     rows = []
     joint = None
-    if (test["approach"] == "joint").any():
-        jt = test[test["approach"] == "joint"]
+    if (test["approach"] == UPPER_BOUND).any():
+        jt = test[test["approach"] == UPPER_BOUND]
         jr = [r_matrix(g[g["stage"] >= 0], "dice") for _, g in jt.groupby("seed")]
         joint = sum(r.iloc[-1] for r in jr) / len(jr)
     for (approach, seed), g in test.groupby(["approach", "seed"], sort=False):

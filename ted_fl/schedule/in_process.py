@@ -3,7 +3,7 @@ reference run and the bare loop the simulator's overhead is measured against).""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -13,6 +13,9 @@ from ted_fl.privacy.policies import replay_buffer
 from ted_fl.schedule.engine import TrainResult, TrainTask, Weights, derive_seed, fedavg
 from ted_fl.schedule.orders import Replay, plan_round
 from ted_fl.schedule.worker import SiteWorker
+
+if TYPE_CHECKING:
+    from ted_fl.federated.dp import StageDP
 
 
 class LocalExecutor:
@@ -30,7 +33,7 @@ class LocalExecutor:
         self.bytes_sent = self.bytes_received = 0
         # privacy.dp = "client": every site (joint group) is one client; what it releases is clipped and noised
         # as Flower's DP strategy and mods do in the federated run (ted_fl.federated.dp.StageDP)
-        self.dp: Any = None
+        self.dp: StageDP | None = None
         if cfg.privacy.dp == "client":
             from ted_fl.federated.dp import StageDP
 

@@ -300,7 +300,7 @@ def execute_centralized(exp: ResolvedExperiment, run: RunDir, quiet: bool) -> di
     jobs = [Job(f"{a} seed {s}", local_schedule, (data, str(run.path), a, s)) for a, s in cells]
     if slots > 1:
         run.log(f"{len(jobs)} cells, {slots} at once (train.cells_in_parallel = {cfg.train.cells_in_parallel})")
-    record = getattr(run, "record", None)  # ted_fl.run.processes.ProcessRecord: Ray's processes, once it runs
+    record = run.record  # Ray's processes, once it runs
     progress = Progress(total_rounds(cfg, len(sites)), quiet, done=run_rounds_done(cfg, run, len(sites)))
 
     def on_round(info: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from typing import Literal, Protocol
 from ted_fl.config import ExperimentConfig
 from ted_fl.continual.approaches import get_approach
 from ted_fl.continual.strategies import sample_clients
-from ted_fl.privacy.mechanisms import client_noise_multiplier, sample_dp_args
+from ted_fl.privacy.mechanisms import SampleDPArgs, client_noise_multiplier, sample_dp_args
 from ted_fl.privacy.policies import PROBE_SITE_TAG, REPLAY_TAG, gets_teacher, replay_share, uses_replay
 from ted_fl.schedule.seeds import derive_seed
 
@@ -96,7 +96,7 @@ class DPOrder:
     max_grad_norm: float = 0.0
     noise_multiplier: float = 0.0
 
-    def sgd_args(self, n: int, batch_size: int, steps: int, stage_rounds: int) -> dict[str, float] | None:
+    def sgd_args(self, n: int, batch_size: int, steps: int, stage_rounds: int) -> SampleDPArgs | None:
         """DP-SGD's arguments for a round on `n` examples (ted_fl.privacy.mechanisms.sample_dp_args)."""
         if self.mode != "sample":
             return None

@@ -162,8 +162,7 @@ class SiteWorker:
         self._teacher_key = None
         opts = eval_options(self.cfg)
         return attack(self.student, members, nonmembers, seed, reference=self.teacher,
-                      bn=str(opts["bn"]), batch_size=int(opts["batch_size"]),  # type: ignore[call-overload]
-                      slices=str(opts["slices"]))
+                      bn=opts["bn"], batch_size=opts["batch_size"], slices=opts["slices"])
 
     def importance(self, approach: str, weights: Weights, split: Split) -> dict[str, np.ndarray]:
         appr = get_approach(approach, self.cfg.loss)

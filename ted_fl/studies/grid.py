@@ -33,12 +33,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
 
-from ted_fl.config import ExperimentConfig, from_dict, parse_override, set_key, to_dict
+from ted_fl.config import ApproachName, ExperimentConfig, from_dict, parse_override, set_key, to_dict
 from ted_fl.data import load_site_set_spec, ordered_sites
 from ted_fl.errors import TedFlError
 from ted_fl.run.directory import RunDir, atomic_write_bytes
@@ -114,7 +114,7 @@ def expand(base: ExperimentConfig, grid: dict[str, list[Any]], approaches: list[
                     cfg = copy.deepcopy(base)
                     for k, v in point.items():
                         set_key(cfg, k, v)
-                    cfg.approaches, cfg.seeds, cfg.data.order = [approach], [int(seed)], list(order)
+                    cfg.approaches, cfg.seeds, cfg.data.order = [cast(ApproachName, approach)], [int(seed)], list(order)
                     cfg.train.eval_val_all = True  # the validation R matrix: selection on val
                     cells.append(Cell(approach, int(seed), point, list(order), cfg))
     return cells

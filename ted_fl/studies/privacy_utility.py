@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ted_fl.config import ExperimentConfig
+from ted_fl.config import DPLevel, ExperimentConfig, choices
 from ted_fl.errors import TedFlError
 from ted_fl.privacy.leakage import leaks
 from ted_fl.run.directory import RunDir, atomic_write_bytes
@@ -48,7 +48,7 @@ from ted_fl.studies.grid import (
 )
 
 EPS_KEY = "privacy.epsilon"
-DP_LEVELS = ("sample", "client")
+DP_LEVELS = tuple(d for d in choices(DPLevel) if d != "off")  # the schema's DP levels that are on
 # What the study tables and figures show per cell, when the cells have them.
 METRICS = ("avg", "bwt", "forgetting", "plasticity", "mia_auc", "mia_auc_cal", "mia_adv", "epsilon", "delta",
            "bytes_sent", "bytes_received", "wall_s")

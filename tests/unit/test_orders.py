@@ -82,7 +82,7 @@ def test_dp_levels() -> None:
     sample = plan_round(_task(), _cfg(dp="sample", epsilon=4.0, max_grad_norm=0.5), SITES)[0].dp
     assert sample == DPOrder("sample", 4.0, 1e-5, 0.5)
     args = sample.sgd_args(40, 4, 3, 2)
-    assert args is not None and args["max_grad_norm"] == 0.5 and args["noise_multiplier"] > 0
+    assert args is not None and args.max_grad_norm == 0.5 and args.noise_multiplier > 0
     client = plan_round(_task(), _cfg(dp="client", epsilon=8.0), SITES)[0].dp
     assert client.mode == "client" and client.noise_multiplier == client_noise_multiplier(8.0, 1e-5, 2)
     assert client.sgd_args(40, 4, 3, 2) is None

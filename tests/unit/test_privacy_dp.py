@@ -15,6 +15,7 @@ from ted_fl.continual.networks import build_model, tiny_model_config
 from ted_fl.continual.training import local_train
 from ted_fl.data.types import Split
 from ted_fl.privacy.mechanisms import (
+    SampleDPArgs,
     attach,
     client_noise_multiplier,
     compatibility_errors,
@@ -29,7 +30,7 @@ def _split(n: int = 12, size: int = 16) -> Split:
     return Split(images, (images[:, 0] > 0.5).astype(np.int64), np.array([f"v{i // 3}" for i in range(n)]))
 
 
-def _train(dp: dict | None, approach: str = "seq", steps: int = 3, seed: int = 0) -> tuple[dict, dict]:
+def _train(dp: SampleDPArgs | None, approach: str = "seq", steps: int = 3, seed: int = 0) -> tuple[dict, dict]:
     torch.manual_seed(0)
     model = build_model(tiny_model_config("group"))
     teacher = build_model(tiny_model_config("group")) if approach != "seq" else None
@@ -52,7 +53,7 @@ def calibrated() -> tuple[float, float, int, float, float]:
 
 def test_dp_sgd_reports_its_accounting_and_spends_at_most_the_target(calibrated: tuple) -> None:
     sigma, q, steps, eps, delta = calibrated
-    metrics, _ = _train({"noise_multiplier": sigma, "max_grad_norm": 1.0}, steps=steps)
+    metrics, _ = _train(SampleDPArgs(noise_multiplier=sigma, max_grad_norm=1.0), steps=steps)
     assert metrics["dp_noise_multiplier"] == pytest.approx(sigma)
     assert metrics["dp_sample_rate"] == pytest.approx(q)
     assert metrics["dp_steps"] == steps
@@ -90,7 +91,7 @@ def test_per_sample_gradients_are_clipped_and_noise_is_added() -> None:
 
 def test_probes_term_is_outside_the_clipping() -> None:
     """TED's SKA term (noise probes) trains through DP-SGD without per-sample rows of its own."""
-    metrics, _ = _train({"noise_multiplier": 1.0, "max_grad_norm": 1.0}, approach="ted_gugf", steps=1)
+    metrics, _ = _train(SampleDPArgs(noise_multiplier=1.0, max_grad_norm=1.0), approach="ted_gugf", steps=1)
     assert metrics["dp_steps"] == 1 and math.isfinite(metrics["total"]) and metrics["ska"] > 0
 
 

@@ -19,7 +19,7 @@ from ted_fl.continual.training import lr_for
 from ted_fl.data.types import Split
 from ted_fl.errors import TedFlError
 from ted_fl.run.directory import RunDir
-from ted_fl.schedule.engine import TrainResult, TrainTask, run_schedule
+from ted_fl.schedule.engine import TrainResult, TrainTask, fedavg, run_schedule
 
 # The reference UNet2D((1, 192, 192), 2) of TED_DCMIS, counted by running its own
 # unet_fepegar.py / model_utils.py (see ted_fl/continual/reference_unet.py and docs/protocol.md).
@@ -206,6 +206,9 @@ class ScriptedExecutor:
         self.tasks.append(task)
         w = {"w": np.array([float(task.round)], dtype=np.float32)}
         return [TrainResult(task.sites[-1], 0, w, 8, {"total": 0.0}, None)]
+
+    def aggregate(self, task: TrainTask, results: list[TrainResult]) -> dict[str, np.ndarray]:
+        return fedavg([(r.weights, r.num_examples) for r in results])
 
     def evaluate(self, weights: dict, split: str, sites: list[str]) -> dict[str, dict[str, float]]:
         self.evals.append((split, list(sites)))
