@@ -297,7 +297,11 @@ class PrivacyConfig:
     clipping: Clipping = "fixed"  # client level: fixed | adaptive (Andrew et al., Flower's adaptive wrappers)
     noise: NoiseSide = "server"  # client level: server (central DP) | client (local DP, Flower's LocalDpMod)
     clip_on: NoiseSide = "client"  # client level, central DP: where updates are clipped (Flower's mods or the server)
-    secagg: bool = False  # SecAgg+ where a stage aggregates several clients (refused on Flower 1.41: docs/privacy.md)
+    secagg: bool = False  # Flower's SecAgg+ sums a round's updates (federated runs, >= 2 clients a round)
+    secagg_shares: Positive = 3  # SecAgg+ num_shares: each client's key is split among this many neighbours
+    secagg_reconstruction_threshold: Positive = 2  # shares that rebuild a dropped client's key (< secagg_shares)
+    secagg_clipping_range: Rate = 8.0  # each weighted update coordinate is clipped to +-this before quantisation
+    secagg_quantization_range: Positive = 4194304  # integer levels over [-range, range] (2**22; step 2 range / this)
     teacher: TeacherPlace = "server"  # server | site: where the frozen teacher lives
     replay: Count = 0  # images an earlier site keeps for its retention rounds (0: all)
     mia: bool = True  # membership-inference attack on every site's final model (metrics.csv split "privacy")
@@ -387,12 +391,36 @@ def for_seed(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
     return out
 
 
-SECAGG_UNSUPPORTED = (
-    "privacy.secagg = true: Flower 1.41's SecAgg+ runs only on the legacy path (SecAggPlusWorkflow needs a "
-    "LegacyContext with a legacy Strategy's configure_fit / aggregate_fit, and secaggplus_mod reads the legacy "
-    "'fitres.*' records), not with the Message-API ServerApp and strategies ted-fl uses; see docs/privacy.md; "
-    "set privacy.secagg = false"
-)
+SECAGG_MODULUS = 2**32  # Flower's SecAggPlusWorkflow modulus_range (its default; must exceed the quantisation range)
+
+
+def secagg_conflicts(cfg: ExperimentConfig) -> None:
+    """privacy.secagg = true: refuse what Flower's SecAgg+ (ted_fl.federated.secagg) cannot hold, one line each."""
+    p, fed = cfg.privacy, cfg.federated
+    if p.secagg_shares < 3:
+        raise TedFlError(f"privacy.secagg_shares = {p.secagg_shares}: Flower's SecAgg+ needs at least 3 shares; "
+                         "set privacy.secagg_shares = 3 or more")
+    if not 2 <= p.secagg_reconstruction_threshold < p.secagg_shares:
+        raise TedFlError(f"privacy.secagg_reconstruction_threshold = {p.secagg_reconstruction_threshold}: Flower's "
+                         f"SecAgg+ needs 2 <= threshold < privacy.secagg_shares ({p.secagg_shares}); set it in between")
+    if p.secagg_quantization_range >= SECAGG_MODULUS:
+        raise TedFlError(f"privacy.secagg_quantization_range = {p.secagg_quantization_range}: must be below Flower's "
+                         f"modulus 2**32; use 4194304 (2**22)")
+    if fed.clients_per_site < 2:
+        raise TedFlError("privacy.secagg = true: SecAgg+ hides one client's update in the sum of at least 2, and a "
+                         "round of the first stage trains one site's clients only; set federated.clients_per_site = 2 "
+                         "or more")
+    if p.secagg_reconstruction_threshold > fed.clients_per_site:
+        raise TedFlError(f"privacy.secagg_reconstruction_threshold = {p.secagg_reconstruction_threshold} exceeds the "
+                         f"{fed.clients_per_site} clients of a first-stage round (federated.clients_per_site): no round "
+                         "could rebuild a dropped client's key; lower the threshold or raise federated.clients_per_site")
+    if p.dp == "client":
+        if p.noise == "server" and p.clip_on == "server":
+            raise TedFlError("privacy.clip_on = 'server' clips each client's update, which the server never sees under "
+                             "privacy.secagg; set privacy.clip_on = 'client'")
+        if p.clipping == "adaptive":
+            raise TedFlError("privacy.clipping = 'adaptive' sends each client's clipping bit beside its update, which "
+                             "SecAgg+ would not protect; set privacy.clipping = 'fixed' under privacy.secagg")
 
 
 # Approach properties the privacy check needs before torch loads (tests/unit/test_privacy_config.py
@@ -406,7 +434,7 @@ def privacy_conflicts(cfg: ExperimentConfig) -> None:
     TedFlError naming the key and the fix); no torch, so an entry point answers at once."""
     p = cfg.privacy
     if p.secagg:
-        raise TedFlError(SECAGG_UNSUPPORTED)
+        secagg_conflicts(cfg)
     if p.dp == "off":
         return
     where = f"privacy.dp = '{p.dp}'"

@@ -24,7 +24,7 @@ from ted_fl.config import ExperimentConfig, dump_toml, to_dict
 from ted_fl.continual.probes import make_probes
 from ted_fl.data import resolve_out_channels, site_order
 from ted_fl.errors import TedFlError
-from ted_fl.federated import dp
+from ted_fl.federated import dp, secagg
 from ted_fl.federated import messages as M
 from ted_fl.federated.dp import StageDP
 from ted_fl.federated.message_log import record_message
@@ -318,6 +318,8 @@ class FlowerExecutor:
                     key = f"train_down.{part}"
                     self.bytes_by_kind[key] = self.bytes_by_kind.get(key, 0) + content[part].count_bytes()
         self._teacher = (task.teacher, task.aux) if teacher_key else None
+        if self.cfg.privacy.secagg:  # Flower's SecAgg+: the server gets the round's sum, never one update
+            return secagg.train_round(self, task, contents, trainers, send_and_receive)
         if client_dp:
             stage_dp = self._dp.stage(task.approach, task.seed, task.stage, len(trainers), task.stage_rounds)
             strategy, sigma = stage_dp.strategy, stage_dp.sigma
@@ -346,8 +348,9 @@ class FlowerExecutor:
         return results
 
     def aggregate(self, task: TrainTask, results: list[TrainResult]) -> Weights:
-        """The round's global model: Flower's DP strategy's noised mean under client-level DP, else FedAvg."""
-        if self.cfg.privacy.dp == "client" and self._aggregated is not None:
+        """The round's global model: Flower's DP strategy's noised mean under client-level DP, SecAgg+'s
+        (ted_fl.federated.secagg), else FedAvg."""
+        if self._aggregated is not None:  # client-level DP's noised mean, or SecAgg+'s mean
             out, self._aggregated = self._aggregated, None
             return out
 

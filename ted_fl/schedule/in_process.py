@@ -11,6 +11,7 @@ from ted_fl.config import ExperimentConfig
 from ted_fl.continual.approaches import get_approach
 from ted_fl.data import set_out_channels
 from ted_fl.data.types import SiteData, Split
+from ted_fl.errors import TedFlError
 from ted_fl.privacy.mechanisms import prepare_privacy
 from ted_fl.privacy.policies import PROBE_SITE_TAG, REPLAY_TAG, gets_teacher, replay_buffer, uses_replay
 from ted_fl.schedule.engine import TrainResult, TrainTask, Weights, derive_seed, fedavg
@@ -21,6 +22,9 @@ class LocalExecutor:
     """Trains and evaluates every site in this process, one after another."""
 
     def __init__(self, cfg: ExperimentConfig, sites: list[SiteData]):
+        if cfg.privacy.secagg:  # SecAgg+ is a protocol between Flower clients and server (ted_fl.federated.secagg)
+            raise TedFlError("privacy.secagg = true runs in the Flower simulation or deployment (python -m "
+                             "ted_fl.simulate, study --federated), not in-process; set privacy.secagg = false")
         set_out_channels(cfg, sites[0].labels, cfg.data.sites)  # the network follows the sites' classes
 
         prepare_privacy(cfg)  # idempotent: the runners call it at run start (model.norm, checks)

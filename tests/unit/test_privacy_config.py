@@ -7,7 +7,7 @@ import math
 import opacus  # noqa: F401  (imported at collection: its ~3 s import is no test's time)
 import pytest
 
-from ted_fl.config import SECAGG_UNSUPPORTED, ExperimentConfig, set_key
+from ted_fl.config import ExperimentConfig, set_key
 from ted_fl.errors import TedFlError
 from ted_fl.privacy.mechanisms import prepare_privacy
 
@@ -54,7 +54,17 @@ def test_dp_makes_the_network_compatible_and_says_so() -> None:
     ({"dp": "sample"}, {"approaches": ["ted_gugf"]}, "loss.gugf = 'sample'"),
     ({"dp": "sample"}, {"approaches": ["plop"], "loss.baseline_variant": "reference"}, "baseline_variant"),
     ({"dp": "client", "noise": "client", "clipping": "adaptive"}, {}, "privacy.clipping = 'fixed'"),
-    ({"secagg": True}, {"federated.clients_per_site": 2}, "privacy.secagg = false"),
+    ({"secagg": True}, {}, "federated.clients_per_site = 2 or more"),
+    ({"secagg": True, "secagg_shares": 2}, {"federated.clients_per_site": 3}, "privacy.secagg_shares = 3 or more"),
+    ({"secagg": True, "secagg_reconstruction_threshold": 3}, {"federated.clients_per_site": 3}, "threshold <"),
+    ({"secagg": True, "secagg_reconstruction_threshold": 1}, {"federated.clients_per_site": 3}, "2 <= threshold"),
+    ({"secagg": True, "secagg_shares": 5, "secagg_reconstruction_threshold": 3}, {"federated.clients_per_site": 2},
+     "lower the threshold"),
+    ({"secagg": True, "secagg_quantization_range": 2**32}, {"federated.clients_per_site": 2}, "modulus 2**32"),
+    ({"secagg": True, "dp": "client", "clip_on": "server"}, {"federated.clients_per_site": 2},
+     "privacy.clip_on = 'client'"),
+    ({"secagg": True, "dp": "client", "clipping": "adaptive"}, {"federated.clients_per_site": 2},
+     "privacy.clipping = 'fixed'"),
     ({"dp": "sample"}, {"model.name": "basic_unet", "model.channels": [8, 8, 16, 32, 64, 8]}, "not DP-compatible"),
 ])
 def test_impossible_combinations_are_refused(privacy: dict, other: dict, words: str) -> None:
@@ -66,8 +76,22 @@ def test_impossible_combinations_are_refused(privacy: dict, other: dict, words: 
     assert words in str(err.value) and "\n" not in str(err.value)
 
 
-def test_secagg_error_says_why() -> None:
-    assert "LegacyContext" in SECAGG_UNSUPPORTED and "Message-API" in SECAGG_UNSUPPORTED
+def test_secagg_with_two_clients_a_round_is_accepted() -> None:
+    cfg = _cfg(secagg=True)
+    set_key(cfg, "federated.clients_per_site", 2)
+    prepare_privacy(cfg)
+    cfg.privacy.dp = "client"
+    prepare_privacy(cfg)  # fixed client-side clipping with server noise: fl-dp-sa's combination
+
+
+def test_secagg_is_refused_in_process() -> None:
+    """SecAgg+ is a client-server protocol: the in-process runner says so instead of averaging in the clear."""
+    from ted_fl.schedule.in_process import LocalExecutor
+
+    cfg = _cfg(secagg=True)
+    set_key(cfg, "federated.clients_per_site", 2)
+    with pytest.raises(TedFlError, match="not in-process"):
+        LocalExecutor(cfg, [None])  # type: ignore[list-item]
 
 
 def test_torch_free_privacy_check_knows_the_approaches() -> None:
