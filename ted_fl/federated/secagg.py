@@ -32,6 +32,7 @@ the FitRes layout (as in the plain path), and which clients took part.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -215,7 +216,13 @@ class SecureRound:
         context.state[MAIN_CONFIGS_RECORD] = ConfigRecord({"current_round": self.count})
         context.state[MAIN_PARAMS_RECORD] = ArrayRecord()
         start = time.perf_counter()
-        self.workflow(max_weight)(grid, context)  # type: ignore[arg-type]
+        flwr_log = logging.getLogger("flwr")  # the workflow's per-stage INFO lines: the executor reports the round
+        level = flwr_log.level
+        flwr_log.setLevel(max(level, logging.WARNING))
+        try:
+            self.workflow(max_weight)(grid, context)  # type: ignore[arg-type]
+        finally:
+            flwr_log.setLevel(level)
         seconds = time.perf_counter() - start
         results = {int(proxy.node_id): res for proxy, res in inner.results}  # type: ignore[attr-defined]
         mean = None
@@ -224,6 +231,17 @@ class SecureRound:
             mean = parameters_to_ndarrays(compat.arrayrecord_to_parameters(context.state[MAIN_PARAMS_RECORD], True))
         failed = {n: r for n, r in grid.failed.items() if n not in results}
         return RoundOutcome(mean, results, failed, float(sigma) if dp_clients else 0.0, seconds)
+
+
+def countable(content: RecordDict) -> RecordDict:
+    """`content` with the protocol's empty lists left out (e.g. no dead nodes): Flower 1.41's
+    ConfigRecord.count_bytes fails on an empty list; they carry no payload bytes."""
+    out = RecordDict()
+    for name, rec in content.items():
+        if isinstance(rec, ConfigRecord):
+            rec = ConfigRecord({k: v for k, v in rec.items() if not (isinstance(v, list) and not v)})
+        out[name] = rec
+    return out
 
 
 def apply_update(weights: Weights, mean_update: list[np.ndarray]) -> Weights:
@@ -250,6 +268,7 @@ def train_round(executor: Any, task: TrainTask, contents: dict[int, RecordDict],
     if rounder is None:
         def observe(stage: str, node: int, direction: str, content: RecordDict) -> None:
             kind = "train" if stage == Stage.COLLECT_MASKED_VECTORS else "secagg"
+            content = countable(content)
             executor._count(kind, M.record_bytes(content), up=direction == "up")
             if node in executor.site_of:
                 record_message(executor.audit, executor.site_of[node][0], kind, direction, content)

@@ -8,8 +8,10 @@ from __future__ import annotations
 import copy
 import uuid
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -24,6 +26,7 @@ from ted_fl.federated import client_app as production
 from ted_fl.federated import messages as M
 from ted_fl.federated import secagg
 from ted_fl.federated.message_log import audit_mod
+from tests.integration.simulation_helpers import run_dir_of, simulate, write_config
 
 TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0  # Messages outside a running app
 
@@ -246,3 +249,22 @@ def test_the_audit_stops_a_masked_vector_that_is_not_model_shaped() -> None:
     assert secagg_violations(RECORD_KEY_CONFIGS, ConfigRecord({"pixels": b"x"}), shapes)
     assert secagg_violations("fitres.metrics", ConfigRecord({"loss": 0.5}), shapes) == []
     assert secagg_violations("fitres.metrics", ConfigRecord({"img": [b"x"]}), shapes)
+
+
+@pytest.mark.slow
+def test_simulate_with_secagg_and_client_dp(tmp_path: Path) -> None:
+    """End to end in Flower's simulation: 3 sites x 2 clients, client-level DP over SecAgg+ (fl-dp-sa's way);
+    the epsilon is accounted as without SecAgg+, and the audit shows no update leaving a client unmasked."""
+    cfg_path = write_config(tmp_path)
+    proc = simulate("--config", str(cfg_path), "--approach", "seq", "--set", "federated.clients_per_site=2",
+                    "--set", "privacy.secagg=true", "--set", 'privacy.dp="client"', "--set", "privacy.epsilon=8",
+                    "--set", "train.rounds=1", "--set", "train.steps_per_round=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = run_dir_of(proc.stdout)
+    assert 7.5 < float(run.summary()["epsilon"].iloc[0]) <= 8.1
+    audit = pd.read_csv(run.path / "audit.csv")
+    up = audit[(audit["kind"] == "train") & (audit["direction"] == "up")]
+    assert set(up["record"]) == {"secaggplus_configs", "fitres.metrics", "fitres.num_examples", "fitres.parameters",
+                                 "fitres.status"}
+    assert (up[up["record"] == "fitres.parameters"]["bytes"] == 0).all()  # the update left in the masked vector
+    assert {"train", "secagg"} <= set(audit["kind"])
