@@ -310,7 +310,6 @@ def train_round(executor: Any, task: TrainTask, contents: dict[int, RecordDict],
         n = int(metrics.pop("num_examples", res.num_examples))
         if client_dp:
             metrics.update({"dp_noise_multiplier": float(sigma), "dp_sample_rate": 1.0, "dp_steps": 1.0})
-        metrics["secagg_s"] = out.seconds
         results.append(TrainResult(site, client, executor._aggregated, n, metrics, None))
     return results
 
