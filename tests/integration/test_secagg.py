@@ -268,3 +268,36 @@ def test_simulate_with_secagg_and_client_dp(tmp_path: Path) -> None:
                                  "fitres.status"}
     assert (up[up["record"] == "fitres.parameters"]["bytes"] == 0).all()  # the update left in the masked vector
     assert {"train", "secagg"} <= set(audit["kind"])
+
+
+def test_study_needs_federated_cells_for_secagg(tmp_path: Path) -> None:
+    from ted_fl.studies.privacy_utility import study
+
+    base = ExperimentConfig()
+    base.federated.clients_per_site = 2
+    with pytest.raises(TedFlError, match="add --federated"):
+        study(base, [float("inf")], tmp_path / "s", grid={"privacy.secagg": [False, True]}, approaches=["seq"],
+              seeds=[0], federated=False)
+    assert not (tmp_path / "s").exists()
+
+
+def test_round_costs_read_the_cells_time_and_comm_rows(tmp_path: Path) -> None:
+    """rounds.csv: per round, the training call's wall time, the slowest client's work, their difference, KB."""
+    from ted_fl.studies.grid import Cell
+    from ted_fl.studies.privacy_utility import round_costs
+
+    cell = Cell("seq", 0, {"privacy.secagg": True}, [], ExperimentConfig())
+    (tmp_path / "cells" / cell.name).mkdir(parents=True)
+    rows = []
+    for rnd, (train_s, works, down, up) in enumerate([(2.0, (1.0, 1.5), 3000, 1000), (4.0, (3.0, 2.0), 5000, 3000)]):
+        rows += [("seq", 0, 0, "A", rnd, "A", "time", "", "train_s", train_s),
+                 ("seq", 0, 0, "A", rnd, "A", "comm", "", "bytes_down", down),
+                 ("seq", 0, 0, "A", rnd, "A", "comm", "", "bytes_up", up)]
+        rows += [("seq", 0, 0, "A", rnd, f"A/{k}", "time", "", "work_s", w) for k, w in enumerate(works)]
+    rows.append(("seq", 0, -1, "init", -1, "A", "test", "mean", "dice", 0.1))
+    cols = ["approach", "seed", "stage", "stage_site", "round", "site", "split", "label", "metric", "value"]
+    pd.DataFrame(rows, columns=cols).to_csv(tmp_path / "cells" / cell.name / "metrics.csv", index=False)
+    (row,) = round_costs([cell], tmp_path).to_dict("records")
+    assert row["rounds"] == 2 and row["train_s"] == 3.0 and row["work_s"] == 2.25
+    assert row["overhead_s"] == pytest.approx(0.75) and row["kb_down"] == 4.0 and row["kb_up"] == 2.0
+    assert row["privacy.secagg"] is True
