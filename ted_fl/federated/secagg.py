@@ -301,6 +301,9 @@ def train_round(executor: Any, task: TrainTask, contents: dict[int, RecordDict],
         executor._note(f"secure aggregation {where}: {clipped:.2%} of a client's update values exceeded "
                        f"privacy.secagg_clipping_range = {p.secagg_clipping_range:g} and were clipped; raise it")
     executor._aggregated = apply_update(weights, out.mean_update)
+    for node in out.results:  # as FlowerExecutor._exchange_train: the stage's teacher travels once per node
+        if contents[node][M.CONFIG].get("teacher_key"):
+            executor.teacher_sent[node] = str(contents[node][M.CONFIG]["teacher_key"])
     results = []
     for site, node, client in trainers:
         if node not in out.results:

@@ -254,11 +254,12 @@ def test_the_audit_stops_a_masked_vector_that_is_not_model_shaped() -> None:
 @pytest.mark.slow
 def test_simulate_with_secagg_and_client_dp(tmp_path: Path) -> None:
     """End to end in Flower's simulation: 3 sites x 2 clients, client-level DP over SecAgg+ (fl-dp-sa's way);
-    the epsilon is accounted as without SecAgg+, and the audit shows no update leaving a client unmasked."""
+    the epsilon is accounted as without SecAgg+, the audit shows no update leaving a client unmasked, and
+    the teacher still travels once per node and stage."""
     cfg_path = write_config(tmp_path)
-    proc = simulate("--config", str(cfg_path), "--approach", "seq", "--set", "federated.clients_per_site=2",
+    proc = simulate("--config", str(cfg_path), "--approach", "kd", "--set", "federated.clients_per_site=2",
                     "--set", "privacy.secagg=true", "--set", 'privacy.dp="client"', "--set", "privacy.epsilon=8",
-                    "--set", "train.rounds=1", "--set", "train.steps_per_round=2")
+                    "--set", "train.rounds=2", "--set", "train.steps_per_round=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = run_dir_of(proc.stdout)
     assert 7.5 < float(run.summary()["epsilon"].iloc[0]) <= 8.1
@@ -268,6 +269,8 @@ def test_simulate_with_secagg_and_client_dp(tmp_path: Path) -> None:
                                  "fitres.status"}
     assert (up[up["record"] == "fitres.parameters"]["bytes"] == 0).all()  # the update left in the masked vector
     assert {"train", "secagg"} <= set(audit["kind"])
+    teacher = audit[(audit["kind"] == "train") & (audit["record"] == "teacher")]
+    assert int(teacher["messages"].sum()) == 2 * 2  # once per node and stage (stages 2 and 3, 2 clients), not per round
 
 
 def test_study_needs_federated_cells_for_secagg(tmp_path: Path) -> None:
