@@ -171,11 +171,28 @@ class RoundOutcome:
     seconds: float = 0.0
 
 
+class _QuietProtocol(logging.Filter):
+    """Drops the INFO lines Flower's SecAgg+ workflow and legacy DP wrapper log every round (the executor
+    reports the round); their warnings and errors still show. A filter, not a level: schedules of one
+    simulation run rounds in several threads."""
+
+    SOURCES = ("secure_aggregation", "dp_fixed_clipping")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not any(s in record.pathname for s in self.SOURCES)
+
+
+_QUIET = _QuietProtocol()
+
+
 class SecureRound:
     """Runs Flower's SecAggPlusWorkflow for one round of the schedule over the round's nodes."""
 
     def __init__(self, grid: Grid, privacy: PrivacyConfig, timeout: float, send: Send | None = None,
                  observe: Observer | None = None) -> None:
+        flwr_log = logging.getLogger("flwr")
+        if _QUIET not in flwr_log.filters:
+            flwr_log.addFilter(_QUIET)
         self.grid, self.privacy, self.timeout, self.observe = grid, privacy, timeout, observe
         self.send: Send = send or (lambda g, ms, t: list(g.send_and_receive(ms, timeout=t)))
         self.count = 0  # rounds run: the workflow's current_round (the messages' group id)
@@ -216,13 +233,7 @@ class SecureRound:
         context.state[MAIN_CONFIGS_RECORD] = ConfigRecord({"current_round": self.count})
         context.state[MAIN_PARAMS_RECORD] = ArrayRecord()
         start = time.perf_counter()
-        flwr_log = logging.getLogger("flwr")  # the workflow's per-stage INFO lines: the executor reports the round
-        level = flwr_log.level
-        flwr_log.setLevel(max(level, logging.WARNING))
-        try:
-            self.workflow(max_weight)(grid, context)  # type: ignore[arg-type]
-        finally:
-            flwr_log.setLevel(level)
+        self.workflow(max_weight)(grid, context)  # type: ignore[arg-type]
         seconds = time.perf_counter() - start
         results = {int(proxy.node_id): res for proxy, res in inner.results}  # type: ignore[attr-defined]
         mean = None
