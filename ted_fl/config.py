@@ -278,6 +278,11 @@ class PrivacyConfig:
     clip_on says where updates are clipped); noise = "client": local DP (Flower's LocalDpMod
     adds the noise before the update leaves the site). epsilon = inf: clipping only, no noise.
 
+    secagg: every round's updates are summed with Flower's SecAgg+ (ted_fl.federated.secagg): the
+    server sees masked vectors and their examples-weighted mean only. Federated runs with at least
+    2 clients a round (federated.clients_per_site >= 2); secagg_* are Flower's protocol settings
+    (shares, reconstruction threshold, and the clipping and quantisation of the update values).
+
     teacher: "server" (default) keeps the frozen teacher and the SKA probes at the server: it
     sends the teacher to every node that trains in a stage (once per node and stage) and the
     probes every round (pixels or seed, federated.probes). "site": the teacher is handed only

@@ -253,10 +253,10 @@ def test_the_audit_stops_a_masked_vector_that_is_not_model_shaped() -> None:
 
 @pytest.mark.slow
 def test_simulate_with_secagg_and_client_dp(tmp_path: Path) -> None:
-    """End to end in Flower's simulation: 3 sites x 2 clients, client-level DP over SecAgg+ (fl-dp-sa's way);
+    """End to end in Flower's simulation: 2 sites x 2 clients, client-level DP over SecAgg+ (fl-dp-sa's way);
     the epsilon is accounted as without SecAgg+, the audit shows no update leaving a client unmasked, and
     the teacher still travels once per node and stage."""
-    cfg_path = write_config(tmp_path)
+    cfg_path = write_config(tmp_path, data__order=["RUNMC", "BMC"])  # 2 sites x 2 clients: 4 SuperNodes
     proc = simulate("--config", str(cfg_path), "--approach", "kd", "--set", "federated.clients_per_site=2",
                     "--set", "privacy.secagg=true", "--set", 'privacy.dp="client"', "--set", "privacy.epsilon=8",
                     "--set", "train.rounds=2", "--set", "train.steps_per_round=2")
@@ -270,7 +270,7 @@ def test_simulate_with_secagg_and_client_dp(tmp_path: Path) -> None:
     assert (up[up["record"] == "fitres.parameters"]["bytes"] == 0).all()  # the update left in the masked vector
     assert {"train", "secagg"} <= set(audit["kind"])
     teacher = audit[(audit["kind"] == "train") & (audit["record"] == "teacher")]
-    assert int(teacher["messages"].sum()) == 2 * 2  # once per node and stage (stages 2 and 3, 2 clients), not per round
+    assert int(teacher["messages"].sum()) == 2  # once per node and stage (stage 2's 2 clients), not per round
 
 
 def test_study_needs_federated_cells_for_secagg(tmp_path: Path) -> None:
@@ -304,3 +304,11 @@ def test_round_costs_read_the_cells_time_and_comm_rows(tmp_path: Path) -> None:
     assert row["rounds"] == 2 and row["train_s"] == 3.0 and row["work_s"] == 2.25
     assert row["overhead_s"] == pytest.approx(0.75) and row["kb_down"] == 4.0 and row["kb_up"] == 2.0
     assert row["privacy.secagg"] is True
+
+
+def test_settings_flower_rejects_are_one_line_errors() -> None:
+    """The config check refuses them first; should one reach the workflow, Flower's ValueError becomes one line."""
+    cfg = _config(secagg_shares=3, secagg_reconstruction_threshold=3)
+    with pytest.raises(TedFlError, match="privacy.secagg_.*rejects") as err:
+        secagg.SecureRound(LoopbackGrid(_client(), cfg), cfg.privacy, 5.0).workflow(1.0)
+    assert "\n" not in str(err.value)
