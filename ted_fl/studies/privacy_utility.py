@@ -14,7 +14,8 @@ columns of the report come from.
 Outputs (the study folder): cells/<cell>/ (run directories), study.csv (one tidy row per cell:
 approach, seed, axes, Avg, BWT, forgetting, attack AUCs, the DP accounting columns `epsilon` /
 `delta` when the run wrote them, bytes), study_mean.csv (mean, std and count over seeds per
-approach and grid point), audit.csv (the cells' audits, federated only), report.md and
+approach and grid point), audit.csv (the cells' audits, federated only), rounds.csv (federated only:
+per training round, wall time, client work, overhead and KB, e.g. with SecAgg+ on and off), report.md and
 report.html (plotly: Avg Dice, BWT and attack AUC against epsilon per approach, with the spread
 over seeds).
 """
