@@ -306,6 +306,11 @@ class PrivacyConfig:
     clip_on says where updates are clipped); noise = "client": local DP (Flower's LocalDpMod
     adds the noise before the update leaves the site). epsilon = inf: clipping only, no noise.
 
+    secagg: every round's updates are summed with Flower's SecAgg+ (ted_fl.federated.secagg): the
+    server sees masked vectors and their examples-weighted mean only. Federated runs with at least
+    2 clients a round (federated.clients_per_site >= 2); secagg_* are Flower's protocol settings
+    (shares, reconstruction threshold, and the clipping and quantisation of the update values).
+
     teacher: "server" (default) keeps the frozen teacher and the SKA probes at the server: it
     sends the teacher to every node that trains in a stage (once per node and stage) and the
     probes every round (pixels or seed, federated.probes). "site": the teacher is handed only
@@ -325,7 +330,11 @@ class PrivacyConfig:
     clipping: Clipping = "fixed"  # client level: fixed | adaptive (Andrew et al., Flower's adaptive wrappers)
     noise: NoiseSide = "server"  # client level: server (central DP) | client (local DP, Flower's LocalDpMod)
     clip_on: NoiseSide = "client"  # client level, central DP: where updates are clipped (Flower's mods or the server)
-    secagg: bool = False  # SecAgg+ where a stage aggregates several clients (refused on Flower 1.41: docs/privacy.md)
+    secagg: bool = False  # Flower's SecAgg+ sums a round's updates (federated runs, >= 2 clients a round)
+    secagg_shares: Positive = 3  # SecAgg+ num_shares: each client's key is split among this many neighbours
+    secagg_reconstruction_threshold: Positive = 2  # shares that rebuild a dropped client's key (< secagg_shares)
+    secagg_clipping_range: Rate = 8.0  # each weighted update coordinate is clipped to +-this before quantisation
+    secagg_quantization_range: Positive = 4194304  # integer levels over [-range, range] (2**22; step 2 range / this)
     teacher: TeacherPlace = "server"  # server | site: where the frozen teacher lives
     replay: Count = 0  # images an earlier site keeps for its retention rounds (0: all)
     mia: bool = True  # membership-inference attack on every site's final model (metrics.csv split "privacy")
@@ -413,6 +422,9 @@ def for_seed(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
     out = copy.deepcopy(cfg)
     out.data.split_seed = int(seed)
     return out
+
+
+SECAGG_MODULUS = 2**32  # Flower's SecAggPlusWorkflow modulus_range (its default; must exceed the quantisation range)
 
 
 def strategy_conflicts(cfg: ExperimentConfig) -> None:

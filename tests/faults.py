@@ -62,7 +62,7 @@ def fault_mod(msg: Message, context: Context, call_next) -> Message:  # noqa: AN
 
 
 # The audit wraps the fault, so it inspects the reply the fault produced (as it would a real one).
-app = ClientApp(mods=[audit_mod, production.privacy_mod, fault_mod])  # the production mods, then the fault
+app = ClientApp(mods=[audit_mod, production.secure_mod, production.privacy_mod, fault_mod])  # production's, then the fault
 app.query("hello")(production.hello)
 app.train()(production.train)
 app.evaluate()(production.evaluate)

@@ -26,7 +26,7 @@ from flwr.clientapp import ClientApp
 from ted_fl.config import ExperimentConfig, apply_overrides, from_dict, node_overrides, split_seed_of
 from ted_fl.data import load_sites, site_order
 from ted_fl.data.types import SiteData, Split
-from ted_fl.federated import codec
+from ted_fl.federated import codec, secagg
 from ted_fl.federated import messages as M
 from ted_fl.federated.dp import client_mod
 from ted_fl.federated.message_log import audit_mod
@@ -250,7 +250,16 @@ def privacy_mod(msg: Message, context: Context, call_next: Any) -> Message:
     return client_mod(cfg.privacy, msg, context, call_next)
 
 
-app = ClientApp(mods=[audit_mod, privacy_mod])  # the audit sees what leaves, after clipping and noise
+def secure_mod(msg: Message, context: Context, call_next: Any) -> Message:
+    """privacy.secagg = true: Flower's SecAgg+ around the train handler; the update leaves masked
+    (ted_fl.federated.secagg), after the privacy mod's clipping."""
+    if msg.metadata.message_type != "train" or not _config(context, msg.content).privacy.secagg:
+        return call_next(msg, context)
+    return secagg.client_mod(_config(context, msg.content), msg, context, call_next)
+
+
+# The audit sees what leaves (masked under SecAgg+), after clipping and noise
+app = ClientApp(mods=[audit_mod, secure_mod, privacy_mod])
 silence()  # under `flwr run` this module loads before Flower's Ray backend starts (ted_fl.federated.notices)
 
 

@@ -6,7 +6,10 @@ statistics whose lengths the request declares (`stats_lengths` in its config: FS
 by shape only, so a client could still hide data in them: the audit bounds, it does not prove). An array
 whose trailing dimensions are an image's (H, W), a ConfigRecord with other keys, or an array of
 another shape is a violation: the mod replaces the reply with an error naming it, so the server
-reports the site instead of receiving its data.
+reports the site instead of receiving its data. Under privacy.secagg (ted_fl.federated.secagg) a train
+reply is Flower's SecAgg+ protocol: its config record may hold only the protocol's reply keys, its masked
+vector only the model's float shapes (after Flower's one-value weight factor), and the emptied FitRes
+layout scalars.
 """
 
 from __future__ import annotations
@@ -15,10 +18,34 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from ted_fl.federated import messages as M
 
 AUDIT_ERROR_CODE = 4031
+# What a SecAgg+ client sends back (flwr.client.mod.secaggplus_mod): public keys, encrypted key shares for
+# its neighbours, the masked vector, and the shares of the unmasking stage; and the FitRes layout's scalars.
+SECAGG_REPLY_KEYS = frozenset({Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2, Key.DESTINATION_LIST, Key.CIPHERTEXT_LIST,
+                               Key.MASKED_PARAMETERS, Key.NODE_ID_LIST, Key.SHARE_LIST})
+FITRES_SCALARS = {"fitres.status": frozenset({"code", "message"}), "fitres.metrics": None}
+
+
+def secagg_violations(name: str, rec: ConfigRecord, allowed_shapes: set[tuple[int, ...]]) -> list[str] | None:
+    """A SecAgg+ reply's config records (None: not one): protocol keys only, masked vectors of model shapes."""
+    if name in FITRES_SCALARS:
+        keys = FITRES_SCALARS[name]
+        bad = sorted(k for k, v in rec.items() if (keys is not None and k not in keys)
+                     or (keys is None and not isinstance(v, (int, float))))
+        return [f"config record '{name}' with keys {bad}"] if bad else []
+    if name != RECORD_KEY_CONFIGS:
+        return None
+    found = [f"config record '{name}' with keys {sorted(set(rec.keys()) - SECAGG_REPLY_KEYS)}"] \
+        if set(rec.keys()) - SECAGG_REPLY_KEYS else []
+    masked = [tuple(bytes_to_ndarray(b).shape) for b in rec.get(Key.MASKED_PARAMETERS, [])]  # type: ignore[union-attr]
+    if masked and (masked[0] != (1,) or any(s not in allowed_shapes for s in masked[1:])):
+        found.append(f"masked vector of shapes {masked[1:]} is not the model's")
+    return found
 
 
 def violations(reply: Message, request: Message, image_hw: tuple[int, int] | None) -> list[str]:
@@ -41,6 +68,11 @@ def violations(reply: Message, request: Message, image_hw: tuple[int, int] | Non
             continue
         if isinstance(rec, MetricRecord):
             continue
+        if isinstance(rec, ConfigRecord) and (secagg := secagg_violations(name, rec, allowed_shapes)) is not None:
+            found.extend(secagg)
+            continue
+        if isinstance(rec, ArrayRecord) and name == "fitres.parameters" and not len(rec):
+            continue  # emptied by secaggplus_mod: the update left masked, in the config record
         if isinstance(rec, ConfigRecord):
             extra = set(rec.keys()) - M.IDENTITY_KEYS
             if name != M.IDENTITY or extra:

@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import Strategy
 from ted_fl.config import ExperimentConfig, dump_toml, to_dict
 from ted_fl.data import site_order
 from ted_fl.errors import TedFlError
-from ted_fl.federated import codec, dp
+from ted_fl.federated import codec, dp, secagg
 from ted_fl.federated import messages as M
 from ted_fl.federated.dp import StageDP
 from ted_fl.federated.stage_strategy import StageStrategy, inner
@@ -110,6 +110,10 @@ class FlowerExecutor:
         them, decode the replies; under client-level DP the strategy aggregates them too."""
         orders = plan_round(task, self.cfg, self.sites, {s: [c for _, c, _ in self.nodes[s]] for s in task.sites})
         weights = M.to_record(task.weights)
+        if self.cfg.privacy.secagg:  # Flower's SecAgg+: the server gets the round's sum, never one update
+            contents = self._encode(task, orders, weights)
+            trainers = [(o.site, self.transport.node_of[(o.site, o.client)], o.client) for o in orders]
+            return secagg.train_round(self, task, contents, trainers, send_and_receive)
         strategy = self._stage_strategy(task, len(orders))
         inner(strategy).orders = self._encode(task, orders, weights)
         messages = strategy.configure_train(task.round + 1, weights, ConfigRecord(), self.grid)
@@ -183,8 +187,9 @@ class FlowerExecutor:
                 kinds[f"train_down.{part}"] = kinds.get(f"train_down.{part}", 0) + content[part].count_bytes()
 
     def aggregate(self, task: TrainTask, results: list[TrainResult]) -> Weights:
-        """The round's global model: Flower's DP strategy's noised mean under client-level DP, else FedAvg."""
-        if self.cfg.privacy.dp == "client" and self._aggregated is not None:
+        """The round's global model: Flower's DP strategy's noised mean under client-level DP, SecAgg+'s
+        (ted_fl.federated.secagg), else FedAvg."""
+        if self._aggregated is not None:  # client-level DP's noised mean, or SecAgg+'s mean
             out, self._aggregated = self._aggregated, None
             return out
 

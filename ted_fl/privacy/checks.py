@@ -18,17 +18,11 @@ import copy
 import math
 from typing import TYPE_CHECKING
 
+from ted_fl.config import SECAGG_MODULUS
 from ted_fl.errors import TedFlError
 
 if TYPE_CHECKING:
     from ted_fl.config import ExperimentConfig, ModelConfig
-
-SECAGG_UNSUPPORTED = (
-    "privacy.secagg = true: Flower 1.41's SecAgg+ runs only on the legacy path (SecAggPlusWorkflow needs a "
-    "LegacyContext with a legacy Strategy's configure_fit / aggregate_fit, and secaggplus_mod reads the legacy "
-    "'fitres.*' records), not with the Message-API ServerApp and strategies ted-fl uses; see docs/privacy.md; "
-    "set privacy.secagg = false"
-)
 
 # Approach properties the torch-free rules need (tests/unit/test_privacy_checks.py checks them against
 # ted_fl.continual.approaches, which imports torch).
@@ -64,7 +58,7 @@ def _config_problems(cfg: ExperimentConfig) -> list[str]:
     """The rules the configuration alone shows (no torch)."""
     p, out = cfg.privacy, []
     if p.secagg:
-        out.append(SECAGG_UNSUPPORTED)
+        out += _secagg_problems(cfg)
     if p.dp == "off":
         if math.isfinite(p.epsilon):
             out.append(f"privacy.epsilon = {p.epsilon:g} needs privacy.dp = 'sample' or 'client' "
@@ -74,6 +68,36 @@ def _config_problems(cfg: ExperimentConfig) -> list[str]:
     if p.replay > 0 and cfg.federated.retention == 0:
         out.append(f"privacy.replay = {p.replay} keeps images for retention rounds, but "
                    "federated.retention = 0 has none; set federated.retention = k (or -1) or replay = 0")
+    return out
+
+
+def _secagg_problems(cfg: ExperimentConfig) -> list[str]:
+    """privacy.secagg = true: what Flower's SecAgg+ (ted_fl.federated.secagg) cannot hold."""
+    p, fed, out = cfg.privacy, cfg.federated, []
+    if p.secagg_shares < 3:
+        out.append(f"privacy.secagg_shares = {p.secagg_shares}: Flower's SecAgg+ needs at least 3 shares; "
+                   "set privacy.secagg_shares = 3 or more")
+    elif not 2 <= p.secagg_reconstruction_threshold < p.secagg_shares:
+        out.append(f"privacy.secagg_reconstruction_threshold = {p.secagg_reconstruction_threshold}: Flower's "
+                   f"SecAgg+ needs 2 <= threshold < privacy.secagg_shares ({p.secagg_shares}); set it in between")
+    if p.secagg_quantization_range >= SECAGG_MODULUS:
+        out.append(f"privacy.secagg_quantization_range = {p.secagg_quantization_range}: must be below Flower's "
+                   "modulus 2**32; use 4194304 (2**22)")
+    if fed.clients_per_site < 2:
+        out.append("privacy.secagg = true: SecAgg+ hides one client's update in the sum of at least 2, and a "
+                   "round of the first stage trains one site's clients only; set federated.clients_per_site = 2 "
+                   "or more")
+    elif p.secagg_reconstruction_threshold > fed.clients_per_site:
+        out.append(f"privacy.secagg_reconstruction_threshold = {p.secagg_reconstruction_threshold} exceeds the "
+                   f"{fed.clients_per_site} clients of a first-stage round (federated.clients_per_site): no round "
+                   "could rebuild a dropped client's key; lower the threshold or raise federated.clients_per_site")
+    if p.dp == "client":
+        if p.noise == "server" and p.clip_on == "server":
+            out.append("privacy.clip_on = 'server' clips each client's update, which the server never sees under "
+                       "privacy.secagg; set privacy.clip_on = 'client'")
+        if p.clipping == "adaptive":
+            out.append("privacy.clipping = 'adaptive' sends each client's clipping bit beside its update, which "
+                       "SecAgg+ would not protect; set privacy.clipping = 'fixed' under privacy.secagg")
     return out
 
 

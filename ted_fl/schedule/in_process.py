@@ -9,6 +9,7 @@ import numpy as np
 
 from ted_fl.config import ExperimentConfig
 from ted_fl.data.types import SiteData, Split
+from ted_fl.errors import TedFlError
 from ted_fl.privacy.policies import replay_buffer
 from ted_fl.schedule.engine import TrainResult, TrainTask, Weights, derive_seed, fedavg
 from ted_fl.schedule.orders import Replay, plan_round
@@ -23,6 +24,9 @@ class LocalExecutor:
 
     def __init__(self, cfg: ExperimentConfig, sites: list[SiteData]):
         """`cfg`: a resolved experiment's (ted_fl.schedule.experiment.resolve), checked there once."""
+        if cfg.privacy.secagg:  # SecAgg+ is a protocol between Flower clients and server (ted_fl.federated.secagg)
+            raise TedFlError("privacy.secagg = true runs in the Flower simulation or deployment (python -m "
+                             "ted_fl.simulate, study --federated), not in-process; set privacy.secagg = false")
         self.cfg = cfg
         self.data = {s.name: s for s in sites}
         self.sites = [s.name for s in sites]

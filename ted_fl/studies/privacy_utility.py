@@ -14,7 +14,8 @@ columns of the report come from.
 Outputs (the study folder): cells/<cell>/ (run directories), study.csv (one tidy row per cell:
 approach, seed, axes, Avg, BWT, forgetting, attack AUCs, the DP accounting columns `epsilon` /
 `delta` when the run wrote them, bytes), study_mean.csv (mean, std and count over seeds per
-approach and grid point), audit.csv (the cells' audits, federated only), report.md and
+approach and grid point), audit.csv (the cells' audits, federated only), rounds.csv (federated only:
+per training round, wall time, client work, overhead and KB, e.g. with SecAgg+ on and off), report.md and
 report.html (plotly: Avg Dice, BWT and attack AUC against epsilon per approach, with the spread
 over seeds).
 """
@@ -241,6 +242,8 @@ BYTE_COLUMNS = {  # (kind, direction, record) -> column of the bytes table; None
     "train down: teacher": ("train", "down", "teacher"),
     "train down: probes": ("train", "down", "probes"),
     "train up: weights": ("train", "up", "weights"),
+    "train up: masked (SecAgg+)": ("train", "up", "secaggplus_configs"),
+    "SecAgg+ key exchange": ("secagg", None, None),
     "evaluate": ("evaluate", None, None),
     "leakage (attack)": ("leakage", None, None),
 }
@@ -263,6 +266,32 @@ def bytes_table(audit: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
             row[col] = float(g[sel]["bytes"].sum()) / runs / 1e6
         for direction in ("down", "up"):
             row[f"total {direction}"] = float(g[g["direction"] == direction]["bytes"].sum()) / runs / 1e6
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def round_costs(cells: list[Cell], folder: Path) -> pd.DataFrame:
+    """Per cell, from its metrics.csv (split "time" and "comm" rows): the training rounds, and per round the
+    wall time of the training call (train_s: SecAgg+'s four stages included), the slowest client's own work
+    (work_s), their difference (the protocol's and the messages' overhead), and the payload KB down and up."""
+    rows = []
+    for c in cells:
+        f = folder / "cells" / c.name / "metrics.csv"
+        if not f.is_file():
+            continue
+        m = pd.read_csv(f)
+        m = m[(m["stage"] >= 0) & m["split"].isin(["time", "comm"])]
+        per = m.pivot_table(index=["stage", "round"], columns="metric", values="value",
+                            aggfunc="max")  # work_s: the slowest client of the round
+        if per.empty or "train_s" not in per:
+            continue
+        row: dict[str, Any] = {"approach": c.approach, "seed": c.seed, **c.point, "cell": c.name, "rounds": len(per),
+                               "train_s": float(per["train_s"].mean())}
+        work = per["work_s"] if "work_s" in per else pd.Series(np.nan, index=per.index)
+        row["work_s"] = float(work.mean())
+        row["overhead_s"] = float((per["train_s"] - work).mean())
+        for k in ("bytes_down", "bytes_up"):
+            row[f"kb_{k.split('_')[1]}"] = float(per[k].mean()) / 1e3 if k in per else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -374,6 +403,16 @@ def write_report(cells: list[Cell], folder: Path, command: str = "", title: str 
             per_site = per_site.reset_index().rename(columns={c: c.split("@", 1)[1] for c in site_cols})
             per_site["target_epsilon"] = per_site["target_epsilon"].map(eps_text)
             lines += [f"{what} attack AUC per site (mean over seeds):", "", md_table(per_site), ""]
+    costs = round_costs(cells, folder)
+    if not costs.empty and not audit.empty:  # federated cells: what a training round costs, per axis point
+        atomic_write_bytes(folder / "rounds.csv", costs.to_csv(index=False).encode())
+        keys = [k for k in ("approach", *axes) if k in costs.columns]
+        per = costs.groupby(keys, sort=False, dropna=False)[["rounds", "train_s", "work_s", "overhead_s", "kb_down",
+                                                            "kb_up"]].mean().reset_index()
+        lines += ["Per training round (`rounds.csv`, from each cell's metrics.csv; mean over rounds, seeds and "
+                  "epsilons): wall time of the training call (train_s), the slowest client's own work (work_s), "
+                  "their difference (overhead_s: messages, and SecAgg+'s key exchange, masking and unmasking "
+                  "when on), and payload KB per round.", "", md_table(per.round(4)), ""]
     if not audit.empty:
         bt = bytes_table(audit, axes)
         bad = leaks(audit)
@@ -410,6 +449,8 @@ def study(base: ExperimentConfig, epsilons: list[float], folder: str | Path, *, 
           quiet: bool = False, num_cpus: int | None = None, command: str = "") -> dict[str, Any]:
     """Expand, run what is missing (reusing finished cells), write the tables and the report."""
     cells = privacy_cells(base, epsilons, dp, grid, approaches, seeds)
+    if not federated and any(c.cfg.privacy.secagg for c in cells):
+        raise TedFlError("privacy.secagg = true runs between Flower clients and the server; add --federated")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if federated:

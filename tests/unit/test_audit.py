@@ -71,6 +71,7 @@ def test_production_client_app_carries_no_fault_injection() -> None:
 
     from ted_fl.federated import client_app, server_app
 
-    assert client_app.app._mods == [client_app.audit_mod, client_app.privacy_mod]  # audit, then DP (issue 13)
+    # audit, then SecAgg+ (masks what leaves), then DP (clips before masking; issues 13, 25)
+    assert client_app.app._mods == [client_app.audit_mod, client_app.secure_mod, client_app.privacy_mod]
     for module in (client_app, server_app):
         assert "inject" not in inspect.getsource(module).lower(), module.__name__

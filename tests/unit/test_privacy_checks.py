@@ -16,7 +16,7 @@ import ted_fl
 from ted_fl.config import ExperimentConfig, set_key, to_dict
 from ted_fl.errors import TedFlError
 from ted_fl.privacy import checks
-from ted_fl.privacy.checks import SECAGG_UNSUPPORTED, PrivacyError
+from ted_fl.privacy.checks import PrivacyError
 from ted_fl.schedule.experiment import ResolvedExperiment, resolve
 
 
@@ -52,7 +52,21 @@ def test_bad_values_are_one_line_errors(key: str, value: object, words: str) -> 
 
 # One case per rule of ted_fl.privacy.checks: the settings that break it, and the words of its fix.
 RULES = {
-    "secagg": ({"secagg": True}, {"federated.clients_per_site": 2}, "privacy.secagg = false"),
+    "secagg_one_client": ({"secagg": True}, {}, "federated.clients_per_site = 2 or more"),
+    "secagg_shares": ({"secagg": True, "secagg_shares": 2}, {"federated.clients_per_site": 3},
+                      "privacy.secagg_shares = 3 or more"),
+    "secagg_threshold_high": ({"secagg": True, "secagg_reconstruction_threshold": 3},
+                              {"federated.clients_per_site": 3}, "threshold <"),
+    "secagg_threshold_low": ({"secagg": True, "secagg_reconstruction_threshold": 1},
+                             {"federated.clients_per_site": 3}, "2 <= threshold"),
+    "secagg_threshold_clients": ({"secagg": True, "secagg_shares": 5, "secagg_reconstruction_threshold": 3},
+                                 {"federated.clients_per_site": 2}, "lower the threshold"),
+    "secagg_quantization": ({"secagg": True, "secagg_quantization_range": 2**32}, {"federated.clients_per_site": 2},
+                            "modulus 2**32"),
+    "secagg_server_clipping": ({"secagg": True, "dp": "client", "clip_on": "server"},
+                               {"federated.clients_per_site": 2}, "privacy.clip_on = 'client'"),
+    "secagg_adaptive": ({"secagg": True, "dp": "client", "clipping": "adaptive", "clip_on": "client"},
+                        {"federated.clients_per_site": 2}, "under privacy.secagg"),
     "epsilon_without_dp": ({"epsilon": 4.0}, {}, "set privacy.dp or privacy.epsilon = inf"),
     "term_grads": ({"dp": "sample"}, {"diagnostics.term_grads": True}, "diagnostics.term_grads = false"),
     "importances_sample": ({"dp": "sample"}, {"approaches": ["ewc"]}, "remove 'ewc' from approaches"),
@@ -105,8 +119,23 @@ def test_the_torch_free_rules_skip_the_network() -> None:
     assert checks.problems(cfg, network=False) == [] and checks.problems(cfg)
 
 
-def test_secagg_error_says_why() -> None:
-    assert "LegacyContext" in SECAGG_UNSUPPORTED and "Message-API" in SECAGG_UNSUPPORTED
+def test_secagg_with_two_clients_a_round_is_accepted() -> None:
+    """fl-dp-sa's combination (clients clip at a fixed norm, the server noises the sum) passes."""
+    cfg = _cfg(secagg=True)
+    set_key(cfg, "federated.clients_per_site", 2)
+    assert checks.problems(cfg) == []
+    cfg.privacy.dp = "client"
+    assert checks.problems(cfg) == []
+
+
+def test_secagg_is_refused_in_process() -> None:
+    """SecAgg+ is a client-server protocol: the in-process runner says so instead of averaging in the clear."""
+    from ted_fl.schedule.in_process import LocalExecutor
+
+    cfg = _cfg(secagg=True)
+    set_key(cfg, "federated.clients_per_site", 2)
+    with pytest.raises(TedFlError, match="not in-process"):
+        LocalExecutor(cfg, [None])  # type: ignore[list-item]
 
 
 def test_torch_free_privacy_check_knows_the_approaches() -> None:
