@@ -350,18 +350,87 @@ def test_site_worker_trains_a_student_with_a_fixed_teacher(tmp_path) -> None:
                       probes=None, optimizer_state=None, val=None, per_volume=False)
 
 
-def test_verdict_says_plainly_whether_gkd_beats_kd() -> None:
+def _frame(gkd: list[float], kd: list[float]):
     import pandas as pd
 
+    rows = [{"approach": a, "seed": s, "dice": v, "auc": 0.8} for a, vals in (("gkd", gkd), ("kd", kd))
+            for s, v in enumerate(vals)]
+    return pd.DataFrame(rows)
+
+
+def test_verdict_pairs_seeds_and_needs_an_interval_that_excludes_zero() -> None:
     from ted_fl.run.gkd_page import verdict
 
-    def frame(gkd: list[float], kd: list[float]) -> pd.DataFrame:
-        rows = [{"approach": a, "seed": s, "dice": v, "auc": 0.8} for a, vals in (("gkd", gkd), ("kd", kd))
-                for s, v in enumerate(vals)]
-        return pd.DataFrame(rows)
+    # d = +0.02, +0.05, +0.01: mean +0.027, sd 0.0208, t(0.975, 2) = 4.303 -> [-0.025, +0.078]: holds 0.
+    text = verdict(_frame([0.52, 0.55, 0.51], [0.50, 0.50, 0.50]))
+    assert text.startswith("**no clear difference between gkd and kd")
+    assert "Dice +0.027 [95% CI -0.025, +0.078] (n=3)" in text and "higher in 3 of 3" in text
+    # every seed higher is not enough; a tight gain is: d = +0.020, +0.021, +0.022 -> [+0.019, +0.023].
+    tight = verdict(_frame([0.520, 0.521, 0.522], [0.50, 0.50, 0.50]))
+    assert tight.startswith("**gkd helps the student generalise more than kd**")
+    assert "[95% CI +0.019, +0.023]" in tight
+    assert verdict(_frame([0.480, 0.479, 0.478], [0.50, 0.50, 0.50])).startswith("**gkd does worse than kd")
+    # pairing: kd varies with the seed, gkd tracks it, so the per-seed differences are tight.
+    paired = verdict(_frame([0.41, 0.61, 0.51], [0.40, 0.60, 0.50]))
+    assert paired.startswith("**gkd helps") and "seeds to detect 0.02 Dice at this spread: 2" in paired
 
-    assert verdict(frame([0.52, 0.55, 0.51], [0.50, 0.50, 0.50])).startswith("**gkd helps")
-    assert "+0.027" in verdict(frame([0.52, 0.55, 0.51], [0.50, 0.50, 0.50]))
-    assert verdict(frame([0.45, 0.46, 0.52], [0.50, 0.50, 0.50])).startswith("**gkd does worse")
-    assert verdict(frame([0.501, 0.499, 0.502], [0.50, 0.50, 0.50])).startswith("**no clear difference")
-    assert verdict(frame([0.60, 0.49, 0.51], [0.50, 0.50, 0.50])).startswith("**gkd is ahead of kd on average, but not")
+
+def test_verdict_with_one_seed_states_no_interval() -> None:
+    from ted_fl.run.gkd_page import verdict
+
+    text = verdict(_frame([0.60], [0.50]))
+    assert text.startswith("**gkd is ahead of kd in the one seed run (no interval: not established)**")
+    assert "(one seed, no interval)" in text and "unknown (one seed, no spread)" in text
+    assert verdict(_frame([0.40], [0.50])).startswith("**gkd is behind kd in the one seed run")
+    assert verdict(_frame([0.40], [])).startswith("No seed has both gkd and kd")
+
+
+GKD_ROWS = {"teacher": 0.70, "student": 0.40, "kd": 0.45, "kd_aug": 0.44, "gkd": 0.47, "intra": 0.41,
+            "inter": 0.40, "cross": 0.46}
+
+
+def _gkd_run(root, seed: int, shift: float):
+    from ted_fl.config import ExperimentConfig
+    from ted_fl.run.directory import RunDir
+
+    cfg = ExperimentConfig(name="gkd-test", seeds=[seed])
+    cfg.data.sites, cfg.data.split_seed = "retina", "seed"
+    cfg.gkd.source, cfg.gkd.approaches = "CHASEDB1", [a for a in GKD_ROWS if a != "teacher"]
+    run = RunDir(root / f"run{seed}")
+    run.path.mkdir(parents=True)
+    run.write_config(cfg)
+    rows = []
+    for a, v in GKD_ROWS.items():
+        for site, off in (("CHASEDB1", 0.1), ("DRIVE", 0.0), ("STARE", -0.02)):
+            for metric, val in (("dice", v + off + shift + 0.001 * seed), ("auc", 0.9 + shift)):
+                rows.append({"approach": a, "seed": seed, "stage": 0, "stage_site": "CHASEDB1", "round": -1,
+                             "site": site, "split": "test", "label": "mean", "metric": metric, "value": val})
+    run.write_metrics(rows)
+    return run
+
+
+def test_gkd_headline_block_has_the_table_budget_and_paired_findings(tmp_path) -> None:
+    from ted_fl.commands.gkd_report import main
+
+    runs = [_gkd_run(tmp_path, s, shift) for s, shift in ((0, 0.0), (1, 0.05), (2, -0.03))]
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\n<!-- headline:retina:start -->\nkeep\n<!-- headline:retina:end -->\n")
+    argv = [str(r.path) for r in runs] + ["--headline", "gkd-retina", "--doc", str(doc), "--command", "CMD"]
+    assert main(argv) == 0
+    text = doc.read_text()
+    assert "keep" in text and "<!-- headline:gkd-retina:start -->" in text
+    block = text.split("<!-- headline:gkd-retina:start -->")[1]
+    assert "### gkd-retina: GKD on retina (train CHASEDB1, test DRIVE, STARE)" in block
+    assert "| approach | seeds | Dice source | Dice unseen | AUC unseen |" in block
+    # gkd: source 0.47 + 0.1, unseen 0.47 + (0 - 0.02) / 2, each plus the seed's shift and 0.001 x seed:
+    # source 0.570, 0.621, 0.542 -> 0.578 ± 0.040; unseen 0.460, 0.511, 0.432 -> 0.468 ± 0.040
+    assert "| gkd | 3 | 0.578 ± 0.040 | 0.468 ± 0.040 | 0.907 ± 0.040 |" in block
+    assert "each seed draws its own split" in block and "```bash\nCMD\n```" in block
+    # gkd - kd = +0.02 in every seed, exactly: a zero-width interval that excludes 0
+    assert "- gkd helps the student generalise more than kd: " in block
+    assert "- gkd helps the student generalise more than kd_aug: " in block
+    assert "- intra helps the student generalise more than student: " in block
+    assert "- no clear difference between inter and student on the unseen domains (the Dice interval holds 0)" in block
+    assert "Generated by `python -m ted_fl.gkd_report" in block
+    assert main([str(runs[0].path), "--headline", "gkd retina", "--doc", str(doc)]) == 2
+    assert main([str(runs[0].path), "--headline", "gkd-retina"]) == 2
